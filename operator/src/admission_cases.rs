@@ -1,0 +1,180 @@
+//! Resources the apiserver must reject at admission, with the message it must give. Used by the
+//! end-to-end tests (apply each against a real apiserver with the CRD installed); the unit test
+//! here checks that every CEL message is really in the generated CRD.
+
+use serde_json::{json, Value};
+
+/// One bad resource: `manifest` must be rejected, with `expect` in the error message.
+#[derive(Clone, Debug)]
+pub struct AdmissionCase {
+    pub name: &'static str,
+    pub manifest: Value,
+    pub expect: &'static str,
+    /// The message comes from one of our CEL rules (rather than the OpenAPI schema).
+    pub cel: bool,
+}
+
+/// A valid resource to start each case from.
+pub fn valid_manifest(name: &str) -> Value {
+    json!({
+        "apiVersion": "identitymesh.io/v1alpha1",
+        "kind": "IdentityMeshCluster",
+        "metadata": {"name": name},
+        "spec": {
+            "version": "0.1.0",
+            "database": {"name": "im-db", "key": "connectionString"},
+            "licence": {"name": "im-licence", "key": "licence.json"}
+        }
+    })
+}
+
+fn with(name: &'static str, patch: Value) -> Value {
+    let mut m = valid_manifest(name);
+    merge(&mut m, &patch);
+    m
+}
+
+fn merge(t: &mut Value, p: &Value) {
+    match (t, p) {
+        (Value::Object(t), Value::Object(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        (t, p) => *t = p.clone(),
+    }
+}
+
+pub fn admission_cases() -> Vec<AdmissionCase> {
+    let c = |name, patch, expect, cel| AdmissionCase {
+        name,
+        manifest: with(name, patch),
+        expect,
+        cel,
+    };
+    vec![
+        c("no-database", json!({"spec": {"database": null}}), "spec.database: Required value", false),
+        c(
+            "two-tls-sources",
+            json!({"spec": {"tls": {"operator": {"duration": "2160h", "renewBefore": "360h"}, "secretName": "mine"}}}),
+            "set exactly one TLS source",
+            true,
+        ),
+        c(
+            "renew-before-too-long",
+            json!({"spec": {"tls": {"operator": {"duration": "24h", "renewBefore": "48h"}}}}),
+            "renewBefore must be shorter than tls.operator.duration",
+            true,
+        ),
+        c(
+            "cert-too-short",
+            json!({"spec": {"tls": {"operator": {"duration": "30m", "renewBefore": "10m"}}}}),
+            "duration must be at least 1h",
+            true,
+        ),
+        c(
+            "unhealthy-after-zero",
+            json!({"spec": {"failover": {"unhealthyAfterSeconds": 0}}}),
+            "should be greater than or equal to 1",
+            false,
+        ),
+        c(
+            "unhealthy-after-huge",
+            json!({"spec": {"failover": {"unhealthyAfterSeconds": 7200}}}),
+            "should be less than or equal to 3600",
+            false,
+        ),
+        c(
+            "drain-zero",
+            json!({"spec": {"drainTimeoutSeconds": 0}}),
+            "should be greater than or equal to 1",
+            false,
+        ),
+        c(
+            "bad-policy",
+            json!({"spec": {"failover": {"policy": "Sometimes"}}}),
+            "Unsupported value: \"Sometimes\"",
+            false,
+        ),
+        c("bad-os", json!({"spec": {"nodeOS": "macos"}}), "Unsupported value: \"macos\"", false),
+        c(
+            "akv-missing",
+            json!({"spec": {"secretProvider": {"type": "AzureKeyVault"}}}),
+            "secretProvider.azureKeyVault is required when type is AzureKeyVault",
+            true,
+        ),
+        c(
+            "akv-on-keyring",
+            json!({"spec": {"secretProvider": {"type": "KubernetesKeyRing",
+                "azureKeyVault": {"vaultUrl": "https://kv.vault.azure.net/", "clientId": "c", "tenantId": "t"}}}}),
+            "secretProvider.azureKeyVault is required when type is AzureKeyVault and not allowed otherwise",
+            true,
+        ),
+        c(
+            "oidc-http",
+            json!({"spec": {"oidc": {"issuer": "http://login.contoso.local/", "audience": "im"}}}),
+            "oidc.issuer must be an https:// URL",
+            true,
+        ),
+        c(
+            "name-too-long-for-derived-names",
+            json!({"metadata": {"name": "a-very-long-cluster-name-that-exceeds-forty-chars"}}),
+            "metadata.name must be a DNS label of at most 40 characters",
+            true,
+        ),
+        c("bad-version", json!({"spec": {"version": "1.0 beta"}}), "spec.version in body should match", false),
+        c(
+            "bad-port",
+            json!({"spec": {"service": {"port": 70000}}}),
+            "should be less than or equal to 65535",
+            false,
+        ),
+        c(
+            "bad-dns-name",
+            json!({"spec": {"tls": {"dnsNames": ["Not_A_Name"]}}}),
+            "should match",
+            false,
+        ),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::IdentityMeshCluster;
+    use kube::CustomResourceExt;
+
+    #[test]
+    fn at_least_ten_cases_with_cel_messages_in_the_crd() {
+        let cases = admission_cases();
+        assert!(cases.len() >= 10);
+        let crd = serde_json::to_string(&IdentityMeshCluster::crd()).expect("crd");
+        for case in cases.iter().filter(|c| c.cel) {
+            assert!(
+                crd.contains(case.expect),
+                "{}: message {:?} not in the CRD",
+                case.name,
+                case.expect
+            );
+        }
+        // Names are unique so the cases can be applied side by side.
+        let mut names: Vec<_> = cases
+            .iter()
+            .map(|c| c.manifest["metadata"]["name"].to_string())
+            .collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), cases.len());
+    }
+
+    #[test]
+    fn the_valid_manifest_deserialises() {
+        let v = valid_manifest("im");
+        let imc: IdentityMeshCluster = serde_json::from_value(v).expect("valid manifest");
+        assert_eq!(imc.spec.version, "0.1.0");
+    }
+}

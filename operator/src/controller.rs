@@ -1,0 +1,1344 @@
+//! The controller: thin I/O around the pure builders, certificate decisions and the cutover
+//! state machine. Read the world → validate → build desired objects → server-side apply what
+//! differs (hash annotation) → run the cutover step → write status last, and only if changed.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::NamespaceResourceScope;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::{Action as ReconcileAction, Controller};
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::builders::config::{build_ca_config_map, build_config_map};
+use crate::builders::pod::build_pod;
+use crate::builders::secret::{
+    build_ca_secret, build_keyring_secret, build_tls_secret, ca_from_secret, secret_str,
+};
+use crate::builders::service::{build_client_service, build_headless_service};
+use crate::builders::{
+    hash_of, Names, ANNOTATION_SWITCHOVER, FIELD_MANAGER, FINALIZER, LABEL_CLUSTER,
+};
+use crate::certs::{self, CertAndKey};
+use crate::crd::{
+    CertificateExpiry, CutoverIntent, CutoverKind, IdentityMeshCluster, IdentityMeshClusterStatus,
+    Phase, Role, TransitionRecord,
+};
+use crate::cutover::{
+    self, action, advance, health, is_promotable, plan, selector_target, Action, InstanceView,
+    Outcome, Plan, PlanInput, ServerView, StepContext, StepResult,
+};
+use crate::keyring::{KeyRing, KEYRING_KEY};
+use crate::metrics::Metrics;
+use crate::observe::{self, set_condition};
+use crate::podclient::{InstanceApi, InstanceApiFactory, PodClientError, PodTarget};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    #[error("certificate: {0}")]
+    Cert(#[from] certs::CertError),
+    #[error("rendering server.toml: {0}")]
+    Toml(#[from] toml::ser::Error),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Error {
+    pub fn metric_reason(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "Kube",
+            Error::Finalizer(_) => "Finalizer",
+            Error::Cert(_) => "Certificate",
+            Error::Toml(_) => "Config",
+            Error::Invalid(_) => "Invalid",
+        }
+    }
+}
+
+/// Shared state of the controller.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Metrics,
+    pub instances: Arc<dyn InstanceApiFactory>,
+    /// First time each pod (ns/name) was seen unhealthy; in memory only (a restart re-learns it
+    /// from pod/node condition times or one threshold later).
+    unhealthy_seen: Mutex<HashMap<String, Timestamp>>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        metrics: Metrics,
+        instances: Arc<dyn InstanceApiFactory>,
+        reporter: Reporter,
+    ) -> Self {
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            instances,
+            unhealthy_seen: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+/// Requeue while a cutover runs, and the steady-state poll of the pods' roles (reads only).
+const CUTOVER_REQUEUE: Duration = Duration::from_millis(500);
+const STEADY_REQUEUE: Duration = Duration::from_secs(2);
+
+/// Entry point for the kube-rs Controller.
+pub async fn reconcile(
+    imc: Arc<IdentityMeshCluster>,
+    ctx: Arc<Context>,
+) -> Result<ReconcileAction, Error> {
+    ctx.metrics.reconciles.inc();
+    let ns = imc
+        .namespace()
+        .ok_or_else(|| Error::Invalid("IdentityMeshCluster must be namespaced".into()))?;
+    let api: Api<IdentityMeshCluster> = Api::namespaced(ctx.client.clone(), &ns);
+    finalizer(&api, FINALIZER, imc, |ev| async {
+        match ev {
+            FinalizerEvent::Apply(imc) => Reconciler::new(imc, ctx.clone()).apply().await,
+            FinalizerEvent::Cleanup(imc) => Reconciler::new(imc, ctx.clone()).cleanup().await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+pub fn error_policy(
+    _imc: Arc<IdentityMeshCluster>,
+    err: &Error,
+    ctx: Arc<Context>,
+) -> ReconcileAction {
+    tracing::warn!(error = %err, "reconcile failed");
+    ctx.metrics.reconcile_error(err.metric_reason());
+    ReconcileAction::requeue(Duration::from_secs(5))
+}
+
+/// Run the controller until shutdown.
+pub async fn run(client: Client, namespace: Option<String>, ctx: Arc<Context>) {
+    let (clusters, pods, services, secrets, config_maps) = match &namespace {
+        Some(ns) => (
+            Api::<IdentityMeshCluster>::namespaced(client.clone(), ns),
+            Api::<Pod>::namespaced(client.clone(), ns),
+            Api::<Service>::namespaced(client.clone(), ns),
+            Api::<Secret>::namespaced(client.clone(), ns),
+            Api::<ConfigMap>::namespaced(client.clone(), ns),
+        ),
+        None => (
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+        ),
+    };
+    // Only our own children: keeps the caches small.
+    let owned = watcher::Config::default().labels(LABEL_CLUSTER);
+    Controller::new(clusters, watcher::Config::default())
+        .owns(pods, owned.clone())
+        .owns(services, owned.clone())
+        .owns(secrets, owned.clone())
+        .owns(config_maps, owned)
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "reconcile stream");
+            }
+        })
+        .await;
+}
+
+/// Everything one reconcile of one cluster needs.
+struct Reconciler {
+    imc: Arc<IdentityMeshCluster>,
+    ctx: Arc<Context>,
+    names: Names,
+    now: Timestamp,
+    /// Writes done this reconcile (for logs; tests count requests at the API instead).
+    writes: usize,
+}
+
+/// Findings of the secret/certificate steps, turned into conditions.
+#[derive(Default)]
+struct Findings {
+    secret_problems: Vec<String>,
+    cert_problem: Option<String>,
+    keyring_problem: Option<String>,
+    cert_expiry: Option<CertificateExpiry>,
+}
+
+impl Reconciler {
+    fn new(imc: Arc<IdentityMeshCluster>, ctx: Arc<Context>) -> Self {
+        let names = Names::of(&imc);
+        Self {
+            imc,
+            ctx,
+            names,
+            now: Timestamp::now(),
+            writes: 0,
+        }
+    }
+
+    fn api<K>(&self) -> Api<K>
+    where
+        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>,
+    {
+        Api::namespaced(self.ctx.client.clone(), &self.names.namespace)
+    }
+
+    async fn event(&self, type_: EventType, reason: &str, action: &str, note: String) {
+        let ev = KubeEvent {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: action.into(),
+            secondary: None,
+        };
+        if let Err(e) = self
+            .ctx
+            .recorder
+            .publish(&ev, &self.imc.object_ref(&()))
+            .await
+        {
+            tracing::warn!(error = %e, reason, "publishing event failed");
+        }
+    }
+
+    /// Server-side apply `obj` unless the live object already carries its hash.
+    async fn apply_if_changed<K>(&mut self, obj: &K) -> Result<bool, Error>
+    where
+        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + Serialize
+            + DeserializeOwned
+            + std::fmt::Debug,
+    {
+        let name = obj.meta().name.clone().unwrap_or_default();
+        let api: Api<K> = self.api();
+        if let Some(live) = api.get_opt(&name).await? {
+            if hash_of(live.meta()).is_some() && hash_of(live.meta()) == hash_of(obj.meta()) {
+                return Ok(false);
+            }
+        }
+        api.patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(obj),
+        )
+        .await?;
+        self.writes += 1;
+        Ok(true)
+    }
+
+    // -----------------------------------------------------------------------------------------
+
+    async fn apply(mut self) -> Result<ReconcileAction, Error> {
+        let imc = self.imc.clone();
+        let old_status = imc.status.clone().unwrap_or_default();
+        let mut st = old_status.clone();
+        let gen = imc.metadata.generation;
+
+        if imc.spec.paused {
+            st.phase = Some(Phase::Paused);
+            set_condition(
+                &mut st.conditions,
+                "Paused",
+                "True",
+                "Paused",
+                "spec.paused is true: no pod changes and no cutovers",
+                gen,
+                self.now,
+            );
+            self.write_status_if_changed(&old_status, &st).await?;
+            return Ok(ReconcileAction::requeue(Duration::from_secs(60)));
+        }
+        observe::remove_condition(&mut st.conditions, "Paused");
+
+        let mut f = Findings::default();
+        self.check_referenced_secrets(&mut f).await?;
+        let ca = self.ensure_ca(&mut f).await?;
+        if let Some(ca) = &ca {
+            self.apply_if_changed(&build_ca_config_map(&imc, &self.names, &ca.cert_pem))
+                .await?;
+            self.ensure_serving_cert(ca, &mut f).await?;
+        }
+        self.observe_user_cert(&mut f).await?;
+        self.ensure_keyring(&mut f).await?;
+        self.apply_if_changed(&build_config_map(&imc, &self.names)?)
+            .await?;
+        self.apply_if_changed(&build_headless_service(&imc, &self.names))
+            .await?;
+
+        // Observe the pods.
+        let instance_api = match &ca {
+            Some(ca) => Some(
+                self.ctx
+                    .instances
+                    .for_cluster(
+                        &format!("{}/{}", self.names.namespace, self.names.cluster),
+                        ca,
+                    )
+                    .map_err(|e| Error::Invalid(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let world = self.observe(instance_api.as_deref()).await?;
+
+        // The Service follows status (and the running cutover's step).
+        self.ensure_client_service(selector_target(
+            st.active_pod.as_deref(),
+            st.cutover.as_ref(),
+        ))
+        .await?;
+
+        // Cutover: resume the persisted one, or plan.
+        let mut plan_phase: Option<(Phase, String)> = None;
+        let request = imc.annotations().get(ANNOTATION_SWITCHOVER).cloned();
+        if st.cutover.is_some() {
+            if request.is_some() {
+                self.clear_switchover_annotation().await?;
+                self.event(
+                    EventType::Warning,
+                    "SwitchoverIgnored",
+                    "Switchover",
+                    "a cutover is already in progress; request dropped".into(),
+                )
+                .await;
+            }
+        } else {
+            let input = PlanInput {
+                now: self.now,
+                policy: imc.spec.failover.policy,
+                unhealthy_after: Duration::from_secs(u64::from(
+                    imc.spec.failover.unhealthy_after_seconds,
+                )),
+                active: st.active_pod.clone(),
+                epoch: st.epoch,
+                switchover_request: request.clone(),
+                pods: world.views.clone(),
+            };
+            match plan(&input) {
+                Plan::Start(c) => {
+                    st.epoch = st.epoch.max(c.epoch);
+                    st.phase = Some(phase_of(c.kind));
+                    self.event(
+                        EventType::Normal,
+                        &format!("{}Started", c.kind.as_str()),
+                        c.kind.as_str(),
+                        format!(
+                            "{} → {} with epoch {}: {}",
+                            display(&c.from),
+                            c.target,
+                            c.epoch,
+                            c.reason
+                        ),
+                    )
+                    .await;
+                    st.cutover = Some(c);
+                    // Intent first: written before anything acts on it.
+                    self.write_status(&st).await?;
+                    if request.is_some() {
+                        self.clear_switchover_annotation().await?;
+                    }
+                }
+                Plan::RollStandby { pod } => {
+                    self.event(
+                        EventType::Normal,
+                        "RollingStandby",
+                        "Upgrade",
+                        format!("recreating standby {pod} from the new template"),
+                    )
+                    .await;
+                    self.delete_pod(&pod, None).await?;
+                    plan_phase = Some((Phase::Upgrading, format!("recreating standby {pod}")));
+                }
+                Plan::DemoteStray { pod } => {
+                    if let (Some(api), Some(t)) = (&instance_api, world.target(&pod)) {
+                        let _ = api
+                            .demote(
+                                &t,
+                                Duration::from_secs(u64::from(imc.spec.drain_timeout_seconds) + 2),
+                            )
+                            .await;
+                    }
+                }
+                Plan::FailoverRequired { active, reason } => {
+                    let msg = format!("active {active} is unhealthy ({reason}); failover policy is Manual: set annotation {ANNOTATION_SWITCHOVER}=standby to switch");
+                    if observe::get_condition(&st.conditions, "FailoverRequired")
+                        .is_none_or(|c| c.status != "True")
+                    {
+                        self.event(
+                            EventType::Warning,
+                            "FailoverRequired",
+                            "Failover",
+                            msg.clone(),
+                        )
+                        .await;
+                    }
+                    set_condition(
+                        &mut st.conditions,
+                        "FailoverRequired",
+                        "True",
+                        &reason,
+                        &msg,
+                        gen,
+                        self.now,
+                    );
+                    plan_phase = Some((Phase::FailoverRequired, msg));
+                }
+                Plan::RejectSwitchover { reason } => {
+                    self.event(
+                        EventType::Warning,
+                        "SwitchoverRejected",
+                        "Switchover",
+                        reason,
+                    )
+                    .await;
+                    self.clear_switchover_annotation().await?;
+                }
+                Plan::Wait { reason } => {
+                    if !reason.is_empty() {
+                        plan_phase = Some((Phase::Degraded, reason));
+                    }
+                }
+                Plan::Steady => {}
+            }
+        }
+        if !matches!(plan_phase, Some((Phase::FailoverRequired, _))) {
+            observe::remove_condition(&mut st.conditions, "FailoverRequired");
+        }
+
+        if st.cutover.is_some() {
+            self.drive(&mut st, &world, instance_api.as_deref()).await?;
+        }
+
+        // Pods last among children: a missing slot gets a fresh standby.
+        self.ensure_pods(&world).await?;
+
+        // Status.
+        st.observed_generation = gen;
+        st.instances = world
+            .views
+            .iter()
+            .map(|v| observe::instance_status(v, world.pods.get(&v.name)))
+            .collect();
+        st.standby_pod = st.active_pod.as_deref().and_then(|a| self.names.peer(a));
+        st.certificate_expiry = f.cert_expiry.clone();
+        self.set_conditions(&mut st, &f, &world, plan_phase.as_ref());
+        self.write_status_if_changed(&old_status, &st).await?;
+
+        if self.writes > 0 {
+            tracing::debug!(cluster = %self.names.cluster, writes = self.writes, "reconciled");
+        }
+        Ok(ReconcileAction::requeue(if st.cutover.is_some() {
+            CUTOVER_REQUEUE
+        } else {
+            STEADY_REQUEUE
+        }))
+    }
+
+    async fn cleanup(self) -> Result<ReconcileAction, Error> {
+        // Owner references garbage-collect every child. Demote the active first so its engine
+        // stops at a batch boundary instead of being killed mid-run.
+        if let Some(active) = self.imc.status.as_ref().and_then(|s| s.active_pod.clone()) {
+            let secret: Option<Secret> = self
+                .api::<Secret>()
+                .get_opt(&self.names.ca_secret())
+                .await?;
+            if let Some(ca) = secret.as_ref().and_then(ca_from_secret) {
+                if let Ok(api) = self.ctx.instances.for_cluster(
+                    &format!("{}/{}", self.names.namespace, self.names.cluster),
+                    &ca,
+                ) {
+                    if let Some(pod) = self.api::<Pod>().get_opt(&active).await? {
+                        if let Some(ip) = observe::pod_ip(&pod) {
+                            let t = PodTarget::new(&active, ip, self.names.pod_dns_name(&active));
+                            let _ = api
+                                .demote(
+                                    &t,
+                                    Duration::from_secs(
+                                        u64::from(self.imc.spec.drain_timeout_seconds) + 2,
+                                    ),
+                                )
+                                .await;
+                        }
+                    }
+                }
+            }
+        }
+        self.event(
+            EventType::Normal,
+            "Deleted",
+            "Delete",
+            "cluster deleted; owned objects are garbage-collected".into(),
+        )
+        .await;
+        Ok(ReconcileAction::await_change())
+    }
+
+    /// The client Service, also repaired when someone edited its selector: routing to the
+    /// wrong pod is the one drift that must never persist.
+    async fn ensure_client_service(&mut self, active: Option<&str>) -> Result<bool, Error> {
+        let svc = build_client_service(&self.imc, &self.names, active);
+        let live: Option<Service> = self
+            .api::<Service>()
+            .get_opt(&self.names.client_service())
+            .await?;
+        let selector_ok = live
+            .as_ref()
+            .and_then(|l| l.spec.as_ref())
+            .map(|s| &s.selector)
+            == svc.spec.as_ref().map(|s| &s.selector);
+        if let Some(live) = &live {
+            if selector_ok
+                && hash_of(&live.metadata).is_some()
+                && hash_of(&live.metadata) == hash_of(&svc.metadata)
+            {
+                return Ok(false);
+            }
+        }
+        self.api::<Service>()
+            .patch(
+                &self.names.client_service(),
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&svc),
+            )
+            .await?;
+        self.writes += 1;
+        Ok(true)
+    }
+
+    // ----------------------------------------------------------------------------- secrets
+
+    /// Referenced Secrets must exist and hold the key; problems name the Secret and key and
+    /// never quote values.
+    async fn check_referenced_secrets(&mut self, f: &mut Findings) -> Result<(), Error> {
+        let spec = &self.imc.spec;
+        let api: Api<Secret> = self.api();
+        let mut checks: Vec<(&str, &str, &str)> = vec![
+            (
+                "spec.database",
+                spec.database.name.as_str(),
+                spec.database.key.as_str(),
+            ),
+            (
+                "spec.licence",
+                spec.licence.name.as_str(),
+                spec.licence.key.as_str(),
+            ),
+        ];
+        if let Some(user) = &spec.tls.secret_name {
+            checks.push(("spec.tls.secretName", user.as_str(), "tls.crt"));
+            checks.push(("spec.tls.secretName", user.as_str(), "tls.key"));
+        }
+        for (field, name, key) in checks {
+            let problem = match api.get_opt(name).await? {
+                None => Some(format!(
+                    "{field}: Secret {name} not found in namespace {}",
+                    self.names.namespace
+                )),
+                Some(s) => match secret_str(&s, key) {
+                    None => Some(format!(
+                        "{field}: Secret {name} has no key {key:?} (or it is not UTF-8)"
+                    )),
+                    Some(v) if v.trim().is_empty() => {
+                        Some(format!("{field}: Secret {name} key {key:?} is empty"))
+                    }
+                    Some(v)
+                        if field == "spec.licence"
+                            && serde_json::from_str::<serde_json::Value>(v).is_err() =>
+                    {
+                        Some(format!(
+                            "{field}: Secret {name} key {key:?} is not valid licence JSON"
+                        ))
+                    }
+                    Some(v) if key == "tls.crt" && certs::inspect(v).is_err() => Some(format!(
+                        "{field}: Secret {name} key \"tls.crt\" is not a PEM certificate"
+                    )),
+                    Some(_) => None,
+                },
+            };
+            f.secret_problems.extend(problem);
+        }
+        Ok(())
+    }
+
+    async fn ensure_ca(&mut self, f: &mut Findings) -> Result<Option<CertAndKey>, Error> {
+        let api: Api<Secret> = self.api();
+        let name = self.names.ca_secret();
+        if let Some(s) = api.get_opt(&name).await? {
+            return Ok(
+                match ca_from_secret(&s)
+                    .filter(|ca| certs::inspect(&ca.cert_pem).is_ok_and(|i| i.is_ca))
+                {
+                    Some(ca) => Some(ca),
+                    None => {
+                        // Never replace a CA silently: relays and clients trust it.
+                        f.cert_problem = Some(format!("Secret {name} does not hold a CA (keys ca.crt, ca.key); delete it to have a new CA generated"));
+                        None
+                    }
+                },
+            );
+        }
+        let ca = certs::generate_ca(
+            &self.names.cluster,
+            &self.names.namespace,
+            time::OffsetDateTime::now_utc(),
+        )?;
+        match api
+            .create(
+                &PostParams::default(),
+                &build_ca_secret(&self.imc, &self.names, &ca),
+            )
+            .await
+        {
+            Ok(_) => {
+                self.writes += 1;
+                self.event(
+                    EventType::Normal,
+                    "CAGenerated",
+                    "Certificates",
+                    format!("generated cluster CA in Secret {name}"),
+                )
+                .await;
+                Ok(Some(ca))
+            }
+            // Lost a race with another reconcile: use the winner's CA next time.
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn ensure_serving_cert(
+        &mut self,
+        ca: &CertAndKey,
+        f: &mut Findings,
+    ) -> Result<(), Error> {
+        let Some(issuer) = self.imc.spec.tls.operator_issuer() else {
+            return Ok(());
+        };
+        let (duration, renew_before) = match issuer.parsed() {
+            Ok(x) => x,
+            Err(e) => {
+                f.cert_problem = Some(e);
+                return Ok(());
+            }
+        };
+        let name = self.names.operator_tls_secret();
+        let api: Api<Secret> = self.api();
+        let live = api.get_opt(&name).await?;
+        let existing = live.as_ref().and_then(|s| secret_str(s, "tls.crt"));
+        let ca_info = certs::inspect(&ca.cert_pem)?;
+        let wanted = certs::serving_dns_names(&self.names, &self.imc.spec.tls.dns_names);
+        let now = time::OffsetDateTime::now_utc();
+        if let Some(reason) =
+            certs::serving_cert_decision(existing, &ca_info, &wanted, now, renew_before)
+        {
+            let leaf = certs::issue_serving_cert(ca, &wanted, now, duration)?;
+            let secret = build_tls_secret(&self.imc, &self.names, &leaf, &ca.cert_pem);
+            api.patch(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&secret),
+            )
+            .await?;
+            self.writes += 1;
+            self.event(
+                EventType::Normal,
+                "CertificateIssued",
+                "Certificates",
+                format!(
+                    "issued serving certificate in Secret {name} ({})",
+                    reason.as_str()
+                ),
+            )
+            .await;
+            let info = certs::inspect(&leaf.cert_pem)?;
+            f.cert_expiry = Some(CertificateExpiry {
+                not_after: Time(certs::to_timestamp(info.not_after)),
+                secret_name: name,
+            });
+        } else if let Some(info) = existing.and_then(|p| certs::inspect(p).ok()) {
+            f.cert_expiry = Some(CertificateExpiry {
+                not_after: Time(certs::to_timestamp(info.not_after)),
+                secret_name: name,
+            });
+        }
+        Ok(())
+    }
+
+    /// Expiry of a user-provided certificate (the operator does not renew it).
+    async fn observe_user_cert(&mut self, f: &mut Findings) -> Result<(), Error> {
+        let Some(name) = self.imc.spec.tls.secret_name.clone() else {
+            return Ok(());
+        };
+        if let Some(s) = self.api::<Secret>().get_opt(&name).await? {
+            if let Some(info) = secret_str(&s, "tls.crt").and_then(|p| certs::inspect(p).ok()) {
+                f.cert_expiry = Some(CertificateExpiry {
+                    not_after: Time(certs::to_timestamp(info.not_after)),
+                    secret_name: name,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn ensure_keyring(&mut self, f: &mut Findings) -> Result<(), Error> {
+        let api: Api<Secret> = self.api();
+        let name = self.names.keyring_secret();
+        match api.get_opt(&name).await? {
+            Some(s) => {
+                // Never regenerated: a new key ring would orphan every stored secret.
+                let problem = match secret_str(&s, KEYRING_KEY) {
+                    None => Some(format!("Secret {name} has no key {KEYRING_KEY:?}")),
+                    Some(v) => KeyRing::parse(v.as_bytes())
+                        .err()
+                        .map(|e| format!("Secret {name} key {KEYRING_KEY:?}: {e}")),
+                };
+                f.keyring_problem = problem;
+            }
+            None => {
+                let kr = KeyRing::generate();
+                match api
+                    .create(
+                        &PostParams::default(),
+                        &build_keyring_secret(&self.imc, &self.names, &kr),
+                    )
+                    .await
+                {
+                    Ok(_) => {
+                        self.writes += 1;
+                        self.event(
+                            EventType::Normal,
+                            "KeyRingGenerated",
+                            "Secrets",
+                            format!("generated key ring in Secret {name}"),
+                        )
+                        .await;
+                    }
+                    Err(kube::Error::Api(e)) if e.code == 409 => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    // ----------------------------------------------------------------------------- pods
+
+    async fn observe(&self, api: Option<&dyn InstanceApi>) -> Result<World, Error> {
+        let pods: Api<Pod> = self.api();
+        let list = pods
+            .list(&ListParams::default().labels(&format!("{LABEL_CLUSTER}={}", self.names.cluster)))
+            .await?;
+        let mut by_name: HashMap<String, Pod> = HashMap::new();
+        for p in list.items {
+            by_name.insert(p.name_any(), p);
+        }
+        let nodes: Api<Node> = Api::all(self.ctx.client.clone());
+        let mut views = Vec::new();
+        let mut targets = HashMap::new();
+        for name in self.names.pods() {
+            let pod = by_name.get(&name);
+            let node = match pod.and_then(observe::pod_node) {
+                // Reading the node is best effort: without it, pod conditions still decide.
+                Some(n) => nodes.get_opt(&n).await.ok().flatten(),
+                None => None,
+            };
+            let target = pod
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+                .and_then(observe::pod_ip)
+                .map(|ip| PodTarget::new(&name, ip, self.names.pod_dns_name(&name)));
+            let server = match (&target, api) {
+                (Some(t), Some(api)) => api.status(t).await.ok().map(|s| ServerView {
+                    role: s.role(),
+                    epoch: s.epoch,
+                    version: s.version.clone(),
+                }),
+                _ => None,
+            };
+            if let Some(t) = target {
+                targets.insert(name.clone(), t);
+            }
+            let desired = build_pod(&self.imc, &self.names, &name);
+            let key = format!("{}/{}", self.names.namespace, name);
+            let seen = self.unhealthy_seen(&key);
+            let mut v = observe::instance_view(
+                &name,
+                pod,
+                node.as_ref(),
+                server,
+                seen,
+                hash_of(&desired.metadata),
+            );
+            if health(&v).is_healthy() {
+                self.forget_unhealthy(&key);
+            } else if seen.is_none() {
+                self.note_unhealthy(&key);
+            }
+            // Keep the first-seen time we just noted out of this round's decision.
+            v.first_seen_unhealthy = seen;
+            views.push(v);
+        }
+        let views: [InstanceView; 2] = views
+            .try_into()
+            .map_err(|_| Error::Invalid("expected exactly two instance slots".into()))?;
+        Ok(World {
+            views,
+            pods: by_name,
+            targets,
+        })
+    }
+
+    fn unhealthy_seen(&self, key: &str) -> Option<Timestamp> {
+        self.ctx
+            .unhealthy_seen
+            .lock()
+            .ok()
+            .and_then(|m| m.get(key).copied())
+    }
+    fn note_unhealthy(&self, key: &str) {
+        if let Ok(mut m) = self.ctx.unhealthy_seen.lock() {
+            m.entry(key.to_string()).or_insert(self.now);
+        }
+    }
+    fn forget_unhealthy(&self, key: &str) {
+        if let Ok(mut m) = self.ctx.unhealthy_seen.lock() {
+            m.remove(key);
+        }
+    }
+
+    /// Create any missing pod; remove finished (evicted/failed) pods so they are recreated.
+    async fn ensure_pods(&mut self, world: &World) -> Result<(), Error> {
+        let api: Api<Pod> = self.api();
+        for name in self.names.pods() {
+            match world.pods.get(&name) {
+                None => {
+                    let pod = build_pod(&self.imc, &self.names, &name);
+                    match api.create(&PostParams::default(), &pod).await {
+                        Ok(_) => {
+                            self.writes += 1;
+                            self.event(
+                                EventType::Normal,
+                                "PodCreated",
+                                "Create",
+                                format!("created server pod {name}"),
+                            )
+                            .await;
+                        }
+                        Err(kube::Error::Api(e)) if e.code == 409 => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Some(p) if observe::pod_finished(p) && p.metadata.deletion_timestamp.is_none() => {
+                    self.delete_pod(&name, Some(0)).await?;
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    async fn delete_pod(&mut self, name: &str, grace: Option<u32>) -> Result<(), Error> {
+        let dp = DeleteParams {
+            grace_period_seconds: grace,
+            ..Default::default()
+        };
+        match self.api::<Pod>().delete(name, &dp).await {
+            Ok(_) => {
+                self.writes += 1;
+                Ok(())
+            }
+            Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    // ----------------------------------------------------------------------------- cutover
+
+    /// Run the persisted cutover step by step; every new intent is persisted before it acts.
+    async fn drive(
+        &mut self,
+        st: &mut IdentityMeshClusterStatus,
+        world: &World,
+        api: Option<&dyn InstanceApi>,
+    ) -> Result<(), Error> {
+        let drain = Duration::from_secs(u64::from(self.imc.spec.drain_timeout_seconds));
+        for _ in 0..6 {
+            let Some(c) = st.cutover.clone() else { break };
+            let result = self.run_action(&c, world, api, drain).await?;
+            let view = |n: &str| world.views.iter().find(|v| v.name == n);
+            let cx = StepContext {
+                now: Timestamp::now(),
+                drain_timeout: drain,
+                target_healthy: view(&c.target).is_some_and(|v| health(v).is_healthy())
+                    || result == StepResult::Promoted,
+                from_promotable: view(&c.from).is_some_and(is_promotable),
+            };
+            match advance(&c, &result, &cx) {
+                Outcome::Stay => break,
+                Outcome::Update(n) => {
+                    st.epoch = st.epoch.max(n.epoch);
+                    st.phase = Some(phase_of(n.kind));
+                    self.event(
+                        EventType::Normal,
+                        &format!("{:?}", n.step),
+                        n.kind.as_str(),
+                        format!(
+                            "{}: {} → {} epoch {} ({:?})",
+                            n.kind.as_str(),
+                            display(&n.from),
+                            n.target,
+                            n.epoch,
+                            result
+                        ),
+                    )
+                    .await;
+                    st.cutover = Some(n);
+                    self.write_status(st).await?;
+                }
+                Outcome::Finished { intent, verified } => {
+                    self.finish(st, intent, verified).await?;
+                    self.write_status(st).await?;
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn finish(
+        &mut self,
+        st: &mut IdentityMeshClusterStatus,
+        c: CutoverIntent,
+        verified: bool,
+    ) -> Result<(), Error> {
+        let end = c
+            .verified
+            .as_ref()
+            .map(|t| t.0)
+            .unwrap_or_else(Timestamp::now);
+        let secs = cutover::elapsed_ms(c.started.0, end) as f64 / 1000.0;
+        st.active_pod = Some(c.target.clone());
+        st.standby_pod = self.names.peer(&c.target);
+        st.epoch = st.epoch.max(c.epoch);
+        st.cutover = None;
+        st.last_transition = Some(TransitionRecord {
+            kind: c.kind,
+            from: c.from.clone(),
+            to: c.target.clone(),
+            reason: c.reason.clone(),
+            started: c.started.clone(),
+            finished: Some(Time(end)),
+            duration_seconds: Some(secs),
+            outcome: Some(if verified {
+                "Succeeded".into()
+            } else {
+                "VerificationFailed".into()
+            }),
+            epoch: c.epoch,
+        });
+        self.ctx.metrics.cutover_finished(c.kind.as_str(), secs);
+        let (t, reason) = if verified {
+            (EventType::Normal, "CutoverSucceeded")
+        } else {
+            (EventType::Warning, "CutoverVerificationFailed")
+        };
+        self.event(
+            t,
+            reason,
+            c.kind.as_str(),
+            format!(
+                "{} {} → {} epoch {} in {secs:.2}s",
+                c.kind.as_str(),
+                display(&c.from),
+                c.target,
+                c.epoch
+            ),
+        )
+        .await;
+        Ok(())
+    }
+
+    async fn run_action(
+        &mut self,
+        c: &CutoverIntent,
+        world: &World,
+        api: Option<&dyn InstanceApi>,
+        drain: Duration,
+    ) -> Result<StepResult, Error> {
+        Ok(match action(c) {
+            Action::Demote { pod } => match (api, world.target(&pod)) {
+                (Some(api), Some(t)) => {
+                    match api.demote(&t, drain + Duration::from_secs(2)).await {
+                        Ok(r) => StepResult::Demoted { drained: r.drained },
+                        Err(e) => {
+                            tracing::info!(pod, error = %e, "demote failed; will promote anyway once the drain bound passes");
+                            StepResult::DemoteFailed
+                        }
+                    }
+                }
+                _ => StepResult::DemoteFailed,
+            },
+            Action::Promote { pod, epoch } => match (api, world.target(&pod)) {
+                (Some(api), Some(t)) => match api.promote(&t, epoch).await {
+                    Ok(()) => StepResult::Promoted,
+                    Err(PodClientError::Refused { stored, .. }) => {
+                        StepResult::PromoteRefused { stored }
+                    }
+                    Err(e) => {
+                        tracing::info!(pod, epoch, error = %e, "promote failed; retrying");
+                        StepResult::PromoteFailed
+                    }
+                },
+                _ => StepResult::PromoteFailed,
+            },
+            Action::Swing { pod } => match self.ensure_client_service(Some(&pod)).await {
+                Ok(_) => StepResult::Swung,
+                Err(e) => {
+                    tracing::warn!(error = %e, "swinging the Service failed");
+                    StepResult::SwingFailed
+                }
+            },
+            Action::Verify { pod, epoch } => self.verify(&pod, epoch, world, api).await?,
+            Action::Replace { pod } => {
+                let view = world.views.iter().find(|v| v.name == pod);
+                let live = world.pods.get(&pod);
+                let recreated = live
+                    .and_then(|p| p.metadata.creation_timestamp.as_ref())
+                    .is_some_and(|t| t.0 > c.started.0);
+                if live.is_none() || recreated || view.is_some_and(is_promotable) {
+                    StepResult::Replaced
+                } else {
+                    // Force when the node is gone: the kubelet cannot confirm, and the epoch
+                    // already fences whatever may still run there.
+                    let node_lost = view.is_some_and(|v| v.node_ready == Some(false));
+                    if live.is_some_and(|p| p.metadata.deletion_timestamp.is_none()) || node_lost {
+                        self.delete_pod(&pod, if node_lost { Some(0) } else { None })
+                            .await?;
+                        self.event(
+                            EventType::Normal,
+                            "ReplacingPod",
+                            "Failover",
+                            format!("deleting lost pod {pod}; a fresh standby replaces it"),
+                        )
+                        .await;
+                    }
+                    StepResult::ReplacePending
+                }
+            }
+        })
+    }
+
+    /// Verification checklist: target live (internal API answers), Ready, active with the
+    /// epoch, and no other instance reporting active.
+    async fn verify(
+        &self,
+        pod: &str,
+        epoch: i64,
+        world: &World,
+        api: Option<&dyn InstanceApi>,
+    ) -> Result<StepResult, Error> {
+        let Some(api) = api else {
+            return Ok(StepResult::NotYetVerified);
+        };
+        let Some(t) = world.target(pod) else {
+            return Ok(StepResult::NotYetVerified);
+        };
+        let live_pod = self.api::<Pod>().get_opt(pod).await?;
+        let ready = live_pod.as_ref().is_some_and(|p| observe::pod_ready(p).0);
+        let s = match api.status(&t).await {
+            Ok(s) => s,
+            Err(_) => return Ok(StepResult::NotYetVerified),
+        };
+        if s.role() != Role::Active || s.epoch != epoch {
+            return Ok(StepResult::TargetNotActive);
+        }
+        if let Some(peer) = self.names.peer(pod) {
+            if let Some(pt) = world.target(&peer) {
+                if let Ok(ps) = api.status(&pt).await {
+                    if ps.role() == Role::Active {
+                        // Fenced already; tell it so only one instance reports active.
+                        let _ = api.demote(&pt, Duration::from_secs(5)).await;
+                        return Ok(StepResult::NotYetVerified);
+                    }
+                }
+            }
+        }
+        Ok(if ready {
+            StepResult::Verified
+        } else {
+            StepResult::NotYetVerified
+        })
+    }
+
+    // ----------------------------------------------------------------------------- status
+
+    fn set_conditions(
+        &self,
+        st: &mut IdentityMeshClusterStatus,
+        f: &Findings,
+        world: &World,
+        plan_phase: Option<&(Phase, String)>,
+    ) {
+        let gen = self.imc.metadata.generation;
+        let now = self.now;
+        let c = &mut st.conditions;
+        if f.secret_problems.is_empty() {
+            set_condition(
+                c,
+                "SecretsReady",
+                "True",
+                "Found",
+                "referenced Secrets and keys are present",
+                gen,
+                now,
+            );
+        } else {
+            set_condition(
+                c,
+                "SecretsReady",
+                "False",
+                "SecretProblem",
+                &f.secret_problems.join("; "),
+                gen,
+                now,
+            );
+        }
+        match &f.cert_problem {
+            None => set_condition(
+                c,
+                "CertificatesReady",
+                "True",
+                "Issued",
+                "CA and serving certificate are in place",
+                gen,
+                now,
+            ),
+            Some(p) => set_condition(
+                c,
+                "CertificatesReady",
+                "False",
+                "CertificateProblem",
+                p,
+                gen,
+                now,
+            ),
+        }
+        match &f.keyring_problem {
+            None => set_condition(
+                c,
+                "KeyRingReady",
+                "True",
+                "Present",
+                "key ring Secret is valid",
+                gen,
+                now,
+            ),
+            Some(p) => set_condition(c, "KeyRingReady", "False", "KeyRingProblem", p, gen, now),
+        }
+
+        // Verification checklist for the current active.
+        let active = st.active_pod.clone();
+        let av = active
+            .as_deref()
+            .and_then(|a| world.views.iter().find(|v| v.name == a));
+        let live = av.is_some_and(|v| v.server.is_some());
+        let ready = av.is_some_and(|v| v.pod_ready);
+        let actives: Vec<&str> = world
+            .views
+            .iter()
+            .filter(|v| v.server.as_ref().is_some_and(|s| s.role == Role::Active))
+            .map(|v| v.name.as_str())
+            .collect();
+        let single = actives.len() == 1 && Some(actives[0]) == active.as_deref();
+        let b = |x: bool| if x { "True" } else { "False" };
+        set_condition(
+            c,
+            "ActiveLive",
+            b(live),
+            if live {
+                "InternalApiAnswers"
+            } else {
+                "InternalApiUnreachable"
+            },
+            &format!("active {}", display(active.as_deref().unwrap_or(""))),
+            gen,
+            now,
+        );
+        set_condition(
+            c,
+            "ActiveReady",
+            b(ready),
+            if ready { "PodReady" } else { "PodNotReady" },
+            &format!("active {}", display(active.as_deref().unwrap_or(""))),
+            gen,
+            now,
+        );
+        set_condition(
+            c,
+            "SingleActive",
+            b(single),
+            if single {
+                "ExactlyOneActive"
+            } else {
+                "ActiveCountMismatch"
+            },
+            &format!("instances reporting active: [{}]", actives.join(", ")),
+            gen,
+            now,
+        );
+        set_condition(
+            c,
+            "RelaysReconnected",
+            "Unknown",
+            "NotChecked",
+            "relay reconnection is not checked by this operator version",
+            gen,
+            now,
+        );
+        set_condition(
+            c,
+            "CanarySync",
+            "Unknown",
+            "NotChecked",
+            "canary sync is not run by this operator version",
+            gen,
+            now,
+        );
+
+        // Phase and Ready.
+        let standby_ok = st
+            .standby_pod
+            .as_deref()
+            .and_then(|s| world.views.iter().find(|v| v.name == s))
+            .is_some_and(|v| health(v).is_healthy());
+        let phase = if let Some(cut) = &st.cutover {
+            phase_of(cut.kind)
+        } else if let Some((p, _)) = plan_phase {
+            if active.is_none() {
+                Phase::Provisioning
+            } else {
+                *p
+            }
+        } else if active.is_none() {
+            if world.pods.is_empty() {
+                Phase::Pending
+            } else {
+                Phase::Provisioning
+            }
+        } else if live && ready && standby_ok {
+            Phase::Running
+        } else {
+            Phase::Degraded
+        };
+        st.phase = Some(phase);
+        let (rs, reason, msg) = match phase {
+            Phase::Running => (
+                "True",
+                "Running",
+                "active serving, standby ready".to_string(),
+            ),
+            _ => (
+                "False",
+                phase.as_str(),
+                plan_phase
+                    .map(|(_, m)| m.clone())
+                    .unwrap_or_else(|| format!("phase {}", phase.as_str())),
+            ),
+        };
+        set_condition(c, "Ready", rs, reason, &msg, gen, now);
+    }
+
+    async fn write_status_if_changed(
+        &mut self,
+        old: &IdentityMeshClusterStatus,
+        new: &IdentityMeshClusterStatus,
+    ) -> Result<(), Error> {
+        if old == new {
+            return Ok(());
+        }
+        self.write_status(new).await
+    }
+
+    async fn write_status(&mut self, st: &IdentityMeshClusterStatus) -> Result<(), Error> {
+        let api: Api<IdentityMeshCluster> = self.api();
+        let body = serde_json::json!({
+            "apiVersion": "identitymesh.io/v1alpha1",
+            "kind": "IdentityMeshCluster",
+            "status": st,
+        });
+        api.patch_status(
+            &self.names.cluster,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await?;
+        self.writes += 1;
+        Ok(())
+    }
+
+    async fn clear_switchover_annotation(&mut self) -> Result<(), Error> {
+        let api: Api<IdentityMeshCluster> = self.api();
+        let patch = serde_json::json!({"metadata": {"annotations": {ANNOTATION_SWITCHOVER: null}}});
+        api.patch(
+            &self.names.cluster,
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+        self.writes += 1;
+        Ok(())
+    }
+}
+
+/// What the controller observed of both slots.
+struct World {
+    views: [InstanceView; 2],
+    pods: HashMap<String, Pod>,
+    targets: HashMap<String, PodTarget>,
+}
+
+impl World {
+    fn target(&self, pod: &str) -> Option<PodTarget> {
+        self.targets.get(pod).cloned()
+    }
+}
+
+fn phase_of(kind: CutoverKind) -> Phase {
+    match kind {
+        CutoverKind::Initial => Phase::Provisioning,
+        CutoverKind::Switchover => Phase::SwitchingOver,
+        CutoverKind::Failover => Phase::FailingOver,
+        CutoverKind::Upgrade => Phase::Upgrading,
+    }
+}
+
+fn display(pod: &str) -> &str {
+    if pod.is_empty() {
+        "(none)"
+    } else {
+        pod
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,744 @@
+//! Reconcile tests against a mocked API server: a tower service over an in-memory object store
+//! that speaks enough of the Kubernetes REST API (get, list, create, apply/merge/json patch,
+//! delete, status) for the controller, and counts every write.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use futures::future::BoxFuture;
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+
+use super::*;
+use crate::builders::test_support::cluster;
+use crate::podclient::{DemoteResponse, InternalStatus};
+
+// ------------------------------------------------------------------------------- fake apiserver
+
+#[derive(Default)]
+struct Store {
+    /// (resource, namespace, name) -> object
+    objects: BTreeMap<(String, String, String), Value>,
+    writes: Vec<String>,
+    next_uid: u64,
+}
+
+type Shared = Arc<Mutex<Store>>;
+
+fn status_json(code: u16, reason: &str) -> Value {
+    json!({"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":reason,"reason":reason,"code":code})
+}
+
+/// Split a request path into (resource, namespace, name, subresource).
+fn route(path: &str) -> (String, String, Option<String>, Option<String>) {
+    let seg: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let rest: &[&str] = match seg.first() {
+        Some(&"api") => &seg[2..],
+        _ => &seg[3..],
+    };
+    let (ns, rest) = if rest.first() == Some(&"namespaces") && rest.len() >= 3 {
+        (rest[1].to_string(), &rest[2..])
+    } else {
+        (String::new(), rest)
+    };
+    (
+        rest[0].to_string(),
+        ns,
+        rest.get(1).map(|s| s.to_string()),
+        rest.get(2).map(|s| s.to_string()),
+    )
+}
+
+fn merge(target: &mut Value, patch: &Value) {
+    match (target, patch) {
+        (Value::Object(t), Value::Object(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        (t, p) => *t = p.clone(),
+    }
+}
+
+fn label_match(obj: &Value, selector: &str) -> bool {
+    selector.split(',').filter(|s| !s.is_empty()).all(|req| {
+        let labels = &obj["metadata"]["labels"];
+        match req.split_once('=') {
+            Some((k, v)) => labels[k].as_str() == Some(v),
+            None => !labels[req].is_null(),
+        }
+    })
+}
+
+fn handle(
+    store: &Shared,
+    method: &str,
+    path: &str,
+    query: &str,
+    ctype: &str,
+    body: Value,
+) -> (u16, Value) {
+    let mut s = store.lock().expect("store");
+    let (res, ns, name, sub) = route(path);
+    if method != "GET" {
+        s.writes.push(format!("{method} {path}"));
+    }
+    let key = |n: &str| (res.clone(), ns.clone(), n.to_string());
+    match (method, name) {
+        ("GET", None) => {
+            let sel = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("labelSelector="))
+                .map(|v| {
+                    v.replace("%3D", "=")
+                        .replace("%2F", "/")
+                        .replace("%2C", ",")
+                })
+                .unwrap_or_default();
+            let items: Vec<Value> = s
+                .objects
+                .iter()
+                .filter(|((r, n, _), o)| {
+                    *r == res && (ns.is_empty() || *n == ns) && label_match(o, &sel)
+                })
+                .map(|(_, o)| o.clone())
+                .collect();
+            (
+                200,
+                json!({"apiVersion":"v1","kind":"List","metadata":{"resourceVersion":"1"},"items":items}),
+            )
+        }
+        ("GET", Some(n)) => match s.objects.get(&key(&n)) {
+            Some(o) => (200, o.clone()),
+            None => (404, status_json(404, "NotFound")),
+        },
+        ("POST", _) => {
+            let n = body["metadata"]["name"]
+                .as_str()
+                .unwrap_or("generated")
+                .to_string();
+            if res != "events" && s.objects.contains_key(&key(&n)) {
+                return (409, status_json(409, "AlreadyExists"));
+            }
+            s.next_uid += 1;
+            let mut o = body.clone();
+            o["metadata"]["uid"] = json!(format!("uid-{}", s.next_uid));
+            o["metadata"]["creationTimestamp"] = json!(Timestamp::now().to_string());
+            o["metadata"]["resourceVersion"] = json!(s.next_uid.to_string());
+            if !ns.is_empty() {
+                o["metadata"]["namespace"] = json!(ns);
+            }
+            s.objects.insert(key(&n), o.clone());
+            (201, o)
+        }
+        ("PATCH", Some(n)) => {
+            let existing = s.objects.get(&key(&n)).cloned();
+            let mut o = match (existing, ctype) {
+                (Some(o), _) => o,
+                (None, c) if c.contains("apply-patch") => json!({}),
+                (None, _) => return (404, status_json(404, "NotFound")),
+            };
+            if ctype.contains("json-patch") {
+                for op in body.as_array().cloned().unwrap_or_default() {
+                    let p = op["path"].as_str().unwrap_or("");
+                    let parts: Vec<&str> = p.trim_start_matches('/').split('/').collect();
+                    match op["op"].as_str() {
+                        Some("add") | Some("replace") => {
+                            let mut cur = &mut o;
+                            for (i, part) in parts.iter().enumerate() {
+                                if i + 1 == parts.len() {
+                                    if let Ok(idx) = part.parse::<usize>() {
+                                        if let Some(a) = cur.as_array_mut() {
+                                            a.insert(idx.min(a.len()), op["value"].clone());
+                                        }
+                                    } else if *part == "-" {
+                                        if let Some(a) = cur.as_array_mut() {
+                                            a.push(op["value"].clone());
+                                        }
+                                    } else {
+                                        cur[*part] = op["value"].clone();
+                                    }
+                                } else {
+                                    cur = &mut cur[*part];
+                                }
+                            }
+                        }
+                        Some("remove") => {
+                            if let [a, b, idx] = parts.as_slice() {
+                                if let (Some(arr), Ok(i)) =
+                                    (o[*a][*b].as_array_mut(), idx.parse::<usize>())
+                                {
+                                    if i < arr.len() {
+                                        arr.remove(i);
+                                    }
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            } else if sub.as_deref() == Some("status") {
+                o["status"] = body["status"].clone();
+            } else if ctype.contains("apply-patch") {
+                // Server-side apply, simplified: the applied fields replace ours wholesale.
+                let meta = o["metadata"].clone();
+                let mut new = body.clone();
+                for k in ["uid", "creationTimestamp", "resourceVersion", "finalizers"] {
+                    if !meta[k].is_null() {
+                        new["metadata"][k] = meta[k].clone();
+                    }
+                }
+                if !o["status"].is_null() {
+                    new["status"] = o["status"].clone();
+                }
+                o = new;
+            } else {
+                merge(&mut o, &body);
+            }
+            // A deleting object whose last finalizer is gone disappears.
+            let gone = !o["metadata"]["deletionTimestamp"].is_null()
+                && o["metadata"]["finalizers"]
+                    .as_array()
+                    .is_none_or(|a| a.is_empty());
+            if gone {
+                s.objects.remove(&key(&n));
+            } else {
+                s.objects.insert(key(&n), o.clone());
+            }
+            (200, o)
+        }
+        ("DELETE", Some(n)) => match s.objects.remove(&key(&n)) {
+            Some(o) => (200, o),
+            None => (404, status_json(404, "NotFound")),
+        },
+        _ => (405, status_json(405, "MethodNotAllowed")),
+    }
+}
+
+fn fake_client(store: Shared) -> Client {
+    let svc = tower::service_fn(move |req: Request<kube::client::Body>| {
+        let store = store.clone();
+        async move {
+            let method = req.method().to_string();
+            let path = req.uri().path().to_string();
+            let query = req.uri().query().unwrap_or("").to_string();
+            let ctype = req
+                .headers()
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            let bytes = req
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            let (code, out) = handle(&store, &method, &path, &query, &ctype, body);
+            Response::builder()
+                .status(StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+                .header("content-type", "application/json")
+                .body(kube::client::Body::from(
+                    serde_json::to_vec(&out).unwrap_or_default(),
+                ))
+                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+        }
+    });
+    Client::new(svc, "prod")
+}
+
+// ------------------------------------------------------------------------------- fake pods
+
+#[derive(Default)]
+struct Servers {
+    sql_epoch: i64,
+    holder: Option<String>,
+    roles: BTreeMap<String, (Role, i64)>,
+    calls: Vec<String>,
+}
+
+#[derive(Clone, Default)]
+struct FakePods(Arc<Mutex<Servers>>);
+
+impl InstanceApi for FakePods {
+    fn status<'a>(
+        &'a self,
+        t: &'a PodTarget,
+    ) -> BoxFuture<'a, Result<InternalStatus, PodClientError>> {
+        let s = self.0.lock().expect("servers");
+        let (role, epoch) = s.roles.get(&t.pod).copied().unwrap_or((Role::Standby, 0));
+        Box::pin(futures::future::ready(Ok(InternalStatus {
+            instance: t.pod.clone(),
+            role: if role == Role::Active {
+                "active".into()
+            } else {
+                "standby".into()
+            },
+            epoch,
+            version: Some("1.2.3".into()),
+        })))
+    }
+    fn promote<'a>(
+        &'a self,
+        t: &'a PodTarget,
+        epoch: i64,
+    ) -> BoxFuture<'a, Result<(), PodClientError>> {
+        let mut s = self.0.lock().expect("servers");
+        s.calls.push(format!("promote {} {epoch}", t.pod));
+        let holds = s.holder.as_deref() == Some(t.pod.as_str()) && s.sql_epoch == epoch;
+        let r = if epoch > s.sql_epoch || holds {
+            s.sql_epoch = epoch;
+            s.holder = Some(t.pod.clone());
+            s.roles.insert(t.pod.clone(), (Role::Active, epoch));
+            Ok(())
+        } else {
+            Err(PodClientError::Refused {
+                stored: Some(s.sql_epoch),
+                detail: "stale epoch".into(),
+            })
+        };
+        Box::pin(futures::future::ready(r))
+    }
+    fn demote<'a>(
+        &'a self,
+        t: &'a PodTarget,
+        _timeout: Duration,
+    ) -> BoxFuture<'a, Result<DemoteResponse, PodClientError>> {
+        let mut s = self.0.lock().expect("servers");
+        s.calls.push(format!("demote {}", t.pod));
+        let epoch = s.roles.get(&t.pod).map(|r| r.1).unwrap_or(0);
+        s.roles.insert(t.pod.clone(), (Role::Standby, epoch));
+        Box::pin(futures::future::ready(Ok(DemoteResponse {
+            role: "standby".into(),
+            epoch,
+            drained: true,
+        })))
+    }
+}
+
+impl InstanceApiFactory for FakePods {
+    fn for_cluster(
+        &self,
+        _key: &str,
+        _ca: &CertAndKey,
+    ) -> Result<Arc<dyn InstanceApi>, PodClientError> {
+        Ok(Arc::new(self.clone()))
+    }
+}
+
+// ------------------------------------------------------------------------------- harness
+
+struct Harness {
+    store: Shared,
+    pods: FakePods,
+    ctx: Arc<Context>,
+}
+
+fn put(store: &Shared, res: &str, ns: &str, obj: Value) {
+    let name = obj["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    store
+        .lock()
+        .expect("store")
+        .objects
+        .insert((res.into(), ns.into(), name), obj);
+}
+
+impl Harness {
+    fn new(with_licence: bool) -> Self {
+        let store: Shared = Arc::default();
+        let mut imc = cluster("im", "prod");
+        imc.spec.failover.unhealthy_after_seconds = 1;
+        put(
+            &store,
+            "identitymeshclusters",
+            "prod",
+            serde_json::to_value(&imc).expect("imc"),
+        );
+        put(
+            &store,
+            "secrets",
+            "prod",
+            json!({"apiVersion":"v1","kind":"Secret","metadata":{"name":"im-db","namespace":"prod"},
+                   "data":{"connectionString": "U2VydmVyPXRjcDpzcWw="}}),
+        );
+        if with_licence {
+            put(
+                &store,
+                "secrets",
+                "prod",
+                json!({"apiVersion":"v1","kind":"Secret","metadata":{"name":"im-licence","namespace":"prod"},
+                       "data":{"licence.json": "eyJmb3JtYXQiOjF9"}}),
+            );
+        }
+        for n in ["node-1", "node-2", "node-3"] {
+            put(
+                &store,
+                "nodes",
+                "",
+                json!({"apiVersion":"v1","kind":"Node","metadata":{"name":n},
+                       "status":{"conditions":[{"type":"Ready","status":"True"}]}}),
+            );
+        }
+        let client = fake_client(store.clone());
+        let pods = FakePods::default();
+        let ctx = Arc::new(Context::new(
+            client,
+            Metrics::new(),
+            Arc::new(pods.clone()),
+            Reporter {
+                controller: "test".into(),
+                instance: None,
+            },
+        ));
+        Self { store, pods, ctx }
+    }
+
+    fn get(&self, res: &str, name: &str) -> Option<Value> {
+        let ns = if res == "nodes" { "" } else { "prod" };
+        self.store
+            .lock()
+            .expect("store")
+            .objects
+            .get(&(res.to_string(), ns.to_string(), name.to_string()))
+            .cloned()
+    }
+
+    fn cluster(&self) -> IdentityMeshCluster {
+        serde_json::from_value(self.get("identitymeshclusters", "im").expect("cluster"))
+            .expect("typed")
+    }
+
+    fn status(&self) -> IdentityMeshClusterStatus {
+        self.cluster().status.unwrap_or_default()
+    }
+
+    async fn reconcile(&self) -> ReconcileAction {
+        reconcile(Arc::new(self.cluster()), self.ctx.clone())
+            .await
+            .expect("reconcile")
+    }
+
+    /// The kubelet's part: pods run, get an IP, a node, and are Ready.
+    fn kubelet(&self) {
+        let mut s = self.store.lock().expect("store");
+        for (i, ((res, _, _), o)) in s.objects.iter_mut().enumerate() {
+            if res == "pods" && o["status"].is_null() {
+                let node = if o["metadata"]["name"] == "im-a" {
+                    "node-1"
+                } else {
+                    "node-2"
+                };
+                o["spec"]["nodeName"] = json!(node);
+                o["status"] = json!({"phase":"Running","podIP": format!("10.1.0.{}", i + 2),
+                    "conditions":[{"type":"Ready","status":"True","lastTransitionTime":"2026-01-01T00:00:00Z"}]});
+            }
+        }
+    }
+
+    fn take_writes(&self) -> Vec<String> {
+        std::mem::take(&mut self.store.lock().expect("store").writes)
+    }
+
+    /// Reconcile until Running with no cutover and a reconcile that wrote nothing.
+    async fn converge(&self) {
+        for _ in 0..15 {
+            let before = self.store.lock().expect("store").writes.len();
+            self.reconcile().await;
+            self.kubelet();
+            let wrote = self.store.lock().expect("store").writes.len() > before;
+            if !wrote
+                && self.status().phase == Some(Phase::Running)
+                && self.status().cutover.is_none()
+            {
+                return;
+            }
+        }
+        panic!("did not converge: {:?}", self.status());
+    }
+}
+
+fn selector_of(svc: &Value) -> String {
+    svc["spec"]["selector"]["identitymesh.io/instance"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
+}
+
+// ------------------------------------------------------------------------------- tests
+
+#[tokio::test]
+async fn converges_then_steady_state_makes_zero_writes() {
+    let h = Harness::new(true);
+    h.converge().await;
+    let st = h.status();
+    assert_eq!(st.active_pod.as_deref(), Some("im-a"));
+    assert_eq!(st.standby_pod.as_deref(), Some("im-b"));
+    assert_eq!(st.epoch, 1);
+    assert_eq!(
+        st.last_transition.as_ref().map(|t| t.kind),
+        Some(CutoverKind::Initial)
+    );
+    assert!(st.certificate_expiry.is_some());
+    assert_eq!(selector_of(&h.get("services", "im").expect("svc")), "im-a");
+    for obj in [
+        ("secrets", "im-ca"),
+        ("secrets", "im-tls"),
+        ("secrets", "im-keyring"),
+        ("configmaps", "im-config"),
+        ("configmaps", "im-ca"),
+        ("services", "im-pods"),
+        ("pods", "im-a"),
+        ("pods", "im-b"),
+    ] {
+        let o = h
+            .get(obj.0, obj.1)
+            .unwrap_or_else(|| panic!("{obj:?} missing"));
+        assert_eq!(
+            o["metadata"]["ownerReferences"][0]["kind"], "IdentityMeshCluster",
+            "{obj:?}"
+        );
+    }
+    assert!(h.cluster().finalizers().contains(&FINALIZER.to_string()));
+    assert_eq!(
+        h.pods.0.lock().expect("p").calls,
+        vec!["promote im-a 1".to_string()]
+    );
+
+    h.take_writes();
+    for _ in 0..3 {
+        h.reconcile().await;
+    }
+    assert_eq!(
+        h.take_writes(),
+        Vec::<String>::new(),
+        "steady state must not write"
+    );
+
+    // No key material in status or events.
+    let status = serde_json::to_string(&h.status()).expect("status json");
+    assert!(!status.contains("PRIVATE KEY"));
+    let s = h.store.lock().expect("store");
+    for ((res, _, _), o) in s.objects.iter() {
+        if res == "events" {
+            let text = o.to_string();
+            assert!(
+                !text.contains("PRIVATE KEY") && !text.contains("U2VydmVyPXRjcDpzcWw="),
+                "{text}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn planned_switchover_by_annotation() {
+    let h = Harness::new(true);
+    h.converge().await;
+    h.pods.0.lock().expect("p").calls.clear();
+    {
+        let mut s = h.store.lock().expect("store");
+        let o = s
+            .objects
+            .get_mut(&("identitymeshclusters".into(), "prod".into(), "im".into()))
+            .expect("imc");
+        o["metadata"]["annotations"] = json!({ANNOTATION_SWITCHOVER: "standby"});
+    }
+    h.converge().await;
+    let st = h.status();
+    assert_eq!(st.active_pod.as_deref(), Some("im-b"));
+    assert_eq!(st.standby_pod.as_deref(), Some("im-a"));
+    assert_eq!(st.epoch, 2);
+    let lt = st.last_transition.expect("transition");
+    assert_eq!(
+        (lt.kind, lt.from.as_str(), lt.to.as_str(), lt.epoch),
+        (CutoverKind::Switchover, "im-a", "im-b", 2)
+    );
+    assert_eq!(lt.outcome.as_deref(), Some("Succeeded"));
+    assert_eq!(selector_of(&h.get("services", "im").expect("svc")), "im-b");
+    assert!(
+        !h.cluster()
+            .annotations()
+            .contains_key(ANNOTATION_SWITCHOVER),
+        "request consumed"
+    );
+    let calls = h.pods.0.lock().expect("p").calls.clone();
+    assert_eq!(
+        calls,
+        vec!["demote im-a".to_string(), "promote im-b 2".to_string()],
+        "demote before promote"
+    );
+    // Both pods stayed: no restart.
+    assert!(h.get("pods", "im-a").is_some());
+}
+
+#[tokio::test]
+async fn automatic_failover_when_active_pod_is_gone() {
+    let h = Harness::new(true);
+    h.converge().await;
+    // The active's pod vanishes (node lost and pod force-deleted, or deleted by hand).
+    h.store
+        .lock()
+        .expect("store")
+        .objects
+        .remove(&("pods".into(), "prod".into(), "im-a".into()));
+    // First reconcile notices, the next acts once the threshold (1 s) has passed.
+    h.reconcile().await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    h.converge().await;
+    let st = h.status();
+    assert_eq!(st.active_pod.as_deref(), Some("im-b"));
+    assert_eq!(st.epoch, 2);
+    assert_eq!(
+        st.last_transition.as_ref().map(|t| t.kind),
+        Some(CutoverKind::Failover)
+    );
+    assert_eq!(selector_of(&h.get("services", "im").expect("svc")), "im-b");
+    assert!(
+        h.get("pods", "im-a").is_some(),
+        "lost pod replaced by a fresh standby"
+    );
+    let calls = h.pods.0.lock().expect("p").calls.clone();
+    assert!(calls.contains(&"promote im-b 2".to_string()), "{calls:?}");
+}
+
+#[tokio::test]
+async fn resumes_a_persisted_cutover_with_the_same_epoch() {
+    let h = Harness::new(true);
+    h.converge().await;
+    // An operator died right after persisting this intent (before promoting).
+    {
+        let mut s = h.store.lock().expect("store");
+        let o = s
+            .objects
+            .get_mut(&("identitymeshclusters".into(), "prod".into(), "im".into()))
+            .expect("imc");
+        o["status"]["cutover"] = json!({
+            "kind": "Switchover", "step": "Promoting", "from": "im-a", "target": "im-b", "epoch": 5,
+            "reason": "test", "started": "2026-01-01T00:00:00Z", "stepStarted": "2026-01-01T00:00:00Z"
+        });
+        o["status"]["epoch"] = json!(5);
+    }
+    h.pods.0.lock().expect("p").calls.clear();
+    h.converge().await;
+    let calls = h.pods.0.lock().expect("p").calls.clone();
+    assert_eq!(
+        calls.first().map(String::as_str),
+        Some("promote im-b 5"),
+        "{calls:?}"
+    );
+    assert_eq!(h.status().active_pod.as_deref(), Some("im-b"));
+    assert_eq!(h.status().epoch, 5);
+}
+
+#[tokio::test]
+async fn missing_licence_secret_is_reported_and_the_rest_reconciled() {
+    let h = Harness::new(false);
+    for _ in 0..3 {
+        h.reconcile().await;
+        h.kubelet();
+    }
+    let st = h.status();
+    let c = observe::get_condition(&st.conditions, "SecretsReady").expect("condition");
+    assert_eq!(c.status, "False");
+    assert!(
+        c.message.contains("im-licence") && c.message.contains("spec.licence"),
+        "{}",
+        c.message
+    );
+    // Everything else is still there.
+    assert!(h.get("services", "im").is_some());
+    assert!(h.get("pods", "im-a").is_some());
+    assert!(h.get("secrets", "im-keyring").is_some());
+}
+
+#[tokio::test]
+async fn keyring_is_never_regenerated() {
+    let h = Harness::new(true);
+    h.converge().await;
+    let before = h.get("secrets", "im-keyring").expect("keyring");
+    // Break it: the operator reports and leaves it alone.
+    {
+        let mut s = h.store.lock().expect("store");
+        let o = s
+            .objects
+            .get_mut(&("secrets".into(), "prod".into(), "im-keyring".into()))
+            .expect("kr");
+        o["data"]["keyring.json"] = json!("e30=");
+    }
+    h.reconcile().await;
+    let after = h.get("secrets", "im-keyring").expect("keyring");
+    assert_ne!(before, after);
+    assert_eq!(after["data"]["keyring.json"], "e30=");
+    let c = observe::get_condition(&h.status().conditions, "KeyRingReady")
+        .expect("cond")
+        .clone();
+    assert_eq!(c.status, "False");
+    assert!(c.message.contains("im-keyring"));
+}
+
+#[tokio::test]
+async fn version_change_upgrades_standby_first() {
+    let h = Harness::new(true);
+    h.converge().await;
+    {
+        let mut s = h.store.lock().expect("store");
+        let o = s
+            .objects
+            .get_mut(&("identitymeshclusters".into(), "prod".into(), "im".into()))
+            .expect("imc");
+        o["spec"]["version"] = json!("1.3.0");
+        o["metadata"]["generation"] = json!(2);
+    }
+    h.reconcile().await;
+    // Standby (im-b) was deleted first; the active is untouched.
+    assert!(
+        h.get("pods", "im-b").is_none()
+            || h.get("pods", "im-b")
+                .is_some_and(|p| p["metadata"]["labels"]["identitymesh.io/version"] == "1.3.0")
+    );
+    assert_eq!(
+        h.get("pods", "im-a").expect("a")["metadata"]["labels"]["identitymesh.io/version"],
+        "1.2.3"
+    );
+    for _ in 0..20 {
+        h.reconcile().await;
+        h.kubelet();
+        let a = h
+            .get("pods", "im-a")
+            .map(|p| p["metadata"]["labels"]["identitymesh.io/version"].clone());
+        let b = h
+            .get("pods", "im-b")
+            .map(|p| p["metadata"]["labels"]["identitymesh.io/version"].clone());
+        if a == Some(json!("1.3.0"))
+            && b == Some(json!("1.3.0"))
+            && h.status().phase == Some(Phase::Running)
+        {
+            break;
+        }
+    }
+    let st = h.status();
+    assert_eq!(
+        st.active_pod.as_deref(),
+        Some("im-b"),
+        "switched to the upgraded standby"
+    );
+    assert_eq!(
+        st.last_transition.as_ref().map(|t| t.kind),
+        Some(CutoverKind::Upgrade)
+    );
+    for p in ["im-a", "im-b"] {
+        assert_eq!(
+            h.get("pods", p).expect("pod")["metadata"]["labels"]["identitymesh.io/version"],
+            "1.3.0",
+            "{p}"
+        );
+    }
+}

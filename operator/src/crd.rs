@@ -1,0 +1,722 @@
+//! The `IdentityMeshCluster` custom resource (identitymesh.io/v1alpha1).
+//!
+//! The schema comes from these types (schemars); what a schema cannot express is added as CEL
+//! `x-kubernetes-validations` so the apiserver rejects bad resources at admission, with messages
+//! that say what to change.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, CustomResourceExt, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub const GROUP: &str = "identitymesh.io";
+pub const VERSION: &str = "v1alpha1";
+pub const KIND: &str = "IdentityMeshCluster";
+
+/// Desired state of an active/standby IdentityMesh server pair.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "identitymesh.io",
+    version = "v1alpha1",
+    kind = "IdentityMeshCluster",
+    plural = "identitymeshclusters",
+    singular = "identitymeshcluster",
+    shortname = "imc",
+    namespaced,
+    status = "IdentityMeshClusterStatus",
+    derive = "PartialEq",
+    doc = "An active/standby pair of IdentityMesh servers with automatic failover",
+    printcolumn(name = "Active", type_ = "string", json_path = ".status.activePod"),
+    printcolumn(name = "Standby", type_ = "string", json_path = ".status.standbyPod"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Epoch", type_ = "integer", json_path = ".status.epoch", priority = "1"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new("self.metadata.name.size() <= 40 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')")
+        .message("metadata.name must be a DNS label of at most 40 characters starting with a letter: Pods <name>-a/-b and Services <name>, <name>-pods are derived from it"),
+)]
+#[serde(rename_all = "camelCase")]
+pub struct IdentityMeshClusterSpec {
+    /// Server version; also the image tag.
+    #[schemars(length(min = 1, max = 128), pattern(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$"))]
+    pub version: String,
+
+    /// Server image (repository, pull policy, pull secrets); the tag is `version`.
+    #[serde(default)]
+    pub image: ImageSpec,
+
+    /// Operating system of the nodes the server pods run on. Linux is for development clusters.
+    #[serde(default, rename = "nodeOS")]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("nodeOS is immutable: create a new IdentityMeshCluster to move to another OS"))]
+    pub node_os: NodeOs,
+
+    /// Extra node selector terms, merged over `kubernetes.io/os`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+
+    /// Tolerations for the server pods. Default on Windows: `node.kubernetes.io/os=windows:NoSchedule`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<Toleration>>,
+
+    /// Secret and key holding the database connection string.
+    pub database: SecretKeyRef,
+
+    /// Secret and key holding licence.json.
+    pub licence: SecretKeyRef,
+
+    /// OIDC settings for the Admin API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oidc: Option<OidcSpec>,
+
+    /// Where the server keeps its secret-store keys.
+    #[serde(default)]
+    pub secret_provider: SecretProviderSpec,
+
+    /// Serving certificate: operator-issued by default, or a user kubernetes.io/tls Secret.
+    #[serde(default)]
+    pub tls: TlsSpec,
+
+    /// The client Service.
+    #[serde(default)]
+    pub service: ServiceSpec,
+
+    /// Compute resources of the server container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+
+    /// Automatic or manual failover.
+    #[serde(default)]
+    pub failover: FailoverSpec,
+
+    /// Bound for the in-flight batch when the active is demoted; past it the standby is promoted anyway.
+    #[serde(default = "default_drain_timeout_seconds")]
+    #[schemars(range(min = 1, max = 600))]
+    pub drain_timeout_seconds: u32,
+
+    /// Stop reconciling (no pod changes, no cutovers) until set back to false.
+    #[serde(default)]
+    pub paused: bool,
+}
+
+fn default_drain_timeout_seconds() -> u32 {
+    10
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageSpec {
+    /// Image repository without tag.
+    #[serde(default = "default_repository")]
+    #[schemars(length(min = 1, max = 512))]
+    pub repository: String,
+    #[serde(default)]
+    pub pull_policy: PullPolicy,
+    /// Names of image pull Secrets in the cluster's namespace.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub pull_secrets: Vec<String>,
+}
+
+fn default_repository() -> String {
+    "identitymesh/server".into()
+}
+
+impl Default for ImageSpec {
+    fn default() -> Self {
+        Self {
+            repository: default_repository(),
+            pull_policy: PullPolicy::default(),
+            pull_secrets: Vec::new(),
+        }
+    }
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum PullPolicy {
+    Always,
+    #[default]
+    IfNotPresent,
+    Never,
+}
+
+impl PullPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PullPolicy::Always => "Always",
+            PullPolicy::IfNotPresent => "IfNotPresent",
+            PullPolicy::Never => "Never",
+        }
+    }
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeOs {
+    #[default]
+    Windows,
+    Linux,
+}
+
+impl NodeOs {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeOs::Windows => "windows",
+            NodeOs::Linux => "linux",
+        }
+    }
+}
+
+/// A key in a Secret in the cluster's namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct SecretKeyRef {
+    /// Secret name.
+    #[schemars(
+        length(min = 1, max = 253),
+        pattern(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
+    pub name: String,
+    /// Key inside the Secret's data.
+    #[schemars(length(min = 1, max = 253), pattern(r"^[-._a-zA-Z0-9]+$"))]
+    pub key: String,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.jwksUrl) || self.jwksUrl.startsWith('https://')").message("oidc.jwksUrl must be an https:// URL"))]
+pub struct OidcSpec {
+    /// Token issuer; must be https.
+    #[schemars(length(min = 1, max = 2048))]
+    #[x_kube(validation = Rule::new("self.startsWith('https://')").message("oidc.issuer must be an https:// URL"))]
+    pub issuer: String,
+    #[schemars(length(min = 1, max = 512))]
+    pub audience: String,
+    /// JWKS endpoint; discovered from the issuer when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
+    pub jwks_url: Option<String>,
+    /// Claim holding permission strings or roles.
+    #[serde(default = "default_permissions_claim")]
+    #[schemars(length(min = 1, max = 256))]
+    pub permissions_claim: String,
+}
+
+fn default_permissions_claim() -> String {
+    "permissions".into()
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.type == 'AzureKeyVault' ? has(self.azureKeyVault) : !has(self.azureKeyVault)").message("secretProvider.azureKeyVault is required when type is AzureKeyVault and not allowed otherwise"))]
+pub struct SecretProviderSpec {
+    #[serde(default, rename = "type")]
+    pub type_: SecretProviderType,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub azure_key_vault: Option<AzureKeyVaultSpec>,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum SecretProviderType {
+    /// A key ring in a Kubernetes Secret, generated by the operator and mounted by both pods.
+    #[default]
+    KubernetesKeyRing,
+    AzureKeyVault,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct AzureKeyVaultSpec {
+    #[schemars(length(min = 1, max = 2048))]
+    #[x_kube(validation = Rule::new("self.startsWith('https://')").message("azureKeyVault.vaultUrl must be an https:// URL"))]
+    pub vault_url: String,
+    #[schemars(length(min = 1, max = 64))]
+    pub client_id: String,
+    #[schemars(length(min = 1, max = 64))]
+    pub tenant_id: String,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!(has(self.operator) && has(self.secretName))").message("set exactly one TLS source: tls.operator (operator-issued, the default) or tls.secretName (your kubernetes.io/tls Secret), not both"))]
+pub struct TlsSpec {
+    /// Extra DNS names for the serving certificate (e.g. im.contoso.local).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 32),
+        inner(
+            length(min = 1, max = 253),
+            pattern(r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+        )
+    )]
+    pub dns_names: Vec<String>,
+    /// Operator-issued certificate settings (used when secretName is unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator: Option<OperatorIssuerSpec>,
+    /// A kubernetes.io/tls Secret you manage (e.g. cert-manager); the operator does not renew it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_name: Option<String>,
+}
+
+impl TlsSpec {
+    /// The operator issuer settings in force, or None when the user supplies the Secret.
+    pub fn operator_issuer(&self) -> Option<OperatorIssuerSpec> {
+        match (&self.secret_name, &self.operator) {
+            (Some(_), _) => None,
+            (None, Some(op)) => Some(op.clone()),
+            (None, None) => Some(OperatorIssuerSpec::default()),
+        }
+    }
+}
+
+const GO_DURATION: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$";
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("duration(self.renewBefore) < duration(self.duration)").message("tls.operator.renewBefore must be shorter than tls.operator.duration"))]
+pub struct OperatorIssuerSpec {
+    /// Certificate lifetime (Go duration, e.g. 2160h); at least 1h.
+    #[serde(default = "default_cert_duration")]
+    #[schemars(length(min = 2, max = 32), pattern(GO_DURATION))]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('1h')").message("tls.operator.duration must be at least 1h"))]
+    pub duration: String,
+    /// Renew this long before expiry (Go duration, e.g. 360h); at least 5m.
+    #[serde(default = "default_renew_before")]
+    #[schemars(length(min = 2, max = 32), pattern(GO_DURATION))]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('5m')").message("tls.operator.renewBefore must be at least 5m"))]
+    pub renew_before: String,
+}
+
+fn default_cert_duration() -> String {
+    "2160h".into()
+}
+fn default_renew_before() -> String {
+    "360h".into()
+}
+
+impl Default for OperatorIssuerSpec {
+    fn default() -> Self {
+        Self {
+            duration: default_cert_duration(),
+            renew_before: default_renew_before(),
+        }
+    }
+}
+
+impl OperatorIssuerSpec {
+    /// Parsed (duration, renewBefore). Errors name the field.
+    pub fn parsed(&self) -> Result<(std::time::Duration, std::time::Duration), String> {
+        let d = parse_go_duration(&self.duration)
+            .map_err(|e| format!("tls.operator.duration {:?}: {e}", self.duration))?;
+        let r = parse_go_duration(&self.renew_before)
+            .map_err(|e| format!("tls.operator.renewBefore {:?}: {e}", self.renew_before))?;
+        if r >= d {
+            return Err(
+                "tls.operator.renewBefore must be shorter than tls.operator.duration".into(),
+            );
+        }
+        Ok((d, r))
+    }
+}
+
+/// Parse a Go-style duration ("2160h", "1h30m"), as the apiserver's CEL `duration()` does.
+pub fn parse_go_duration(s: &str) -> Result<std::time::Duration, String> {
+    let d: kube::core::Duration = s.parse().map_err(|e| format!("{e}"))?;
+    if d.is_negative() {
+        return Err("must not be negative".into());
+    }
+    Ok(d.into())
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSpec {
+    #[serde(default, rename = "type")]
+    pub type_: ServiceType,
+    /// Client port (targets the pods' https port 8443).
+    #[serde(default = "default_service_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+fn default_service_port() -> i32 {
+    443
+}
+
+impl Default for ServiceSpec {
+    fn default() -> Self {
+        Self {
+            type_: ServiceType::default(),
+            port: default_service_port(),
+            annotations: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ServiceType {
+    #[default]
+    ClusterIP,
+    NodePort,
+    LoadBalancer,
+}
+
+impl ServiceType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceType::ClusterIP => "ClusterIP",
+            ServiceType::NodePort => "NodePort",
+            ServiceType::LoadBalancer => "LoadBalancer",
+        }
+    }
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct FailoverSpec {
+    #[serde(default)]
+    pub policy: FailoverPolicy,
+    /// How long the active must be unhealthy before the standby is promoted (1–3600 s).
+    #[serde(default = "default_unhealthy_after")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub unhealthy_after_seconds: u32,
+}
+
+fn default_unhealthy_after() -> u32 {
+    10
+}
+
+impl Default for FailoverSpec {
+    fn default() -> Self {
+        Self {
+            policy: FailoverPolicy::default(),
+            unhealthy_after_seconds: default_unhealthy_after(),
+        }
+    }
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum FailoverPolicy {
+    /// Promote the standby by itself when the active is unhealthy.
+    #[default]
+    Automatic,
+    /// Report (condition FailoverRequired) and wait for a switchover request.
+    Manual,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Status
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct IdentityMeshClusterStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_pod: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standby_pod: Option<String>,
+    /// Highest fencing epoch the operator has issued.
+    #[serde(default)]
+    pub epoch: i64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub instances: Vec<InstanceStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition: Option<TransitionRecord>,
+    /// A cutover in progress. Written before each step is acted on, so a restarted operator
+    /// resumes it with the same epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cutover: Option<CutoverIntent>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_expiry: Option<CertificateExpiry>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Pending,
+    Provisioning,
+    Running,
+    SwitchingOver,
+    FailingOver,
+    Upgrading,
+    Degraded,
+    FailoverRequired,
+    Paused,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "Pending",
+            Phase::Provisioning => "Provisioning",
+            Phase::Running => "Running",
+            Phase::SwitchingOver => "SwitchingOver",
+            Phase::FailingOver => "FailingOver",
+            Phase::Upgrading => "Upgrading",
+            Phase::Degraded => "Degraded",
+            Phase::FailoverRequired => "FailoverRequired",
+            Phase::Paused => "Paused",
+        }
+    }
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Active,
+    Standby,
+    Unknown,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceStatus {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    pub ready: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    pub role: Role,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CutoverKind {
+    /// First promotion of a new cluster.
+    Initial,
+    Switchover,
+    Failover,
+    Upgrade,
+}
+
+impl CutoverKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CutoverKind::Initial => "Initial",
+            CutoverKind::Switchover => "Switchover",
+            CutoverKind::Failover => "Failover",
+            CutoverKind::Upgrade => "Upgrade",
+        }
+    }
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TransitionRecord {
+    pub kind: CutoverKind,
+    pub from: String,
+    pub to: String,
+    pub reason: String,
+    pub started: Time,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_seconds: Option<f64>,
+    /// Succeeded, or why not (e.g. VerificationFailed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
+    pub epoch: i64,
+}
+
+/// Steps of a cutover, in the order a planned switchover takes them.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CutoverStep {
+    Demoting,
+    Promoting,
+    Swinging,
+    Verifying,
+    Replacing,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CutoverIntent {
+    pub kind: CutoverKind,
+    pub step: CutoverStep,
+    /// The pod being replaced as active.
+    pub from: String,
+    /// The pod being promoted.
+    pub target: String,
+    /// The epoch the target is promoted with.
+    pub epoch: i64,
+    pub reason: String,
+    pub started: Time,
+    pub step_started: Time,
+    /// When verification passed (the outage is over), before any replacement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified: Option<Time>,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificateExpiry {
+    pub not_after: Time,
+    /// Name of the Secret holding the serving certificate.
+    pub secret_name: String,
+}
+
+/// The CRD as YAML, as `identitymesh-operator crd` prints it and crds/ holds it.
+pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
+    serde_yaml::to_string(&IdentityMeshCluster::crd())
+}
+
+/// File name of the generated CRD under crds/.
+pub const CRD_FILE: &str = "identitymeshclusters.identitymesh.io.yaml";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn crd_json() -> serde_json::Value {
+        serde_json::to_value(IdentityMeshCluster::crd()).expect("crd serialises")
+    }
+
+    /// crds/ (and the chart's copy) must match the types. Regenerate with:
+    /// `cargo run -p identitymesh-operator -- crd > crds/identitymeshclusters.identitymesh.io.yaml`
+    /// `cp crds/identitymeshclusters.identitymesh.io.yaml charts/identitymesh-operator/crds/`
+    #[test]
+    fn crds_dir_is_fresh() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let generated = crd_yaml().expect("yaml");
+        for dir in ["crds", "charts/identitymesh-operator/crds"] {
+            let path = root.join(dir).join(CRD_FILE);
+            let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+            assert!(
+                on_disk == generated,
+                "{} is stale or missing. Regenerate with:\n  cargo run -p identitymesh-operator -- crd > crds/{CRD_FILE}\n  cp crds/{CRD_FILE} charts/identitymesh-operator/crds/",
+                path.display(),
+            );
+        }
+    }
+
+    #[test]
+    fn crd_names_and_columns() {
+        let crd = IdentityMeshCluster::crd();
+        assert_eq!(
+            crd.metadata.name.as_deref(),
+            Some("identitymeshclusters.identitymesh.io")
+        );
+        assert_eq!(crd.spec.scope, "Namespaced");
+        assert_eq!(crd.spec.names.short_names, Some(vec!["imc".to_string()]));
+        let v = &crd.spec.versions[0];
+        assert_eq!(v.name, "v1alpha1");
+        let cols: Vec<_> = v
+            .additional_printer_columns
+            .as_ref()
+            .expect("columns")
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
+        for want in ["Active", "Standby", "Phase", "Age"] {
+            assert!(cols.contains(&want), "missing column {want}");
+        }
+        assert!(v
+            .subresources
+            .as_ref()
+            .and_then(|s| s.status.as_ref())
+            .is_some());
+    }
+
+    fn rules(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                if let Some(serde_json::Value::Array(rs)) = m.get("x-kubernetes-validations") {
+                    for r in rs {
+                        if let Some(s) = r.get("rule").and_then(|s| s.as_str()) {
+                            out.push(s.to_string());
+                        }
+                    }
+                }
+                m.values().for_each(|x| rules(x, out));
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|x| rules(x, out)),
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn cel_rules_are_present() {
+        let mut rs = Vec::new();
+        rules(&crd_json(), &mut rs);
+        for needle in [
+            "duration(self.renewBefore) < duration(self.duration)",
+            "!(has(self.operator) && has(self.secretName))",
+            "self.metadata.name.size() <= 40",
+            "self == oldSelf",
+            "has(self.azureKeyVault)",
+        ] {
+            assert!(
+                rs.iter().any(|r| r.contains(needle)),
+                "missing CEL rule {needle}: {rs:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn schema_is_structural_enough() {
+        // The apiserver refuses oneOf/anyOf with types inside and $ref; none may remain.
+        let s = serde_json::to_string(&crd_json()).expect("json");
+        assert!(!s.contains("\"$ref\""), "schema contains $ref");
+        assert!(!s.contains("\"$defs\""), "schema contains $defs");
+    }
+
+    #[test]
+    fn defaults_from_minimal_spec() {
+        let spec: IdentityMeshClusterSpec = serde_json::from_value(serde_json::json!({
+            "version": "1.2.3",
+            "database": {"name": "db", "key": "connectionString"},
+            "licence": {"name": "lic", "key": "licence.json"}
+        }))
+        .expect("minimal spec");
+        assert_eq!(spec.node_os, NodeOs::Windows);
+        assert_eq!(spec.failover.policy, FailoverPolicy::Automatic);
+        assert_eq!(spec.failover.unhealthy_after_seconds, 10);
+        assert_eq!(spec.drain_timeout_seconds, 10);
+        assert_eq!(spec.service.port, 443);
+        assert_eq!(
+            spec.secret_provider.type_,
+            SecretProviderType::KubernetesKeyRing
+        );
+        assert_eq!(
+            spec.tls.operator_issuer(),
+            Some(OperatorIssuerSpec::default())
+        );
+        assert!(!spec.paused);
+    }
+
+    #[test]
+    fn go_durations() {
+        assert_eq!(
+            parse_go_duration("2160h"),
+            Ok(std::time::Duration::from_secs(2160 * 3600))
+        );
+        assert_eq!(
+            parse_go_duration("1h30m"),
+            Ok(std::time::Duration::from_secs(5400))
+        );
+        assert!(parse_go_duration("10").is_err());
+        assert!(parse_go_duration("-1h").is_err());
+        let bad = OperatorIssuerSpec {
+            duration: "1h".into(),
+            renew_before: "2h".into(),
+        };
+        assert!(bad.parsed().is_err());
+        assert!(OperatorIssuerSpec::default().parsed().is_ok());
+    }
+
+    #[test]
+    fn user_tls_secret_disables_operator_issuer() {
+        let tls = TlsSpec {
+            secret_name: Some("mine".into()),
+            ..Default::default()
+        };
+        assert_eq!(tls.operator_issuer(), None);
+    }
+}

@@ -1,0 +1,15 @@
+//! IdentityMesh operator: reconciles an `IdentityMeshCluster` into an active and a standby server
+//! pod, the Services that reach them, their certificates and key ring, and cuts over between them
+//! (planned switchover, automatic failover, upgrades) with fencing epochs.
+
+pub mod admission_cases;
+pub mod builders;
+pub mod certs;
+pub mod controller;
+pub mod crd;
+pub mod cutover;
+pub mod keyring;
+pub mod leader;
+pub mod metrics;
+pub mod observe;
+pub mod podclient;

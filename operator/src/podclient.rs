@@ -1,0 +1,403 @@
+//! Client for the pods' internal API (`/internal/v1/*` on port 9443, mTLS).
+//!
+//! The operator connects to `podIP:9443` but verifies the server certificate against the pod's
+//! headless DNS name (a SAN of the serving certificate), trusting only the cluster CA, and
+//! presents a client certificate issued by that CA.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+
+use crate::builders::INTERNAL_PORT;
+use crate::certs::{self, CertAndKey};
+use crate::crd::Role;
+
+/// Where to reach one pod's internal API.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodTarget {
+    pub pod: String,
+    /// podIP:9443
+    pub addr: SocketAddr,
+    /// Name checked against the serving certificate (the pod's headless DNS name).
+    pub tls_name: String,
+}
+
+impl PodTarget {
+    pub fn new(pod: &str, ip: IpAddr, tls_name: String) -> Self {
+        Self {
+            pod: pod.to_string(),
+            addr: SocketAddr::new(ip, INTERNAL_PORT as u16),
+            tls_name,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+pub struct InternalStatus {
+    pub instance: String,
+    pub role: String,
+    pub epoch: i64,
+    #[serde(default)]
+    pub version: Option<String>,
+}
+
+impl InternalStatus {
+    pub fn role(&self) -> Role {
+        match self.role.as_str() {
+            "active" => Role::Active,
+            "standby" => Role::Standby,
+            _ => Role::Unknown,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+pub struct DemoteResponse {
+    pub role: String,
+    pub epoch: i64,
+    #[serde(default)]
+    pub drained: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PodClientError {
+    /// 409 from promote: the epoch is not above the one in SQL.
+    #[error("promote refused: {detail}")]
+    Refused { stored: Option<i64>, detail: String },
+    #[error("internal API of {pod} answered HTTP {status}: {detail}")]
+    Http {
+        pod: String,
+        status: u16,
+        detail: String,
+    },
+    #[error("internal API of {pod} unreachable: {detail}")]
+    Transport { pod: String, detail: String },
+    #[error("building the mTLS client failed: {0}")]
+    Setup(String),
+}
+
+/// The internal API, as a trait so reconcile tests can fake the pods.
+pub trait InstanceApi: Send + Sync {
+    fn status<'a>(
+        &'a self,
+        t: &'a PodTarget,
+    ) -> BoxFuture<'a, Result<InternalStatus, PodClientError>>;
+    fn promote<'a>(
+        &'a self,
+        t: &'a PodTarget,
+        epoch: i64,
+    ) -> BoxFuture<'a, Result<(), PodClientError>>;
+    fn demote<'a>(
+        &'a self,
+        t: &'a PodTarget,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<DemoteResponse, PodClientError>>;
+}
+
+/// Makes an [`InstanceApi`] for a cluster from its CA.
+pub trait InstanceApiFactory: Send + Sync {
+    fn for_cluster(
+        &self,
+        cluster_key: &str,
+        ca: &CertAndKey,
+    ) -> Result<Arc<dyn InstanceApi>, PodClientError>;
+}
+
+/// Pull a stored epoch out of a 409 problem body if the server states one.
+pub fn stored_epoch_from_problem(body: &str) -> Option<i64> {
+    let v: serde_json::Value = serde_json::from_str(body).ok()?;
+    [
+        "stored_epoch",
+        "current_epoch",
+        "storedEpoch",
+        "currentEpoch",
+        "epoch",
+    ]
+    .iter()
+    .find_map(|k| v.get(*k).and_then(serde_json::Value::as_i64))
+}
+
+/// reqwest + rustls client with the operator's client certificate.
+pub struct MtlsInstanceClient {
+    ca_pem: String,
+    identity_pem: String,
+    status_timeout: Duration,
+}
+
+impl MtlsInstanceClient {
+    pub fn new(ca_cert_pem: &str, client: &CertAndKey) -> Self {
+        Self {
+            ca_pem: ca_cert_pem.to_string(),
+            identity_pem: format!("{}\n{}", client.cert_pem, client.key_pem),
+            status_timeout: Duration::from_secs(2),
+        }
+    }
+
+    fn http(&self, t: &PodTarget, timeout: Duration) -> Result<reqwest::Client, PodClientError> {
+        let ca = reqwest::Certificate::from_pem(self.ca_pem.as_bytes())
+            .map_err(|e| PodClientError::Setup(e.to_string()))?;
+        let id = reqwest::Identity::from_pem(self.identity_pem.as_bytes())
+            .map_err(|e| PodClientError::Setup(e.to_string()))?;
+        reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(ca)
+            .identity(id)
+            // Connect to the pod IP, verify the pod's DNS name.
+            .resolve(&t.tls_name, t.addr)
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(timeout)
+            .no_proxy()
+            .build()
+            .map_err(|e| PodClientError::Setup(e.to_string()))
+    }
+
+    fn url(t: &PodTarget, path: &str) -> String {
+        format!("https://{}:{}{}", t.tls_name, t.addr.port(), path)
+    }
+}
+
+fn transport(t: &PodTarget, e: reqwest::Error) -> PodClientError {
+    PodClientError::Transport {
+        pod: t.pod.clone(),
+        detail: e.to_string(),
+    }
+}
+
+async fn body_of(resp: reqwest::Response) -> String {
+    let mut s = resp.text().await.unwrap_or_default();
+    s.truncate(512);
+    s
+}
+
+impl InstanceApi for MtlsInstanceClient {
+    fn status<'a>(
+        &'a self,
+        t: &'a PodTarget,
+    ) -> BoxFuture<'a, Result<InternalStatus, PodClientError>> {
+        Box::pin(async move {
+            let http = self.http(t, self.status_timeout)?;
+            let resp = http
+                .get(Self::url(t, "/internal/v1/status"))
+                .send()
+                .await
+                .map_err(|e| transport(t, e))?;
+            let status = resp.status();
+            if !status.is_success() {
+                return Err(PodClientError::Http {
+                    pod: t.pod.clone(),
+                    status: status.as_u16(),
+                    detail: body_of(resp).await,
+                });
+            }
+            resp.json::<InternalStatus>()
+                .await
+                .map_err(|e| transport(t, e))
+        })
+    }
+
+    fn promote<'a>(
+        &'a self,
+        t: &'a PodTarget,
+        epoch: i64,
+    ) -> BoxFuture<'a, Result<(), PodClientError>> {
+        Box::pin(async move {
+            let http = self.http(t, Duration::from_secs(10))?;
+            let resp = http
+                .post(Self::url(t, "/internal/v1/promote"))
+                .json(&serde_json::json!({ "epoch": epoch }))
+                .send()
+                .await
+                .map_err(|e| transport(t, e))?;
+            let status = resp.status();
+            if status.is_success() {
+                return Ok(());
+            }
+            let detail = body_of(resp).await;
+            if status.as_u16() == 409 {
+                return Err(PodClientError::Refused {
+                    stored: stored_epoch_from_problem(&detail),
+                    detail,
+                });
+            }
+            Err(PodClientError::Http {
+                pod: t.pod.clone(),
+                status: status.as_u16(),
+                detail,
+            })
+        })
+    }
+
+    fn demote<'a>(
+        &'a self,
+        t: &'a PodTarget,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<DemoteResponse, PodClientError>> {
+        Box::pin(async move {
+            let http = self.http(t, timeout)?;
+            let resp = http
+                .post(Self::url(t, "/internal/v1/demote"))
+                .json(&serde_json::json!({}))
+                .send()
+                .await
+                .map_err(|e| transport(t, e))?;
+            let status = resp.status();
+            if !status.is_success() {
+                return Err(PodClientError::Http {
+                    pod: t.pod.clone(),
+                    status: status.as_u16(),
+                    detail: body_of(resp).await,
+                });
+            }
+            resp.json::<DemoteResponse>()
+                .await
+                .map_err(|e| transport(t, e))
+        })
+    }
+}
+
+/// (CA certificate it was made for, when, client)
+type CachedClient = (String, Instant, Arc<MtlsInstanceClient>);
+
+/// Issues (and caches) the operator's client certificate per cluster CA; in memory only.
+#[derive(Default)]
+pub struct MtlsFactory {
+    cache: Mutex<std::collections::HashMap<String, CachedClient>>,
+}
+
+/// Re-issue well before the 24h client certificate expires.
+const CLIENT_CERT_REFRESH: Duration = Duration::from_secs(6 * 3600);
+
+impl InstanceApiFactory for MtlsFactory {
+    fn for_cluster(
+        &self,
+        cluster_key: &str,
+        ca: &CertAndKey,
+    ) -> Result<Arc<dyn InstanceApi>, PodClientError> {
+        let mut cache = self
+            .cache
+            .lock()
+            .map_err(|_| PodClientError::Setup("client cache poisoned".into()))?;
+        if let Some((ca_pem, at, c)) = cache.get(cluster_key) {
+            if *ca_pem == ca.cert_pem && at.elapsed() < CLIENT_CERT_REFRESH {
+                return Ok(c.clone());
+            }
+        }
+        let now = time::OffsetDateTime::now_utc();
+        let client_cert = certs::issue_client_cert(ca, "identitymesh-operator", now)
+            .map_err(|e| PodClientError::Setup(e.to_string()))?;
+        let c = Arc::new(MtlsInstanceClient::new(&ca.cert_pem, &client_cert));
+        cache.insert(
+            cluster_key.to_string(),
+            (ca.cert_pem.clone(), Instant::now(), c.clone()),
+        );
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_status_and_roles() {
+        let s: InternalStatus = serde_json::from_str(
+            r#"{"instance":"im-a","role":"active","epoch":3,"version":"0.1.0"}"#,
+        )
+        .expect("status");
+        assert_eq!(s.role(), Role::Active);
+        let s: InternalStatus =
+            serde_json::from_str(r#"{"instance":"im-a","role":"standby","epoch":0}"#)
+                .expect("status");
+        assert_eq!(s.role(), Role::Standby);
+        let d: DemoteResponse =
+            serde_json::from_str(r#"{"role":"standby","epoch":3,"drained":false}"#)
+                .expect("demote");
+        assert!(!d.drained);
+    }
+
+    #[test]
+    fn stored_epoch_in_problem_bodies() {
+        assert_eq!(
+            stored_epoch_from_problem(r#"{"title":"conflict","stored_epoch":9}"#),
+            Some(9)
+        );
+        assert_eq!(stored_epoch_from_problem(r#"{"title":"conflict"}"#), None);
+        assert_eq!(stored_epoch_from_problem("not json"), None);
+    }
+
+    /// A real mTLS round trip against a loopback server with a CA-issued serving certificate:
+    /// proves the client trusts only the cluster CA, checks the pod DNS name, and presents
+    /// its client certificate.
+    #[tokio::test]
+    async fn mtls_round_trip_on_loopback() {
+        use std::io::Write as _;
+        let now = time::OffsetDateTime::now_utc();
+        let ca = certs::generate_ca("im", "ns", now).expect("ca");
+        let serving = certs::issue_serving_cert(
+            &ca,
+            &["im-a.im-pods.ns.svc".to_string()],
+            now,
+            Duration::from_secs(3600),
+        )
+        .expect("leaf");
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let certs_der: Vec<_> = rustls_pemfile_certs(&serving.cert_pem);
+        let key =
+            rustls::pki_types::PrivateKeyDer::try_from(pem_der(&serving.key_pem)).expect("key");
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_pemfile_certs(&ca.cert_pem) {
+            roots.add(c).expect("root");
+        }
+        let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+            .build()
+            .expect("verifier");
+        let cfg = rustls::ServerConfig::builder()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(certs_der, key)
+            .expect("server cfg");
+        let acceptor = Arc::new(rustls::ServerConfig::clone(&cfg));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let server = std::thread::spawn(move || {
+            if let Ok((mut sock, _)) = listener.accept() {
+                let mut conn = rustls::ServerConnection::new(acceptor).expect("conn");
+                let mut tls = rustls::Stream::new(&mut conn, &mut sock);
+                let mut buf = [0u8; 2048];
+                let _ = std::io::Read::read(&mut tls, &mut buf);
+                let body = r#"{"instance":"im-a","role":"standby","epoch":4}"#;
+                let _ = write!(
+                    tls,
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
+                    body.len(),
+                    body
+                );
+                let _ = tls.flush();
+            }
+        });
+        let client_cert =
+            certs::issue_client_cert(&ca, "identitymesh-operator", now).expect("client");
+        let mut c = MtlsInstanceClient::new(&ca.cert_pem, &client_cert);
+        c.status_timeout = Duration::from_secs(5);
+        let target = PodTarget {
+            pod: "im-a".into(),
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            tls_name: "im-a.im-pods.ns.svc".into(),
+        };
+        let s = c.status(&target).await.expect("status over mTLS");
+        assert_eq!((s.role(), s.epoch), (Role::Standby, 4));
+        server.join().expect("server thread");
+    }
+
+    fn pem_der(pem: &str) -> Vec<u8> {
+        let p = x509_parser::pem::parse_x509_pem(pem.as_bytes()).map(|(_, p)| p.contents);
+        p.unwrap_or_default()
+    }
+
+    fn rustls_pemfile_certs(pem: &str) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+        vec![rustls::pki_types::CertificateDer::from(pem_der(pem))]
+    }
+}

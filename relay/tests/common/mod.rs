@@ -1,0 +1,223 @@
+//! Test hub over real TLS (rcgen CA + server certificate for `hub.test`), on its own runtime so
+//! a test can kill it like a crashed process and start it again on the same port.
+#![allow(dead_code)]
+
+use identitymesh_relay::backoff::RetryPolicy;
+use identitymesh_relay::config::RelaySettings;
+use identitymesh_relay::connect::{Endpoint, ResolveOverride};
+use identitymesh_relay::tls::Trust;
+use identitymesh_signalr::hub::{
+    router, AuthError, ConnectionInfo, HubBackend, HubConfig, HubHandle, InvocationContext,
+    RelayIdentity,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use serde_json::{json, Value};
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+pub const HOST: &str = "hub.test";
+
+pub struct Pki {
+    pub ca_pem: String,
+    pub ca_der: CertificateDer<'static>,
+    pub cert_der: CertificateDer<'static>,
+    pub key_der: Vec<u8>,
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "IdentityMesh test CA");
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec![HOST.to_string(), "localhost".to_string()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        Pki {
+            ca_pem: ca.pem(),
+            ca_der: ca.der().clone(),
+            cert_der: leaf.der().clone(),
+            key_der: key.serialize_der(),
+        }
+    }
+
+    pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![self.cert_der.clone()],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone())),
+            )
+            .unwrap();
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Arc::new(cfg)
+    }
+}
+
+#[derive(Default)]
+pub struct TestBackend {
+    pub revoked: Mutex<HashSet<String>>,
+    pub auth_ok: AtomicUsize,
+    pub auth_rejected: AtomicUsize,
+    pub connected: AtomicUsize,
+    pub disconnected: AtomicUsize,
+}
+
+impl HubBackend for TestBackend {
+    async fn authenticate(&self, bearer: &str) -> Result<RelayIdentity, AuthError> {
+        let Some(relay) = bearer.strip_prefix("token-") else {
+            self.auth_rejected.fetch_add(1, Ordering::SeqCst);
+            return Err(AuthError::Invalid("unknown token".into()));
+        };
+        if self.revoked.lock().unwrap().contains(relay) {
+            self.auth_rejected.fetch_add(1, Ordering::SeqCst);
+            return Err(AuthError::Revoked(relay.into()));
+        }
+        self.auth_ok.fetch_add(1, Ordering::SeqCst);
+        Ok(RelayIdentity {
+            relay_id: relay.into(),
+            name: relay.into(),
+        })
+    }
+
+    async fn on_connected(&self, _conn: &ConnectionInfo) {
+        self.connected.fetch_add(1, Ordering::SeqCst);
+    }
+
+    async fn on_disconnected(&self, _conn: &ConnectionInfo, _reason: &str) {
+        self.disconnected.fetch_add(1, Ordering::SeqCst);
+    }
+
+    async fn handle_invocation(
+        &self,
+        _ctx: InvocationContext,
+        target: String,
+        _args: Vec<Value>,
+    ) -> Result<Value, String> {
+        Ok(json!({ "called": target }))
+    }
+}
+
+pub struct TlsServer {
+    pub addr: SocketAddr,
+    pub handle: HubHandle,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl TlsServer {
+    pub fn start(port: u16, pki: &Pki, backend: Arc<TestBackend>, config: HubConfig) -> TlsServer {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (app, handle) = router::<_, ()>(backend, config);
+        let listener = bind_retry(port);
+        let addr = listener.local_addr().unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(pki.server_config());
+        rt.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let acceptor = acceptor.clone();
+                let app = app.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let svc = hyper_util::service::TowerToHyperService::new(app);
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await;
+                });
+            }
+        });
+        TlsServer {
+            addr,
+            handle,
+            runtime: Some(rt),
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://{HOST}:{}", self.addr.port())
+    }
+
+    pub fn resolve(&self) -> String {
+        format!("{HOST}:{}:127.0.0.1", self.addr.port())
+    }
+}
+
+impl Drop for TlsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn bind_retry(port: u16) -> std::net::TcpListener {
+    let mut tries = 0;
+    loop {
+        match std::net::TcpListener::bind(("127.0.0.1", port)) {
+            Ok(l) => {
+                l.set_nonblocking(true).unwrap();
+                return l;
+            }
+            Err(_) if tries < 50 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("bind 127.0.0.1:{port}: {e}"),
+        }
+    }
+}
+
+/// Settings for an in-process agent with fast retries.
+pub fn settings(server: &TlsServer, pki: &Pki, token: &str) -> RelaySettings {
+    RelaySettings {
+        endpoint: Endpoint::parse(&server.url(), false).unwrap(),
+        token: token.into(),
+        trust: Trust::Ca(vec![pki.ca_der.clone()]),
+        resolve: vec![ResolveOverride::parse(&server.resolve()).unwrap()],
+        retry: RetryPolicy {
+            base: Duration::from_millis(50),
+            cap: Duration::from_millis(500),
+            quick_max: Duration::from_millis(100),
+            auth_failure_min: Duration::from_millis(200),
+            auth_failure_cap: Duration::from_millis(400),
+        },
+        keep_alive: Duration::from_secs(15),
+        server_timeout: Duration::from_secs(30),
+        connect_timeout: Duration::from_secs(5),
+    }
+}
+
+pub async fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !f() {
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,263 @@
+//! Process wiring for both modes: open the store, load TLS and the licence, set up auth, start
+//! the engine and the listeners, and drain on SIGTERM / Ctrl-C.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::api::{self, AppState};
+use crate::auth::{self, Authenticator};
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::serve::{serve, Transport};
+use crate::store::{self, Backend, Role, Store, StoreError};
+use crate::tls::{self, TlsState};
+use crate::{fsutil, licence, logging};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// One host, static active role, embedded SQLite by default.
+    Standalone,
+    /// A pod: standby until the operator promotes it.
+    Managed,
+}
+
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+const TLS_POLL: Duration = Duration::from_secs(2);
+
+pub async fn run(mode: Mode, cfg: Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("cannot create data_dir {}", cfg.data_dir.display()))?;
+    logging::init(&cfg.data_dir.join("logs"))
+        .with_context(|| format!("cannot write logs under {}", cfg.data_dir.display()))?;
+    let instance = cfg.instance_name();
+    let version = cfg.version();
+    tracing::info!(?mode, %instance, %version, data_dir = %cfg.data_dir.display(), "starting identitymesh-server");
+
+    let backend = match &cfg.database.connection_string {
+        Some(cs) if !cs.trim().is_empty() => store::parse_connection_string(cs)
+            .context("database.connection_string (IM_DATABASE__CONNECTION_STRING)")?,
+        _ if mode == Mode::Managed => bail!(
+            "database.connection_string is required in managed mode; both pods must share one database \
+             (set IM_DATABASE__CONNECTION_STRING from the database Secret)"
+        ),
+        _ => Backend::Sqlite(cfg.data_dir.join("identitymesh.db")),
+    };
+    let store = open_store(&backend).await?;
+
+    let transport = transport(mode, &cfg)?;
+    let licence_file = licence_file(mode, &cfg)?;
+    let bootstrap_hash = bootstrap_token(mode, &cfg, store.as_ref()).await?;
+    let auth = Authenticator::new(bootstrap_hash, cfg.auth.oidc.clone())
+        .await
+        .context("auth.oidc")?;
+
+    let engine = Engine::new(
+        store.clone(),
+        instance.clone(),
+        crate::config::host_name(),
+        version,
+        cfg.engine.clone(),
+    );
+    if mode == Mode::Standalone {
+        // A standalone install is the only instance: it takes the next epoch for itself.
+        let next = store.fence().await?.epoch + 1;
+        engine.promote(next, "standalone").await?;
+    }
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let engine_task = tokio::spawn(engine.clone().run(stop_rx.clone()));
+
+    let state = AppState {
+        engine: engine.clone(),
+        auth,
+        licence_file,
+    };
+    let public = bind(cfg.listen).await?;
+    tracing::info!(addr = %public.local_addr()?, tls = !matches!(transport, Transport::Plain), "Admin API listening");
+    let mut servers = vec![tokio::spawn(serve(
+        public,
+        transport.clone(),
+        api::router(state.clone()),
+        stop_rx.clone(),
+        SHUTDOWN_GRACE,
+    ))];
+    if let Some(addr) = internal_addr(mode, &cfg) {
+        let Transport::Tls(tls) = &transport else {
+            bail!("the internal API needs TLS: configure tls.cert_file and tls.key_file");
+        };
+        if tls.internal().is_none() {
+            bail!(
+                "the internal API needs tls.client_ca_file (IM_TLS__CLIENT_CA_FILE): the cluster CA \
+                 that signs the operator's client certificate"
+            );
+        }
+        let l = bind(addr).await?;
+        tracing::info!(addr = %l.local_addr()?, "internal API listening (mTLS)");
+        servers.push(tokio::spawn(serve(
+            l,
+            Transport::MutualTls(tls.clone()),
+            api::internal_router(state.clone()),
+            stop_rx.clone(),
+            SHUTDOWN_GRACE,
+        )));
+    }
+
+    wait_for_signal().await;
+    tracing::info!("shutdown requested; draining");
+    if engine.status().role == Role::Active {
+        let out = engine.demote("shutdown", "process stopping").await;
+        tracing::info!(drained = out.drained, "engine stopped");
+    }
+    let _ = stop_tx.send(true);
+    for s in servers {
+        let _ = s.await;
+    }
+    let _ = engine_task.await;
+    tracing::info!("shutdown complete");
+    Ok(())
+}
+
+async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| {
+        format!("cannot listen on {addr}; is another process using it? Pick another with --listen / IM_LISTEN")
+    })
+}
+
+async fn open_store(backend: &Backend) -> anyhow::Result<Arc<dyn Store>> {
+    let what = match backend {
+        Backend::Sqlite(p) => format!("SQLite at {}", p.display()),
+        // Never log the connection string: it carries the password.
+        Backend::SqlServer(_) => "SQL Server".to_string(),
+    };
+    let mut delay = Duration::from_millis(500);
+    for attempt in 1.. {
+        match store::open(backend).await {
+            Ok(s) => {
+                let applied = s.migrate().await.context("applying schema migrations")?;
+                tracing::info!(store = %what, ?applied, "database ready");
+                return Ok(s);
+            }
+            Err(e @ StoreError::Unavailable(_)) if attempt < 10 => {
+                tracing::warn!(store = %what, attempt, error = %e, "database not reachable yet; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot open {what}")),
+        }
+    }
+    unreachable!("the loop returns")
+}
+
+fn transport(mode: Mode, cfg: &Config) -> anyhow::Result<Transport> {
+    if cfg.tls.insecure_http {
+        tracing::warn!("tls.insecure_http is set: serving plain HTTP (development only)");
+        return Ok(Transport::Plain);
+    }
+    let (cert, key) = match (&cfg.tls.cert_file, &cfg.tls.key_file) {
+        (Some(c), Some(k)) => (c.clone(), k.clone()),
+        _ if mode == Mode::Standalone => {
+            let names = vec![
+                "localhost".to_string(),
+                "127.0.0.1".to_string(),
+                crate::config::host_name(),
+            ];
+            let (c, k) = tls::ensure_dev_cert(&cfg.data_dir.join("tls"), &names)?;
+            tracing::warn!(cert = %c.display(), "no certificate configured; using a self-signed development certificate");
+            (c, k)
+        }
+        _ => bail!(
+            "managed mode needs tls.cert_file and tls.key_file (IM_TLS__CERT_FILE, IM_TLS__KEY_FILE)"
+        ),
+    };
+    let state = TlsState::load(&cert, &key, cfg.tls.client_ca_file.as_deref())?;
+    state.spawn_watcher(TLS_POLL);
+    Ok(Transport::Tls(state))
+}
+
+fn internal_addr(mode: Mode, cfg: &Config) -> Option<SocketAddr> {
+    cfg.internal_listen.or(match mode {
+        Mode::Managed => Some(SocketAddr::from(([0, 0, 0, 0], 9443))),
+        Mode::Standalone => None,
+    })
+}
+
+fn licence_file(mode: Mode, cfg: &Config) -> anyhow::Result<Option<PathBuf>> {
+    if let Some(f) = &cfg.licence.file {
+        return Ok(Some(f.clone()));
+    }
+    if mode == Mode::Managed {
+        tracing::warn!("no licence.file configured: the instance will report not ready");
+        return Ok(None);
+    }
+    let f = cfg.data_dir.join("licence.json");
+    if !f.exists() {
+        let l = licence::evaluation(chrono::Utc::now());
+        std::fs::write(&f, serde_json::to_vec_pretty(&l)?)
+            .with_context(|| format!("cannot write {}", f.display()))?;
+        tracing::warn!(file = %f.display(), expires = %l.expires, "no licence configured; wrote a 90-day evaluation licence");
+    }
+    Ok(Some(f))
+}
+
+/// Loads (or, in standalone mode, creates) the bootstrap admin token and stores its hash.
+async fn bootstrap_token(
+    mode: Mode,
+    cfg: &Config,
+    store: &dyn Store,
+) -> anyhow::Result<Option<String>> {
+    let path = match (&cfg.auth.bootstrap_token_file, mode) {
+        (Some(p), _) => p.clone(),
+        (None, Mode::Standalone) => cfg.data_dir.join("admin.token"),
+        (None, Mode::Managed) => return Ok(None),
+    };
+    let token = match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
+        Ok(_) | Err(_) if mode == Mode::Standalone => {
+            let t = auth::new_bootstrap_token();
+            fsutil::write_private(&path, format!("{t}\n").as_bytes())
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            t
+        }
+        Ok(_) => bail!("bootstrap token file {} is empty", path.display()),
+        Err(e) => bail!("cannot read bootstrap token file {}: {e}", path.display()),
+    };
+    let hash = auth::hash_token(&token);
+    store
+        .set_token_hash(auth::BOOTSTRAP_TOKEN_NAME, &hash, store::now_ms())
+        .await?;
+    print_token_path(&path);
+    Ok(Some(hash))
+}
+
+fn print_token_path(path: &Path) {
+    // Printed (not only logged) so the first-run user sees where the token is; never the token.
+    println!("admin token: {}", path.display());
+    tracing::info!(file = %path.display(), "bootstrap admin token file");
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {},
+                    _ = tokio::signal::ctrl_c() => {},
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

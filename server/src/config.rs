@@ -1,0 +1,549 @@
+//! Server configuration: a TOML file, overridden by `IM_*` environment variables, overridden by
+//! command-line flags. Everything is merged into one TOML tree first and deserialized once, so an
+//! unknown key or a bad value is reported the same way whatever its source, naming the key.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer};
+
+/// Environment variables with this prefix are configuration; anything unknown is refused.
+pub const ENV_PREFIX: &str = "IM_";
+/// `IM_TEST_*` variables belong to the test suites, not to the server.
+const ENV_IGNORED_PREFIX: &str = "IM_TEST_";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}. Check the path passed to --config.")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("config key `{key}`{origin}: {message}")]
+    Key {
+        key: String,
+        origin: String,
+        message: String,
+    },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Name of this instance in the engine registry (a pod name on Kubernetes).
+    #[serde(default)]
+    pub instance_name: Option<String>,
+    pub data_dir: PathBuf,
+    #[serde(default = "default_listen", deserialize_with = "socket_addr")]
+    pub listen: SocketAddr,
+    #[serde(default, deserialize_with = "opt_socket_addr")]
+    pub internal_listen: Option<SocketAddr>,
+    #[serde(default)]
+    pub version_label: Option<String>,
+    #[serde(default)]
+    pub database: DatabaseConfig,
+    #[serde(default)]
+    pub tls: TlsConfig,
+    #[serde(default)]
+    pub licence: LicenceConfig,
+    #[serde(default)]
+    pub keyring: KeyringConfig,
+    #[serde(default)]
+    pub secret_provider: SecretProviderConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub engine: EngineConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// `sqlite://PATH` or an ADO.NET SQL Server connection string. Empty: SQLite under data_dir.
+    #[serde(default)]
+    pub connection_string: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// Cluster CA: client certificates on the internal listener must chain to it.
+    pub client_ca_file: Option<PathBuf>,
+    /// Development only: serve plain HTTP on `listen`.
+    #[serde(default, deserialize_with = "flexible_bool")]
+    pub insecure_http: bool,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LicenceConfig {
+    pub file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyringConfig {
+    pub file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SecretProviderKind {
+    #[default]
+    KubernetesKeyring,
+    AzureKeyVault,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretProviderConfig {
+    #[serde(default)]
+    pub kind: SecretProviderKind,
+    pub vault_url: Option<String>,
+    pub tenant_id: Option<String>,
+    pub client_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    pub bootstrap_token_file: Option<PathBuf>,
+    pub oidc: Option<OidcConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcConfig {
+    pub issuer: String,
+    pub audience: String,
+    pub jwks_file: Option<PathBuf>,
+    pub jwks_url: Option<String>,
+    #[serde(default = "default_permissions_claim")]
+    pub permissions_claim: String,
+    #[serde(default = "default_roles_claim")]
+    pub roles_claim: String,
+    #[serde(default)]
+    pub role_permissions: BTreeMap<String, Vec<String>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineConfig {
+    #[serde(default = "default_heartbeat", deserialize_with = "flexible_u64")]
+    pub heartbeat_interval_ms: u64,
+    #[serde(default = "default_ttl", deserialize_with = "flexible_u64")]
+    pub instance_ttl_ms: u64,
+    #[serde(default = "default_drain", deserialize_with = "flexible_u64")]
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval_ms: default_heartbeat(),
+            instance_ttl_ms: default_ttl(),
+            drain_timeout_ms: default_drain(),
+        }
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 8443))
+}
+fn default_heartbeat() -> u64 {
+    1000
+}
+fn default_ttl() -> u64 {
+    5000
+}
+fn default_drain() -> u64 {
+    10_000
+}
+fn default_permissions_claim() -> String {
+    "permissions".into()
+}
+fn default_roles_claim() -> String {
+    "roles".into()
+}
+
+fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map_err(|_| {
+        serde::de::Error::custom(format!(
+            "`{s}` is not a socket address; expected HOST:PORT with an IP host, e.g. 0.0.0.0:8443"
+        ))
+    })
+}
+
+fn opt_socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    socket_addr(d).map(Some)
+}
+
+/// Numbers may come from TOML (integers) or from the environment (strings).
+fn flexible_u64<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum N {
+        I(u64),
+        S(String),
+    }
+    match N::deserialize(d).map_err(|_| {
+        serde::de::Error::custom("expected a non-negative integer number of milliseconds")
+    })? {
+        N::I(v) => Ok(v),
+        N::S(s) => s.trim().parse().map_err(|_| {
+            serde::de::Error::custom(format!(
+                "`{s}` is not a non-negative integer; expected milliseconds, e.g. 1000"
+            ))
+        }),
+    }
+}
+
+fn flexible_bool<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum B {
+        B(bool),
+        S(String),
+    }
+    match B::deserialize(d)
+        .map_err(|_| serde::de::Error::custom("expected true or false"))?
+    {
+        B::B(v) => Ok(v),
+        B::S(s) => match s.trim() {
+            "true" | "1" => Ok(true),
+            "false" | "0" => Ok(false),
+            other => Err(serde::de::Error::custom(format!(
+                "`{other}` is not a boolean; expected true or false"
+            ))),
+        },
+    }
+}
+
+/// Overrides from the command line, applied last.
+#[derive(Debug, Default, Clone)]
+pub struct FlagOverrides {
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub instance_name: Option<String>,
+}
+
+/// Loads configuration from the optional file, the environment and the flags.
+pub fn load(
+    file: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+    flags: &FlagOverrides,
+) -> Result<Config, ConfigError> {
+    let mut tree = match file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            text.parse::<toml::Table>()
+                .map_err(|e| ConfigError::Syntax {
+                    path: path.to_path_buf(),
+                    message: e.to_string(),
+                })?
+        }
+        None => toml::Table::new(),
+    };
+    // Remember where each overridden key came from, so errors can name the variable.
+    let mut origins: BTreeMap<String, String> = BTreeMap::new();
+    let mut env: Vec<(String, String)> = env.into_iter().collect();
+    env.sort();
+    for (var, value) in env {
+        let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        if var.starts_with(ENV_IGNORED_PREFIX) {
+            continue;
+        }
+        let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+        if path.iter().any(|p| p.is_empty()) {
+            return Err(ConfigError::Env {
+                var,
+                message: "empty key segment; use IM_SECTION__KEY, e.g. IM_TLS__CERT_FILE".into(),
+            });
+        }
+        origins.insert(path.join("."), format!(" (from environment variable {var})"));
+        set_path(&mut tree, &path, toml::Value::String(value)).map_err(|message| {
+            ConfigError::Env {
+                var: var.clone(),
+                message,
+            }
+        })?;
+    }
+    let mut set_flag = |key: &str, flag: &str, value: String| -> Result<(), ConfigError> {
+        origins.insert(key.to_string(), format!(" (from flag {flag})"));
+        set_path(&mut tree, &[key.to_string()], toml::Value::String(value)).map_err(|message| {
+            ConfigError::Key {
+                key: key.into(),
+                origin: String::new(),
+                message,
+            }
+        })
+    };
+    if let Some(d) = &flags.data_dir {
+        set_flag("data_dir", "--data-dir", d.display().to_string())?;
+    }
+    if let Some(l) = &flags.listen {
+        set_flag("listen", "--listen", l.clone())?;
+    }
+    if let Some(n) = &flags.instance_name {
+        set_flag("instance_name", "--instance-name", n.clone())?;
+    }
+    let de = toml::Value::Table(tree);
+    let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        // An unknown section is reported at the section; name the variable that created it.
+        let origin = origins
+            .get(&key)
+            .or_else(|| {
+                origins
+                    .iter()
+                    .find(|(k, _)| k.starts_with(&format!("{key}.")))
+                    .map(|(_, v)| v)
+            })
+            .cloned()
+            .unwrap_or_default();
+        ConfigError::Key {
+            key: if key == "." {
+                "(top level)".into()
+            } else {
+                key
+            },
+            origin,
+            message: e.into_inner().to_string(),
+        }
+    })?;
+    config.validate()?;
+    Ok(config)
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
+    let (last, parents) = path.split_last().ok_or("empty key")?;
+    let mut cur = table;
+    for p in parents {
+        let entry = cur
+            .entry(p.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("`{p}` is a value, not a section"))?;
+    }
+    cur.insert(last.clone(), value);
+    Ok(())
+}
+
+impl Config {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let key_err = |key: &str, message: &str| ConfigError::Key {
+            key: key.into(),
+            origin: String::new(),
+            message: message.into(),
+        };
+        if self.engine.heartbeat_interval_ms == 0 {
+            return Err(key_err(
+                "engine.heartbeat_interval_ms",
+                "must be at least 1 (milliseconds)",
+            ));
+        }
+        if self.engine.instance_ttl_ms <= self.engine.heartbeat_interval_ms {
+            return Err(key_err(
+                "engine.instance_ttl_ms",
+                "must be longer than engine.heartbeat_interval_ms, or live instances vanish",
+            ));
+        }
+        if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
+            return Err(key_err(
+                "tls.cert_file",
+                "tls.cert_file and tls.key_file must be set together",
+            ));
+        }
+        if let Some(oidc) = &self.auth.oidc {
+            if oidc.jwks_file.is_some() == oidc.jwks_url.is_some() {
+                return Err(key_err(
+                    "auth.oidc.jwks_file",
+                    "set exactly one of auth.oidc.jwks_file and auth.oidc.jwks_url",
+                ));
+            }
+        }
+        if self.secret_provider.kind == SecretProviderKind::AzureKeyVault
+            && self.secret_provider.vault_url.is_none()
+        {
+            return Err(key_err(
+                "secret_provider.vault_url",
+                "required when secret_provider.kind = \"azure_key_vault\"",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The registry name of this instance: configured, else the pod or host name.
+    pub fn instance_name(&self) -> String {
+        self.instance_name
+            .clone()
+            .or_else(|| std::env::var("POD_NAME").ok())
+            .unwrap_or_else(host_name)
+    }
+
+    pub fn version(&self) -> String {
+        self.version_label
+            .clone()
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_string())
+    }
+}
+
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .or_else(|| std::env::var("COMPUTERNAME").ok())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn write(text: &str) -> tempfile::NamedTempFile {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), text).unwrap();
+        f
+    }
+
+    #[test]
+    fn flags_override_env_override_file() {
+        let f = write("data_dir = \"/file\"\nlisten = \"127.0.0.1:1\"\n[engine]\ndrain_timeout_ms = 5\n");
+        let c = load(Some(f.path()), env(&[]), &FlagOverrides::default()).unwrap();
+        assert_eq!(c.listen.port(), 1);
+        assert_eq!(c.engine.drain_timeout_ms, 5);
+        let c = load(
+            Some(f.path()),
+            env(&[("IM_LISTEN", "127.0.0.1:2"), ("IM_ENGINE__DRAIN_TIMEOUT_MS", "7")]),
+            &FlagOverrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 2);
+        assert_eq!(c.engine.drain_timeout_ms, 7);
+        let flags = FlagOverrides {
+            listen: Some("127.0.0.1:3".into()),
+            ..Default::default()
+        };
+        let c = load(Some(f.path()), env(&[("IM_LISTEN", "127.0.0.1:2")]), &flags).unwrap();
+        assert_eq!(c.listen.port(), 3);
+        assert_eq!(c.data_dir, PathBuf::from("/file"));
+    }
+
+    #[test]
+    fn unknown_file_key_is_named() {
+        let f = write("data_dir = \"/d\"\n[engine]\nheartbeat_ms = 5\n");
+        let e = load(Some(f.path()), env(&[]), &FlagOverrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("engine"), "{e}");
+        assert!(e.contains("heartbeat_ms"), "{e}");
+    }
+
+    #[test]
+    fn unknown_env_var_is_named() {
+        let e = load(
+            None,
+            env(&[("IM_DATA_DIR", "/d"), ("IM_TSL__CERT_FILE", "/x")]),
+            &FlagOverrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("tsl"), "{e}");
+        assert!(e.contains("IM_TSL__CERT_FILE"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_key_and_form() {
+        let e = load(
+            None,
+            env(&[("IM_DATA_DIR", "/d"), ("IM_ENGINE__DRAIN_TIMEOUT_MS", "ten")]),
+            &FlagOverrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("engine.drain_timeout_ms"), "{e}");
+        assert!(e.contains("milliseconds"), "{e}");
+        let e = load(
+            None,
+            env(&[("IM_DATA_DIR", "/d")]),
+            &FlagOverrides {
+                listen: Some("localhost".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("listen") && e.contains("HOST:PORT") && e.contains("--listen"), "{e}");
+        let e = load(None, env(&[]), &FlagOverrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("data_dir"), "{e}");
+    }
+
+    #[test]
+    fn test_variables_are_not_config() {
+        let c = load(
+            None,
+            env(&[("IM_DATA_DIR", "/d"), ("IM_TEST_MSSQL", "Server=x")]),
+            &FlagOverrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/d"));
+    }
+
+    #[test]
+    fn cross_field_rules() {
+        let e = load(
+            None,
+            env(&[("IM_DATA_DIR", "/d"), ("IM_TLS__CERT_FILE", "/c")]),
+            &FlagOverrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("key_file"), "{e}");
+        let e = load(
+            None,
+            env(&[
+                ("IM_DATA_DIR", "/d"),
+                ("IM_ENGINE__HEARTBEAT_INTERVAL_MS", "1000"),
+                ("IM_ENGINE__INSTANCE_TTL_MS", "500"),
+            ]),
+            &FlagOverrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("instance_ttl_ms"), "{e}");
+    }
+
+    #[test]
+    fn syntax_error_names_file() {
+        let f = write("data_dir = \n");
+        let e = load(Some(f.path()), env(&[]), &FlagOverrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not valid TOML"), "{e}");
+    }
+}

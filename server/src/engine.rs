@@ -1,0 +1,322 @@
+//! The engine's role and its fencing: standby until promoted, active while the stored epoch is
+//! its own, and back to standby on demotion or as soon as a fenced write tells it the epoch moved.
+//!
+//! The heartbeat loop keeps the instance's registry row fresh and, while active, makes one fenced
+//! write per interval (`engine_tick`), so a stale active learns it was fenced within one interval
+//! even when it has no import running.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::{watch, Mutex, OwnedRwLockReadGuard, RwLock};
+
+use crate::config::EngineConfig;
+use crate::store::{
+    now_ms, AuditEntry, FenceToken, Heartbeat, PromoteOutcome, Role, Store, StoreError,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RoleStatus {
+    pub role: Role,
+    pub epoch: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DemoteOutcome {
+    pub role: Role,
+    pub epoch: i64,
+    /// False when the in-flight batch outlived the drain bound (the new epoch fences it anyway).
+    pub drained: bool,
+}
+
+pub struct Engine {
+    store: Arc<dyn Store>,
+    instance: String,
+    host: String,
+    version: String,
+    started_at_ms: i64,
+    cfg: EngineConfig,
+    status: watch::Sender<RoleStatus>,
+    /// Serialises role changes so a promote and a demote never interleave.
+    transitions: Mutex<()>,
+    /// In-flight batches hold a read guard; a drain waits for the write guard.
+    work: Arc<RwLock<()>>,
+}
+
+/// Permission to write one batch: the fence token and a guard a drain waits for.
+pub struct BatchPermit {
+    pub token: FenceToken,
+    _guard: OwnedRwLockReadGuard<()>,
+}
+
+impl Engine {
+    pub fn new(
+        store: Arc<dyn Store>,
+        instance: String,
+        host: String,
+        version: String,
+        cfg: EngineConfig,
+    ) -> Arc<Self> {
+        let (status, _) = watch::channel(RoleStatus {
+            role: Role::Standby,
+            epoch: 0,
+        });
+        Arc::new(Self {
+            store,
+            instance,
+            host,
+            version,
+            started_at_ms: now_ms(),
+            cfg,
+            status,
+            transitions: Mutex::new(()),
+            work: Arc::new(RwLock::new(())),
+        })
+    }
+
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+    pub fn status(&self) -> RoleStatus {
+        *self.status.borrow()
+    }
+    pub fn subscribe(&self) -> watch::Receiver<RoleStatus> {
+        self.status.subscribe()
+    }
+
+    /// Becomes active with `epoch` iff the store accepts it (greater than stored, or already ours).
+    pub async fn promote(&self, epoch: i64, actor: &str) -> Result<RoleStatus, StoreError> {
+        let _t = self.transitions.lock().await;
+        let outcome = self.store.promote(&self.instance, epoch).await?;
+        let st = RoleStatus {
+            role: Role::Active,
+            epoch,
+        };
+        self.status.send_replace(st);
+        tracing::info!(instance = %self.instance, epoch, ?outcome, actor, "promoted to active");
+        if outcome == PromoteOutcome::Promoted {
+            self.audit(actor, "promote", format!("{{\"epoch\":{epoch}}}"))
+                .await;
+        }
+        self.beat().await;
+        Ok(st)
+    }
+
+    /// Stops new work, waits up to the drain bound for the in-flight batch, then is standby.
+    pub async fn demote(&self, actor: &str, reason: &str) -> DemoteOutcome {
+        let _t = self.transitions.lock().await;
+        let prev = self.status();
+        self.status.send_replace(RoleStatus {
+            role: Role::Standby,
+            epoch: prev.epoch,
+        });
+        let drained = tokio::time::timeout(
+            Duration::from_millis(self.cfg.drain_timeout_ms),
+            self.work.write(),
+        )
+        .await
+        .is_ok();
+        if prev.role == Role::Active {
+            tracing::warn!(instance = %self.instance, epoch = prev.epoch, drained, actor, reason, "demoted to standby");
+            self.audit(
+                actor,
+                "demote",
+                serde_json::json!({"epoch": prev.epoch, "reason": reason, "drained": drained})
+                    .to_string(),
+            )
+            .await;
+        }
+        self.beat().await;
+        DemoteOutcome {
+            role: Role::Standby,
+            epoch: prev.epoch,
+            drained,
+        }
+    }
+
+    /// A permit for one engine write, or None when not active (standby, draining or fenced).
+    pub fn begin_batch(&self) -> Option<BatchPermit> {
+        let st = self.status();
+        if st.role != Role::Active {
+            return None;
+        }
+        let guard = self.work.clone().try_read_owned().ok()?;
+        // Re-check: a demotion may have started between the two reads.
+        (self.status() == st).then(|| BatchPermit {
+            token: FenceToken {
+                instance: self.instance.clone(),
+                epoch: st.epoch,
+            },
+            _guard: guard,
+        })
+    }
+
+    /// Reacts to a store error from an engine write: a fence means another instance holds a
+    /// newer epoch, so this one stops being active at once.
+    pub async fn on_write_error(&self, err: &StoreError) {
+        if let StoreError::Fenced { stored, holder, own } = err {
+            tracing::error!(
+                instance = %self.instance, own_epoch = own, stored_epoch = stored, holder = %holder,
+                "fenced: another instance holds a newer epoch; demoting to standby"
+            );
+            let reason = format!("fenced by epoch {stored} held by {holder}");
+            self.demote("engine", &reason).await;
+        }
+    }
+
+    async fn beat(&self) {
+        let st = self.status();
+        let hb = Heartbeat {
+            instance: self.instance.clone(),
+            host: self.host.clone(),
+            role: st.role,
+            epoch: st.epoch,
+            version: self.version.clone(),
+            started_at_ms: self.started_at_ms,
+            now_ms: now_ms(),
+        };
+        if let Err(e) = self.store.heartbeat(&hb).await {
+            if matches!(e, StoreError::Fenced { .. }) {
+                // Do not recurse through demote's own heartbeat: flip the role here, then log.
+                if self.status() == st {
+                    self.status.send_replace(RoleStatus {
+                        role: Role::Standby,
+                        epoch: st.epoch,
+                    });
+                }
+                tracing::error!(instance = %self.instance, error = %e, "fenced at heartbeat; now standby");
+            } else {
+                tracing::warn!(instance = %self.instance, error = %e, "registry heartbeat failed");
+            }
+        }
+    }
+
+    async fn tick(&self) {
+        self.beat().await;
+        if let Some(permit) = self.begin_batch() {
+            let r = self.store.engine_tick(&permit.token, now_ms()).await;
+            drop(permit);
+            if let Err(e) = r {
+                if matches!(e, StoreError::Fenced { .. }) {
+                    self.on_write_error(&e).await;
+                } else {
+                    tracing::warn!(instance = %self.instance, error = %e, "engine tick failed");
+                }
+            }
+        }
+    }
+
+    /// Runs heartbeats and fenced ticks until `shutdown` fires.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut every = tokio::time::interval(Duration::from_millis(self.cfg.heartbeat_interval_ms));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = every.tick() => self.tick().await,
+                _ = shutdown.changed() => break,
+            }
+        }
+    }
+
+    /// How far back a heartbeat still counts as alive.
+    pub fn alive_since_ms(&self) -> i64 {
+        now_ms() - self.cfg.instance_ttl_ms as i64
+    }
+
+    async fn audit(&self, actor: &str, action: &str, detail: String) {
+        let entry = AuditEntry {
+            at_ms: now_ms(),
+            actor: actor.into(),
+            action: action.into(),
+            target: self.instance.clone(),
+            detail,
+        };
+        if let Err(e) = self.store.append_audit(&entry).await {
+            tracing::warn!(error = %e, "audit write failed");
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sqlite::SqliteStore;
+
+    async fn pair() -> (tempfile::TempDir, Arc<Engine>, Arc<Engine>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("im.db");
+        let mk = |name: &str, s: Arc<dyn Store>| {
+            Engine::new(
+                s,
+                name.into(),
+                "host".into(),
+                "1".into(),
+                EngineConfig {
+                    heartbeat_interval_ms: 50,
+                    instance_ttl_ms: 500,
+                    drain_timeout_ms: 200,
+                },
+            )
+        };
+        let sa: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).await.unwrap());
+        sa.migrate().await.unwrap();
+        let sb: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).await.unwrap());
+        (dir, mk("a", sa), mk("b", sb))
+    }
+
+    #[tokio::test]
+    async fn fenced_active_demotes_itself_on_its_next_write() {
+        let (_d, a, b) = pair().await;
+        a.promote(1, "test").await.unwrap();
+        b.promote(2, "test").await.unwrap();
+        assert_eq!(a.status().role, Role::Active, "a does not know yet");
+        a.tick().await;
+        assert_eq!(a.status().role, Role::Standby);
+        assert!(a.begin_batch().is_none());
+        let rows = a.store().instances(a.alive_since_ms()).await.unwrap();
+        let actives: Vec<_> = rows.iter().filter(|r| r.role == Role::Active).collect();
+        assert_eq!(actives.len(), 1);
+        assert_eq!(actives[0].instance, "b");
+    }
+
+    #[tokio::test]
+    async fn promote_with_old_epoch_is_refused_and_role_unchanged() {
+        let (_d, a, b) = pair().await;
+        a.promote(5, "test").await.unwrap();
+        let e = b.promote(5, "test").await.unwrap_err();
+        assert!(matches!(e, StoreError::StaleEpoch { stored: 5, .. }));
+        assert_eq!(b.status().role, Role::Standby);
+        // Idempotent retry by the holder.
+        assert_eq!(a.promote(5, "test").await.unwrap().epoch, 5);
+    }
+
+    #[tokio::test]
+    async fn demote_waits_for_the_in_flight_batch_within_the_bound() {
+        let (_d, a, _b) = pair().await;
+        a.promote(1, "test").await.unwrap();
+        let permit = a.begin_batch().unwrap();
+        let a2 = a.clone();
+        let release = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            drop(permit);
+        });
+        let out = a2.demote("test", "planned").await;
+        release.await.unwrap();
+        assert!(out.drained);
+        assert!(a.begin_batch().is_none(), "no new work after demotion");
+
+        a.promote(2, "test").await.unwrap();
+        let _stuck = a.begin_batch().unwrap();
+        let out = a.demote("test", "planned").await;
+        assert!(!out.drained, "the bound is respected");
+        assert_eq!(out.role, Role::Standby);
+    }
+}

@@ -1,0 +1,15 @@
+//! IdentityMesh server: Admin API, Sync Engine roles and fencing, stores, TLS.
+//! The contract with pods and the operator is in `server/README.md`.
+
+pub mod api;
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod engine;
+pub mod fsutil;
+pub mod licence;
+pub mod logging;
+pub mod problem;
+pub mod serve;
+pub mod store;
+pub mod tls;

@@ -1,0 +1,104 @@
+//! Versioned schema migrations, one list per backend with the same versions and meaning.
+//! Each runner applies them under a database-wide lock (SQLite: the write lock of
+//! `BEGIN IMMEDIATE`; SQL Server: `sp_getapplock`), re-reading what is applied inside the lock,
+//! so two instances starting at once apply each version exactly once.
+
+pub struct Migration {
+    pub version: u32,
+    pub name: &'static str,
+    pub statements: &'static [&'static str],
+}
+
+pub const SQLITE: &[Migration] = &[Migration {
+    version: 1,
+    name: "initial schema",
+    statements: &[
+        "CREATE TABLE fence (id INTEGER PRIMARY KEY CHECK (id = 1), epoch INTEGER NOT NULL, holder TEXT NOT NULL, updated_at INTEGER NOT NULL)",
+        "INSERT INTO fence (id, epoch, holder, updated_at) VALUES (1, 0, '', 0)",
+        "CREATE TABLE fence_journal (seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, epoch INTEGER NOT NULL, instance TEXT NOT NULL, at INTEGER NOT NULL)",
+        "CREATE TABLE engine_instances (instance TEXT PRIMARY KEY, host TEXT NOT NULL, role TEXT NOT NULL, epoch INTEGER NOT NULL, version TEXT NOT NULL, started_at INTEGER NOT NULL, last_heartbeat INTEGER NOT NULL)",
+        "CREATE TABLE engine_state (id INTEGER PRIMARY KEY CHECK (id = 1), holder TEXT NOT NULL, epoch INTEGER NOT NULL, last_tick INTEGER NOT NULL)",
+        "CREATE TABLE relays (id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, token_hash TEXT NOT NULL, created_at INTEGER NOT NULL, revoked_at INTEGER, last_seen INTEGER, version TEXT, connected_instance TEXT)",
+        "CREATE TABLE connectors (id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, kind TEXT NOT NULL, config_json TEXT NOT NULL, relay_id TEXT, is_canary INTEGER NOT NULL DEFAULT 0, created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL)",
+        "CREATE TABLE schedules (id TEXT PRIMARY KEY, connector_id TEXT NOT NULL, kind TEXT NOT NULL, spec TEXT NOT NULL, enabled INTEGER NOT NULL DEFAULT 1, next_run INTEGER)",
+        "CREATE TABLE runs (id TEXT PRIMARY KEY, connector_id TEXT NOT NULL, instance TEXT NOT NULL, epoch INTEGER NOT NULL, status TEXT NOT NULL, started_at INTEGER NOT NULL, finished_at INTEGER, added INTEGER NOT NULL DEFAULT 0, updated INTEGER NOT NULL DEFAULT 0, deleted INTEGER NOT NULL DEFAULT 0, failed INTEGER NOT NULL DEFAULT 0, error TEXT)",
+        "CREATE TABLE import_batches (seq INTEGER PRIMARY KEY AUTOINCREMENT, connector_id TEXT NOT NULL, object_type TEXT NOT NULL, object_count INTEGER NOT NULL, watermark TEXT, epoch INTEGER NOT NULL, instance TEXT NOT NULL, committed_at INTEGER NOT NULL)",
+        "CREATE TABLE watermarks (connector_id TEXT NOT NULL, object_type TEXT NOT NULL, value TEXT NOT NULL, updated_at INTEGER NOT NULL, PRIMARY KEY (connector_id, object_type))",
+        "CREATE TABLE cs_objects (connector_id TEXT NOT NULL, anchor TEXT NOT NULL, object_type TEXT NOT NULL, attributes_json TEXT NOT NULL, updated_at INTEGER NOT NULL, PRIMARY KEY (connector_id, anchor))",
+        "CREATE TABLE identities (id TEXT PRIMARY KEY, display_name TEXT NOT NULL, attributes_json TEXT NOT NULL, created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL)",
+        "CREATE TABLE audit_log (seq INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL, target TEXT NOT NULL, detail TEXT NOT NULL)",
+        "CREATE TABLE secrets (ref TEXT PRIMARY KEY, key_id TEXT NOT NULL, nonce BLOB NOT NULL, ciphertext BLOB NOT NULL, updated_at INTEGER NOT NULL)",
+        "CREATE TABLE api_tokens (name TEXT PRIMARY KEY, token_hash TEXT NOT NULL, created_at INTEGER NOT NULL)",
+        "CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    ],
+}];
+
+pub const MSSQL: &[Migration] = &[Migration {
+    version: 1,
+    name: "initial schema",
+    statements: &[
+        "CREATE TABLE fence (id INT NOT NULL PRIMARY KEY CHECK (id = 1), epoch BIGINT NOT NULL, holder NVARCHAR(256) NOT NULL, updated_at BIGINT NOT NULL)",
+        "INSERT INTO fence (id, epoch, holder, updated_at) VALUES (1, 0, N'', 0)",
+        "CREATE TABLE fence_journal (seq BIGINT IDENTITY(1, 1) NOT NULL PRIMARY KEY, kind NVARCHAR(32) NOT NULL, epoch BIGINT NOT NULL, instance NVARCHAR(256) NOT NULL, at BIGINT NOT NULL)",
+        "CREATE TABLE engine_instances (instance NVARCHAR(256) NOT NULL PRIMARY KEY, host NVARCHAR(256) NOT NULL, role NVARCHAR(16) NOT NULL, epoch BIGINT NOT NULL, version NVARCHAR(64) NOT NULL, started_at BIGINT NOT NULL, last_heartbeat BIGINT NOT NULL)",
+        "CREATE TABLE engine_state (id INT NOT NULL PRIMARY KEY CHECK (id = 1), holder NVARCHAR(256) NOT NULL, epoch BIGINT NOT NULL, last_tick BIGINT NOT NULL)",
+        "CREATE TABLE relays (id NVARCHAR(64) NOT NULL PRIMARY KEY, name NVARCHAR(256) NOT NULL UNIQUE, token_hash NVARCHAR(128) NOT NULL, created_at BIGINT NOT NULL, revoked_at BIGINT NULL, last_seen BIGINT NULL, version NVARCHAR(64) NULL, connected_instance NVARCHAR(256) NULL)",
+        "CREATE TABLE connectors (id NVARCHAR(64) NOT NULL PRIMARY KEY, name NVARCHAR(256) NOT NULL UNIQUE, kind NVARCHAR(32) NOT NULL, config_json NVARCHAR(MAX) NOT NULL, relay_id NVARCHAR(64) NULL, is_canary BIT NOT NULL DEFAULT 0, created_at BIGINT NOT NULL, updated_at BIGINT NOT NULL)",
+        "CREATE TABLE schedules (id NVARCHAR(64) NOT NULL PRIMARY KEY, connector_id NVARCHAR(64) NOT NULL, kind NVARCHAR(16) NOT NULL, spec NVARCHAR(256) NOT NULL, enabled BIT NOT NULL DEFAULT 1, next_run BIGINT NULL)",
+        "CREATE TABLE runs (id NVARCHAR(64) NOT NULL PRIMARY KEY, connector_id NVARCHAR(64) NOT NULL, instance NVARCHAR(256) NOT NULL, epoch BIGINT NOT NULL, status NVARCHAR(16) NOT NULL, started_at BIGINT NOT NULL, finished_at BIGINT NULL, added INT NOT NULL DEFAULT 0, updated INT NOT NULL DEFAULT 0, deleted INT NOT NULL DEFAULT 0, failed INT NOT NULL DEFAULT 0, error NVARCHAR(MAX) NULL)",
+        "CREATE TABLE import_batches (seq BIGINT IDENTITY(1, 1) NOT NULL PRIMARY KEY, connector_id NVARCHAR(256) NOT NULL, object_type NVARCHAR(64) NOT NULL, object_count INT NOT NULL, watermark NVARCHAR(256) NULL, epoch BIGINT NOT NULL, instance NVARCHAR(256) NOT NULL, committed_at BIGINT NOT NULL)",
+        "CREATE TABLE watermarks (connector_id NVARCHAR(256) NOT NULL, object_type NVARCHAR(64) NOT NULL, value NVARCHAR(256) NOT NULL, updated_at BIGINT NOT NULL, PRIMARY KEY (connector_id, object_type))",
+        "CREATE TABLE cs_objects (connector_id NVARCHAR(256) NOT NULL, anchor NVARCHAR(450) NOT NULL, object_type NVARCHAR(64) NOT NULL, attributes_json NVARCHAR(MAX) NOT NULL, updated_at BIGINT NOT NULL, PRIMARY KEY (connector_id, anchor))",
+        "CREATE TABLE identities (id NVARCHAR(64) NOT NULL PRIMARY KEY, display_name NVARCHAR(512) NOT NULL, attributes_json NVARCHAR(MAX) NOT NULL, created_at BIGINT NOT NULL, updated_at BIGINT NOT NULL)",
+        "CREATE TABLE audit_log (seq BIGINT IDENTITY(1, 1) NOT NULL PRIMARY KEY, at BIGINT NOT NULL, actor NVARCHAR(256) NOT NULL, action NVARCHAR(64) NOT NULL, target NVARCHAR(512) NOT NULL, detail NVARCHAR(MAX) NOT NULL)",
+        "CREATE TABLE secrets (ref NVARCHAR(256) NOT NULL PRIMARY KEY, key_id NVARCHAR(64) NOT NULL, nonce VARBINARY(32) NOT NULL, ciphertext VARBINARY(MAX) NOT NULL, updated_at BIGINT NOT NULL)",
+        "CREATE TABLE api_tokens (name NVARCHAR(128) NOT NULL PRIMARY KEY, token_hash NVARCHAR(128) NOT NULL, created_at BIGINT NOT NULL)",
+        "CREATE TABLE settings (name NVARCHAR(128) NOT NULL PRIMARY KEY, value NVARCHAR(MAX) NOT NULL)",
+    ],
+}];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backends_have_the_same_versions_in_order() {
+        let a: Vec<_> = SQLITE.iter().map(|m| (m.version, m.name)).collect();
+        let b: Vec<_> = MSSQL.iter().map(|m| (m.version, m.name)).collect();
+        assert_eq!(a, b);
+        for w in a.windows(2) {
+            assert!(w[0].0 < w[1].0, "versions must increase");
+        }
+    }
+
+    #[test]
+    fn backends_create_the_same_tables() {
+        fn tables(m: &[Migration]) -> Vec<String> {
+            let mut t: Vec<String> = m
+                .iter()
+                .flat_map(|m| m.statements.iter())
+                .filter_map(|s| s.strip_prefix("CREATE TABLE "))
+                .map(|s| s.split_whitespace().next().unwrap_or("").to_string())
+                .collect();
+            t.sort();
+            t
+        }
+        assert_eq!(tables(SQLITE), tables(MSSQL));
+        for required in [
+            "engine_instances",
+            "fence",
+            "relays",
+            "connectors",
+            "schedules",
+            "runs",
+            "import_batches",
+            "watermarks",
+            "cs_objects",
+            "identities",
+            "audit_log",
+            "secrets",
+        ] {
+            assert!(tables(SQLITE).iter().any(|t| t == required), "{required}");
+        }
+    }
+}

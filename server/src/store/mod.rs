@@ -1,0 +1,254 @@
+//! The one store trait every backend implements, and the types that cross it.
+//!
+//! Fencing lives here: `promote` moves the epoch forward atomically, and every engine write
+//! (`engine_tick`, `commit_import_batch`) checks, under a lock a promotion must wait for, that
+//! the stored epoch is still the writer's own. A stale instance's write fails with
+//! [`StoreError::Fenced`] and nothing of it commits.
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+pub mod migrations;
+pub mod mssql;
+pub mod sqlite;
+
+#[cfg(test)]
+mod conformance;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("fenced: the stored epoch is {stored} (held by `{holder}`), this instance writes with epoch {own}")]
+    Fenced {
+        stored: i64,
+        holder: String,
+        own: i64,
+    },
+    #[error("epoch {requested} is not greater than the stored epoch {stored} (held by `{holder}`); promote with a higher epoch")]
+    StaleEpoch {
+        requested: i64,
+        stored: i64,
+        holder: String,
+    },
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    #[error("database error: {0}")]
+    Backend(String),
+    #[error("schema migration failed: {0}")]
+    Migration(String),
+    #[error("invalid connection string: {0}")]
+    Config(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
+                StoreError::Unavailable(e.to_string())
+            }
+            other => StoreError::Backend(other.to_string()),
+        }
+    }
+}
+
+/// What an instance claims when it writes: its name and the epoch it was promoted with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FenceToken {
+    pub instance: String,
+    pub epoch: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Fence {
+    pub epoch: i64,
+    pub holder: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PromoteOutcome {
+    /// The epoch moved forward to the requested one.
+    Promoted,
+    /// This instance already held exactly this epoch (an idempotent retry).
+    AlreadyHeld,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Standby,
+    Active,
+    /// Claimed active but the stored epoch moved on: recorded so the registry never shows two actives.
+    Fenced,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Standby => "standby",
+            Role::Active => "active",
+            Role::Fenced => "fenced",
+        }
+    }
+    pub fn parse(s: &str) -> Role {
+        match s {
+            "active" => Role::Active,
+            "fenced" => Role::Fenced,
+            _ => Role::Standby,
+        }
+    }
+}
+
+/// One heartbeat of the engine-instance registry.
+#[derive(Debug, Clone)]
+pub struct Heartbeat {
+    pub instance: String,
+    pub host: String,
+    pub role: Role,
+    pub epoch: i64,
+    pub version: String,
+    pub started_at_ms: i64,
+    pub now_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InstanceRow {
+    pub instance: String,
+    pub host: String,
+    pub role: Role,
+    pub epoch: i64,
+    pub version: String,
+    pub started_at_ms: i64,
+    pub last_heartbeat_ms: i64,
+}
+
+/// One connector-space object as imported from a source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CsObject {
+    pub anchor: String,
+    pub object_type: String,
+    pub attributes_json: String,
+}
+
+/// One import batch: the objects, the watermark it advances to, all in one fenced transaction.
+#[derive(Debug, Clone)]
+pub struct ImportBatch {
+    pub connector: String,
+    pub object_type: String,
+    pub objects: Vec<CsObject>,
+    pub watermark: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuditEntry {
+    pub at_ms: i64,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub detail: String,
+}
+
+/// The store every backend implements; the conformance suite in `conformance.rs` runs against each.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Backend name for logs and health output.
+    fn backend(&self) -> &'static str;
+    /// Applies pending schema migrations; safe when several instances start at once.
+    async fn migrate(&self) -> Result<Vec<u32>, StoreError>;
+    /// A cheap round trip proving the database answers.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    async fn fence(&self) -> Result<Fence, StoreError>;
+    /// Moves the stored epoch to `epoch` iff it is greater, or is already held by `instance`.
+    async fn promote(&self, instance: &str, epoch: i64) -> Result<PromoteOutcome, StoreError>;
+
+    /// Upserts the instance's registry row. A row claiming `active` whose epoch is no longer the
+    /// stored one is written as `fenced`, and the call returns [`StoreError::Fenced`].
+    async fn heartbeat(&self, hb: &Heartbeat) -> Result<(), StoreError>;
+    /// Registry rows whose last heartbeat is at or after `alive_since_ms`.
+    async fn instances(&self, alive_since_ms: i64) -> Result<Vec<InstanceRow>, StoreError>;
+
+    /// The active engine's fenced liveness write.
+    async fn engine_tick(&self, token: &FenceToken, now_ms: i64) -> Result<(), StoreError>;
+    /// Commits the batch's objects and its watermark in one fenced transaction.
+    async fn commit_import_batch(
+        &self,
+        token: &FenceToken,
+        batch: &ImportBatch,
+        now_ms: i64,
+    ) -> Result<u64, StoreError>;
+    async fn watermark(
+        &self,
+        connector: &str,
+        object_type: &str,
+    ) -> Result<Option<String>, StoreError>;
+    async fn count_objects(&self, connector: &str) -> Result<i64, StoreError>;
+    async fn count_batches(&self, connector: &str) -> Result<i64, StoreError>;
+
+    /// The bootstrap admin token's hash (sha-256 hex); the plain token never reaches the store.
+    async fn set_token_hash(&self, name: &str, hash: &str, now_ms: i64) -> Result<(), StoreError>;
+    async fn token_hash(&self, name: &str) -> Result<Option<String>, StoreError>;
+
+    async fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError>;
+    async fn audit(&self, limit: i64) -> Result<Vec<AuditEntry>, StoreError>;
+    /// Ordered journal of fenced commits (kind, epoch), for proving commit order in tests.
+    async fn journal(&self) -> Result<Vec<(String, i64)>, StoreError>;
+}
+
+/// Which backend a connection string names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite(std::path::PathBuf),
+    SqlServer(String),
+}
+
+pub fn parse_connection_string(s: &str) -> Result<Backend, StoreError> {
+    let s = s.trim();
+    if let Some(rest) = s.strip_prefix("sqlite://") {
+        if rest.is_empty() {
+            return Err(StoreError::Config(
+                "sqlite:// needs a file path, e.g. sqlite:///var/lib/identitymesh/im.db".into(),
+            ));
+        }
+        return Ok(Backend::Sqlite(rest.into()));
+    }
+    if s.contains('=') && s.contains(';') || s.to_ascii_lowercase().starts_with("server=") {
+        return Ok(Backend::SqlServer(s.to_string()));
+    }
+    Err(StoreError::Config(
+        "expected sqlite://PATH or an ADO.NET SQL Server string such as \
+         Server=tcp:sql.contoso.local,1433;Database=IdentityMesh;User Id=im;Password=...;Encrypt=true"
+            .into(),
+    ))
+}
+
+pub async fn open(
+    backend: &Backend,
+) -> Result<std::sync::Arc<dyn Store>, StoreError> {
+    Ok(match backend {
+        Backend::Sqlite(path) => std::sync::Arc::new(sqlite::SqliteStore::open(path).await?),
+        Backend::SqlServer(cs) => std::sync::Arc::new(mssql::MssqlStore::connect(cs).await?),
+    })
+}
+
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_strings() {
+        assert_eq!(
+            parse_connection_string("sqlite:///a/b.db").unwrap(),
+            Backend::Sqlite("/a/b.db".into())
+        );
+        assert!(matches!(
+            parse_connection_string("Server=tcp:x,1433;Database=IM;User Id=a;Password=b").unwrap(),
+            Backend::SqlServer(_)
+        ));
+        assert!(parse_connection_string("sqlite://").is_err());
+        let e = parse_connection_string("postgres://x").unwrap_err().to_string();
+        assert!(e.contains("sqlite://PATH"), "{e}");
+    }
+}

@@ -1,0 +1,149 @@
+//! Tiny HTTP(S) server for harness tests (mapped from image `test/http`).
+//!
+//! `im-test-http --listen ADDR [--tls-cert FILE --tls-key FILE] [--ready-file FILE]`
+//! - `GET /healthz` → 200
+//! - `GET /readyz`  → 200, or 503 when `--ready-file` is given and that file is missing
+//! - `GET /env/NAME` → the value of env var NAME (404 if unset)
+//! - `GET /file?PATH` → contents of PATH
+//! - anything else → `hello from <HOSTNAME>`
+//!
+//! Exits 0 on SIGTERM (after printing "terminating"), so graceful deletion is observable.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+static TERM: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_term(_: libc::c_int) {
+    TERM.store(true, Ordering::SeqCst);
+}
+
+fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+fn respond(req_line: &str, ready_file: &Option<String>) -> (u16, String) {
+    let path = req_line.split_whitespace().nth(1).unwrap_or("/");
+    match path {
+        "/healthz" => (200, "ok".into()),
+        "/readyz" => match ready_file {
+            Some(f) if !std::path::Path::new(f).exists() => (503, "not ready".into()),
+            _ => (200, "ready".into()),
+        },
+        p if p.starts_with("/env/") => match std::env::var(&p[5..]) {
+            Ok(v) => (200, v),
+            Err(_) => (404, "unset".into()),
+        },
+        p if p.starts_with("/file?") => match std::fs::read_to_string(&p[6..]) {
+            Ok(v) => (200, v),
+            Err(e) => (404, e.to_string()),
+        },
+        _ => (
+            200,
+            format!(
+                "hello from {}",
+                std::env::var("HOSTNAME").unwrap_or_default()
+            ),
+        ),
+    }
+}
+
+fn handle<S: Read + Write>(stream: S, ready_file: &Option<String>) {
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    if reader.read_line(&mut line).is_err() {
+        return;
+    }
+    // Drain headers.
+    loop {
+        let mut h = String::new();
+        match reader.read_line(&mut h) {
+            Ok(0) | Err(_) => break,
+            Ok(_) if h == "\r\n" || h == "\n" => break,
+            Ok(_) => {}
+        }
+    }
+    let (code, body) = respond(&line, ready_file);
+    let resp = format!(
+        "HTTP/1.1 {code} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = reader.get_mut().write_all(resp.as_bytes());
+    let _ = reader.get_mut().flush();
+}
+
+fn tls_config(cert: &str, key: &str) -> Result<Arc<rustls::ServerConfig>, String> {
+    let certs = rustls_pemfile::certs(&mut BufReader::new(
+        std::fs::File::open(cert).map_err(|e| format!("{cert}: {e}"))?,
+    ))
+    .collect::<Result<Vec<_>, _>>()
+    .map_err(|e| e.to_string())?;
+    let key = rustls_pemfile::private_key(&mut BufReader::new(
+        std::fs::File::open(key).map_err(|e| format!("{key}: {e}"))?,
+    ))
+    .map_err(|e| e.to_string())?
+    .ok_or("no private key")?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| e.to_string())?;
+    Ok(Arc::new(config))
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let listen = arg(&args, "--listen").unwrap_or_else(|| "0.0.0.0:8080".into());
+    let ready_file = arg(&args, "--ready-file");
+    let tls = match (arg(&args, "--tls-cert"), arg(&args, "--tls-key")) {
+        (Some(c), Some(k)) => match tls_config(&c, &k) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!("im-test-http: tls: {e}");
+                std::process::exit(2);
+            }
+        },
+        _ => None,
+    };
+    // SAFETY: installing a handler that only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGTERM, on_term as *const () as libc::sighandler_t);
+    }
+    let listener = match TcpListener::bind(&listen) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("im-test-http: bind {listen}: {e}");
+            std::process::exit(1);
+        }
+    };
+    listener.set_nonblocking(true).ok();
+    println!("im-test-http listening on {listen} (tls: {})", tls.is_some());
+    loop {
+        if TERM.load(Ordering::SeqCst) {
+            println!("terminating");
+            std::process::exit(0);
+        }
+        match listener.accept() {
+            Ok((stream, _)) => {
+                stream.set_nonblocking(false).ok();
+                let ready_file = ready_file.clone();
+                let tls = tls.clone();
+                std::thread::spawn(move || match tls {
+                    Some(cfg) => {
+                        if let Ok(conn) = rustls::ServerConnection::new(cfg) {
+                            handle(rustls::StreamOwned::new(conn, stream), &ready_file);
+                        }
+                    }
+                    None => handle(stream, &ready_file),
+                });
+            }
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+        }
+    }
+}

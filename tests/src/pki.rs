@@ -1,0 +1,110 @@
+//! Certificates and keys for one harness control plane, generated fresh per cluster with rcgen.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
+};
+
+use crate::error::{IoContext, Result};
+
+/// Files written under `<run dir>/pki`.
+#[derive(Debug, Clone)]
+pub struct Pki {
+    pub dir: PathBuf,
+    pub ca_cert: PathBuf,
+    pub ca_key: PathBuf,
+    pub apiserver_cert: PathBuf,
+    pub apiserver_key: PathBuf,
+    pub admin_cert: PathBuf,
+    pub admin_key: PathBuf,
+    /// Service-account signing key (ECDSA P-256, PKCS#8); apiserver derives the public key.
+    pub sa_key: PathBuf,
+    pub ca_pem: String,
+    pub admin_cert_pem: String,
+    pub admin_key_pem: String,
+}
+
+fn write(path: &Path, contents: &str) -> Result<()> {
+    std::fs::write(path, contents).ctx(|| format!("write {}", path.display()))
+}
+
+fn dn(cn: &str, org: Option<&str>) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, cn);
+    if let Some(o) = org {
+        dn.push(DnType::OrganizationName, o);
+    }
+    dn
+}
+
+impl Pki {
+    /// Generates a CA, the apiserver serving certificate (valid for loopback, the given extra
+    /// addresses and the in-cluster names), an admin client certificate (system:masters) and a
+    /// service-account signing key.
+    pub fn generate(dir: &Path, extra_ips: &[IpAddr]) -> Result<Pki> {
+        std::fs::create_dir_all(dir).ctx(|| format!("create {}", dir.display()))?;
+
+        let ca_key = KeyPair::generate()?;
+        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+        ca_params.distinguished_name = dn("identitymesh-harness-ca", None);
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca_cert = ca_params.self_signed(&ca_key)?;
+        let ca_pem = ca_cert.pem();
+        let issuer = Issuer::new(ca_params, &ca_key);
+
+        let mut sans: Vec<String> = vec![
+            "127.0.0.1".into(),
+            "localhost".into(),
+            "kubernetes".into(),
+            "kubernetes.default".into(),
+            "kubernetes.default.svc".into(),
+            "kubernetes.default.svc.cluster.local".into(),
+            // First address of the service CIDR: the `kubernetes` Service's ClusterIP.
+            "10.96.0.1".into(),
+        ];
+        sans.extend(extra_ips.iter().map(|ip| ip.to_string()));
+        let api_key = KeyPair::generate()?;
+        let mut api_params = CertificateParams::new(sans)?;
+        api_params.distinguished_name = dn("kube-apiserver", None);
+        api_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let api_cert = api_params.signed_by(&api_key, &issuer)?;
+
+        let admin_key = KeyPair::generate()?;
+        let mut admin_params = CertificateParams::new(Vec::<String>::new())?;
+        admin_params.distinguished_name = dn("harness-admin", Some("system:masters"));
+        admin_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let admin_cert = admin_params.signed_by(&admin_key, &issuer)?;
+
+        let sa_key = KeyPair::generate()?;
+
+        let pki = Pki {
+            dir: dir.to_path_buf(),
+            ca_cert: dir.join("ca.crt"),
+            ca_key: dir.join("ca.key"),
+            apiserver_cert: dir.join("apiserver.crt"),
+            apiserver_key: dir.join("apiserver.key"),
+            admin_cert: dir.join("admin.crt"),
+            admin_key: dir.join("admin.key"),
+            sa_key: dir.join("sa.key"),
+            ca_pem,
+            admin_cert_pem: admin_cert.pem(),
+            admin_key_pem: admin_key.serialize_pem(),
+        };
+        write(&pki.ca_cert, &pki.ca_pem)?;
+        write(&pki.ca_key, &ca_key.serialize_pem())?;
+        write(&pki.apiserver_cert, &api_cert.pem())?;
+        write(&pki.apiserver_key, &api_key.serialize_pem())?;
+        write(&pki.admin_cert, &pki.admin_cert_pem)?;
+        write(&pki.admin_key, &pki.admin_key_pem)?;
+        write(&pki.sa_key, &sa_key.serialize_pem())?;
+        Ok(pki)
+    }
+}

@@ -1,0 +1,295 @@
+//! A Service proxy, as kube-proxy would be: for every Service port a TCP listener on
+//! 127.0.0.1:<free port> forwarding to a ready endpoint from the Service's EndpointSlices.
+//!
+//! Endpoints are chosen per connection (round robin over the ready ones, re-resolved on every
+//! new connection); forwarded connections whose endpoint leaves the ready set are closed, as
+//! conntrack flushing does for removed endpoints.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::Api;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// (namespace, service, port) → listener address.
+type Listeners = HashMap<(String, String, u16), ListenerEntry>;
+
+struct ListenerEntry {
+    addr: SocketAddr,
+    /// Current ready endpoints; forwarding tasks watch it.
+    endpoints: watch::Sender<BTreeSet<SocketAddr>>,
+    task: JoinHandle<()>,
+}
+
+pub struct ServiceProxy {
+    listeners: Arc<Mutex<Listeners>>,
+    task: JoinHandle<()>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl ServiceProxy {
+    pub fn start(client: kube::Client) -> ServiceProxy {
+        let listeners: Arc<Mutex<Listeners>> = Arc::default();
+        let task = tokio::spawn(sync_loop(client, listeners.clone()));
+        ServiceProxy { listeners, task }
+    }
+
+    /// The local address for a Service port, if the proxy has a listener for it yet.
+    pub fn addr(&self, ns: &str, name: &str, port: u16) -> Option<SocketAddr> {
+        lock(&self.listeners)
+            .get(&(ns.to_string(), name.to_string(), port))
+            .map(|e| e.addr)
+    }
+
+    /// Every (namespace, name, port) → address.
+    pub fn all(&self) -> Vec<((String, String, u16), SocketAddr)> {
+        lock(&self.listeners)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.addr))
+            .collect()
+    }
+}
+
+impl Drop for ServiceProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+        for (_, e) in lock(&self.listeners).drain() {
+            e.task.abort();
+        }
+    }
+}
+
+async fn sync_loop(client: kube::Client, listeners: Arc<Mutex<Listeners>>) {
+    let (svc_reader, svc_writer) = reflector::store::<Service>();
+    let (eps_reader, eps_writer) = reflector::store::<EndpointSlice>();
+    let (tx, mut rx) = watch::channel(0u64);
+    let tx2 = tx.clone();
+    let svc_api: Api<Service> = Api::all(client.clone());
+    let eps_api: Api<EndpointSlice> = Api::all(client);
+    let w1 = tokio::spawn(async move {
+        let s = reflector::reflector(
+            svc_writer,
+            watcher(svc_api, watcher::Config::default()).default_backoff(),
+        );
+        let mut s = std::pin::pin!(s);
+        while s.next().await.is_some() {
+            tx.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    });
+    let w2 = tokio::spawn(async move {
+        let s = reflector::reflector(
+            eps_writer,
+            watcher(eps_api, watcher::Config::default()).default_backoff(),
+        );
+        let mut s = std::pin::pin!(s);
+        while s.next().await.is_some() {
+            tx2.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    });
+    struct AbortOnDrop(Vec<JoinHandle<()>>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            for t in &self.0 {
+                t.abort();
+            }
+        }
+    }
+    let _guard = AbortOnDrop(vec![w1, w2]);
+    loop {
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        sync(&svc_reader, &eps_reader, &listeners).await;
+    }
+}
+
+async fn sync(svcs: &Store<Service>, eps: &Store<EndpointSlice>, listeners: &Mutex<Listeners>) {
+    let mut wanted: HashMap<(String, String, u16), BTreeSet<SocketAddr>> = HashMap::new();
+    for svc in svcs.state() {
+        let ns = svc.metadata.namespace.clone().unwrap_or_default();
+        let name = svc.metadata.name.clone().unwrap_or_default();
+        let Some(spec) = &svc.spec else { continue };
+        if spec.type_.as_deref() == Some("ExternalName") {
+            continue;
+        }
+        for port in spec.ports.iter().flatten() {
+            if port.protocol.as_deref().unwrap_or("TCP") != "TCP" {
+                continue;
+            }
+            let port_name = port.name.clone().unwrap_or_default();
+            let mut ready = BTreeSet::new();
+            for slice in eps.state() {
+                let owned = slice.metadata.namespace.as_deref() == Some(ns.as_str())
+                    && slice
+                        .metadata
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get("kubernetes.io/service-name"))
+                        == Some(&name);
+                if !owned {
+                    continue;
+                }
+                let Some(target) = slice
+                    .ports
+                    .iter()
+                    .flatten()
+                    .find(|p| p.name.clone().unwrap_or_default() == port_name)
+                    .and_then(|p| p.port)
+                    .and_then(|p| u16::try_from(p).ok())
+                else {
+                    continue;
+                };
+                for ep in &slice.endpoints {
+                    // nil means ready, as in kube-proxy.
+                    let is_ready = ep.conditions.as_ref().and_then(|c| c.ready) != Some(false);
+                    if !is_ready {
+                        continue;
+                    }
+                    for a in &ep.addresses {
+                        if let Ok(ip) = a.parse::<IpAddr>() {
+                            ready.insert(SocketAddr::new(ip, target));
+                        }
+                    }
+                }
+            }
+            if let Ok(p) = u16::try_from(port.port) {
+                wanted.insert((ns.clone(), name.clone(), p), ready);
+            }
+        }
+    }
+    let mut map = lock(listeners);
+    map.retain(|k, e| {
+        let keep = wanted.contains_key(k);
+        if !keep {
+            e.task.abort();
+        }
+        keep
+    });
+    for (key, ready) in wanted {
+        if let Some(e) = map.get(&key) {
+            e.endpoints.send_if_modified(|cur| {
+                if *cur != ready {
+                    *cur = ready;
+                    true
+                } else {
+                    false
+                }
+            });
+            continue;
+        }
+        // Bind synchronously so the address is known now (no race for the port).
+        let std_listener = match std::net::TcpListener::bind("127.0.0.1:0") {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!("service proxy bind: {e}");
+                continue;
+            }
+        };
+        let _ = std_listener.set_nonblocking(true);
+        let Ok(addr) = std_listener.local_addr() else {
+            continue;
+        };
+        let Ok(listener) = TcpListener::from_std(std_listener) else {
+            continue;
+        };
+        let (tx, rx) = watch::channel(ready);
+        let task = tokio::spawn(serve(listener, rx));
+        map.insert(
+            key,
+            ListenerEntry {
+                addr,
+                endpoints: tx,
+                task,
+            },
+        );
+    }
+}
+
+async fn serve(listener: TcpListener, endpoints: watch::Receiver<BTreeSet<SocketAddr>>) {
+    let next = AtomicUsize::new(0);
+    let mut conns: Vec<JoinHandle<()>> = Vec::new();
+    struct AbortAll<'a>(&'a mut Vec<JoinHandle<()>>);
+    impl Drop for AbortAll<'_> {
+        fn drop(&mut self) {
+            for t in self.0.iter() {
+                t.abort();
+            }
+        }
+    }
+    let guard = AbortAll(&mut conns);
+    loop {
+        let Ok((client, _)) = listener.accept().await else {
+            continue;
+        };
+        guard.0.retain(|t| !t.is_finished());
+        // Re-resolve on every connection.
+        let ready: Vec<SocketAddr> = endpoints.borrow().iter().copied().collect();
+        if ready.is_empty() {
+            // No ready endpoint: refuse, as kube-proxy's REJECT rule does.
+            drop(client);
+            continue;
+        }
+        let target = ready[next.fetch_add(1, Ordering::Relaxed) % ready.len()];
+        let mut rx = endpoints.clone();
+        guard.0.push(tokio::spawn(async move {
+            let Ok(Ok(upstream)) =
+                tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(target)).await
+            else {
+                return;
+            };
+            forward(client, upstream, &mut rx, target).await;
+        }));
+    }
+}
+
+async fn forward(
+    mut client: TcpStream,
+    mut upstream: TcpStream,
+    endpoints: &mut watch::Receiver<BTreeSet<SocketAddr>>,
+    target: SocketAddr,
+) {
+    let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+    tokio::pin!(copy);
+    loop {
+        tokio::select! {
+            _ = &mut copy => return,
+            r = endpoints.changed() => {
+                if r.is_err() || !endpoints.borrow().contains(&target) {
+                    // Endpoint removed: close both sides.
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Forwards every connection accepted on `listener` to `target` (used to let pods reach the
+/// apiserver at their node's host-side address).
+pub fn forward_all(listener: TcpListener, target: SocketAddr) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut client, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                if let Ok(mut up) = TcpStream::connect(target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
+                }
+            });
+        }
+    })
+}

@@ -1,0 +1,185 @@
+//! Project tasks: `cargo xtask <tools|cluster up|test|bench-harness>`.
+
+mod tools;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+/// Debian packages the tests need: (command or file that proves it is there, package).
+/// Append here when a test needs another real peer (e.g. slapd).
+const APT_PACKAGES: &[(&str, &str)] = &[("ip", "iproute2")];
+
+/// Folders (relative to the workspace root) whose npm dependencies the tests need; `npm ci` (or
+/// `npm install` without a lockfile) runs in each that exists.
+const NPM_DIRS: &[&str] = &[];
+
+#[derive(Parser)]
+#[command(about = "IdentityMesh project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build (or confirm cached) etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
+    /// kubectl and helm under ~/.cache/identitymesh/k8s/<version>/bin.
+    Tools {
+        /// Rebuild even when the stamp says the tools are up to date.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Start or manage a harness cluster for manual use.
+    Cluster {
+        #[command(subcommand)]
+        cmd: ClusterCmd,
+    },
+    /// The project test command: system packages, npm packages, tools, then
+    /// `cargo test --workspace --all-targets [ARGS]`.
+    Test {
+        /// Passed to `cargo test` (e.g. `-- --nocapture`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Print harness figures: tools build time, warm start time, control-plane memory.
+    BenchHarness,
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Start a harness (2 windows nodes by default), print the kubeconfig path, run until Ctrl-C.
+    Up {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn workspace_root() -> PathBuf {
+    // xtask/ is one level below the workspace root.
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+fn run(mut cmd: Command, what: &str) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("start {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+fn package_installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn on_path(cmd: &str) -> bool {
+    let extra = ["/usr/sbin", "/sbin"].map(PathBuf::from);
+    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .chain(extra)
+        .any(|d| d.join(cmd).is_file())
+}
+
+fn ensure_apt_packages() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .filter(|(probe, pkg)| !on_path(probe) && !package_installed(pkg))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    println!("xtask: installing {}", missing.join(" "));
+    let mut update = Command::new("apt-get");
+    update.arg("update");
+    run(update, "apt-get update")?;
+    let mut install = Command::new("apt-get");
+    install
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive");
+    run(install, "apt-get install")
+}
+
+fn ensure_npm(root: &Path) -> Result<()> {
+    for dir in NPM_DIRS {
+        let dir = root.join(dir);
+        if !dir.join("package.json").is_file() {
+            continue;
+        }
+        let mut cmd = Command::new("npm");
+        let verb = if dir.join("package-lock.json").is_file() {
+            "ci"
+        } else {
+            "install"
+        };
+        cmd.arg(verb).current_dir(&dir);
+        run(cmd, &format!("npm {verb} in {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+fn real_main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    match cli.cmd {
+        Cmd::Tools { force } => {
+            tools::ensure(&root, force)?;
+        }
+        Cmd::Cluster {
+            cmd: ClusterCmd::Up { args },
+        } => {
+            ensure_apt_packages()?;
+            let bin = tools::ensure(&root, false)?;
+            let mut cmd = cargo();
+            cmd.args(["run", "--quiet", "-p", "identitymesh-tests", "--bin", "im-cluster", "--"])
+                .args(args)
+                .env(tools::BIN_DIR_ENV, bin)
+                .current_dir(&root);
+            run(cmd, "im-cluster")?;
+        }
+        Cmd::Test { args } => {
+            ensure_apt_packages()?;
+            ensure_npm(&root)?;
+            let bin = tools::ensure(&root, false)?;
+            let mut cmd = cargo();
+            cmd.args(["test", "--workspace", "--all-targets"])
+                .args(args)
+                .env(tools::BIN_DIR_ENV, bin)
+                .current_dir(&root);
+            run(cmd, "cargo test")?;
+        }
+        Cmd::BenchHarness => {
+            ensure_apt_packages()?;
+            let bin = tools::ensure(&root, false)?;
+            let mut cmd = cargo();
+            cmd.args(["bench", "-p", "identitymesh-tests", "--bench", "controlplane"])
+                .env(tools::BIN_DIR_ENV, bin)
+                .current_dir(&root);
+            run(cmd, "cargo bench")?;
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
