@@ -123,7 +123,13 @@ pub fn admission_cases() -> Vec<AdmissionCase> {
         c(
             "name-too-long-for-derived-names",
             json!({"metadata": {"name": "a-very-long-cluster-name-that-exceeds-forty-chars"}}),
-            "metadata.name must be a DNS label of at most 40 characters",
+            "metadata.name",
+            false,
+        ),
+        c(
+            "name-starting-with-digit",
+            json!({"metadata": {"name": "1im"}}),
+            "metadata.name must be a DNS label of at most 40 characters starting with a letter",
             true,
         ),
         c("bad-version", json!({"spec": {"version": "1.0 beta"}}), "spec.version in body should match", false),
@@ -146,13 +152,12 @@ pub fn admission_cases() -> Vec<AdmissionCase> {
 mod tests {
     use super::*;
     use crate::crd::IdentityMeshCluster;
-    use kube::CustomResourceExt;
 
     #[test]
     fn at_least_ten_cases_with_cel_messages_in_the_crd() {
         let cases = admission_cases();
         assert!(cases.len() >= 10);
-        let crd = serde_json::to_string(&IdentityMeshCluster::crd()).expect("crd");
+        let crd = serde_json::to_string(&crate::crd::crd()).expect("crd");
         for case in cases.iter().filter(|c| c.cel) {
             assert!(
                 crd.contains(case.expect),

@@ -100,6 +100,9 @@ impl Context {
 /// Requeue while a cutover runs, and the steady-state poll of the pods' roles (reads only).
 const CUTOVER_REQUEUE: Duration = Duration::from_millis(500);
 const STEADY_REQUEUE: Duration = Duration::from_secs(2);
+/// How long a lost pod whose process answers again may take to become Ready before it is
+/// replaced anyway.
+const REPLACE_GRACE: Duration = Duration::from_secs(60);
 
 /// Entry point for the kube-rs Controller.
 pub async fn reconcile(
@@ -448,7 +451,9 @@ impl Reconciler {
         if self.writes > 0 {
             tracing::debug!(cluster = %self.names.cluster, writes = self.writes, "reconciled");
         }
-        Ok(ReconcileAction::requeue(if st.cutover.is_some() {
+        // Look again soon while anything is off: failover timing depends on noticing early.
+        let unsettled = st.cutover.is_some() || world.views.iter().any(|v| !health(v).is_healthy());
+        Ok(ReconcileAction::requeue(if unsettled {
             CUTOVER_REQUEUE
         } else {
             STEADY_REQUEUE
@@ -1031,7 +1036,15 @@ impl Reconciler {
                     // Force when the node is gone: the kubelet cannot confirm, and the epoch
                     // already fences whatever may still run there.
                     let node_lost = view.is_some_and(|v| v.node_ready == Some(false));
-                    if live.is_some_and(|p| p.metadata.deletion_timestamp.is_none()) || node_lost {
+                    // A process that answers (restarted, coming up as standby) gets time to
+                    // become Ready before it is thrown away; recreating is slow on Windows.
+                    let answering = view.is_some_and(|v| v.server.is_some());
+                    let waited = cutover::elapsed_ms(c.step_started.0, Timestamp::now())
+                        >= i64::try_from(REPLACE_GRACE.as_millis()).unwrap_or(i64::MAX);
+                    let give_up_on_it = node_lost || !answering || waited;
+                    let not_deleting =
+                        live.is_some_and(|p| p.metadata.deletion_timestamp.is_none());
+                    if give_up_on_it && (not_deleting || node_lost) {
                         self.delete_pod(&pod, if node_lost { Some(0) } else { None })
                             .await?;
                         self.event(

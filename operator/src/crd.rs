@@ -7,6 +7,9 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceDefinition, JSONSchemaProps,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use schemars::JsonSchema;
@@ -562,9 +565,41 @@ pub struct CertificateExpiry {
     pub secret_name: String,
 }
 
+/// The CRD as installed: the derived one plus a length bound on metadata.name. The bound keeps
+/// the apiserver's CEL cost estimate of the name rule small (an unbounded string is costed at the
+/// maximum request size), and names longer than 40 would make invalid derived names anyway.
+pub fn crd() -> CustomResourceDefinition {
+    let mut crd = IdentityMeshCluster::crd();
+    for v in &mut crd.spec.versions {
+        if let Some(schema) = v
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+        {
+            let props = schema.properties.get_or_insert_with(BTreeMap::new);
+            props.insert(
+                "metadata".to_string(),
+                JSONSchemaProps {
+                    type_: Some("object".into()),
+                    properties: Some(BTreeMap::from([(
+                        "name".to_string(),
+                        JSONSchemaProps {
+                            type_: Some("string".into()),
+                            max_length: Some(40),
+                            ..Default::default()
+                        },
+                    )])),
+                    ..Default::default()
+                },
+            );
+        }
+    }
+    crd
+}
+
 /// The CRD as YAML, as `identitymesh-operator crd` prints it and crds/ holds it.
 pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
-    serde_yaml::to_string(&IdentityMeshCluster::crd())
+    serde_yaml::to_string(&crd())
 }
 
 /// File name of the generated CRD under crds/.
@@ -575,7 +610,7 @@ mod tests {
     use super::*;
 
     fn crd_json() -> serde_json::Value {
-        serde_json::to_value(IdentityMeshCluster::crd()).expect("crd serialises")
+        serde_json::to_value(crd()).expect("crd serialises")
     }
 
     /// crds/ (and the chart's copy) must match the types. Regenerate with:
@@ -598,7 +633,7 @@ mod tests {
 
     #[test]
     fn crd_names_and_columns() {
-        let crd = IdentityMeshCluster::crd();
+        let crd = crd();
         assert_eq!(
             crd.metadata.name.as_deref(),
             Some("identitymeshclusters.identitymesh.io")

@@ -66,10 +66,14 @@ async fn authorize(st: &AppState, headers: &HeaderMap, path: &str) -> Result<Pri
         .find(|r| r.path == path)
         .map(|r| r.permission)
         .ok_or_else(|| Problem::internal(format!("route {path} declares no permission")))?;
-    let p = st.auth.authenticate(bearer(headers)).await.map_err(|e| match e {
-        crate::auth::AuthError::KeysUnavailable(m) => Problem::unavailable(m),
-        other => Problem::unauthorized(other.to_string()),
-    })?;
+    let p = st
+        .auth
+        .authenticate(bearer(headers))
+        .await
+        .map_err(|e| match e {
+            crate::auth::AuthError::KeysUnavailable(m) => Problem::unavailable(m),
+            other => Problem::unauthorized(other.to_string()),
+        })?;
     if !p.permissions.contains(&need) {
         return Err(Problem::forbidden(format!(
             "this endpoint needs the `{}` permission, which the token does not grant",
@@ -111,7 +115,10 @@ pub fn internal_router(state: AppState) -> Router {
 }
 
 async fn not_found() -> Problem {
-    Problem::new(StatusCode::NOT_FOUND, "no such endpoint; see /api/openapi.json")
+    Problem::new(
+        StatusCode::NOT_FOUND,
+        "no such endpoint; see /api/openapi.json",
+    )
 }
 
 async fn method_not_allowed() -> Problem {
@@ -227,7 +234,12 @@ async fn audit(
     if !(1..=1000).contains(&limit) {
         return Err(Problem::bad_request("limit must be between 1 and 1000"));
     }
-    let rows = st.engine.store().audit(limit).await.map_err(store_problem)?;
+    let rows = st
+        .engine
+        .store()
+        .audit(limit)
+        .await
+        .map_err(store_problem)?;
     Ok(Json(rows).into_response())
 }
 
@@ -337,3 +349,120 @@ async fn demote(
 /// The verified client certificate's subject, attached by the mTLS listener.
 #[derive(Clone, Debug)]
 pub struct PeerName(pub String);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::testing::TestIssuer;
+    use crate::config::EngineConfig;
+    use crate::store::sqlite::SqliteStore;
+    use crate::store::Store;
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    async fn app() -> (tempfile::TempDir, Router, TestIssuer) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("im.db")).await.unwrap();
+        store.migrate().await.unwrap();
+        let issuer = TestIssuer::new();
+        let jwks = dir.path().join("jwks.json");
+        std::fs::write(&jwks, &issuer.jwks_json).unwrap();
+        let auth = Authenticator::new(None, Some(issuer.config(jwks)))
+            .await
+            .unwrap();
+        let engine = Engine::new(
+            Arc::new(store),
+            "t".into(),
+            "h".into(),
+            "1".into(),
+            EngineConfig::default(),
+        );
+        let st = AppState {
+            engine,
+            auth,
+            licence_file: None,
+        };
+        (dir, router(st), issuer)
+    }
+
+    async fn call(app: &Router, method: &str, path: &str, token: Option<&str>) -> StatusCode {
+        let mut req = Request::builder()
+            .method(method.to_uppercase().as_str())
+            .uri(path);
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        app.clone()
+            .oneshot(req.body(Body::empty()).unwrap())
+            .await
+            .unwrap()
+            .status()
+    }
+
+    /// Every route, with no token, with each single permission, and with its own permission.
+    #[tokio::test]
+    async fn every_endpoint_enforces_its_permission() {
+        let (_d, app, issuer) = app().await;
+        for r in ROUTES {
+            assert_eq!(call(&app, r.method, r.path, None).await, 401, "{}", r.path);
+            assert_eq!(
+                call(&app, r.method, r.path, Some("garbage")).await,
+                401,
+                "{}",
+                r.path
+            );
+            for p in Permission::ALL {
+                let status = call(
+                    &app,
+                    r.method,
+                    r.path,
+                    Some(&issuer.token(&[p.as_str()], 300)),
+                )
+                .await;
+                if p == r.permission {
+                    assert_eq!(status, 200, "{} with {}", r.path, p.as_str());
+                } else {
+                    assert_eq!(status, 403, "{} with {}", r.path, p.as_str());
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn openapi_matches_the_routes() {
+        let (_d, app, issuer) = app().await;
+        let doc = openapi_document();
+        let paths = doc["paths"].as_object().unwrap();
+        for r in ROUTES {
+            assert_eq!(
+                paths[r.path][r.method]["x-permission"],
+                r.permission.as_str(),
+                "{}",
+                r.path
+            );
+        }
+        let all = Permission::ALL.map(|p| p.as_str());
+        let token = issuer.token(&all, 300);
+        for (path, ops) in paths {
+            for method in ops.as_object().unwrap().keys() {
+                let s = call(&app, method, path, Some(&token)).await;
+                assert_ne!(s, 404, "{method} {path} documented but not routed");
+                assert_ne!(s, 405, "{method} {path} documented but not routed");
+            }
+        }
+        assert_eq!(call(&app, "get", "/api/nothing", Some(&token)).await, 404);
+    }
+
+    #[tokio::test]
+    async fn bad_query_is_a_problem_not_a_crash() {
+        let (_d, app, issuer) = app().await;
+        let t = issuer.token(&["audit.read"], 300);
+        assert_eq!(
+            call(&app, "get", "/api/audit?limit=abc", Some(&t)).await,
+            400
+        );
+        assert_eq!(call(&app, "get", "/api/audit?limit=0", Some(&t)).await, 400);
+        assert_eq!(call(&app, "get", "/api/audit?limit=5", Some(&t)).await, 200);
+    }
+}

@@ -30,7 +30,12 @@ pub enum Mode {
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 const TLS_POLL: Duration = Duration::from_secs(2);
 
-pub async fn run(mode: Mode, cfg: Config) -> anyhow::Result<()> {
+/// Runs until `stop` completes (a signal, or a Windows service stop request), then drains.
+pub async fn run(
+    mode: Mode,
+    cfg: Config,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("cannot create data_dir {}", cfg.data_dir.display()))?;
     logging::init(&cfg.data_dir.join("logs"))
@@ -48,7 +53,11 @@ pub async fn run(mode: Mode, cfg: Config) -> anyhow::Result<()> {
         ),
         _ => Backend::Sqlite(cfg.data_dir.join("identitymesh.db")),
     };
-    let store = open_store(&backend).await?;
+    let store = open_store(
+        &backend,
+        Duration::from_millis(cfg.database.connect_timeout_ms),
+    )
+    .await?;
 
     let transport = transport(mode, &cfg)?;
     let licence_file = licence_file(mode, &cfg)?;
@@ -107,7 +116,7 @@ pub async fn run(mode: Mode, cfg: Config) -> anyhow::Result<()> {
         )));
     }
 
-    wait_for_signal().await;
+    stop.await;
     tracing::info!("shutdown requested; draining");
     if engine.status().role == Role::Active {
         let out = engine.demote("shutdown", "process stopping").await;
@@ -128,13 +137,14 @@ async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     })
 }
 
-async fn open_store(backend: &Backend) -> anyhow::Result<Arc<dyn Store>> {
+async fn open_store(backend: &Backend, patience: Duration) -> anyhow::Result<Arc<dyn Store>> {
     let what = match backend {
         Backend::Sqlite(p) => format!("SQLite at {}", p.display()),
         // Never log the connection string: it carries the password.
         Backend::SqlServer(_) => "SQL Server".to_string(),
     };
-    let mut delay = Duration::from_millis(500);
+    let mut delay = Duration::from_millis(250);
+    let deadline = tokio::time::Instant::now() + patience;
     for attempt in 1.. {
         match store::open(backend).await {
             Ok(s) => {
@@ -142,7 +152,9 @@ async fn open_store(backend: &Backend) -> anyhow::Result<Arc<dyn Store>> {
                 tracing::info!(store = %what, ?applied, "database ready");
                 return Ok(s);
             }
-            Err(e @ StoreError::Unavailable(_)) if attempt < 10 => {
+            Err(e @ StoreError::Unavailable(_))
+                if tokio::time::Instant::now() + delay < deadline =>
+            {
                 tracing::warn!(store = %what, attempt, error = %e, "database not reachable yet; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(10));
@@ -240,7 +252,8 @@ fn print_token_path(path: &Path) {
     tracing::info!(file = %path.display(), "bootstrap admin token file");
 }
 
-async fn wait_for_signal() {
+/// Completes on SIGTERM or Ctrl-C.
+pub async fn wait_for_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};

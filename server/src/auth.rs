@@ -153,7 +153,10 @@ impl Authenticator {
 
     /// Resolves a bearer token to a principal.
     pub async fn authenticate(&self, bearer: Option<&str>) -> Result<Principal, AuthError> {
-        let token = bearer.map(str::trim).filter(|t| !t.is_empty()).ok_or(AuthError::Missing)?;
+        let token = bearer
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or(AuthError::Missing)?;
         if token.starts_with(BOOTSTRAP_PREFIX) {
             let ok = self
                 .bootstrap_hash
@@ -367,7 +370,10 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(p.subject, "alice");
-        assert_eq!(p.permissions, [Permission::DashboardRead].into_iter().collect());
+        assert_eq!(
+            p.permissions,
+            [Permission::DashboardRead].into_iter().collect()
+        );
         // Expired, wrong audience, tampered.
         assert!(a.authenticate(Some(&i.token(&[], -600))).await.is_err());
         let other = TestIssuer::new();
@@ -389,7 +395,10 @@ mod tests {
             .insert("sub".into(), vec!["audit.read".into()]);
         // The test token carries `sub` = alice, no roles claim: nothing maps.
         let a = Authenticator::new(None, Some(cfg)).await.unwrap();
-        let p = a.authenticate(Some(&i.token(&["audit.read"], 300))).await.unwrap();
+        let p = a
+            .authenticate(Some(&i.token(&["audit.read"], 300)))
+            .await
+            .unwrap();
         assert!(p.permissions.is_empty());
     }
 

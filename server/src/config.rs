@@ -61,12 +61,15 @@ pub struct Config {
     pub engine: EngineConfig,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseConfig {
     /// `sqlite://PATH` or an ADO.NET SQL Server connection string. Empty: SQLite under data_dir.
     #[serde(default)]
     pub connection_string: Option<String>,
+    /// How long to keep retrying an unreachable database at start before giving up.
+    #[serde(default = "default_connect_timeout", deserialize_with = "flexible_u64")]
+    pub connect_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -154,6 +157,19 @@ impl Default for EngineConfig {
     }
 }
 
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            connection_string: None,
+            connect_timeout_ms: default_connect_timeout(),
+        }
+    }
+}
+
+fn default_connect_timeout() -> u64 {
+    60_000
+}
+
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 8443))
 }
@@ -213,9 +229,7 @@ fn flexible_bool<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
         B(bool),
         S(String),
     }
-    match B::deserialize(d)
-        .map_err(|_| serde::de::Error::custom("expected true or false"))?
-    {
+    match B::deserialize(d).map_err(|_| serde::de::Error::custom("expected true or false"))? {
         B::B(v) => Ok(v),
         B::S(s) => match s.trim() {
             "true" | "1" => Ok(true),
@@ -273,7 +287,10 @@ pub fn load(
                 message: "empty key segment; use IM_SECTION__KEY, e.g. IM_TLS__CERT_FILE".into(),
             });
         }
-        origins.insert(path.join("."), format!(" (from environment variable {var})"));
+        origins.insert(
+            path.join("."),
+            format!(" (from environment variable {var})"),
+        );
         set_path(&mut tree, &path, toml::Value::String(value)).map_err(|message| {
             ConfigError::Env {
                 var: var.clone(),
@@ -431,13 +448,18 @@ mod tests {
 
     #[test]
     fn flags_override_env_override_file() {
-        let f = write("data_dir = \"/file\"\nlisten = \"127.0.0.1:1\"\n[engine]\ndrain_timeout_ms = 5\n");
+        let f = write(
+            "data_dir = \"/file\"\nlisten = \"127.0.0.1:1\"\n[engine]\ndrain_timeout_ms = 5\n",
+        );
         let c = load(Some(f.path()), env(&[]), &FlagOverrides::default()).unwrap();
         assert_eq!(c.listen.port(), 1);
         assert_eq!(c.engine.drain_timeout_ms, 5);
         let c = load(
             Some(f.path()),
-            env(&[("IM_LISTEN", "127.0.0.1:2"), ("IM_ENGINE__DRAIN_TIMEOUT_MS", "7")]),
+            env(&[
+                ("IM_LISTEN", "127.0.0.1:2"),
+                ("IM_ENGINE__DRAIN_TIMEOUT_MS", "7"),
+            ]),
             &FlagOverrides::default(),
         )
         .unwrap();
@@ -479,7 +501,10 @@ mod tests {
     fn bad_values_name_key_and_form() {
         let e = load(
             None,
-            env(&[("IM_DATA_DIR", "/d"), ("IM_ENGINE__DRAIN_TIMEOUT_MS", "ten")]),
+            env(&[
+                ("IM_DATA_DIR", "/d"),
+                ("IM_ENGINE__DRAIN_TIMEOUT_MS", "ten"),
+            ]),
             &FlagOverrides::default(),
         )
         .unwrap_err()
@@ -496,7 +521,10 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(e.contains("listen") && e.contains("HOST:PORT") && e.contains("--listen"), "{e}");
+        assert!(
+            e.contains("listen") && e.contains("HOST:PORT") && e.contains("--listen"),
+            "{e}"
+        );
         let e = load(None, env(&[]), &FlagOverrides::default())
             .unwrap_err()
             .to_string();

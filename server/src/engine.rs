@@ -158,7 +158,12 @@ impl Engine {
     /// Reacts to a store error from an engine write: a fence means another instance holds a
     /// newer epoch, so this one stops being active at once.
     pub async fn on_write_error(&self, err: &StoreError) {
-        if let StoreError::Fenced { stored, holder, own } = err {
+        if let StoreError::Fenced {
+            stored,
+            holder,
+            own,
+        } = err
+        {
             tracing::error!(
                 instance = %self.instance, own_epoch = own, stored_epoch = stored, holder = %holder,
                 "fenced: another instance holds a newer epoch; demoting to standby"
@@ -212,7 +217,8 @@ impl Engine {
 
     /// Runs heartbeats and fenced ticks until `shutdown` fires.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        let mut every = tokio::time::interval(Duration::from_millis(self.cfg.heartbeat_interval_ms));
+        let mut every =
+            tokio::time::interval(Duration::from_millis(self.cfg.heartbeat_interval_ms));
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {

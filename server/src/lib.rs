@@ -13,3 +13,5 @@ pub mod problem;
 pub mod serve;
 pub mod store;
 pub mod tls;
+#[cfg(windows)]
+pub mod winsvc;

@@ -86,7 +86,10 @@ pub fn parse(text: &str) -> Result<Licence, String> {
         format!("not a valid licence ({e}); expected JSON with format, customer, licence_id, edition, issued, expires")
     })?;
     if l.format != 1 {
-        return Err(format!("licence format {} is not supported (expected 1)", l.format));
+        return Err(format!(
+            "licence format {} is not supported (expected 1)",
+            l.format
+        ));
     }
     if l.customer.trim().is_empty() {
         return Err("licence has an empty customer".into());

@@ -5,7 +5,11 @@ use identitymesh_server::app::{self, Mode};
 use identitymesh_server::config::{self, FlagOverrides};
 
 #[derive(Parser)]
-#[command(name = "identitymesh-server", version, about = "IdentityMesh server: Admin API, Sync Engine, Relay Hub")]
+#[command(
+    name = "identitymesh-server",
+    version,
+    about = "IdentityMesh server: Admin API, Sync Engine, Relay Hub"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -31,11 +35,20 @@ enum Command {
         #[arg(long)]
         listen: Option<String>,
     },
+    /// Windows only: run standalone under the Service Control Manager (`sc create … binPath=
+    /// "identitymesh-server.exe service --config C:\\…\\server.toml"`).
+    #[cfg(windows)]
+    Service {
+        #[arg(long)]
+        config: PathBuf,
+    },
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let (mode, file, flags) = match cli.command {
+        #[cfg(windows)]
+        Command::Service { config } => return identitymesh_server::winsvc::run(config),
         Command::Standalone {
             data_dir,
             listen,
@@ -72,7 +85,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match rt.block_on(app::run(mode, cfg)) {
+    match rt.block_on(app::run(mode, cfg, app::wait_for_signal())) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");

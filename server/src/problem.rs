@@ -76,12 +76,16 @@ where
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "send the body as JSON with Content-Type: application/json",
             )),
-            Err(JsonRejection::JsonSyntaxError(e)) => {
-                Err(Problem::bad_request(format!("the body is not valid JSON: {}", e.body_text())))
-            }
+            Err(JsonRejection::JsonSyntaxError(e)) => Err(Problem::bad_request(format!(
+                "the body is not valid JSON: {}",
+                e.body_text()
+            ))),
             Err(JsonRejection::JsonDataError(e)) => Err(Problem::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
-                format!("the JSON does not have the expected fields: {}", e.body_text()),
+                format!(
+                    "the JSON does not have the expected fields: {}",
+                    e.body_text()
+                ),
             )),
             Err(JsonRejection::BytesRejection(e)) => Err(Problem::new(
                 e.status(),

@@ -62,8 +62,12 @@ fn certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
     let signer = rustls::crypto::ring::sign::any_supported_type(&key_der)
         .map_err(|e| invalid(key, format!("unsupported key: {e}")))?;
     let ck = CertifiedKey::new(chain, signer);
-    ck.keys_match()
-        .map_err(|e| invalid(cert, format!("certificate does not match {}: {e}", key.display())))?;
+    ck.keys_match().map_err(|e| {
+        invalid(
+            cert,
+            format!("certificate does not match {}: {e}", key.display()),
+        )
+    })?;
     Ok(ck)
 }
 
@@ -134,9 +138,10 @@ impl TlsState {
     }
 
     fn internal_config(&self, ca: &Path) -> Result<Arc<ServerConfig>, TlsError> {
-        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider())
-            .build()
-            .map_err(|e| invalid(ca, format!("cannot verify clients with it: {e}")))?;
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider())
+                .build()
+                .map_err(|e| invalid(ca, format!("cannot verify clients with it: {e}")))?;
         let c = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::Config(e.to_string()))?

@@ -16,7 +16,10 @@ fn main() {
     let record = tools::cache_dir().join("build-time.json");
     match std::fs::read_to_string(&record) {
         Ok(t) => println!("tools build time (from {}): {}", record.display(), t.trim()),
-        Err(_) => println!("tools build time: not recorded ({} missing)", record.display()),
+        Err(_) => println!(
+            "tools build time: not recorded ({} missing)",
+            record.display()
+        ),
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -55,7 +58,14 @@ fn main() {
     println!(
         "warm start of the whole harness (2 windows nodes): median {:.2}s of 3 (target < 15 s: {})",
         median.as_secs_f64(),
-        if median < Duration::from_secs(15) { "met" } else { "MISSED" }
+        if median < Duration::from_secs(15) {
+            "met"
+        } else {
+            "MISSED"
+        }
     );
-    println!("control-plane RSS: median {:.0} MiB", rss[1] as f64 / 1024.0);
+    println!(
+        "control-plane RSS: median {:.0} MiB",
+        rss[1] as f64 / 1024.0
+    );
 }

@@ -95,12 +95,14 @@ impl Cluster {
     pub async fn start(opts: ClusterOptions) -> Result<Cluster> {
         let started = Instant::now();
         let tools = Tools::locate()?;
-        let run_dir = std::env::temp_dir().join("identitymesh-harness").join(format!(
-            "run-{}-{}-{}",
-            std::process::id(),
-            RUN_COUNTER.fetch_add(1, Ordering::SeqCst),
-            started.elapsed().as_nanos() % 1000
-        ));
+        let run_dir = std::env::temp_dir()
+            .join("identitymesh-harness")
+            .join(format!(
+                "run-{}-{}-{}",
+                std::process::id(),
+                RUN_COUNTER.fetch_add(1, Ordering::SeqCst),
+                started.elapsed().as_nanos() % 1000
+            ));
         std::fs::create_dir_all(&run_dir).ctx(|| format!("create {}", run_dir.display()))?;
         let mut teardown = Teardown {
             table: ProcessTable::default(),
@@ -248,9 +250,7 @@ impl Cluster {
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true);
-        let mut child = cmd
-            .spawn()
-            .ctx(|| format!("start {}", program.display()))?;
+        let mut child = cmd.spawn().ctx(|| format!("start {}", program.display()))?;
         if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
             pipe.write_all(input.as_bytes())
                 .await

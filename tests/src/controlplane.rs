@@ -252,7 +252,7 @@ impl ControlPlane {
     async fn wait_ready(&self, timeout: Duration) -> Result<()> {
         let started = Instant::now();
         let client = client_from_kubeconfig(&self.kubeconfig).await?;
-        let mut last = String::from("no answer yet");
+        let mut last: String;
         loop {
             self.check_alive()?;
             let req = http::Request::get("/readyz")

@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{tool} not found at {path}: run `cargo xtask tools` to build the control-plane tools")]
+    #[error(
+        "{tool} not found at {path}: run `cargo xtask tools` to build the control-plane tools"
+    )]
     ToolMissing { tool: String, path: PathBuf },
     #[error("{context}: {source}")]
     Io {

@@ -8,13 +8,14 @@ impl Cluster {
     /// SIGKILLs the processes of a pod's running containers (the node agent then restarts them
     /// per restartPolicy, as after a crash). Returns the pids killed.
     pub fn kill_pod_process(&self, ns: &str, pod: &str) -> Result<Vec<u32>> {
-        let shared = self
-            .registry()
-            .get(ns, pod)
-            .ok_or_else(|| Error::Other(format!("pod {ns}/{pod} is not running on a harness node")))?;
+        let shared = self.registry().get(ns, pod).ok_or_else(|| {
+            Error::Other(format!("pod {ns}/{pod} is not running on a harness node"))
+        })?;
         let pids = shared.pids();
         if pids.is_empty() {
-            return Err(Error::Other(format!("pod {ns}/{pod} has no running process")));
+            return Err(Error::Other(format!(
+                "pod {ns}/{pod} has no running process"
+            )));
         }
         for pid in &pids {
             process::signal(*pid, libc::SIGKILL);
@@ -28,7 +29,9 @@ impl Cluster {
         if self.agent().stop_heartbeat(node) {
             Ok(())
         } else {
-            Err(Error::Other(format!("no node named {node} in this harness")))
+            Err(Error::Other(format!(
+                "no node named {node} in this harness"
+            )))
         }
     }
 
@@ -37,7 +40,9 @@ impl Cluster {
         if self.agent().resume_heartbeat(node) {
             Ok(())
         } else {
-            Err(Error::Other(format!("no node named {node} in this harness")))
+            Err(Error::Other(format!(
+                "no node named {node} in this harness"
+            )))
         }
     }
 

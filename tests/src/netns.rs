@@ -111,7 +111,12 @@ impl Network {
         network.remove_stale();
         run_ip(
             &network.ip,
-            &["route", "replace", "unreachable", &format!("10.201.{slot}.0/24")],
+            &[
+                "route",
+                "replace",
+                "unreachable",
+                &format!("10.201.{slot}.0/24"),
+            ],
         )?;
         for (j, node) in node_names.iter().enumerate() {
             let base = (j * 4) as u8;
@@ -129,7 +134,15 @@ impl Network {
             // Record it before configuring so a failure below still removes it on drop.
             network.nodes.push(net.clone());
             r(&[
-                "link", "add", &net.host_veth, "type", "veth", "peer", "name", &ns_veth, "netns",
+                "link",
+                "add",
+                &net.host_veth,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &ns_veth,
+                "netns",
                 &net.netns,
             ])?;
             r(&[
@@ -209,7 +222,12 @@ impl Drop for Network {
         }
         let _ = run_ip(
             &self.ip,
-            &["route", "del", "unreachable", &format!("10.201.{}.0/24", self.slot)],
+            &[
+                "route",
+                "del",
+                "unreachable",
+                &format!("10.201.{}.0/24", self.slot),
+            ],
         );
     }
 }

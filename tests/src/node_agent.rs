@@ -110,7 +110,12 @@ fn node_status(name: &str, os: NodeOs, net: &NodeNet, since: Timestamp) -> NodeS
                 "KubeletHasSufficientMemory",
                 "harness",
             ),
-            cond("DiskPressure", "False", "KubeletHasNoDiskPressure", "harness"),
+            cond(
+                "DiskPressure",
+                "False",
+                "KubeletHasNoDiskPressure",
+                "harness",
+            ),
             cond("PIDPressure", "False", "KubeletHasSufficientPID", "harness"),
             cond(
                 "Ready",
@@ -306,7 +311,11 @@ async fn heartbeat_loop(client: kube::Client, node: NodeCtx, os: NodeOs, force: 
             let status = node_status(&node.name, os, &node.net, ready_since);
             let patch = serde_json::json!({ "status": status });
             match nodes
-                .patch_status(&node.name, &PatchParams::default(), &Patch::Strategic(&patch))
+                .patch_status(
+                    &node.name,
+                    &PatchParams::default(),
+                    &Patch::Strategic(&patch),
+                )
                 .await
             {
                 Ok(_) => last_status = Instant::now(),
@@ -343,8 +352,8 @@ async fn kubelet_loop(
         }
         let mut seen = std::collections::HashSet::new();
         for pod in store.state() {
-            let bound_here = pod.spec.as_ref().and_then(|s| s.node_name.as_deref())
-                == Some(node.name.as_str());
+            let bound_here =
+                pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.name.as_str());
             if !bound_here {
                 continue;
             }

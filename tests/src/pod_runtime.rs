@@ -153,7 +153,10 @@ impl PodRunner {
         let ns = pod.metadata.namespace.clone().unwrap_or_default();
         let name = pod.metadata.name.clone().unwrap_or_default();
         let short: String = uid.chars().take(8).collect();
-        let dir = ctx.run_dir.join("pods").join(format!("{ns}_{name}_{short}"));
+        let dir = ctx
+            .run_dir
+            .join("pods")
+            .join(format!("{ns}_{name}_{short}"));
         let containers = pod
             .spec
             .as_ref()
@@ -475,7 +478,10 @@ async fn run_container(
             c.restart_count += 1;
             c.waiting = Some((
                 "CrashLoopBackOff".into(),
-                format!("back-off {}s restarting failed container", backoff.as_secs()),
+                format!(
+                    "back-off {}s restarting failed container",
+                    backoff.as_secs()
+                ),
             ));
         });
         tokio::select! {
@@ -919,7 +925,12 @@ fn field_value(pod: &Pod, node: &NodeCtx, sel: &ObjectFieldSelector) -> Result<S
     let label = |map: &Option<BTreeMap<String, String>>, prefix: &str| {
         path.strip_prefix(prefix)
             .and_then(|r| r.strip_suffix("']"))
-            .map(|k| map.as_ref().and_then(|m| m.get(k)).cloned().unwrap_or_default())
+            .map(|k| {
+                map.as_ref()
+                    .and_then(|m| m.get(k))
+                    .cloned()
+                    .unwrap_or_default()
+            })
     };
     let v = match path {
         "metadata.name" => pod.metadata.name.clone().unwrap_or_default(),
@@ -1024,12 +1035,10 @@ async fn materialise_volumes(
                     mode_of(c.default_mode),
                 )?,
                 None if c.optional == Some(true) => {}
-                None => {
-                    return Err(format!(
-                        "MountVolume.SetUp failed for volume \"{}\": configmap \"{name}\" not found",
-                        v.name
-                    ))
-                }
+                None => return Err(format!(
+                    "MountVolume.SetUp failed for volume \"{}\": configmap \"{name}\" not found",
+                    v.name
+                )),
             }
         } else if let Some(p) = &v.projected {
             let mode = mode_of(p.default_mode);
@@ -1143,19 +1152,21 @@ pub fn rewrite_paths(s: &str, mounts: &[(String, PathBuf)]) -> String {
             if i + mb.len() > bytes.len() {
                 continue;
             }
-            let matches = bytes[i..i + mb.len()]
-                .iter()
-                .zip(mb)
-                .all(|(a, b)| {
-                    if *win {
-                        let a = if *a == b'\\' { b'/' } else { a.to_ascii_lowercase() };
-                        a == *b
+            let matches = bytes[i..i + mb.len()].iter().zip(mb).all(|(a, b)| {
+                if *win {
+                    let a = if *a == b'\\' {
+                        b'/'
                     } else {
-                        a == b
-                    }
-                });
+                        a.to_ascii_lowercase()
+                    };
+                    a == *b
+                } else {
+                    a == b
+                }
+            });
             let end = i + mb.len();
-            let boundary = end == bytes.len() || matches!(bytes[end], b'/' | b'\\')
+            let boundary = end == bytes.len()
+                || matches!(bytes[end], b'/' | b'\\')
                 || is_delimiter(bytes[end]);
             if matches && boundary {
                 out.extend_from_slice(local.as_bytes());
@@ -1251,15 +1262,19 @@ async fn build_launch(
         ),
         ("HOSTNAME".into(), name.clone()),
         ("HOME".into(), pod_dir.display().to_string()),
-        ("KUBERNETES_SERVICE_HOST".into(), node.net.host_ip.to_string()),
-        ("KUBERNETES_SERVICE_PORT".into(), ctx.apiserver_port.to_string()),
+        (
+            "KUBERNETES_SERVICE_HOST".into(),
+            node.net.host_ip.to_string(),
+        ),
+        (
+            "KUBERNETES_SERVICE_PORT".into(),
+            ctx.apiserver_port.to_string(),
+        ),
     ];
     if let Ok(v) = std::env::var("RUST_LOG") {
         env.push(("RUST_LOG".into(), v));
     }
-    let mut vars: HashMap<String, String> = env.iter().cloned().collect();
-    let mut set = |env: &mut Vec<(String, String)>, k: String, v: String| {
-        vars.insert(k.clone(), v.clone());
+    let set = |env: &mut Vec<(String, String)>, k: String, v: String| {
         env.retain(|(ek, _)| *ek != k);
         env.push((k, v));
     };
@@ -1269,7 +1284,11 @@ async fn build_launch(
             match get_secret(ctx, &ns, &r.name).await.map_err(config_err)? {
                 Some(s) => {
                     for (k, v) in secret_data(&s) {
-                        set(&mut env, format!("{prefix}{k}"), String::from_utf8_lossy(&v).into());
+                        set(
+                            &mut env,
+                            format!("{prefix}{k}"),
+                            String::from_utf8_lossy(&v).into(),
+                        );
                     }
                 }
                 None if r.optional == Some(true) => {}
@@ -1277,10 +1296,17 @@ async fn build_launch(
             }
         }
         if let Some(r) = &from.config_map_ref {
-            match get_config_map(ctx, &ns, &r.name).await.map_err(config_err)? {
+            match get_config_map(ctx, &ns, &r.name)
+                .await
+                .map_err(config_err)?
+            {
                 Some(cm) => {
                     for (k, v) in config_map_data(&cm) {
-                        set(&mut env, format!("{prefix}{k}"), String::from_utf8_lossy(&v).into());
+                        set(
+                            &mut env,
+                            format!("{prefix}{k}"),
+                            String::from_utf8_lossy(&v).into(),
+                        );
                     }
                 }
                 None if r.optional == Some(true) => {}
@@ -1294,7 +1320,10 @@ async fn build_launch(
         } else if let Some(from) = &e.value_from {
             if let Some(r) = &from.secret_key_ref {
                 let secret = get_secret(ctx, &ns, &r.name).await.map_err(config_err)?;
-                match secret.as_ref().and_then(|s| secret_data(s).get(&r.key).cloned()) {
+                match secret
+                    .as_ref()
+                    .and_then(|s| secret_data(s).get(&r.key).cloned())
+                {
                     Some(v) => String::from_utf8_lossy(&v).into_owned(),
                     None if r.optional == Some(true) => continue,
                     None => {
@@ -1305,8 +1334,13 @@ async fn build_launch(
                     }
                 }
             } else if let Some(r) = &from.config_map_key_ref {
-                let cm = get_config_map(ctx, &ns, &r.name).await.map_err(config_err)?;
-                match cm.as_ref().and_then(|c| config_map_data(c).get(&r.key).cloned()) {
+                let cm = get_config_map(ctx, &ns, &r.name)
+                    .await
+                    .map_err(config_err)?;
+                match cm
+                    .as_ref()
+                    .and_then(|c| config_map_data(c).get(&r.key).cloned())
+                {
                     Some(v) => String::from_utf8_lossy(&v).into_owned(),
                     None if r.optional == Some(true) => continue,
                     None => {
@@ -1351,7 +1385,8 @@ async fn build_launch(
         }
         _ => pod_dir.to_path_buf(),
     };
-    std::fs::create_dir_all(&cwd).map_err(|e| config_err(format!("create {}: {e}", cwd.display())))?;
+    std::fs::create_dir_all(&cwd)
+        .map_err(|e| config_err(format!("create {}: {e}", cwd.display())))?;
     Ok(Launch {
         program,
         args,

@@ -25,7 +25,10 @@ impl ProcessTable {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(pid);
     }
     pub fn remove(&self, pid: u32) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(&pid);
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&pid);
     }
     pub fn pids(&self) -> Vec<u32> {
         self.0

@@ -11,7 +11,10 @@ use identitymesh_tests::Cluster;
 async fn helm_install_small_chart() {
     init_tracing();
     let cluster = Cluster::start(options()).await.expect("start harness");
-    let version = cluster.helm(&["version", "--short"]).await.expect("helm version");
+    let version = cluster
+        .helm(&["version", "--short"])
+        .await
+        .expect("helm version");
     println!("helm {}", version.trim());
     let chart = fixtures().join("charts/hello");
     let out = cluster

@@ -31,10 +31,16 @@ async fn stopped_heartbeat_marks_node_and_pods_not_ready() {
         }
     }))
     .unwrap();
-    pods.create(&PostParams::default(), &pod).await.expect("create pod");
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("create pod");
     cluster
         .wait_until(Duration::from_secs(60), "pod pinned Ready", || async {
-            pods.get_opt("pinned").await.ok().flatten().is_some_and(|p| pod_ready(&p))
+            pods.get_opt("pinned")
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|p| pod_ready(&p))
         })
         .await
         .expect("pod Ready");
@@ -61,7 +67,10 @@ async fn stopped_heartbeat_marks_node_and_pods_not_ready() {
     );
     cluster
         .wait_until(Duration::from_secs(30), "pod pinned not Ready", || async {
-            pods.get("pinned").await.ok().is_some_and(|p| !pod_ready(&p))
+            pods.get("pinned")
+                .await
+                .ok()
+                .is_some_and(|p| !pod_ready(&p))
         })
         .await
         .expect("the controller marks the node's pods not ready");
@@ -72,7 +81,11 @@ async fn stopped_heartbeat_marks_node_and_pods_not_ready() {
     // The process itself kept running (the node is cut off, not dead).
     assert!(pid_alive(pid));
     let other = nodes.get("win-2").await.unwrap();
-    assert_eq!(node_ready(&other).as_deref(), Some("True"), "win-2 unaffected");
+    assert_eq!(
+        node_ready(&other).as_deref(),
+        Some("True"),
+        "win-2 unaffected"
+    );
 
     cluster.resume_node_heartbeat("win-1").unwrap();
     cluster
@@ -109,28 +122,45 @@ async fn cut_link_isolates_pod_but_process_keeps_running() {
         }
     }))
     .unwrap();
-    pods.create(&PostParams::default(), &pod).await.expect("create pod");
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("create pod");
     cluster
         .wait_until(Duration::from_secs(60), "pod island Ready", || async {
-            pods.get_opt("island").await.ok().flatten().is_some_and(|p| pod_ready(&p))
+            pods.get_opt("island")
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|p| pod_ready(&p))
         })
         .await
         .expect("pod Ready");
     let ip = cluster.node_ip("win-2").unwrap();
     let addr = std::net::SocketAddr::new(ip, 8082);
-    let (code, _) = http_get(addr, "/healthz").await.expect("reachable before the cut");
+    let (code, _) = http_get(addr, "/healthz")
+        .await
+        .expect("reachable before the cut");
     assert_eq!(code, 200);
     let pid = cluster.pod_pids("default", "island")[0];
 
     cluster.cut_node_link("win-2").unwrap();
-    assert!(http_get(addr, "/healthz").await.is_err(), "unreachable while cut");
+    assert!(
+        http_get(addr, "/healthz").await.is_err(),
+        "unreachable while cut"
+    );
     assert!(pid_alive(pid), "process keeps running");
     cluster.restore_node_link("win-2").unwrap();
     cluster
-        .wait_until(Duration::from_secs(10), "reachable after restore", || async {
-            matches!(http_get(addr, "/healthz").await, Ok((200, _)))
-        })
+        .wait_until(
+            Duration::from_secs(10),
+            "reachable after restore",
+            || async { matches!(http_get(addr, "/healthz").await, Ok((200, _))) },
+        )
         .await
         .expect("reachable again");
-    assert_eq!(cluster.pod_pids("default", "island"), vec![pid], "same process throughout");
+    assert_eq!(
+        cluster.pod_pids("default", "island"),
+        vec![pid],
+        "same process throughout"
+    );
 }

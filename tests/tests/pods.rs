@@ -15,7 +15,10 @@ use kube::Api;
 async fn crd_pod_service_and_deletion() {
     init_tracing();
     let cluster = Cluster::start(options()).await.expect("start harness");
-    println!("harness started in {:.1}s", cluster.started_in().as_secs_f64());
+    println!(
+        "harness started in {:.1}s",
+        cluster.started_in().as_secs_f64()
+    );
     let fx = fixtures();
 
     // CRD: registered, established, and its schema enforced by the real apiserver.
@@ -43,7 +46,10 @@ async fn crd_pod_service_and_deletion() {
         .kubectl_with_stdin(&["apply", "-f", "-"], Some(bad))
         .await
         .expect_err("schema must reject size 99");
-    assert!(err.to_string().contains("spec.size"), "unexpected error: {err}");
+    assert!(
+        err.to_string().contains("spec.size"),
+        "unexpected error: {err}"
+    );
 
     // Pod + Service through kubectl.
     let web = fx.join("web-pod.yaml");
@@ -54,13 +60,20 @@ async fn crd_pod_service_and_deletion() {
     let pods: Api<Pod> = Api::namespaced(cluster.client(), "default");
     cluster
         .wait_until(Duration::from_secs(60), "pod web Ready", || async {
-            pods.get_opt("web").await.ok().flatten().is_some_and(|p| pod_ready(&p))
+            pods.get_opt("web")
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|p| pod_ready(&p))
         })
         .await
         .expect("pod becomes Ready through its readiness probe");
     let pod = pods.get("web").await.unwrap();
     let node = pod.spec.as_ref().unwrap().node_name.clone().unwrap();
-    assert!(node.starts_with("win-"), "scheduled on a windows node, got {node}");
+    assert!(
+        node.starts_with("win-"),
+        "scheduled on a windows node, got {node}"
+    );
     let status = pod.status.clone().unwrap();
     assert_eq!(status.phase.as_deref(), Some("Running"));
     let pod_ip = status.pod_ip.clone().unwrap();
@@ -70,10 +83,16 @@ async fn crd_pod_service_and_deletion() {
     let pid = pids[0];
     assert!(pid_alive(pid));
     let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap();
-    assert!(cmdline.contains("im-test-http"), "runs the mapped binary: {cmdline:?}");
+    assert!(
+        cmdline.contains("im-test-http"),
+        "runs the mapped binary: {cmdline:?}"
+    );
 
     // The Service proxy reaches it (after the EndpointSlice controller publishes it).
-    let addr = cluster.service_addr("default", "web", 80).await.expect("service listener");
+    let addr = cluster
+        .service_addr("default", "web", 80)
+        .await
+        .expect("service listener");
     let mut body = String::new();
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(30) {
@@ -84,22 +103,34 @@ async fn crd_pod_service_and_deletion() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(body, "hello from web");
-    let env = |name: &'static str| async move { http_get(addr, &format!("/env/{name}")).await.unwrap() };
+    let env =
+        |name: &'static str| async move { http_get(addr, &format!("/env/{name}")).await.unwrap() };
     assert_eq!(env("GREETING").await, (200, "hello-from-configmap".into()));
     assert_eq!(env("TOKEN").await, (200, "s3cret-token".into()));
     assert_eq!(env("POD_NAME").await, (200, "web".into()));
     assert_eq!(env("POD_NAMESPACE").await, (200, "default".into()));
     // The Windows mount path was rewritten to the materialised secret volume.
     let (_, token_file) = env("TOKEN_FILE").await;
-    assert!(token_file.starts_with('/') && token_file.ends_with("/token.txt"), "{token_file}");
+    assert!(
+        token_file.starts_with('/') && token_file.ends_with("/token.txt"),
+        "{token_file}"
+    );
     assert_eq!(
-        http_get(addr, &format!("/file?{token_file}")).await.unwrap(),
+        http_get(addr, &format!("/file?{token_file}"))
+            .await
+            .unwrap(),
         (200, "s3cret-token".into())
     );
 
     // Secret rotation reaches the mounted file within a few seconds.
     cluster
-        .kubectl(&["patch", "secret", "web-secret", "-p", r#"{"stringData":{"token.txt":"rotated"}}"#])
+        .kubectl(&[
+            "patch",
+            "secret",
+            "web-secret",
+            "-p",
+            r#"{"stringData":{"token.txt":"rotated"}}"#,
+        ])
         .await
         .expect("patch secret");
     cluster
@@ -113,12 +144,22 @@ async fn crd_pod_service_and_deletion() {
     let killed = cluster.kill_pod_process("default", "web").expect("kill");
     assert_eq!(killed, vec![pid]);
     cluster
-        .wait_until(Duration::from_secs(30), "restart visible in status", || async {
-            pods.get("web").await.ok().is_some_and(|p| {
-                let cs = &p.status.as_ref().unwrap().container_statuses.as_ref().unwrap()[0];
-                cs.restart_count == 1 && pod_ready(&p)
-            })
-        })
+        .wait_until(
+            Duration::from_secs(30),
+            "restart visible in status",
+            || async {
+                pods.get("web").await.ok().is_some_and(|p| {
+                    let cs = &p
+                        .status
+                        .as_ref()
+                        .unwrap()
+                        .container_statuses
+                        .as_ref()
+                        .unwrap()[0];
+                    cs.restart_count == 1 && pod_ready(&p)
+                })
+            },
+        )
         .await
         .expect("container restarted");
     let p = pods.get("web").await.unwrap();
@@ -135,10 +176,16 @@ async fn crd_pod_service_and_deletion() {
         .kubectl(&["delete", "pod", "web", "--wait=true", "--timeout=60s"])
         .await
         .expect("delete pod");
-    println!("graceful pod deletion took {:.1}s", t.elapsed().as_secs_f64());
+    println!(
+        "graceful pod deletion took {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
     assert!(!pid_alive(new_pid), "process gone after deletion");
     assert!(pods.get_opt("web").await.unwrap().is_none());
-    assert!(t.elapsed() < Duration::from_secs(15), "SIGTERM, not the 20 s grace, ended it");
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "SIGTERM, not the 20 s grace, ended it"
+    );
 
     // Force deletion kills at once.
     cluster
@@ -157,9 +204,11 @@ async fn crd_pod_service_and_deletion() {
         .await
         .expect("force delete");
     cluster
-        .wait_until(Duration::from_secs(5), "force-deleted process gone", || async {
-            !pid_alive(pid)
-        })
+        .wait_until(
+            Duration::from_secs(5),
+            "force-deleted process gone",
+            || async { !pid_alive(pid) },
+        )
         .await
         .expect("force deletion kills the process");
 }

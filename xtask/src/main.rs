@@ -144,10 +144,18 @@ fn real_main() -> Result<()> {
             ensure_apt_packages()?;
             let bin = tools::ensure(&root, false)?;
             let mut cmd = cargo();
-            cmd.args(["run", "--quiet", "-p", "identitymesh-tests", "--bin", "im-cluster", "--"])
-                .args(args)
-                .env(tools::BIN_DIR_ENV, bin)
-                .current_dir(&root);
+            cmd.args([
+                "run",
+                "--quiet",
+                "-p",
+                "identitymesh-tests",
+                "--bin",
+                "im-cluster",
+                "--",
+            ])
+            .args(args)
+            .env(tools::BIN_DIR_ENV, bin)
+            .current_dir(&root);
             run(cmd, "im-cluster")?;
         }
         Cmd::Test { args } => {
@@ -165,9 +173,15 @@ fn real_main() -> Result<()> {
             ensure_apt_packages()?;
             let bin = tools::ensure(&root, false)?;
             let mut cmd = cargo();
-            cmd.args(["bench", "-p", "identitymesh-tests", "--bench", "controlplane"])
-                .env(tools::BIN_DIR_ENV, bin)
-                .current_dir(&root);
+            cmd.args([
+                "bench",
+                "-p",
+                "identitymesh-tests",
+                "--bench",
+                "controlplane",
+            ])
+            .env(tools::BIN_DIR_ENV, bin)
+            .current_dir(&root);
             run(cmd, "cargo bench")?;
         }
     }

@@ -34,7 +34,8 @@ pub fn controlplane_dir(root: &Path) -> PathBuf {
 
 pub fn read_versions(root: &Path) -> Result<Versions> {
     let path = controlplane_dir(root).join("versions.env");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
     let map: BTreeMap<String, String> = text
         .lines()
         .filter(|l| !l.trim_start().starts_with('#'))
@@ -73,13 +74,20 @@ fn go() -> Result<PathBuf> {
             return Ok(p);
         }
     }
-    bail!("the `go` command is not installed (needed to build the control plane); install Go >= 1.25")
+    bail!(
+        "the `go` command is not installed (needed to build the control plane); install Go >= 1.25"
+    )
 }
 
 /// The staging modules k8s.io/kubernetes replaces with ./staging/..., from its own go.mod.
 fn upstream_staging_modules(go: &Path, dir: &Path, version: &str) -> Result<Vec<String>> {
     let out = Command::new(go)
-        .args(["mod", "download", "-json", &format!("k8s.io/kubernetes@{version}")])
+        .args([
+            "mod",
+            "download",
+            "-json",
+            &format!("k8s.io/kubernetes@{version}"),
+        ])
         .current_dir(dir)
         .output()
         .context("run go mod download")?;
@@ -124,7 +132,10 @@ fn check_replaces(go: &Path, dir: &Path, version: &str) -> Result<()> {
         );
     }
     if !ours.contains(&format!("k8s.io/kubernetes {version}")) {
-        bail!("{}/go.mod does not require k8s.io/kubernetes {version} (versions.env says so)", dir.display());
+        bail!(
+            "{}/go.mod does not require k8s.io/kubernetes {version} (versions.env says so)",
+            dir.display()
+        );
     }
     Ok(())
 }
@@ -146,7 +157,10 @@ fn builds(v: &Versions) -> Vec<Build> {
         .unwrap_or("0")
         .to_string();
     let mut k8s = String::from("-s -w");
-    for pkg in ["k8s.io/component-base/version", "k8s.io/client-go/pkg/version"] {
+    for pkg in [
+        "k8s.io/component-base/version",
+        "k8s.io/client-go/pkg/version",
+    ] {
         k8s.push_str(&format!(
             " -X {pkg}.gitVersion={} -X {pkg}.gitMajor=1 -X {pkg}.gitMinor={minor} -X {pkg}.gitTreeState=clean",
             v.kubernetes
@@ -228,7 +242,11 @@ pub fn ensure(root: &Path, force: bool) -> Result<PathBuf> {
             Some(name) => bin.join(name),
             None => bin.clone(),
         };
-        println!("xtask tools: go build {} (in {})", b.packages.join(" "), dir.display());
+        println!(
+            "xtask tools: go build {} (in {})",
+            b.packages.join(" "),
+            dir.display()
+        );
         let t = Instant::now();
         let status = Command::new(&go)
             .arg("build")
@@ -243,12 +261,18 @@ pub fn ensure(root: &Path, force: bool) -> Result<PathBuf> {
             .status()
             .context("run go build")?;
         if !status.success() {
-            bail!("go build in {} failed ({status}); see the errors above", dir.display());
+            bail!(
+                "go build in {} failed ({status}); see the errors above",
+                dir.display()
+            );
         }
         println!("xtask tools:   done in {:.0}s", t.elapsed().as_secs_f64());
     }
     let secs = started.elapsed().as_secs_f64();
-    println!("xtask tools: built all tools in {secs:.0}s into {}", bin.display());
+    println!(
+        "xtask tools: built all tools in {secs:.0}s into {}",
+        bin.display()
+    );
     // The bench prints this; "cold" is only true when the Go build cache held none of it, which
     // the first build on a machine is, so keep the first figure and add the latest.
     let record = cache_dir(&v).join("build-time.json");

@@ -742,3 +742,152 @@ async fn version_change_upgrades_standby_first() {
         );
     }
 }
+
+fn edit_cluster(h: &Harness, f: impl FnOnce(&mut Value)) {
+    let mut s = h.store.lock().expect("store");
+    let o = s
+        .objects
+        .get_mut(&("identitymeshclusters".into(), "prod".into(), "im".into()))
+        .expect("imc");
+    f(o);
+}
+
+#[tokio::test]
+async fn manual_policy_reports_and_waits() {
+    let h = Harness::new(true);
+    edit_cluster(&h, |o| o["spec"]["failover"]["policy"] = json!("Manual"));
+    h.converge().await;
+    {
+        let mut s = h.store.lock().expect("store");
+        let p = s
+            .objects
+            .get_mut(&("pods".into(), "prod".into(), "im-a".into()))
+            .expect("pod");
+        p["status"]["conditions"] =
+            json!([{"type":"Ready","status":"False","lastTransitionTime":"2026-01-01T00:00:00Z"}]);
+    }
+    h.reconcile().await;
+    h.reconcile().await;
+    let st = h.status();
+    assert_eq!(
+        st.active_pod.as_deref(),
+        Some("im-a"),
+        "no automatic promotion"
+    );
+    assert_eq!(st.phase, Some(Phase::FailoverRequired));
+    let c = observe::get_condition(&st.conditions, "FailoverRequired").expect("condition");
+    assert_eq!(c.status, "True");
+    assert!(c.message.contains(ANNOTATION_SWITCHOVER), "{}", c.message);
+    assert!(!h
+        .pods
+        .0
+        .lock()
+        .expect("p")
+        .calls
+        .iter()
+        .any(|c| c.starts_with("promote im-b")));
+}
+
+#[tokio::test]
+async fn restarted_active_process_fails_over_at_once() {
+    let h = Harness::new(true);
+    h.converge().await;
+    // kill -9: the kubelet restarts the container, which comes back as standby.
+    h.pods
+        .0
+        .lock()
+        .expect("p")
+        .roles
+        .insert("im-a".into(), (Role::Standby, 0));
+    h.converge().await;
+    let st = h.status();
+    assert_eq!(st.active_pod.as_deref(), Some("im-b"));
+    assert_eq!(
+        st.last_transition.as_ref().map(|t| t.kind),
+        Some(CutoverKind::Failover)
+    );
+    assert!(
+        h.get("pods", "im-a").is_some(),
+        "healthy old pod kept as the standby"
+    );
+}
+
+#[tokio::test]
+async fn paused_cluster_touches_nothing_but_status() {
+    let h = Harness::new(true);
+    h.converge().await;
+    edit_cluster(&h, |o| o["spec"]["paused"] = json!(true));
+    h.take_writes();
+    h.reconcile().await;
+    let w = h.take_writes();
+    assert!(
+        w.iter()
+            .all(|w| w.ends_with("/status") || w.contains("/events")),
+        "{w:?}"
+    );
+    assert_eq!(h.status().phase, Some(Phase::Paused));
+    h.reconcile().await;
+    assert_eq!(h.take_writes(), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn switchover_to_an_unready_standby_is_rejected_and_the_request_cleared() {
+    let h = Harness::new(true);
+    h.converge().await;
+    {
+        let mut s = h.store.lock().expect("store");
+        let p = s
+            .objects
+            .get_mut(&("pods".into(), "prod".into(), "im-b".into()))
+            .expect("pod");
+        p["status"]["conditions"] =
+            json!([{"type":"Ready","status":"False","lastTransitionTime":"2026-01-01T00:00:00Z"}]);
+    }
+    edit_cluster(&h, |o| {
+        o["metadata"]["annotations"] = json!({ANNOTATION_SWITCHOVER: "standby"})
+    });
+    h.reconcile().await;
+    assert_eq!(h.status().active_pod.as_deref(), Some("im-a"));
+    assert!(!h
+        .cluster()
+        .annotations()
+        .contains_key(ANNOTATION_SWITCHOVER));
+    let s = h.store.lock().expect("store");
+    assert!(
+        s.objects
+            .iter()
+            .any(|((r, _, _), o)| r == "events" && o["reason"] == "SwitchoverRejected"),
+        "a Warning event explains why"
+    );
+}
+
+#[tokio::test]
+async fn user_tls_secret_problems_name_secret_and_key() {
+    let h = Harness::new(true);
+    edit_cluster(&h, |o| o["spec"]["tls"] = json!({"secretName": "my-cert"}));
+    put(
+        &h.store,
+        "secrets",
+        "prod",
+        json!({"apiVersion":"v1","kind":"Secret","metadata":{"name":"my-cert","namespace":"prod"},
+               "data":{"tls.crt": "bm90IGEgY2VydA=="}}),
+    );
+    h.reconcile().await;
+    h.reconcile().await;
+    let st = h.status();
+    let c = observe::get_condition(&st.conditions, "SecretsReady").expect("condition");
+    assert_eq!(c.status, "False");
+    assert!(
+        c.message.contains("my-cert") && c.message.contains("tls.key"),
+        "{}",
+        c.message
+    );
+    assert!(c.message.contains("tls.crt"), "{}", c.message);
+    assert!(
+        h.get("secrets", "im-tls").is_none(),
+        "no operator certificate when the user supplies one"
+    );
+    let pod = h.get("pods", "im-a").expect("pod still created");
+    let vols = pod["spec"]["volumes"].as_array().expect("volumes");
+    assert!(vols.iter().any(|v| v["secret"]["secretName"] == "my-cert"));
+}

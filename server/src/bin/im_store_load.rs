@@ -21,8 +21,13 @@ async fn main() -> anyhow::Result<()> {
     let usage = "usage: im-store-load --db PATH --connector NAME --batch N [--batches M]";
     let db = PathBuf::from(arg(&args, "--db").ok_or_else(|| anyhow::anyhow!(usage))?);
     let connector = arg(&args, "--connector").ok_or_else(|| anyhow::anyhow!(usage))?;
-    let n: usize = arg(&args, "--batch").ok_or_else(|| anyhow::anyhow!(usage))?.parse()?;
-    let batches: usize = arg(&args, "--batches").map(|s| s.parse()).transpose()?.unwrap_or(usize::MAX);
+    let n: usize = arg(&args, "--batch")
+        .ok_or_else(|| anyhow::anyhow!(usage))?
+        .parse()?;
+    let batches: usize = arg(&args, "--batches")
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(usize::MAX);
     let store = SqliteStore::open(&db).await?;
     store.migrate().await?;
     let instance = format!("load-{}", std::process::id());

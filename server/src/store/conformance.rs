@@ -14,7 +14,9 @@ fn unique(prefix: &str) -> String {
 
 async fn sqlite() -> (tempfile::TempDir, Arc<dyn Store>) {
     let dir = tempfile::tempdir().unwrap();
-    let store = sqlite::SqliteStore::open(&dir.path().join("im.db")).await.unwrap();
+    let store = sqlite::SqliteStore::open(&dir.path().join("im.db"))
+        .await
+        .unwrap();
     store.migrate().await.unwrap();
     (dir, Arc::new(store))
 }
@@ -65,15 +67,27 @@ async fn promote_requires_a_greater_epoch_and_is_idempotent() {
         Box::pin(async move {
             let (a, b) = (unique("a"), unique("b"));
             let e = s.fence().await.unwrap().epoch;
-            assert_eq!(s.promote(&a, e + 1).await.unwrap(), PromoteOutcome::Promoted);
-            assert_eq!(s.promote(&a, e + 1).await.unwrap(), PromoteOutcome::AlreadyHeld);
+            assert_eq!(
+                s.promote(&a, e + 1).await.unwrap(),
+                PromoteOutcome::Promoted
+            );
+            assert_eq!(
+                s.promote(&a, e + 1).await.unwrap(),
+                PromoteOutcome::AlreadyHeld
+            );
             // Same epoch by another instance, or a smaller one: refused.
             assert!(matches!(
                 s.promote(&b, e + 1).await,
                 Err(StoreError::StaleEpoch { stored, .. }) if stored == e + 1
             ));
-            assert!(matches!(s.promote(&b, e).await, Err(StoreError::StaleEpoch { .. })));
-            assert_eq!(s.promote(&b, e + 2).await.unwrap(), PromoteOutcome::Promoted);
+            assert!(matches!(
+                s.promote(&b, e).await,
+                Err(StoreError::StaleEpoch { .. })
+            ));
+            assert_eq!(
+                s.promote(&b, e + 2).await.unwrap(),
+                PromoteOutcome::Promoted
+            );
             let f = s.fence().await.unwrap();
             assert_eq!((f.epoch, f.holder), (e + 2, b));
         })
@@ -88,22 +102,41 @@ async fn stale_writers_are_fenced_and_nothing_commits() {
             let (a, b, conn) = (unique("a"), unique("b"), unique("conn"));
             let e = s.fence().await.unwrap().epoch;
             s.promote(&a, e + 1).await.unwrap();
-            let ta = FenceToken { instance: a.clone(), epoch: e + 1 };
+            let ta = FenceToken {
+                instance: a.clone(),
+                epoch: e + 1,
+            };
             s.engine_tick(&ta, 1).await.unwrap();
-            s.commit_import_batch(&ta, &batch(&conn, 3, 0, "w1"), 1).await.unwrap();
+            s.commit_import_batch(&ta, &batch(&conn, 3, 0, "w1"), 1)
+                .await
+                .unwrap();
             s.promote(&b, e + 2).await.unwrap();
-            assert!(matches!(s.engine_tick(&ta, 2).await, Err(StoreError::Fenced { .. })));
+            assert!(matches!(
+                s.engine_tick(&ta, 2).await,
+                Err(StoreError::Fenced { .. })
+            ));
             let err = s
                 .commit_import_batch(&ta, &batch(&conn, 5, 100, "w2"), 2)
                 .await
                 .unwrap_err();
-            assert!(matches!(err, StoreError::Fenced { stored, .. } if stored == e + 2), "{err}");
+            assert!(
+                matches!(err, StoreError::Fenced { stored, .. } if stored == e + 2),
+                "{err}"
+            );
             // Nothing of the refused batch is visible.
             assert_eq!(s.count_objects(&conn).await.unwrap(), 3);
             assert_eq!(s.count_batches(&conn).await.unwrap(), 1);
-            assert_eq!(s.watermark(&conn, "person").await.unwrap().as_deref(), Some("w1"));
-            let tb = FenceToken { instance: b, epoch: e + 2 };
-            s.commit_import_batch(&tb, &batch(&conn, 5, 100, "w2"), 3).await.unwrap();
+            assert_eq!(
+                s.watermark(&conn, "person").await.unwrap().as_deref(),
+                Some("w1")
+            );
+            let tb = FenceToken {
+                instance: b,
+                epoch: e + 2,
+            };
+            s.commit_import_batch(&tb, &batch(&conn, 5, 100, "w2"), 3)
+                .await
+                .unwrap();
             assert_eq!(s.count_objects(&conn).await.unwrap(), 8);
         })
     })
@@ -117,11 +150,21 @@ async fn batches_upsert_objects_by_anchor() {
             let (a, conn) = (unique("a"), unique("conn"));
             let e = s.fence().await.unwrap().epoch;
             s.promote(&a, e + 1).await.unwrap();
-            let t = FenceToken { instance: a, epoch: e + 1 };
-            s.commit_import_batch(&t, &batch(&conn, 10, 0, "1"), 1).await.unwrap();
-            s.commit_import_batch(&t, &batch(&conn, 10, 5, "2"), 2).await.unwrap();
+            let t = FenceToken {
+                instance: a,
+                epoch: e + 1,
+            };
+            s.commit_import_batch(&t, &batch(&conn, 10, 0, "1"), 1)
+                .await
+                .unwrap();
+            s.commit_import_batch(&t, &batch(&conn, 10, 5, "2"), 2)
+                .await
+                .unwrap();
             assert_eq!(s.count_objects(&conn).await.unwrap(), 15);
-            assert_eq!(s.watermark(&conn, "person").await.unwrap().as_deref(), Some("2"));
+            assert_eq!(
+                s.watermark(&conn, "person").await.unwrap().as_deref(),
+                Some("2")
+            );
             assert_eq!(s.watermark(&conn, "group").await.unwrap(), None);
         })
     })
@@ -148,7 +191,9 @@ async fn registry_never_shows_two_actives() {
             s.heartbeat(&hb(&a, Role::Active, e + 1, t0)).await.unwrap();
             s.heartbeat(&hb(&b, Role::Standby, 0, t0)).await.unwrap();
             s.promote(&b, e + 2).await.unwrap();
-            s.heartbeat(&hb(&b, Role::Active, e + 2, t0 + 1)).await.unwrap();
+            s.heartbeat(&hb(&b, Role::Active, e + 2, t0 + 1))
+                .await
+                .unwrap();
             let mine = |rows: Vec<InstanceRow>| {
                 rows.into_iter()
                     .filter(|r| r.instance == a || r.instance == b)
@@ -165,7 +210,9 @@ async fn registry_never_shows_two_actives() {
             ));
             let rows = mine(s.instances(t0).await.unwrap());
             assert_eq!(rows.iter().filter(|r| r.role == Role::Active).count(), 1);
-            assert!(rows.iter().any(|r| r.instance == a && r.role == Role::Fenced));
+            assert!(rows
+                .iter()
+                .any(|r| r.instance == a && r.role == Role::Fenced));
             // Rows older than the cut-off are not alive.
             assert!(mine(s.instances(t0 + 3).await.unwrap()).is_empty());
         })
@@ -192,7 +239,12 @@ async fn tokens_and_audit_round_trip() {
             })
             .await
             .unwrap();
-            assert!(s.audit(50).await.unwrap().iter().any(|e| e.target == target));
+            assert!(s
+                .audit(50)
+                .await
+                .unwrap()
+                .iter()
+                .any(|e| e.target == target));
         })
     })
     .await;
@@ -207,7 +259,10 @@ async fn a_promotion_never_lands_inside_a_fenced_commit() {
             let (a, b, conn) = (unique("a"), unique("b"), unique("conn"));
             let e = s.fence().await.unwrap().epoch;
             s.promote(&a, e + 1).await.unwrap();
-            let ta = FenceToken { instance: a, epoch: e + 1 };
+            let ta = FenceToken {
+                instance: a,
+                epoch: e + 1,
+            };
             let writer = {
                 let s = s.clone();
                 let conn = conn.clone();
@@ -215,7 +270,11 @@ async fn a_promotion_never_lands_inside_a_fenced_commit() {
                     let mut outcomes = Vec::new();
                     for i in 0..500 {
                         let r = s
-                            .commit_import_batch(&ta, &batch(&conn, 2000, i * 2000, &i.to_string()), 1)
+                            .commit_import_batch(
+                                &ta,
+                                &batch(&conn, 2000, i * 2000, &i.to_string()),
+                                1,
+                            )
                             .await;
                         outcomes.push(r.is_ok());
                         if r.is_err() {
@@ -228,7 +287,11 @@ async fn a_promotion_never_lands_inside_a_fenced_commit() {
             tokio::time::sleep(std::time::Duration::from_millis(150)).await;
             s.promote(&b, e + 2).await.unwrap();
             let outcomes = writer.await.unwrap();
-            assert_eq!(outcomes.last(), Some(&false), "the old epoch was never fenced");
+            assert_eq!(
+                outcomes.last(),
+                Some(&false),
+                "the old epoch was never fenced"
+            );
             let ok = outcomes.iter().filter(|o| **o).count() as i64;
             assert_eq!(s.count_batches(&conn).await.unwrap(), ok);
             assert_eq!(s.count_objects(&conn).await.unwrap(), ok * 2000);
@@ -251,7 +314,10 @@ async fn a_promotion_never_lands_inside_a_fenced_commit() {
 async fn concurrent_migrations_on_sqlite() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("im.db");
-    let (x, y) = tokio::join!(sqlite::SqliteStore::open(&path), sqlite::SqliteStore::open(&path));
+    let (x, y) = tokio::join!(
+        sqlite::SqliteStore::open(&path),
+        sqlite::SqliteStore::open(&path)
+    );
     let (x, y) = (x.unwrap(), y.unwrap());
     let (rx, ry) = tokio::join!(x.migrate(), y.migrate());
     let (mut rx, ry) = (rx.unwrap(), ry.unwrap());

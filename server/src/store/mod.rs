@@ -220,9 +220,7 @@ pub fn parse_connection_string(s: &str) -> Result<Backend, StoreError> {
     ))
 }
 
-pub async fn open(
-    backend: &Backend,
-) -> Result<std::sync::Arc<dyn Store>, StoreError> {
+pub async fn open(backend: &Backend) -> Result<std::sync::Arc<dyn Store>, StoreError> {
     Ok(match backend {
         Backend::Sqlite(path) => std::sync::Arc::new(sqlite::SqliteStore::open(path).await?),
         Backend::SqlServer(cs) => std::sync::Arc::new(mssql::MssqlStore::connect(cs).await?),
@@ -248,7 +246,9 @@ mod tests {
             Backend::SqlServer(_)
         ));
         assert!(parse_connection_string("sqlite://").is_err());
-        let e = parse_connection_string("postgres://x").unwrap_err().to_string();
+        let e = parse_connection_string("postgres://x")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("sqlite://PATH"), "{e}");
     }
 }

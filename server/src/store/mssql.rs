@@ -160,7 +160,11 @@ impl MssqlStore {
 
     /// Ends a transaction: commit on success, roll back on error. A connection whose rollback
     /// fails is dropped rather than reused in an unknown state.
-    async fn finish<T>(&self, mut conn: Conn, result: Result<T, StoreError>) -> Result<T, StoreError> {
+    async fn finish<T>(
+        &self,
+        mut conn: Conn,
+        result: Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         match result {
             Ok(v) => {
                 conn.simple_query(sql::COMMIT).await.map_err(backend_err)?;
@@ -182,7 +186,11 @@ impl MssqlStore {
         Ok(conn)
     }
 
-    async fn rows(conn: &mut Conn, q: &str, params: &[&dyn tiberius::ToSql]) -> Result<Vec<Row>, StoreError> {
+    async fn rows(
+        conn: &mut Conn,
+        q: &str,
+        params: &[&dyn tiberius::ToSql],
+    ) -> Result<Vec<Row>, StoreError> {
         conn.query(q, params)
             .await
             .map_err(backend_err)?
@@ -191,12 +199,12 @@ impl MssqlStore {
             .map_err(backend_err)
     }
 
-    async fn exec(conn: &mut Conn, q: &str, params: &[&dyn tiberius::ToSql]) -> Result<u64, StoreError> {
-        Ok(conn
-            .execute(q, params)
-            .await
-            .map_err(backend_err)?
-            .total())
+    async fn exec(
+        conn: &mut Conn,
+        q: &str,
+        params: &[&dyn tiberius::ToSql],
+    ) -> Result<u64, StoreError> {
+        Ok(conn.execute(q, params).await.map_err(backend_err)?.total())
     }
 
     /// UPDATE, then INSERT when no row matched; only called inside a transaction holding the fence lock.
@@ -290,7 +298,10 @@ impl Store for MssqlStore {
                 .map(|r| col(r, 0))
                 .collect::<Result<_, _>>()?;
             let mut done = Vec::new();
-            for m in MSSQL.iter().filter(|m| !applied.contains(&(m.version as i32))) {
+            for m in MSSQL
+                .iter()
+                .filter(|m| !applied.contains(&(m.version as i32)))
+            {
                 for stmt in m.statements {
                     Self::exec(&mut conn, stmt, &[]).await.map_err(|e| {
                         StoreError::Migration(format!("version {} ({}): {e}", m.version, m.name))
@@ -338,7 +349,12 @@ impl Store for MssqlStore {
             let now = now_ms();
             Self::exec(&mut conn, sql::SET_FENCE, &[&epoch, &instance, &now]).await?;
             Self::exec(&mut conn, sql::FENCE_OTHER_ACTIVES, &[&instance]).await?;
-            Self::exec(&mut conn, sql::JOURNAL, &[&"promote", &epoch, &instance, &now]).await?;
+            Self::exec(
+                &mut conn,
+                sql::JOURNAL,
+                &[&"promote", &epoch, &instance, &now],
+            )
+            .await?;
             Ok(PromoteOutcome::Promoted)
         }
         .await;
@@ -349,8 +365,8 @@ impl Store for MssqlStore {
         let mut conn = self.begin().await?;
         let r = async {
             let fence = Self::fence_locked(&mut conn).await?;
-            let stale = hb.role == Role::Active
-                && (fence.epoch != hb.epoch || fence.holder != hb.instance);
+            let stale =
+                hb.role == Role::Active && (fence.epoch != hb.epoch || fence.holder != hb.instance);
             let role = if stale { Role::Fenced } else { hb.role };
             Self::upsert(
                 &mut conn,
@@ -494,12 +510,16 @@ impl Store for MssqlStore {
     }
 
     async fn count_objects(&self, connector: &str) -> Result<i64, StoreError> {
-        let v = self.read(sql::COUNT_OBJECTS, &[&connector], |r| col(r, 0)).await?;
+        let v = self
+            .read(sql::COUNT_OBJECTS, &[&connector], |r| col(r, 0))
+            .await?;
         Ok(v.into_iter().next().unwrap_or(0))
     }
 
     async fn count_batches(&self, connector: &str) -> Result<i64, StoreError> {
-        let v = self.read(sql::COUNT_BATCHES, &[&connector], |r| col(r, 0)).await?;
+        let v = self
+            .read(sql::COUNT_BATCHES, &[&connector], |r| col(r, 0))
+            .await?;
         Ok(v.into_iter().next().unwrap_or(0))
     }
 
@@ -612,7 +632,9 @@ mod tests {
             .build()
             .unwrap();
         let e = rt
-            .block_on(MssqlStore::connect("Server=tcp:127.0.0.1,notaport;Database=x;"))
+            .block_on(MssqlStore::connect(
+                "Server=tcp:127.0.0.1,notaport;Database=x;",
+            ))
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();

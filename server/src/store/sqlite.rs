@@ -107,18 +107,23 @@ impl Store for SqliteStore {
             .fetch_all(&mut *tx)
             .await?;
         let mut done = Vec::new();
-        for m in SQLITE.iter().filter(|m| !applied.contains(&(m.version as i64))) {
+        for m in SQLITE
+            .iter()
+            .filter(|m| !applied.contains(&(m.version as i64)))
+        {
             for stmt in m.statements {
                 sqlx::query(stmt).execute(&mut *tx).await.map_err(|e| {
                     StoreError::Migration(format!("version {} ({}): {e}", m.version, m.name))
                 })?;
             }
-            sqlx::query("INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)")
-                .bind(m.version as i64)
-                .bind(m.name)
-                .bind(now_ms())
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+            )
+            .bind(m.version as i64)
+            .bind(m.name)
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await?;
             done.push(m.version);
         }
         tx.commit().await?;
@@ -175,8 +180,8 @@ impl Store for SqliteStore {
     async fn heartbeat(&self, hb: &Heartbeat) -> Result<(), StoreError> {
         let mut tx = self.begin_locked().await?;
         let fence = Self::read_fence(&mut tx).await?;
-        let stale = hb.role == Role::Active
-            && (fence.epoch != hb.epoch || fence.holder != hb.instance);
+        let stale =
+            hb.role == Role::Active && (fence.epoch != hb.epoch || fence.holder != hb.instance);
         let role = if stale { Role::Fenced } else { hb.role };
         sqlx::query(
             "INSERT INTO engine_instances (instance, host, role, epoch, version, started_at, last_heartbeat) \

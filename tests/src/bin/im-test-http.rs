@@ -123,7 +123,10 @@ fn main() {
         }
     };
     listener.set_nonblocking(true).ok();
-    println!("im-test-http listening on {listen} (tls: {})", tls.is_some());
+    println!(
+        "im-test-http listening on {listen} (tls: {})",
+        tls.is_some()
+    );
     loop {
         if TERM.load(Ordering::SeqCst) {
             println!("terminating");

@@ -1,0 +1,265 @@
+//! Managed mode: two instances on one database, promoted and fenced through the mTLS internal API.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+
+struct Instance {
+    proc: Proc,
+    public: String,
+    internal: String,
+}
+
+fn start(name: &str, dir: &Path, db: &Path, pki: &Pki, token_file: &Path) -> Instance {
+    let (pp, ip) = (free_port(), free_port());
+    let cfg = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "instance_name = \"{name}\"\nlisten = \"127.0.0.1:{pp}\"\ninternal_listen = \"127.0.0.1:{ip}\"\n\
+             [engine]\nheartbeat_interval_ms = 200\ninstance_ttl_ms = 2000\ndrain_timeout_ms = 1000\n"
+        ),
+    )
+    .unwrap();
+    let env = [
+        ("IM_DATA_DIR", dir.join(name).display().to_string()),
+        (
+            "IM_DATABASE__CONNECTION_STRING",
+            format!("sqlite://{}", db.display()),
+        ),
+        ("IM_TLS__CERT_FILE", pki.cert.display().to_string()),
+        ("IM_TLS__KEY_FILE", pki.key.display().to_string()),
+        ("IM_TLS__CLIENT_CA_FILE", pki.ca.display().to_string()),
+        (
+            "IM_AUTH__BOOTSTRAP_TOKEN_FILE",
+            token_file.display().to_string(),
+        ),
+    ];
+    Instance {
+        proc: Proc::spawn(&["run", "--config", cfg.to_str().unwrap()], &env, dir),
+        public: format!("https://localhost:{pp}"),
+        internal: format!("https://localhost:{ip}"),
+    }
+}
+
+async fn status(c: &reqwest::Client, i: &Instance) -> serde_json::Value {
+    c.get(format!("{}/internal/v1/status", i.internal))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+async fn promote(c: &reqwest::Client, i: &Instance, epoch: i64) -> reqwest::Response {
+    c.post(format!("{}/internal/v1/promote", i.internal))
+        .json(&serde_json::json!({ "epoch": epoch }))
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn actives(c: &reqwest::Client, i: &Instance, token: &str) -> Vec<String> {
+    let rows: Vec<serde_json::Value> = c
+        .get(format!("{}/api/instances", i.public))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    rows.iter()
+        .filter(|r| r["role"] == "active")
+        .map(|r| r["instance"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn promotion_fences_the_old_active() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(&dir.path().join("pki"));
+    let db = dir.path().join("shared.db");
+    let token = "imb_managed-test-token";
+    let token_file = dir.path().join("admin.token");
+    std::fs::write(&token_file, token).unwrap();
+    let a = start("im-a", dir.path(), &db, &pki, &token_file);
+    let b = start("im-b", dir.path(), &db, &pki, &token_file);
+    let op = mtls_client(&pki);
+    wait_up(&op, &format!("{}/health/live", a.public), &a.proc).await;
+    wait_up(&op, &format!("{}/health/live", b.public), &b.proc).await;
+
+    // Both start standby and are ready (a standby is ready when it could take over).
+    for i in [&a, &b] {
+        assert_eq!(status(&op, i).await["role"], "standby");
+        let r = op
+            .get(format!("{}/health/ready", i.public))
+            .send()
+            .await
+            .unwrap();
+        // No licence configured in this test: not ready, and the body says why.
+        assert_eq!(r.status(), 503);
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["checks"]["database"]["ok"], true);
+        assert_eq!(body["checks"]["licence"]["ok"], false);
+    }
+
+    assert_eq!(promote(&op, &a, 1).await.status(), 200);
+    assert_eq!(status(&op, &a).await["role"], "active");
+    eventually(
+        Duration::from_secs(5),
+        "a is the one active row",
+        || async { actives(&op, &a, token).await == vec!["im-a".to_string()] },
+    )
+    .await;
+    // Idempotent retry by the holder.
+    assert_eq!(promote(&op, &a, 1).await.status(), 200);
+
+    assert_eq!(promote(&op, &b, 2).await.status(), 200);
+    // A's next engine write fails and it demotes itself.
+    eventually(Duration::from_secs(5), "a demotes itself", || async {
+        status(&op, &a).await["role"] == "standby"
+    })
+    .await;
+    eventually(Duration::from_secs(5), "only b active", || async {
+        actives(&op, &b, token).await == vec!["im-b".to_string()]
+    })
+    .await;
+
+    // Epochs not greater than the stored one are refused, with a problem body.
+    for epoch in [1, 2] {
+        let r = promote(&op, &a, epoch).await;
+        assert_eq!(r.status(), 409);
+        assert_eq!(r.headers()["content-type"], "application/problem+json");
+        let p: serde_json::Value = r.json().await.unwrap();
+        assert!(p["detail"].as_str().unwrap().contains("not greater"), "{p}");
+    }
+    assert_eq!(status(&op, &a).await["role"], "standby");
+
+    // Demote drains and keeps the process up as standby.
+    let r: serde_json::Value = op
+        .post(format!("{}/internal/v1/demote", b.internal))
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["role"], "standby");
+    assert_eq!(r["drained"], true);
+    assert_eq!(
+        op.get(format!("{}/health/live", b.public))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    // The log names why A stepped down.
+    let log = log_text(&dir.path().join("im-a"));
+    assert!(log.contains("fenced"), "{log}");
+    assert!(!log.contains(token), "token leaked to the log");
+}
+
+#[tokio::test]
+async fn internal_api_requires_a_client_certificate_and_rejects_bad_bodies() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(&dir.path().join("pki"));
+    let token_file = dir.path().join("admin.token");
+    std::fs::write(&token_file, "imb_x").unwrap();
+    let a = start(
+        "im-a",
+        dir.path(),
+        &dir.path().join("db.sqlite"),
+        &pki,
+        &token_file,
+    );
+    let op = mtls_client(&pki);
+    wait_up(&op, &format!("{}/health/live", a.public), &a.proc).await;
+
+    // No client certificate: the TLS handshake is refused, nothing reaches the handler.
+    let anon = ca_only_client(&pki);
+    assert!(anon
+        .post(format!("{}/internal/v1/promote", a.internal))
+        .json(&serde_json::json!({"epoch": 7}))
+        .send()
+        .await
+        .is_err());
+    // A client certificate from another CA is refused too.
+    let other = pki_other(dir.path());
+    let stranger = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(pki.ca_pem.as_bytes()).unwrap())
+        .identity(reqwest::Identity::from_pem(other.client_pem.as_bytes()).unwrap())
+        .build()
+        .unwrap();
+    assert!(stranger
+        .post(format!("{}/internal/v1/promote", a.internal))
+        .json(&serde_json::json!({"epoch": 7}))
+        .send()
+        .await
+        .is_err());
+    assert_eq!(status(&op, &a).await["role"], "standby");
+
+    let url = format!("{}/internal/v1/promote", a.internal);
+    let cases: Vec<(reqwest::RequestBuilder, u16)> = vec![
+        (
+            op.post(&url)
+                .header("content-type", "application/json")
+                .body("{\"epoch\":"),
+            400,
+        ),
+        (
+            op.post(&url)
+                .header("content-type", "text/plain")
+                .body("{\"epoch\":3}"),
+            415,
+        ),
+        (
+            op.post(&url).json(&serde_json::json!({"epoch": "three"})),
+            422,
+        ),
+        (
+            op.post(&url)
+                .json(&serde_json::json!({"epoch": 3, "extra": 1})),
+            422,
+        ),
+        (op.post(&url).json(&serde_json::json!({"epoch": 0})), 400),
+        (
+            op.post(&url)
+                .header("content-type", "application/json")
+                .body(vec![b' '; 100 * 1024]),
+            413,
+        ),
+        (op.get(&url), 405),
+        (op.get(format!("{}/internal/v1/nothing", a.internal)), 404),
+    ];
+    for (req, want) in cases {
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status().as_u16(), want);
+        assert_eq!(r.headers()["content-type"], "application/problem+json");
+        let p: serde_json::Value = r.json().await.unwrap();
+        assert!(!p["detail"].as_str().unwrap_or("").is_empty());
+    }
+    // Still alive and still standby after all of that.
+    assert_eq!(status(&op, &a).await["role"], "standby");
+    assert_eq!(
+        op.get(format!("{}/health/live", a.public))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+fn pki_other(dir: &Path) -> Pki {
+    pki(&dir.join("other-pki"))
+}
