@@ -183,3 +183,121 @@ mod tests {
         assert_eq!(imc.spec.version, "0.1.0");
     }
 }
+
+/// The CRD's CEL rules compiled and evaluated with a CEL interpreter, on the admission cases.
+#[cfg(test)]
+mod cel_tests {
+    use super::*;
+
+    /// (path in the object, rule, message) for every x-kubernetes-validations entry.
+    fn rules() -> Vec<(Vec<String>, String, String)> {
+        fn walk(
+            schema: &Value,
+            path: &mut Vec<String>,
+            out: &mut Vec<(Vec<String>, String, String)>,
+        ) {
+            if let Some(rs) = schema
+                .get("x-kubernetes-validations")
+                .and_then(Value::as_array)
+            {
+                for r in rs {
+                    out.push((
+                        path.clone(),
+                        r["rule"].as_str().unwrap_or_default().to_string(),
+                        r["message"].as_str().unwrap_or_default().to_string(),
+                    ));
+                }
+            }
+            if let Some(props) = schema.get("properties").and_then(Value::as_object) {
+                for (k, v) in props {
+                    path.push(k.clone());
+                    walk(v, path, out);
+                    path.pop();
+                }
+            }
+            if let Some(items) = schema.get("items") {
+                path.push("*".into());
+                walk(items, path, out);
+                path.pop();
+            }
+        }
+        let crd = serde_json::to_value(crate::crd::crd()).expect("crd");
+        let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+        let mut out = Vec::new();
+        walk(schema, &mut Vec::new(), &mut out);
+        out
+    }
+
+    fn values_at<'a>(v: &'a Value, path: &[String]) -> Vec<&'a Value> {
+        let Some((head, rest)) = path.split_first() else {
+            return vec![v];
+        };
+        if head == "*" {
+            return v
+                .as_array()
+                .map(|a| a.iter().flat_map(|x| values_at(x, rest)).collect())
+                .unwrap_or_default();
+        }
+        v.get(head).map(|x| values_at(x, rest)).unwrap_or_default()
+    }
+
+    /// Messages of the rules that fail on `manifest` (oldSelf = self: an update without change).
+    fn failures(manifest: &Value) -> Vec<String> {
+        let mut failed = Vec::new();
+        for (path, rule, msg) in rules() {
+            let program = cel::Program::compile(&rule)
+                .unwrap_or_else(|e| panic!("rule {rule:?} does not compile: {e}"));
+            for v in values_at(manifest, &path) {
+                let mut ctx = cel::Context::default();
+                let val = cel::to_value(v).expect("to cel");
+                ctx.add_variable_from_value("self", val.clone());
+                ctx.add_variable_from_value("oldSelf", val);
+                match program.execute(&ctx) {
+                    Ok(cel::Value::Bool(true)) => {}
+                    Ok(other) => {
+                        assert_eq!(
+                            other,
+                            cel::Value::Bool(false),
+                            "rule {rule:?} must yield a bool"
+                        );
+                        failed.push(msg.clone());
+                    }
+                    Err(e) => panic!("rule {rule:?} errored on {v}: {e}"),
+                }
+            }
+        }
+        failed
+    }
+
+    #[test]
+    fn every_rule_compiles_and_valid_resources_pass() {
+        assert!(rules().len() >= 8);
+        assert_eq!(failures(&valid_manifest("im")), Vec::<String>::new());
+        let full = with(
+            "full",
+            json!({"spec": {
+                "tls": {"dnsNames": ["im.contoso.local"], "operator": {"duration": "2160h", "renewBefore": "360h"}},
+                "secretProvider": {"type": "AzureKeyVault",
+                    "azureKeyVault": {"vaultUrl": "https://kv.vault.azure.net/", "clientId": "c", "tenantId": "t"}},
+                "oidc": {"issuer": "https://login.contoso.local/", "audience": "im", "jwksUrl": "https://login.contoso.local/keys"},
+                "nodeOS": "linux"
+            }}),
+        );
+        assert_eq!(failures(&full), Vec::<String>::new());
+        let user_tls = with("user-tls", json!({"spec": {"tls": {"secretName": "mine"}}}));
+        assert_eq!(failures(&user_tls), Vec::<String>::new());
+    }
+
+    #[test]
+    fn cel_cases_fail_with_their_message() {
+        for case in admission_cases().into_iter().filter(|c| c.cel) {
+            let f = failures(&case.manifest);
+            assert!(
+                f.iter().any(|m| m.contains(case.expect)),
+                "{}: expected a failing rule with {:?}, got {f:?}",
+                case.name,
+                case.expect
+            );
+        }
+    }
+}

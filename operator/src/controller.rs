@@ -326,6 +326,12 @@ impl Reconciler {
                 )
                 .await;
             }
+        } else if instance_api.is_none() {
+            // Without the CA the pods cannot be asked anything: make no role decisions blind.
+            plan_phase = Some((
+                Phase::Degraded,
+                "cluster CA unavailable: cannot reach the pods' internal API".into(),
+            ));
         } else {
             let input = PlanInput {
                 now: self.now,

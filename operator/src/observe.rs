@@ -39,7 +39,15 @@ pub fn node_ready(node: &Node) -> (Option<bool>, Option<Timestamp>) {
         .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"));
     match c {
         Some(c) if c.status == "True" => (Some(true), None),
-        // "Unknown" is what the node controller sets when heartbeats stop: treat as not ready.
+        // "Unknown" is what the node controller sets when heartbeats stop, a grace period after
+        // the last one: the node has been silent since its last heartbeat, not since the mark.
+        Some(c) if c.status == "Unknown" => (
+            Some(false),
+            c.last_heartbeat_time
+                .as_ref()
+                .or(c.last_transition_time.as_ref())
+                .map(|t| t.0),
+        ),
         Some(c) => (Some(false), c.last_transition_time.as_ref().map(|t| t.0)),
         None => (None, None),
     }
@@ -197,6 +205,21 @@ mod tests {
         assert_eq!(pod_ready(&Pod::default()), (false, None));
         assert_eq!(node_ready(&node("True")), (Some(true), None));
         assert_eq!(node_ready(&node("Unknown")), (Some(false), Some(ts(3))));
+        assert_eq!(node_ready(&node("False")), (Some(false), Some(ts(3))));
+        let mut silent = node("Unknown");
+        if let Some(c) = silent
+            .status
+            .as_mut()
+            .and_then(|s| s.conditions.as_mut())
+            .and_then(|c| c.first_mut())
+        {
+            c.last_heartbeat_time = Some(Time(ts(-40)));
+        }
+        assert_eq!(
+            node_ready(&silent),
+            (Some(false), Some(ts(-40))),
+            "silent since the last heartbeat"
+        );
         assert_eq!(node_ready(&Node::default()), (None, None));
         assert_eq!(
             pod_ip(&pod("True", 0)),

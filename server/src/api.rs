@@ -26,7 +26,12 @@ pub struct AppState {
     pub engine: Arc<Engine>,
     pub auth: Arc<Authenticator>,
     pub licence_file: Option<PathBuf>,
+    /// The relay hub, to disconnect a revoked relay at once.
+    pub hub: Option<identitymesh_signalr::hub::HubHandle>,
 }
+
+/// A relay is shown Connected while its hub connection is recorded and seen this recently.
+const RELAY_SEEN_WINDOW_MS: i64 = 45_000;
 
 /// One Admin API route and the permission it requires.
 pub struct RouteSpec {
@@ -45,6 +50,25 @@ pub const ROUTES: &[RouteSpec] = &[
     },
     RouteSpec {
         method: "get",
+        path: "/api/relays",
+        permission: Permission::DashboardRead,
+        summary:
+            "Relays with state (Connected / Disconnected), pod, version, connected-since, last-seen",
+    },
+    RouteSpec {
+        method: "post",
+        path: "/api/relays",
+        permission: Permission::RelaysManage,
+        summary: "Register a relay ({\"name\"}); the credential is returned once",
+    },
+    RouteSpec {
+        method: "delete",
+        path: "/api/relays/{id}",
+        permission: Permission::RelaysManage,
+        summary: "Revoke a relay's credential and disconnect it at once",
+    },
+    RouteSpec {
+        method: "get",
         path: "/api/audit",
         permission: Permission::AuditRead,
         summary: "The audit log, newest first (?limit=1..1000)",
@@ -59,28 +83,47 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .strip_prefix("Bearer ")
 }
 
-/// Authenticates the caller and checks the route's permission.
-async fn authorize(st: &AppState, headers: &HeaderMap, path: &str) -> Result<Principal, Problem> {
-    let need = ROUTES
-        .iter()
-        .find(|r| r.path == path)
-        .map(|r| r.permission)
-        .ok_or_else(|| Problem::internal(format!("route {path} declares no permission")))?;
-    let p = st
-        .auth
-        .authenticate(bearer(headers))
-        .await
-        .map_err(|e| match e {
-            crate::auth::AuthError::KeysUnavailable(m) => Problem::unavailable(m),
-            other => Problem::unauthorized(other.to_string()),
-        })?;
-    if !p.permissions.contains(&need) {
-        return Err(Problem::forbidden(format!(
-            "this endpoint needs the `{}` permission, which the token does not grant",
-            need.as_str()
-        )));
+/// The authenticated caller of an Admin API route, checked against the permission that route
+/// declares in [`ROUTES`]. As an extractor it runs before the body is read, so an anonymous
+/// caller gets 401 whatever it sent.
+pub struct Caller(pub Principal);
+
+impl axum::extract::FromRequestParts<AppState> for Caller {
+    type Rejection = Problem;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        st: &AppState,
+    ) -> Result<Self, Problem> {
+        let path = parts
+            .extensions
+            .get::<axum::extract::MatchedPath>()
+            .map(|m| m.as_str().to_string())
+            .unwrap_or_default();
+        let method = parts.method.as_str().to_ascii_lowercase();
+        let need = ROUTES
+            .iter()
+            .find(|r| r.path == path && r.method == method)
+            .map(|r| r.permission)
+            .ok_or_else(|| {
+                Problem::internal(format!("route {method} {path} declares no permission"))
+            })?;
+        let p = st
+            .auth
+            .authenticate(bearer(&parts.headers))
+            .await
+            .map_err(|e| match e {
+                crate::auth::AuthError::KeysUnavailable(m) => Problem::unavailable(m),
+                other => Problem::unauthorized(other.to_string()),
+            })?;
+        if !p.permissions.contains(&need) {
+            return Err(Problem::forbidden(format!(
+                "this endpoint needs the `{}` permission, which the token does not grant",
+                need.as_str()
+            )));
+        }
+        Ok(Caller(p))
     }
-    Ok(p)
 }
 
 fn store_problem(e: StoreError) -> Problem {
@@ -97,6 +140,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/openapi.json", get(openapi))
         .route("/api/instances", get(instances))
         .route("/api/audit", get(audit))
+        .route("/api/relays", get(list_relays).post(create_relay))
+        .route("/api/relays/{id}", axum::routing::delete(revoke_relay))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -194,8 +239,7 @@ fn rfc3339(ms: i64) -> String {
         .unwrap_or_default()
 }
 
-async fn instances(State(st): State<AppState>, headers: HeaderMap) -> Result<Response, Problem> {
-    authorize(&st, &headers, "/api/instances").await?;
+async fn instances(State(st): State<AppState>, _caller: Caller) -> Result<Response, Problem> {
     let rows = st
         .engine
         .store()
@@ -225,10 +269,9 @@ struct AuditQuery {
 
 async fn audit(
     State(st): State<AppState>,
-    headers: HeaderMap,
+    _caller: Caller,
     q: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Problem> {
-    authorize(&st, &headers, "/api/audit").await?;
     let Query(q) = q.map_err(|e| Problem::bad_request(format!("bad query: {}", e.body_text())))?;
     let limit = q.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
@@ -241,6 +284,132 @@ async fn audit(
         .await
         .map_err(store_problem)?;
     Ok(Json(rows).into_response())
+}
+
+#[derive(Serialize)]
+struct RelayView {
+    id: String,
+    name: String,
+    state: &'static str,
+    instance: Option<String>,
+    version: Option<String>,
+    connected_since: Option<String>,
+    last_seen: Option<String>,
+    revoked: bool,
+}
+
+async fn list_relays(State(st): State<AppState>, _caller: Caller) -> Result<Response, Problem> {
+    let now = crate::store::now_ms();
+    let rows = st.engine.store().relays().await.map_err(store_problem)?;
+    let view: Vec<RelayView> = rows
+        .into_iter()
+        .map(|r| {
+            let connected = r.connected_instance.is_some()
+                && r.last_seen_ms
+                    .is_some_and(|t| now - t < RELAY_SEEN_WINDOW_MS);
+            RelayView {
+                id: r.id,
+                name: r.name,
+                state: if connected {
+                    "Connected"
+                } else {
+                    "Disconnected"
+                },
+                instance: r.connected_instance.filter(|_| connected),
+                version: r.version,
+                connected_since: r.connected_since_ms.filter(|_| connected).map(rfc3339),
+                last_seen: r.last_seen_ms.map(rfc3339),
+                revoked: r.revoked_at_ms.is_some(),
+            }
+        })
+        .collect();
+    Ok(Json(view).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewRelay {
+    name: String,
+}
+
+async fn create_relay(
+    State(st): State<AppState>,
+    Caller(who): Caller,
+    JsonBody(req): JsonBody<NewRelay>,
+) -> Result<Response, Problem> {
+    let name = req.name.trim();
+    if name.is_empty()
+        || name.len() > 128
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "name must be 1-128 characters of letters, digits, '-', '_' or '.'",
+        ));
+    }
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let token = {
+        use rand::RngCore;
+        let mut b = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut b);
+        format!("{}{}", crate::hub::RELAY_TOKEN_PREFIX, hex::encode(b))
+    };
+    let now = crate::store::now_ms();
+    st.engine
+        .store()
+        .create_relay(&id, name, &crate::auth::hash_token(&token), now)
+        .await
+        .map_err(|e| match e {
+            StoreError::Conflict(m) => Problem::conflict(m),
+            other => store_problem(other),
+        })?;
+    audit_action(&st, &who, "relay.create", name).await;
+    let body = serde_json::json!({"id": id, "name": name, "token": token});
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+async fn revoke_relay(
+    State(st): State<AppState>,
+    Caller(who): Caller,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Response, Problem> {
+    let found = st
+        .engine
+        .store()
+        .revoke_relay(&id, crate::store::now_ms())
+        .await
+        .map_err(store_problem)?;
+    if !found {
+        return Err(Problem::new(
+            StatusCode::NOT_FOUND,
+            format!("no relay with id `{id}`"),
+        ));
+    }
+    let closed = st
+        .hub
+        .as_ref()
+        .map(|h| h.disconnect_relay(&id, "credential revoked"))
+        .unwrap_or(0);
+    audit_action(&st, &who, "relay.revoke", &id).await;
+    Ok(
+        Json(serde_json::json!({"id": id, "revoked": true, "disconnected": closed}))
+            .into_response(),
+    )
+}
+
+async fn audit_action(st: &AppState, who: &Principal, action: &str, target: &str) {
+    let e = crate::store::AuditEntry {
+        at_ms: crate::store::now_ms(),
+        actor: who.subject.clone(),
+        action: action.into(),
+        target: target.into(),
+        detail: String::new(),
+    };
+    if let Err(err) = st.engine.store().append_audit(&e).await {
+        tracing::warn!(error = %err, "audit write failed");
+    }
 }
 
 /// The OpenAPI document, derived from the same route table the router and the permission
@@ -382,22 +551,43 @@ mod tests {
             engine,
             auth,
             licence_file: None,
+            hub: None,
         };
         (dir, router(st), issuer)
     }
 
     async fn call(app: &Router, method: &str, path: &str, token: Option<&str>) -> StatusCode {
+        call_detail(app, method, path, token).await.0
+    }
+
+    async fn call_detail(
+        app: &Router,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+    ) -> (StatusCode, String) {
+        let path = path.replace("{id}", "0123");
         let mut req = Request::builder()
             .method(method.to_uppercase().as_str())
             .uri(path);
         if let Some(t) = token {
             req = req.header("authorization", format!("Bearer {t}"));
         }
-        app.clone()
-            .oneshot(req.body(Body::empty()).unwrap())
+        let body = if method == "post" {
+            req = req.header("content-type", "application/json");
+            Body::from(format!(
+                "{{\"name\":\"relay-{}\"}}",
+                uuid::Uuid::new_v4().simple()
+            ))
+        } else {
+            Body::empty()
+        };
+        let res = app.clone().oneshot(req.body(body).unwrap()).await.unwrap();
+        let status = res.status();
+        let bytes = axum::body::to_bytes(res.into_body(), 1 << 20)
             .await
-            .unwrap()
-            .status()
+            .unwrap();
+        (status, String::from_utf8_lossy(&bytes).into_owned())
     }
 
     /// Every route, with no token, with each single permission, and with its own permission.
@@ -421,7 +611,14 @@ mod tests {
                 )
                 .await;
                 if p == r.permission {
-                    assert_eq!(status, 200, "{} with {}", r.path, p.as_str());
+                    // Authorised: anything but 401/403 (DELETE of an unknown id is a 404).
+                    assert!(
+                        !matches!(status.as_u16(), 401 | 403),
+                        "{} {} with {}: {status}",
+                        r.method,
+                        r.path,
+                        p.as_str()
+                    );
                 } else {
                     assert_eq!(status, 403, "{} with {}", r.path, p.as_str());
                 }
@@ -446,12 +643,16 @@ mod tests {
         let token = issuer.token(&all, 300);
         for (path, ops) in paths {
             for method in ops.as_object().unwrap().keys() {
-                let s = call(&app, method, path, Some(&token)).await;
-                assert_ne!(s, 404, "{method} {path} documented but not routed");
-                assert_ne!(s, 405, "{method} {path} documented but not routed");
+                let (s, detail) = call_detail(&app, method, path, Some(&token)).await;
+                assert!(
+                    !detail.contains("no such endpoint") && s != 405,
+                    "{method} {path} documented but not routed ({s}: {detail})"
+                );
             }
         }
-        assert_eq!(call(&app, "get", "/api/nothing", Some(&token)).await, 404);
+        let (s, detail) = call_detail(&app, "get", "/api/nothing", Some(&token)).await;
+        assert_eq!(s, 404);
+        assert!(detail.contains("no such endpoint"));
     }
 
     #[tokio::test]

@@ -81,17 +81,25 @@ pub async fn run(
     let (stop_tx, stop_rx) = watch::channel(false);
     let engine_task = tokio::spawn(engine.clone().run(stop_rx.clone()));
 
+    let hub_config = identitymesh_signalr::hub::HubConfig {
+        keep_alive_interval: Duration::from_millis(cfg.hub.keep_alive_ms),
+        client_timeout: Duration::from_millis(cfg.hub.client_timeout_ms),
+        handshake_timeout: Duration::from_millis(cfg.hub.handshake_timeout_ms),
+        ..Default::default()
+    };
+    let (hub_routes, hub) = crate::hub::start(engine.clone(), hub_config, stop_rx.clone());
     let state = AppState {
         engine: engine.clone(),
         auth,
         licence_file,
+        hub: Some(hub),
     };
     let public = bind(cfg.listen).await?;
     tracing::info!(addr = %public.local_addr()?, tls = !matches!(transport, Transport::Plain), "Admin API listening");
     let mut servers = vec![tokio::spawn(serve(
         public,
         transport.clone(),
-        api::router(state.clone()),
+        api::router(state.clone()).merge(hub_routes),
         stop_rx.clone(),
         SHUTDOWN_GRACE,
     ))];

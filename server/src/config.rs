@@ -59,6 +59,43 @@ pub struct Config {
     pub auth: AuthConfig,
     #[serde(default)]
     pub engine: EngineConfig,
+    #[serde(default)]
+    pub hub: HubTimings,
+}
+
+/// Relay hub timings (SignalR keep-alive, client timeout, handshake timeout).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubTimings {
+    #[serde(default = "default_keep_alive", deserialize_with = "flexible_u64")]
+    pub keep_alive_ms: u64,
+    #[serde(default = "default_client_timeout", deserialize_with = "flexible_u64")]
+    pub client_timeout_ms: u64,
+    #[serde(
+        default = "default_handshake_timeout",
+        deserialize_with = "flexible_u64"
+    )]
+    pub handshake_timeout_ms: u64,
+}
+
+impl Default for HubTimings {
+    fn default() -> Self {
+        Self {
+            keep_alive_ms: default_keep_alive(),
+            client_timeout_ms: default_client_timeout(),
+            handshake_timeout_ms: default_handshake_timeout(),
+        }
+    }
+}
+
+fn default_keep_alive() -> u64 {
+    15_000
+}
+fn default_client_timeout() -> u64 {
+    30_000
+}
+fn default_handshake_timeout() -> u64 {
+    15_000
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -377,6 +414,12 @@ impl Config {
             return Err(key_err(
                 "engine.instance_ttl_ms",
                 "must be longer than engine.heartbeat_interval_ms, or live instances vanish",
+            ));
+        }
+        if self.hub.client_timeout_ms <= self.hub.keep_alive_ms {
+            return Err(key_err(
+                "hub.client_timeout_ms",
+                "must be longer than hub.keep_alive_ms (clients time out otherwise); SignalR uses 2x",
             ));
         }
         if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod config;
 pub mod engine;
 pub mod fsutil;
+pub mod hub;
 pub mod licence;
 pub mod logging;
 pub mod problem;

@@ -148,6 +148,7 @@ impl Cluster {
             table: teardown.table.clone(),
             registry: PodRegistry::default(),
             apiserver_port: control_plane.apiserver_port,
+            shutdown: Arc::default(),
         });
         let agent = NodeAgent::start(
             runtime.clone(),
@@ -319,6 +320,7 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        self.runtime.shutdown.store(true, Ordering::SeqCst);
         for f in &self.forwarders {
             f.abort();
         }

@@ -158,7 +158,7 @@ impl ControlPlane {
             format!("--tls-cert-file={}", p(&pki.apiserver_cert)),
             format!("--tls-private-key-file={}", p(&pki.apiserver_key)),
             format!("--client-ca-file={}", p(&pki.ca_cert)),
-            format!("--service-account-key-file={}", p(&pki.sa_key)),
+            format!("--service-account-key-file={}", p(&pki.sa_pub)),
             format!("--service-account-signing-key-file={}", p(&pki.sa_key)),
             s("--service-account-issuer=https://kubernetes.default.svc.cluster.local"),
             s("--service-cluster-ip-range=10.96.0.0/16"),

@@ -20,8 +20,9 @@ pub struct Pki {
     pub apiserver_key: PathBuf,
     pub admin_cert: PathBuf,
     pub admin_key: PathBuf,
-    /// Service-account signing key (ECDSA P-256, PKCS#8); apiserver derives the public key.
+    /// Service-account signing key (ECDSA P-256, PKCS#8) and its public key.
     pub sa_key: PathBuf,
+    pub sa_pub: PathBuf,
     pub ca_pem: String,
     pub admin_cert_pem: String,
     pub admin_key_pem: String,
@@ -94,6 +95,7 @@ impl Pki {
             admin_cert: dir.join("admin.crt"),
             admin_key: dir.join("admin.key"),
             sa_key: dir.join("sa.key"),
+            sa_pub: dir.join("sa.pub"),
             ca_pem,
             admin_cert_pem: admin_cert.pem(),
             admin_key_pem: admin_key.serialize_pem(),
@@ -105,6 +107,7 @@ impl Pki {
         write(&pki.admin_cert, &pki.admin_cert_pem)?;
         write(&pki.admin_key, &pki.admin_key_pem)?;
         write(&pki.sa_key, &sa_key.serialize_pem())?;
+        write(&pki.sa_pub, &sa_key.public_key_pem())?;
         Ok(pki)
     }
 }

@@ -49,6 +49,14 @@ pub struct RuntimeCtx {
     /// Port on which each node's host-side address forwards to the apiserver; pods get it as
     /// KUBERNETES_SERVICE_HOST/PORT, with their node's host address as host.
     pub apiserver_port: u16,
+    /// Set when the harness is torn down: runners stop touching processes and the API.
+    pub shutdown: Arc<AtomicBool>,
+}
+
+impl RuntimeCtx {
+    pub fn is_shut_down(&self) -> bool {
+        self.shutdown.load(Ordering::SeqCst)
+    }
 }
 
 /// One node, as its pods see it.
@@ -109,9 +117,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+type PodMap = HashMap<(String, String), Arc<PodShared>>;
+
 /// (namespace, pod name) → the pod's runtime state.
 #[derive(Clone, Default)]
-pub struct PodRegistry(Arc<Mutex<HashMap<(String, String), Arc<PodShared>>>>);
+pub struct PodRegistry(Arc<Mutex<PodMap>>);
 
 impl PodRegistry {
     pub fn get(&self, ns: &str, name: &str) -> Option<Arc<PodShared>> {
@@ -326,6 +336,9 @@ async fn run_pod(
             ..Default::default()
         };
         for _ in 0..600 {
+            if ctx.is_shut_down() {
+                break;
+            }
             if !node.is_connected() {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
@@ -377,7 +390,7 @@ async fn run_container(
         }
     };
     loop {
-        if *stop_rx.borrow() != Stop::No {
+        if *stop_rx.borrow() != Stop::No || ctx.is_shut_down() {
             return;
         }
         let launch = match build_launch(&ctx, &node, &pod, &spec, &mounts, &shared.dir).await {
@@ -685,6 +698,9 @@ impl StatusWriter {
     }
 
     async fn write(&mut self, shared: &PodShared, volumes_ready: bool) {
+        if self.ctx.is_shut_down() {
+            return;
+        }
         let connected = self.node.is_connected();
         if !connected {
             self.was_connected = false;
@@ -1035,10 +1051,12 @@ async fn materialise_volumes(
                     mode_of(c.default_mode),
                 )?,
                 None if c.optional == Some(true) => {}
-                None => return Err(format!(
+                None => {
+                    return Err(format!(
                     "MountVolume.SetUp failed for volume \"{}\": configmap \"{name}\" not found",
                     v.name
-                )),
+                ))
+                }
             }
         } else if let Some(p) = &v.projected {
             let mode = mode_of(p.default_mode);

@@ -276,15 +276,12 @@ pub fn ensure(root: &Path, force: bool) -> Result<PathBuf> {
     // The bench prints this; "cold" is only true when the Go build cache held none of it, which
     // the first build on a machine is, so keep the first figure and add the latest.
     let record = cache_dir(&v).join("build-time.json");
-    let previous: serde_json::Value = std::fs::read_to_string(&record)
+    let mut doc: serde_json::Value = std::fs::read_to_string(&record)
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or(serde_json::Value::Null);
-    let first = previous
-        .get("first_build_seconds")
-        .cloned()
-        .unwrap_or(serde_json::json!(secs));
-    let doc = serde_json::json!({"first_build_seconds": first, "last_build_seconds": secs});
+        .filter(|v: &serde_json::Value| v.is_object())
+        .unwrap_or_else(|| serde_json::json!({ "first_build_seconds": secs }));
+    doc["last_build_seconds"] = serde_json::json!(secs);
     std::fs::write(&record, serde_json::to_string_pretty(&doc)?)
         .with_context(|| format!("write {}", record.display()))?;
     std::fs::write(&stamp_file, want).with_context(|| format!("write {}", stamp_file.display()))?;

@@ -19,6 +19,7 @@ use super::{
 use crate::crd::{IdentityMeshCluster, NodeOs, SecretProviderType};
 
 pub const CONTAINER_NAME: &str = "server";
+pub const ANNOTATION_CONFIG_HASH: &str = "identitymesh.io/config-hash";
 
 /// Default toleration for Windows node pools tainted `node.kubernetes.io/os=windows:NoSchedule`.
 pub fn default_tolerations(os: NodeOs) -> Vec<Toleration> {
@@ -321,6 +322,15 @@ pub fn build_pod(imc: &IdentityMeshCluster, names: &Names, pod_name: &str) -> Po
         status: None,
     };
     pod.metadata.labels = Some(labels);
+    // The server reads server.toml at start: a config change must roll the pods (standby first),
+    // so the config's hash is part of the pod's.
+    let config_hash = super::config::server_toml(imc)
+        .map(|t| spec_hash(&t))
+        .unwrap_or_default();
+    pod.metadata
+        .annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(ANNOTATION_CONFIG_HASH.to_string(), config_hash);
     let hash = spec_hash(&pod);
     stamp_hash(&mut pod.metadata, hash);
     pod
@@ -611,6 +621,16 @@ mod tests {
         let p = build_pod(&imc, &names, "im-a");
         assert_ne!(h1.as_deref(), hash_of(&p.metadata));
         assert_eq!(pod_version(&p).as_deref(), Some("1.2.4"));
+    }
+
+    #[test]
+    fn config_change_changes_the_pod_hash() {
+        let mut imc = cluster("im", "prod");
+        let names = Names::of(&imc);
+        let h1 = hash_of(&build_pod(&imc, &names, "im-a").metadata).map(str::to_string);
+        imc.spec.oidc = None; // only server.toml changes
+        let h2 = hash_of(&build_pod(&imc, &names, "im-a").metadata).map(str::to_string);
+        assert_ne!(h1, h2);
     }
 
     #[test]

@@ -324,3 +324,44 @@ async fn concurrent_migrations_on_sqlite() {
     rx.extend(ry);
     assert_eq!(rx, vec![1], "each version applied exactly once");
 }
+
+#[tokio::test]
+async fn relays_register_connect_and_revoke() {
+    run(|s| {
+        Box::pin(async move {
+            let (id, name, hash) = (unique("r"), unique("relay"), unique("hash"));
+            s.create_relay(&id, &name, &hash, 1).await.unwrap();
+            let dup = s.create_relay(&unique("r"), &name, &unique("h"), 1).await;
+            assert!(matches!(dup, Err(StoreError::Conflict(_))), "{dup:?}");
+            let r = s.relay_by_token_hash(&hash).await.unwrap().unwrap();
+            assert_eq!((r.id.as_str(), r.revoked_at_ms), (id.as_str(), None));
+            assert_eq!(s.relay_by_token_hash("nope").await.unwrap(), None);
+
+            s.relay_connected(&id, "pod-a", "0.1.0", 10).await.unwrap();
+            s.relay_seen(&id, 20).await.unwrap();
+            let r = s
+                .relays()
+                .await
+                .unwrap()
+                .into_iter()
+                .find(|r| r.id == id)
+                .unwrap();
+            assert_eq!(r.connected_instance.as_deref(), Some("pod-a"));
+            assert_eq!((r.connected_since_ms, r.last_seen_ms), (Some(10), Some(20)));
+            // The relay moved to pod-b before pod-a noticed it left: pod-a must not clear it.
+            s.relay_connected(&id, "pod-b", "0.1.0", 30).await.unwrap();
+            s.relay_disconnected(&id, "pod-a", 31).await.unwrap();
+            let r = s.relay_by_token_hash(&hash).await.unwrap().unwrap();
+            assert_eq!(r.connected_instance.as_deref(), Some("pod-b"));
+            s.relay_disconnected(&id, "pod-b", 32).await.unwrap();
+            let r = s.relay_by_token_hash(&hash).await.unwrap().unwrap();
+            assert_eq!(r.connected_instance, None);
+
+            assert!(s.revoke_relay(&id, 40).await.unwrap());
+            assert!(!s.revoke_relay("missing", 40).await.unwrap());
+            let r = s.relay_by_token_hash(&hash).await.unwrap().unwrap();
+            assert_eq!(r.revoked_at_ms, Some(40));
+        })
+    })
+    .await;
+}

@@ -37,6 +37,8 @@ pub enum StoreError {
     Migration(String),
     #[error("invalid connection string: {0}")]
     Config(String),
+    #[error("{0}")]
+    Conflict(String),
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -137,6 +139,19 @@ pub struct ImportBatch {
     pub watermark: Option<String>,
 }
 
+/// A relay agent's registration and its last known connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RelayRow {
+    pub id: String,
+    pub name: String,
+    pub created_at_ms: i64,
+    pub revoked_at_ms: Option<i64>,
+    pub last_seen_ms: Option<i64>,
+    pub version: Option<String>,
+    pub connected_instance: Option<String>,
+    pub connected_since_ms: Option<i64>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AuditEntry {
     pub at_ms: i64,
@@ -186,6 +201,35 @@ pub trait Store: Send + Sync + 'static {
     /// The bootstrap admin token's hash (sha-256 hex); the plain token never reaches the store.
     async fn set_token_hash(&self, name: &str, hash: &str, now_ms: i64) -> Result<(), StoreError>;
     async fn token_hash(&self, name: &str) -> Result<Option<String>, StoreError>;
+
+    /// Registers a relay with the hash of its credential; a duplicate name is a Conflict.
+    async fn create_relay(
+        &self,
+        id: &str,
+        name: &str,
+        token_hash: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
+    /// The relay a credential hash belongs to, revoked or not.
+    async fn relay_by_token_hash(&self, token_hash: &str) -> Result<Option<RelayRow>, StoreError>;
+    /// Marks the relay revoked; false when there is no such relay.
+    async fn revoke_relay(&self, id: &str, now_ms: i64) -> Result<bool, StoreError>;
+    async fn relay_connected(
+        &self,
+        id: &str,
+        instance: &str,
+        version: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
+    async fn relay_seen(&self, id: &str, now_ms: i64) -> Result<(), StoreError>;
+    /// Clears the connection only if it is still the one this instance recorded.
+    async fn relay_disconnected(
+        &self,
+        id: &str,
+        instance: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
+    async fn relays(&self) -> Result<Vec<RelayRow>, StoreError>;
 
     async fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError>;
     async fn audit(&self, limit: i64) -> Result<Vec<AuditEntry>, StoreError>;

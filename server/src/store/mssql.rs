@@ -66,8 +66,24 @@ pub mod sql {
     pub const AUDIT: &str =
         "SELECT TOP (@P1) at, actor, action, target, detail FROM audit_log ORDER BY seq DESC";
 
+    pub const INSERT_RELAY: &str =
+        "INSERT INTO relays (id, name, token_hash, created_at) VALUES (@P1, @P2, @P3, @P4)";
+    pub const RELAY_BY_HASH: &str = "SELECT id, name, created_at, revoked_at, last_seen, version, connected_instance, connected_since FROM relays WHERE token_hash = @P1";
+    pub const RELAYS: &str = "SELECT id, name, created_at, revoked_at, last_seen, version, connected_instance, connected_since FROM relays ORDER BY name";
+    pub const REVOKE_RELAY: &str = "UPDATE relays SET revoked_at = COALESCE(revoked_at, @P2), connected_instance = NULL, connected_since = NULL WHERE id = @P1";
+    pub const RELAY_CONNECTED: &str = "UPDATE relays SET connected_instance = @P2, connected_since = @P4, last_seen = @P4, version = @P3 WHERE id = @P1";
+    pub const RELAY_SEEN: &str = "UPDATE relays SET last_seen = @P2 WHERE id = @P1";
+    pub const RELAY_DISCONNECTED: &str = "UPDATE relays SET connected_instance = NULL, connected_since = NULL, last_seen = @P3 WHERE id = @P1 AND connected_instance = @P2";
+
     /// All of the above, for the syntax test.
     pub const ALL: &[&str] = &[
+        INSERT_RELAY,
+        RELAY_BY_HASH,
+        RELAYS,
+        REVOKE_RELAY,
+        RELAY_CONNECTED,
+        RELAY_SEEN,
+        RELAY_DISCONNECTED,
         BEGIN,
         COMMIT,
         ROLLBACK,
@@ -262,6 +278,23 @@ fn col<'a, T: tiberius::FromSql<'a>>(row: &'a Row, i: usize) -> Result<T, StoreE
 
 fn text(row: &Row, i: usize) -> Result<String, StoreError> {
     col::<&str>(row, i).map(str::to_string)
+}
+
+fn opt<'a, T: tiberius::FromSql<'a>>(row: &'a Row, i: usize) -> Result<Option<T>, StoreError> {
+    row.try_get::<T, _>(i).map_err(backend_err)
+}
+
+fn relay_row(r: &Row) -> Result<RelayRow, StoreError> {
+    Ok(RelayRow {
+        id: text(r, 0)?,
+        name: text(r, 1)?,
+        created_at_ms: col(r, 2)?,
+        revoked_at_ms: opt(r, 3)?,
+        last_seen_ms: opt(r, 4)?,
+        version: opt::<&str>(r, 5)?.map(str::to_string),
+        connected_instance: opt::<&str>(r, 6)?.map(str::to_string),
+        connected_since_ms: opt(r, 7)?,
+    })
 }
 
 fn fence_from(row: Option<&Row>) -> Result<Fence, StoreError> {
@@ -541,6 +574,95 @@ impl Store for MssqlStore {
             .await?
             .into_iter()
             .next())
+    }
+
+    async fn create_relay(
+        &self,
+        id: &str,
+        name: &str,
+        token_hash: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.take().await?;
+        let r = Self::exec(
+            &mut conn,
+            sql::INSERT_RELAY,
+            &[&id, &name, &token_hash, &now_ms],
+        )
+        .await;
+        self.give(conn);
+        match r {
+            // 2627/2601: unique constraint or index violation.
+            Err(StoreError::Backend(m))
+                if m.contains("2627") || m.contains("2601") || m.contains("UNIQUE") =>
+            {
+                Err(StoreError::Conflict(format!(
+                    "a relay named `{name}` already exists; pick another name or revoke it first"
+                )))
+            }
+            other => other.map(|_| ()),
+        }
+    }
+
+    async fn relay_by_token_hash(&self, token_hash: &str) -> Result<Option<RelayRow>, StoreError> {
+        Ok(self
+            .read(sql::RELAY_BY_HASH, &[&token_hash], relay_row)
+            .await?
+            .into_iter()
+            .next())
+    }
+
+    async fn revoke_relay(&self, id: &str, now_ms: i64) -> Result<bool, StoreError> {
+        let mut conn = self.take().await?;
+        let n = Self::exec(&mut conn, sql::REVOKE_RELAY, &[&id, &now_ms]).await?;
+        self.give(conn);
+        Ok(n > 0)
+    }
+
+    async fn relay_connected(
+        &self,
+        id: &str,
+        instance: &str,
+        version: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.take().await?;
+        Self::exec(
+            &mut conn,
+            sql::RELAY_CONNECTED,
+            &[&id, &instance, &version, &now_ms],
+        )
+        .await?;
+        self.give(conn);
+        Ok(())
+    }
+
+    async fn relay_seen(&self, id: &str, now_ms: i64) -> Result<(), StoreError> {
+        let mut conn = self.take().await?;
+        Self::exec(&mut conn, sql::RELAY_SEEN, &[&id, &now_ms]).await?;
+        self.give(conn);
+        Ok(())
+    }
+
+    async fn relay_disconnected(
+        &self,
+        id: &str,
+        instance: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.take().await?;
+        Self::exec(
+            &mut conn,
+            sql::RELAY_DISCONNECTED,
+            &[&id, &instance, &now_ms],
+        )
+        .await?;
+        self.give(conn);
+        Ok(())
+    }
+
+    async fn relays(&self) -> Result<Vec<RelayRow>, StoreError> {
+        self.read(sql::RELAYS, &[], relay_row).await
     }
 
     async fn append_audit(&self, e: &AuditEntry) -> Result<(), StoreError> {

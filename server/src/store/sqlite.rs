@@ -356,6 +356,106 @@ impl Store for SqliteStore {
         )
     }
 
+    async fn create_relay(
+        &self,
+        id: &str,
+        name: &str,
+        token_hash: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let r = sqlx::query(
+            "INSERT INTO relays (id, name, token_hash, created_at) VALUES (?, ?, ?, ?)",
+        )
+        .bind(id)
+        .bind(name)
+        .bind(token_hash)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await;
+        match r {
+            Ok(_) => Ok(()),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                Err(StoreError::Conflict(format!(
+                    "a relay named `{name}` already exists; pick another name or revoke it first"
+                )))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn relay_by_token_hash(&self, token_hash: &str) -> Result<Option<RelayRow>, StoreError> {
+        let row = sqlx::query(&format!("{RELAY_COLUMNS} WHERE token_hash = ?"))
+            .bind(token_hash)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(relay_row).transpose()
+    }
+
+    async fn revoke_relay(&self, id: &str, now_ms: i64) -> Result<bool, StoreError> {
+        let n = sqlx::query(
+            "UPDATE relays SET revoked_at = COALESCE(revoked_at, ?), connected_instance = NULL, connected_since = NULL WHERE id = ?",
+        )
+        .bind(now_ms)
+        .bind(id)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n > 0)
+    }
+
+    async fn relay_connected(
+        &self,
+        id: &str,
+        instance: &str,
+        version: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE relays SET connected_instance = ?, connected_since = ?, last_seen = ?, version = ? WHERE id = ?",
+        )
+        .bind(instance)
+        .bind(now_ms)
+        .bind(now_ms)
+        .bind(version)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn relay_seen(&self, id: &str, now_ms: i64) -> Result<(), StoreError> {
+        sqlx::query("UPDATE relays SET last_seen = ? WHERE id = ?")
+            .bind(now_ms)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn relay_disconnected(
+        &self,
+        id: &str,
+        instance: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE relays SET connected_instance = NULL, connected_since = NULL, last_seen = ? WHERE id = ? AND connected_instance = ?",
+        )
+        .bind(now_ms)
+        .bind(id)
+        .bind(instance)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn relays(&self) -> Result<Vec<RelayRow>, StoreError> {
+        let rows = sqlx::query(&format!("{RELAY_COLUMNS} ORDER BY name"))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(relay_row).collect()
+    }
+
     async fn append_audit(&self, e: &AuditEntry) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO audit_log (at, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)",
@@ -398,4 +498,19 @@ impl Store for SqliteStore {
             .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
             .collect()
     }
+}
+
+const RELAY_COLUMNS: &str = "SELECT id, name, created_at, revoked_at, last_seen, version, connected_instance, connected_since FROM relays";
+
+fn relay_row(r: &sqlx::sqlite::SqliteRow) -> Result<RelayRow, StoreError> {
+    Ok(RelayRow {
+        id: r.try_get(0)?,
+        name: r.try_get(1)?,
+        created_at_ms: r.try_get(2)?,
+        revoked_at_ms: r.try_get(3)?,
+        last_seen_ms: r.try_get(4)?,
+        version: r.try_get(5)?,
+        connected_instance: r.try_get(6)?,
+        connected_since_ms: r.try_get(7)?,
+    })
 }

@@ -1,0 +1,144 @@
+//! The relay hub inside the server: relay credentials checked against SQL, connection state
+//! recorded per relay, and the hub open only while this instance is active. On demotion every
+//! relay gets Close{allowReconnect: true} and re-resolves the Service to find the new active.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use identitymesh_signalr::hub::{
+    self, AuthError, ConnectionInfo, HubBackend, HubConfig, HubHandle, InvocationContext,
+    RelayIdentity,
+};
+use serde_json::Value;
+use tokio::sync::watch;
+
+use crate::auth::hash_token;
+use crate::engine::Engine;
+use crate::store::{now_ms, Role, Store};
+
+/// Relay credentials carry this prefix so they can never be mistaken for admin tokens.
+pub const RELAY_TOKEN_PREFIX: &str = "imr_";
+
+pub struct RelayBackend {
+    engine: Arc<Engine>,
+}
+
+impl RelayBackend {
+    fn store(&self) -> &Arc<dyn Store> {
+        self.engine.store()
+    }
+}
+
+impl HubBackend for RelayBackend {
+    async fn authenticate(&self, bearer: &str) -> Result<RelayIdentity, AuthError> {
+        if !bearer.starts_with(RELAY_TOKEN_PREFIX) {
+            return Err(AuthError::Invalid(
+                "not a relay credential; enrol the relay with a token from POST /api/relays".into(),
+            ));
+        }
+        match self.store().relay_by_token_hash(&hash_token(bearer)).await {
+            Ok(Some(r)) if r.revoked_at_ms.is_some() => Err(AuthError::Revoked(format!(
+                "relay `{}` was revoked; issue a new credential",
+                r.name
+            ))),
+            Ok(Some(r)) => Ok(RelayIdentity {
+                relay_id: r.id,
+                name: r.name,
+            }),
+            Ok(None) => Err(AuthError::Invalid("unknown relay credential".into())),
+            Err(e) => Err(AuthError::Unavailable(e.to_string())),
+        }
+    }
+
+    async fn on_connected(&self, conn: &ConnectionInfo) {
+        let version = conn.user_agent.clone().unwrap_or_default();
+        if let Err(e) = self
+            .store()
+            .relay_connected(
+                &conn.relay.relay_id,
+                self.engine.instance(),
+                &version,
+                now_ms(),
+            )
+            .await
+        {
+            tracing::warn!(relay = %conn.relay.name, error = %e, "cannot record relay connection");
+        }
+        tracing::info!(relay = %conn.relay.name, connection = %conn.connection_id, "relay connected");
+    }
+
+    async fn on_disconnected(&self, conn: &ConnectionInfo, reason: &str) {
+        if let Err(e) = self
+            .store()
+            .relay_disconnected(&conn.relay.relay_id, self.engine.instance(), now_ms())
+            .await
+        {
+            tracing::warn!(relay = %conn.relay.name, error = %e, "cannot record relay disconnection");
+        }
+        tracing::info!(relay = %conn.relay.name, reason, "relay disconnected");
+    }
+
+    async fn handle_invocation(
+        &self,
+        _ctx: InvocationContext,
+        target: String,
+        _args: Vec<Value>,
+    ) -> Result<Value, String> {
+        match target.as_str() {
+            // Lets a relay (and the tests) see which instance it reached.
+            "GetServerInfo" => {
+                let st = self.engine.status();
+                Ok(serde_json::json!({
+                    "instance": self.engine.instance(),
+                    "role": st.role,
+                    "epoch": st.epoch,
+                    "version": self.engine.version(),
+                }))
+            }
+            other => Err(format!("unknown hub method `{other}`")),
+        }
+    }
+}
+
+/// Builds the hub routes and starts the tasks that follow the role and refresh last-seen times.
+pub fn start<S: Clone + Send + Sync + 'static>(
+    engine: Arc<Engine>,
+    config: HubConfig,
+    mut stop: watch::Receiver<bool>,
+) -> (axum::Router<S>, HubHandle) {
+    let backend = Arc::new(RelayBackend {
+        engine: engine.clone(),
+    });
+    let (router, handle) = hub::router(backend, config);
+    let mut roles = engine.subscribe();
+    let h = handle.clone();
+    let e = engine.clone();
+    tokio::spawn(async move {
+        let mut seen = tokio::time::interval(Duration::from_secs(10));
+        loop {
+            let active = roles.borrow_and_update().role == Role::Active;
+            if h.is_accepting() != active {
+                h.set_accepting(active);
+                if !active {
+                    let n = h.close_all(Some("instance is no longer active".into()));
+                    tracing::info!(closed = n, "hub closed relay connections (allowReconnect)");
+                }
+            }
+            tokio::select! {
+                r = roles.changed() => if r.is_err() { break },
+                _ = seen.tick() => {
+                    let now = now_ms();
+                    for c in h.connections() {
+                        let _ = e.store().relay_seen(&c.relay.relay_id, now).await;
+                    }
+                }
+                _ = stop.changed() => {
+                    h.set_accepting(false);
+                    h.close_all(Some("server shutting down".into()));
+                    break;
+                }
+            }
+        }
+    });
+    (router, handle)
+}
