@@ -128,10 +128,15 @@ fn hub_child(port: u16, tls_dir: Option<PathBuf>) {
             let _ = out.flush();
         }
     });
-    let (app, _handle) = router::<_, ()>(
-        Arc::new(BenchBackend { out: tx.clone() }),
-        HubConfig::default(),
-    );
+    let mut config = HubConfig::default();
+    // Experiments: BENCH_WS_READ_BUFFER overrides the hub's WebSocket read buffer size.
+    if let Some(v) = std::env::var("BENCH_WS_READ_BUFFER")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        config.ws_read_buffer_size = v;
+    }
+    let (app, _handle) = router::<_, ()>(Arc::new(BenchBackend { out: tx.clone() }), config);
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
             .await
