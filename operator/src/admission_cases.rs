@@ -301,3 +301,17 @@ mod cel_tests {
         }
     }
 }
+
+/// `cargo test -p identitymesh-operator dump_admission_cases -- --ignored --nocapture` prints the
+/// cases as JSON lines, for trying them against an apiserver by hand.
+#[cfg(test)]
+#[test]
+#[ignore]
+fn dump_admission_cases() {
+    for c in admission_cases() {
+        println!(
+            "{}",
+            json!({"name": c.name, "expect": c.expect, "manifest": c.manifest})
+        );
+    }
+}

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, ObjectReference, Pod, Secret, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use k8s_openapi::NamespaceResourceScope;
@@ -61,7 +61,11 @@ impl Error {
     pub fn metric_reason(&self) -> &'static str {
         match self {
             Error::Kube(_) => "Kube",
-            Error::Finalizer(_) => "Finalizer",
+            Error::Finalizer(e) => match e.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(inner)
+                | kube::runtime::finalizer::Error::CleanupFailed(inner) => inner.metric_reason(),
+                _ => "Finalizer",
+            },
             Error::Cert(_) => "Certificate",
             Error::Toml(_) => "Config",
             Error::Invalid(_) => "Invalid",
@@ -208,12 +212,32 @@ impl Reconciler {
     }
 
     async fn event(&self, type_: EventType, reason: &str, action: &str, note: String) {
+        self.event_about(None, type_, reason, action, note).await;
+    }
+
+    /// An event whose secondary object is one of the server pods (the recorder groups events
+    /// into series by reason and objects, so this keeps pod-specific notes apart).
+    async fn event_about(
+        &self,
+        pod: Option<&str>,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        let secondary = pod.filter(|p| !p.is_empty()).map(|p| ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            name: Some(p.to_string()),
+            namespace: Some(self.names.namespace.clone()),
+            ..Default::default()
+        });
         let ev = KubeEvent {
             type_,
             reason: reason.into(),
             note: Some(note),
             action: action.into(),
-            secondary: None,
+            secondary,
         };
         if let Err(e) = self
             .ctx
@@ -290,6 +314,8 @@ impl Reconciler {
         self.apply_if_changed(&build_headless_service(&imc, &self.names))
             .await?;
 
+        self.report_problems(&old_status, &f).await;
+
         // Observe the pods.
         let instance_api = match &ca {
             Some(ca) => Some(
@@ -348,7 +374,8 @@ impl Reconciler {
                 Plan::Start(c) => {
                     st.epoch = st.epoch.max(c.epoch);
                     st.phase = Some(phase_of(c.kind));
-                    self.event(
+                    self.event_about(
+                        Some(&c.target),
                         EventType::Normal,
                         &format!("{}Started", c.kind.as_str()),
                         c.kind.as_str(),
@@ -369,7 +396,8 @@ impl Reconciler {
                     }
                 }
                 Plan::RollStandby { pod } => {
-                    self.event(
+                    self.event_about(
+                        Some(&pod),
                         EventType::Normal,
                         "RollingStandby",
                         "Upgrade",
@@ -440,7 +468,8 @@ impl Reconciler {
         }
 
         // Pods last among children: a missing slot gets a fresh standby.
-        self.ensure_pods(&world).await?;
+        // (Its failure is reported in status before it fails the reconcile.)
+        let pods_result = self.ensure_pods(&world).await;
 
         // Status.
         st.observed_generation = gen;
@@ -452,7 +481,28 @@ impl Reconciler {
         st.standby_pod = st.active_pod.as_deref().and_then(|a| self.names.peer(a));
         st.certificate_expiry = f.cert_expiry.clone();
         self.set_conditions(&mut st, &f, &world, plan_phase.as_ref());
+        match &pods_result {
+            Ok(()) => set_condition(
+                &mut st.conditions,
+                "PodsCreated",
+                "True",
+                "Created",
+                "both server pods exist",
+                gen,
+                self.now,
+            ),
+            Err(e) => set_condition(
+                &mut st.conditions,
+                "PodsCreated",
+                "False",
+                "CreateFailed",
+                &e.to_string(),
+                gen,
+                self.now,
+            ),
+        }
         self.write_status_if_changed(&old_status, &st).await?;
+        pods_result?;
 
         if self.writes > 0 {
             tracing::debug!(cluster = %self.names.cluster, writes = self.writes, "reconciled");
@@ -537,6 +587,33 @@ impl Reconciler {
         Ok(true)
     }
 
+    /// A Warning event when a problem appears or changes (not on every reconcile: steady state,
+    /// even a broken one, writes nothing). Messages name Secrets and keys, never values.
+    async fn report_problems(&self, old: &IdentityMeshClusterStatus, f: &Findings) {
+        let items = [
+            (
+                "SecretsReady",
+                "SecretProblem",
+                (!f.secret_problems.is_empty()).then(|| f.secret_problems.join("; ")),
+            ),
+            (
+                "CertificatesReady",
+                "CertificateProblem",
+                f.cert_problem.clone(),
+            ),
+            ("KeyRingReady", "KeyRingProblem", f.keyring_problem.clone()),
+        ];
+        for (cond, reason, problem) in items {
+            let Some(msg) = problem else { continue };
+            let known = observe::get_condition(&old.conditions, cond)
+                .is_some_and(|c| c.status == "False" && c.message == msg);
+            if !known {
+                self.event(EventType::Warning, reason, "Validate", msg)
+                    .await;
+            }
+        }
+    }
+
     // ----------------------------------------------------------------------------- secrets
 
     /// Referenced Secrets must exist and hold the key; problems name the Secret and key and
@@ -563,7 +640,7 @@ impl Reconciler {
         for (field, name, key) in checks {
             let problem = match api.get_opt(name).await? {
                 None => Some(format!(
-                    "{field}: Secret {name} not found in namespace {}",
+                    "{field}: Secret {name} (key {key:?}) not found in namespace {}; create it or fix the reference",
                     self.names.namespace
                 )),
                 Some(s) => match secret_str(&s, key) {
@@ -847,7 +924,8 @@ impl Reconciler {
                     match api.create(&PostParams::default(), &pod).await {
                         Ok(_) => {
                             self.writes += 1;
-                            self.event(
+                            self.event_about(
+                                Some(&name),
                                 EventType::Normal,
                                 "PodCreated",
                                 "Create",
@@ -909,7 +987,8 @@ impl Reconciler {
                 Outcome::Update(n) => {
                     st.epoch = st.epoch.max(n.epoch);
                     st.phase = Some(phase_of(n.kind));
-                    self.event(
+                    self.event_about(
+                        Some(&n.target),
                         EventType::Normal,
                         &format!("{:?}", n.step),
                         n.kind.as_str(),
@@ -973,7 +1052,8 @@ impl Reconciler {
         } else {
             (EventType::Warning, "CutoverVerificationFailed")
         };
-        self.event(
+        self.event_about(
+            Some(&c.target),
             t,
             reason,
             c.kind.as_str(),
@@ -1053,7 +1133,8 @@ impl Reconciler {
                     if give_up_on_it && (not_deleting || node_lost) {
                         self.delete_pod(&pod, if node_lost { Some(0) } else { None })
                             .await?;
-                        self.event(
+                        self.event_about(
+                            Some(&pod),
                             EventType::Normal,
                             "ReplacingPod",
                             "Failover",

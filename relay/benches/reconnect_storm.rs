@@ -128,6 +128,21 @@ fn hub_child(port: u16, tls_dir: Option<PathBuf>) {
             let _ = out.flush();
         }
     });
+    // "TRIM" on stdin: return freed heap to the OS so the parent can tell memory held by
+    // connections from fragmentation left over from the connect storm.
+    let trim_tx = tx.clone();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lines() {
+            let Ok(line) = line else { break };
+            if line.trim() == "TRIM" {
+                #[cfg(all(target_os = "linux", target_env = "gnu"))]
+                unsafe {
+                    libc::malloc_trim(0);
+                }
+                let _ = trim_tx.send("TRIMMED 0".to_string());
+            }
+        }
+    });
     let mut config = HubConfig::default();
     // Experiments: BENCH_WS_READ_BUFFER overrides the hub's WebSocket read buffer size.
     if let Some(v) = std::env::var("BENCH_WS_READ_BUFFER")
@@ -189,6 +204,7 @@ fn hub_child(port: u16, tls_dir: Option<PathBuf>) {
 #[derive(Default)]
 struct HubEvents {
     ready_ms: Option<u64>,
+    trimmed: bool,
     /// relay → connect times (unix ms), in order.
     connects: HashMap<String, Vec<u64>>,
 }
@@ -206,6 +222,7 @@ impl HubProcess {
             cmd.arg("--tls-dir").arg(d);
         }
         let mut child = cmd
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -218,6 +235,9 @@ impl HubProcess {
                 let Ok(line) = line else { break };
                 let mut parts = line.split_whitespace();
                 match (parts.next(), parts.next(), parts.next()) {
+                    (Some("TRIMMED"), _, _) => {
+                        ev.lock().unwrap().trimmed = true;
+                    }
                     (Some("READY"), Some(t), None) => {
                         ev.lock().unwrap().ready_ms = t.parse().ok();
                     }
@@ -245,6 +265,19 @@ impl HubProcess {
                 return t;
             }
             assert!(start.elapsed() < Duration::from_secs(30), "hub never ready");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Asks the child to malloc_trim and waits for it.
+    fn trim(&mut self) {
+        self.events.lock().unwrap().trimmed = false;
+        if let Some(stdin) = self.child.stdin.as_mut() {
+            let _ = writeln!(stdin, "TRIM");
+            let _ = stdin.flush();
+        }
+        let start = Instant::now();
+        while !self.events.lock().unwrap().trimmed && start.elapsed() < Duration::from_secs(5) {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -331,9 +364,10 @@ fn main() {
         if tls { "TLS" } else { "plain-HTTP" },
         RetryPolicy::default()
     );
-    let hub = HubProcess::start(port, tls_dir.as_ref());
+    let mut hub = HubProcess::start(port, tls_dir.as_ref());
     hub.wait_ready();
     std::thread::sleep(Duration::from_millis(300));
+    hub.trim();
     let rss_before = rss_kib(hub.child.id());
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -374,10 +408,13 @@ fn main() {
     // Let allocations settle, then measure idle memory.
     std::thread::sleep(Duration::from_secs(3));
     let rss_after = rss_kib(hub.child.id());
-    let per_conn = (rss_after.saturating_sub(rss_before) as f64 * 1024.0) / n as f64;
+    hub.trim();
+    let rss_trimmed = rss_kib(hub.child.id());
+    let per = |after: u64| (after.saturating_sub(rss_before) as f64 * 1024.0) / n as f64 / 1000.0;
     println!(
-        "hub RSS: {rss_before} KiB before, {rss_after} KiB with {n} idle relays → {:.1} KB per connection (target < 20 KB)",
-        per_conn / 1000.0
+        "hub RSS: {rss_before} KiB before, {rss_after} KiB with {n} idle relays → {:.1} KB per connection; after malloc_trim {rss_trimmed} KiB → {:.1} KB per connection (target < 20 KB)",
+        per(rss_after),
+        per(rss_trimmed)
     );
 
     // Sample relay-side attempt counters every 20 ms to get attempts per second.

@@ -21,6 +21,22 @@ pub struct AgentStats {
     pub connects: AtomicU64,
 }
 
+/// A lost session usually means every relay of that server lost it at the same instant (crash,
+/// node loss). The first retry is therefore spread over [0, quick_max] rather than the much
+/// denser [0, base], and the backoff continues from the matching step, so the storm of
+/// attempts stays flat.
+fn after_loss(
+    retry: &crate::backoff::RetryPolicy,
+    failures: &mut u32,
+    rng: &mut rand::rngs::StdRng,
+) -> Duration {
+    let step = (0..20)
+        .find(|&a| crate::backoff::ceiling(a, retry.base, retry.cap) >= retry.quick_max)
+        .unwrap_or(0);
+    *failures = (*failures).max(step) + 1;
+    retry.after_close_with_reconnect(rng)
+}
+
 pub struct Agent {
     connector: Connector,
     handlers: HandlerRegistry,
@@ -88,13 +104,11 @@ impl Agent {
                             }
                             SessionEnd::ServerTimeout => {
                                 tracing::warn!(timeout = ?s.server_timeout, "no message from the hub within the timeout; reconnecting");
-                                failures += 1;
-                                retry.after_failure(failures - 1, &mut rng)
+                                after_loss(&retry, &mut failures, &mut rng)
                             }
                             SessionEnd::Lost(reason) => {
                                 tracing::warn!(%reason, "hub connection lost; reconnecting");
-                                failures += 1;
-                                retry.after_failure(failures - 1, &mut rng)
+                                after_loss(&retry, &mut failures, &mut rng)
                             }
                         }
                     }

@@ -151,6 +151,7 @@ pub fn router(state: AppState) -> Router {
 pub fn internal_router(state: AppState) -> Router {
     Router::new()
         .route("/internal/v1/status", get(internal_status))
+        .route("/internal/v1/instances", get(internal_instances))
         .route("/internal/v1/promote", post(promote))
         .route("/internal/v1/demote", post(demote))
         .fallback(not_found)
@@ -240,6 +241,10 @@ fn rfc3339(ms: i64) -> String {
 }
 
 async fn instances(State(st): State<AppState>, _caller: Caller) -> Result<Response, Problem> {
+    instance_rows(&st).await
+}
+
+async fn instance_rows(st: &AppState) -> Result<Response, Problem> {
     let rows = st
         .engine
         .store()
@@ -476,6 +481,12 @@ async fn internal_status(State(st): State<AppState>) -> Json<InternalStatus> {
     })
 }
 
+/// The registry as `/api/instances` shows it, for the operator's post-cutover check (it holds a
+/// client certificate, not an OIDC token).
+async fn internal_instances(State(st): State<AppState>) -> Result<Response, Problem> {
+    instance_rows(&st).await
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PromoteRequest {
@@ -493,7 +504,21 @@ async fn promote(
     let actor = peer.map(|p| p.0 .0).unwrap_or_else(|| "internal".into());
     match st.engine.promote(req.epoch, &actor).await {
         Ok(s) => Ok(Json(serde_json::json!({"role": s.role, "epoch": s.epoch})).into_response()),
-        Err(e @ StoreError::StaleEpoch { .. }) => Err(Problem::conflict(e.to_string())),
+        Err(StoreError::StaleEpoch {
+            requested,
+            stored,
+            holder,
+        }) => Err(Problem::conflict(
+            StoreError::StaleEpoch {
+                requested,
+                stored,
+                holder: holder.clone(),
+            }
+            .to_string(),
+        )
+        // The operator retries with stored_epoch + 1 instead of probing upwards.
+        .with("stored_epoch", stored)
+        .with("holder", holder)),
         Err(e) => Err(store_problem(e)),
     }
 }

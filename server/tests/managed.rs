@@ -130,6 +130,19 @@ async fn promotion_fences_the_old_active() {
     })
     .await;
 
+    // The operator's view of the registry over mTLS agrees.
+    let rows: Vec<serde_json::Value> = op
+        .get(format!("{}/internal/v1/instances", a.internal))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let act: Vec<_> = rows.iter().filter(|r| r["role"] == "active").collect();
+    assert_eq!(act.len(), 1, "{rows:?}");
+    assert_eq!(act[0]["instance"], "im-b");
+
     // Epochs not greater than the stored one are refused, with a problem body.
     for epoch in [1, 2] {
         let r = promote(&op, &a, epoch).await;
@@ -137,6 +150,8 @@ async fn promotion_fences_the_old_active() {
         assert_eq!(r.headers()["content-type"], "application/problem+json");
         let p: serde_json::Value = r.json().await.unwrap();
         assert!(p["detail"].as_str().unwrap().contains("not greater"), "{p}");
+        assert_eq!(p["stored_epoch"], 2, "{p}");
+        assert_eq!(p["holder"], "im-b", "{p}");
     }
     assert_eq!(status(&op, &a).await["role"], "standby");
 

@@ -653,6 +653,22 @@ async fn missing_licence_secret_is_reported_and_the_rest_reconciled() {
         "{}",
         c.message
     );
+    // A Warning event names the Secret and key, once.
+    {
+        let s = h.store.lock().expect("store");
+        let events: Vec<&Value> = s
+            .objects
+            .iter()
+            .filter(|((r, _, _), o)| r == "events" && o["reason"] == "SecretProblem")
+            .map(|(_, o)| o)
+            .collect();
+        assert_eq!(events.len(), 1, "one event, not one per reconcile");
+        let note = events[0]["note"].as_str().unwrap_or_default();
+        assert!(
+            note.contains("im-licence") && note.contains("licence.json"),
+            "{note}"
+        );
+    }
     // Everything else is still there.
     assert!(h.get("services", "im").is_some());
     assert!(h.get("pods", "im-a").is_some());
@@ -890,4 +906,64 @@ async fn user_tls_secret_problems_name_secret_and_key() {
     let pod = h.get("pods", "im-a").expect("pod still created");
     let vols = pod["spec"]["volumes"].as_array().expect("volumes");
     assert!(vols.iter().any(|v| v["secret"]["secretName"] == "my-cert"));
+}
+
+#[tokio::test]
+async fn an_edited_client_service_selector_is_repaired() {
+    let h = Harness::new(true);
+    h.converge().await;
+    {
+        let mut s = h.store.lock().expect("store");
+        let svc = s
+            .objects
+            .get_mut(&("services".into(), "prod".into(), "im".into()))
+            .expect("svc");
+        svc["spec"]["selector"]["identitymesh.io/instance"] = json!("im-b");
+    }
+    h.reconcile().await;
+    assert_eq!(selector_of(&h.get("services", "im").expect("svc")), "im-a");
+}
+
+#[tokio::test]
+async fn serving_certificate_follows_dns_names_and_keeps_the_ca() {
+    let h = Harness::new(true);
+    h.converge().await;
+    let ca_before = h.get("secrets", "im-ca").expect("ca");
+    let tls_before = h.get("secrets", "im-tls").expect("tls");
+    edit_cluster(&h, |o| {
+        o["spec"]["tls"]["dnsNames"] = json!(["im.contoso.local", "identity.contoso.local"])
+    });
+    h.reconcile().await;
+    let tls_after = h.get("secrets", "im-tls").expect("tls");
+    assert_ne!(
+        tls_before["data"]["tls.crt"], tls_after["data"]["tls.crt"],
+        "re-issued"
+    );
+    assert_eq!(
+        ca_before,
+        h.get("secrets", "im-ca").expect("ca"),
+        "CA untouched"
+    );
+    let pem = String::from_utf8(
+        base64::Engine::decode(
+            &base64::engine::general_purpose::STANDARD,
+            tls_after["data"]["tls.crt"].as_str().expect("b64"),
+        )
+        .expect("decode"),
+    )
+    .expect("utf8");
+    let info = certs::inspect(&pem).expect("cert");
+    assert!(info
+        .dns_names
+        .contains(&"identity.contoso.local".to_string()));
+    assert!(info
+        .dns_names
+        .contains(&"im.prod.svc.cluster.local".to_string()));
+    // And then it is stable again.
+    h.take_writes();
+    h.reconcile().await;
+    assert!(
+        !h.take_writes().iter().any(|w| w.contains("/secrets/")),
+        "no re-issue without a reason"
+    );
 }

@@ -721,7 +721,7 @@ async fn run_connection<B: HubBackend>(
         running: Arc::new(AtomicU64::new(0)),
     };
     let mut registered = false;
-    let reason = match conn.handshake().await {
+    let reason = match Box::pin(conn.handshake()).await {
         Err(reason) => reason,
         Ok(leftover) => {
             {
@@ -742,7 +742,7 @@ async fn run_connection<B: HubBackend>(
             }
             if registered {
                 tracing::info!(connection = %meta.connection_id, relay = %meta.relay.relay_id, "relay connected");
-                st.backend.on_connected(&meta.info()).await;
+                Box::pin(st.backend.on_connected(&meta.info())).await;
                 conn.serve(&st, leftover, cmd_tx, cmd_rx, close_rx).await
             } else {
                 conn.close(
@@ -763,7 +763,7 @@ async fn run_connection<B: HubBackend>(
     }
     if registered {
         tracing::info!(connection = %meta.connection_id, relay = %meta.relay.relay_id, %reason, "relay disconnected");
-        st.backend.on_disconnected(&meta.info(), &reason).await;
+        Box::pin(st.backend.on_disconnected(&meta.info(), &reason)).await;
     } else {
         tracing::info!(connection = %meta.connection_id, relay = %meta.relay.relay_id, %reason, "relay connection ended before the handshake");
     }
@@ -786,6 +786,13 @@ struct Conn {
 enum Flow {
     Continue,
     Stop(String),
+}
+
+enum Event {
+    Close(CloseRequest),
+    Socket(Option<Result<Message, axum::Error>>),
+    Command(Command),
+    Timer { timed_out: bool },
 }
 
 impl Conn {
@@ -894,7 +901,7 @@ impl Conn {
         mut close_rx: oneshot::Receiver<CloseRequest>,
     ) -> String {
         for frame in leftover {
-            if let Flow::Stop(r) = self.on_frame(st, frame.as_bytes(), &cmd_tx).await {
+            if let Flow::Stop(r) = Box::pin(self.on_frame(st, frame.as_bytes(), &cmd_tx)).await {
                 return r;
             }
         }
@@ -902,48 +909,72 @@ impl Conn {
             let ping_at = self.last_sent + self.cfg.keep_alive_interval;
             let timeout_at = self.last_recv + self.cfg.client_timeout;
             let wake = tokio::time::Instant::from_std(ping_at.min(timeout_at));
-            tokio::select! {
+            // Only the waiting happens inline; handling is boxed so the idle task stays small.
+            let event = tokio::select! {
                 biased;
-                req = &mut close_rx => {
-                    let req = req.unwrap_or(CloseRequest { error: None, allow_reconnect: true });
-                    let reason = req.error.clone().unwrap_or_else(|| "closed by server".into());
-                    self.close(req.error, req.allow_reconnect).await;
-                    return reason;
+                req = &mut close_rx => Event::Close(req.unwrap_or(CloseRequest { error: None, allow_reconnect: true })),
+                msg = self.socket.recv() => Event::Socket(msg),
+                Some(cmd) = cmd_rx.recv() => Event::Command(cmd),
+                _ = tokio::time::sleep_until(wake) => Event::Timer { timed_out: Instant::now() >= timeout_at },
+            };
+            if let Flow::Stop(r) = Box::pin(self.on_event(st, event, &cmd_tx)).await {
+                return r;
+            }
+        }
+    }
+
+    async fn on_event<B: HubBackend>(
+        &mut self,
+        st: &HubState<B>,
+        event: Event,
+        cmd_tx: &mpsc::Sender<Command>,
+    ) -> Flow {
+        match event {
+            Event::Close(req) => {
+                let reason = req
+                    .error
+                    .clone()
+                    .unwrap_or_else(|| "closed by server".into());
+                self.close(req.error, req.allow_reconnect).await;
+                Flow::Stop(reason)
+            }
+            Event::Socket(msg) => {
+                let msg = match msg {
+                    None => return Flow::Stop("connection closed by client".into()),
+                    Some(Err(e)) => return Flow::Stop(format!("transport error: {e}")),
+                    Some(Ok(m)) => m,
+                };
+                self.last_recv = Instant::now();
+                self.meta.touch();
+                match msg {
+                    Message::Text(t) => self.on_text(st, t.as_bytes(), cmd_tx).await,
+                    Message::Binary(_) => {
+                        Flow::Stop(self.protocol_error(ProtocolError::BinaryFrame).await)
+                    }
+                    Message::Close(_) => Flow::Stop("connection closed by client".into()),
+                    Message::Ping(_) | Message::Pong(_) => Flow::Continue,
                 }
-                msg = self.socket.recv() => {
-                    let msg = match msg {
-                        None => return "connection closed by client".into(),
-                        Some(Err(e)) => return format!("transport error: {e}"),
-                        Some(Ok(m)) => m,
-                    };
-                    self.last_recv = Instant::now();
-                    self.meta.touch();
-                    match msg {
-                        Message::Text(t) => {
-                            if let Flow::Stop(r) = self.on_text(st, t.as_bytes(), &cmd_tx).await {
-                                return r;
-                            }
-                        }
-                        Message::Binary(_) => return self.protocol_error(ProtocolError::BinaryFrame).await,
-                        Message::Close(_) => return "connection closed by client".into(),
-                        Message::Ping(_) | Message::Pong(_) => {}
-                    }
-                }
-                Some(cmd) = cmd_rx.recv() => {
-                    if let Err(r) = self.on_command(cmd).await {
-                        return r;
-                    }
-                }
-                _ = tokio::time::sleep_until(wake) => {
-                    let now = Instant::now();
-                    if now >= timeout_at {
-                        tracing::warn!(connection = %self.meta.connection_id, relay = %self.meta.relay.relay_id, "relay hub: client timeout, closing connection");
-                        self.close(Some("Server timeout elapsed without receiving a message from the client.".into()), true).await;
-                        return "client timeout".into();
-                    }
-                    if let Err(r) = self.send_text(HubMessage::Ping.to_frame()).await {
-                        return r;
-                    }
+            }
+            Event::Command(cmd) => match self.on_command(cmd).await {
+                Ok(()) => Flow::Continue,
+                Err(r) => Flow::Stop(r),
+            },
+            Event::Timer { timed_out: true } => {
+                tracing::warn!(connection = %self.meta.connection_id, relay = %self.meta.relay.relay_id, "relay hub: client timeout, closing connection");
+                self.close(
+                    Some(
+                        "Server timeout elapsed without receiving a message from the client."
+                            .into(),
+                    ),
+                    true,
+                )
+                .await;
+                Flow::Stop("client timeout".into())
+            }
+            Event::Timer { timed_out: false } => {
+                match self.send_text(HubMessage::Ping.to_frame()).await {
+                    Ok(()) => Flow::Continue,
+                    Err(r) => Flow::Stop(r),
                 }
             }
         }
