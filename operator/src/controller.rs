@@ -41,7 +41,7 @@ use crate::cutover::{
 use crate::keyring::{KeyRing, KEYRING_KEY};
 use crate::metrics::Metrics;
 use crate::observe::{self, set_condition};
-use crate::podclient::{InstanceApi, InstanceApiFactory, PodClientError, PodTarget};
+use crate::podclient::{InstanceApi, InstanceApiFactory, InstanceRow, PodClientError, PodTarget};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -843,7 +843,7 @@ impl Reconciler {
         }
         let nodes: Api<Node> = Api::all(self.ctx.client.clone());
         let mut views = Vec::new();
-        let mut targets = HashMap::new();
+        let mut targets: HashMap<String, PodTarget> = HashMap::new();
         for name in self.names.pods() {
             let pod = by_name.get(&name);
             let node = match pod.and_then(observe::pod_node) {
@@ -889,10 +889,27 @@ impl Reconciler {
         let views: [InstanceView; 2] = views
             .try_into()
             .map_err(|_| Error::Invalid("expected exactly two instance slots".into()))?;
+        // The SQL registry through the recorded active (else any answering pod), for the
+        // SingleActive condition. Reads only.
+        let mut rows = None;
+        if let Some(api) = api {
+            let active = self.imc.status.as_ref().and_then(|s| s.active_pod.clone());
+            let mut order: Vec<&PodTarget> = targets.values().collect();
+            order.sort_by_key(|t| Some(&t.pod) != active.as_ref());
+            for t in order {
+                if views.iter().any(|v| v.name == t.pod && v.server.is_some()) {
+                    if let Ok(r) = api.instances(t).await {
+                        rows = Some(r);
+                        break;
+                    }
+                }
+            }
+        }
         Ok(World {
             views,
             pods: by_name,
             targets,
+            rows,
         })
     }
 
@@ -1183,6 +1200,15 @@ impl Reconciler {
                 }
             }
         }
+        // The registry in SQL covers a peer the operator cannot reach (node cut off): exactly
+        // one alive active row, and it is the target with the new epoch.
+        let rows = match api.instances(&t).await {
+            Ok(rows) => rows,
+            Err(_) => return Ok(StepResult::NotYetVerified),
+        };
+        if !single_active_row(&rows, pod, Some(epoch)) {
+            return Ok(StepResult::NotYetVerified);
+        }
         Ok(if ready {
             StepResult::Verified
         } else {
@@ -1263,13 +1289,29 @@ impl Reconciler {
             .and_then(|a| world.views.iter().find(|v| v.name == a));
         let live = av.is_some_and(|v| v.server.is_some());
         let ready = av.is_some_and(|v| v.pod_ready);
-        let actives: Vec<&str> = world
-            .views
-            .iter()
-            .filter(|v| v.server.as_ref().is_some_and(|s| s.role == Role::Active))
-            .map(|v| v.name.as_str())
-            .collect();
-        let single = actives.len() == 1 && Some(actives[0]) == active.as_deref();
+        // Prefer the registry in SQL (it sees pods the operator cannot reach); fall back on the
+        // pods' own answers.
+        let (actives, single): (Vec<&str>, bool) = match &world.rows {
+            Some(rows) => (
+                rows.iter()
+                    .filter(|r| r.is_active())
+                    .map(|r| r.instance.as_str())
+                    .collect(),
+                active
+                    .as_deref()
+                    .is_some_and(|a| single_active_row(rows, a, None)),
+            ),
+            None => {
+                let actives: Vec<&str> = world
+                    .views
+                    .iter()
+                    .filter(|v| v.server.as_ref().is_some_and(|s| s.role == Role::Active))
+                    .map(|v| v.name.as_str())
+                    .collect();
+                let single = actives.len() == 1 && Some(actives[0]) == active.as_deref();
+                (actives, single)
+            }
+        };
         let b = |x: bool| if x { "True" } else { "False" };
         set_condition(
             c,
@@ -1415,6 +1457,17 @@ struct World {
     views: [InstanceView; 2],
     pods: HashMap<String, Pod>,
     targets: HashMap<String, PodTarget>,
+    /// Alive registry rows from SQL, when a pod answered.
+    rows: Option<Vec<InstanceRow>>,
+}
+
+/// Exactly one alive row reports active, it is `pod`, and (if given) it holds `epoch`.
+fn single_active_row(rows: &[InstanceRow], pod: &str, epoch: Option<i64>) -> bool {
+    let mut actives = rows.iter().filter(|r| r.is_active());
+    match (actives.next(), actives.next()) {
+        (Some(r), None) => r.instance == pod && epoch.is_none_or(|e| r.epoch == e),
+        _ => false,
+    }
 }
 
 impl World {

@@ -54,6 +54,24 @@ impl InternalStatus {
     }
 }
 
+/// One alive row of the engine-instance registry in SQL (`GET /internal/v1/instances`).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+pub struct InstanceRow {
+    pub instance: String,
+    pub role: String,
+    pub epoch: i64,
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub version: Option<String>,
+}
+
+impl InstanceRow {
+    pub fn is_active(&self) -> bool {
+        self.role == "active"
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 pub struct DemoteResponse {
     pub role: String,
@@ -95,6 +113,12 @@ pub trait InstanceApi: Send + Sync {
         t: &'a PodTarget,
         timeout: Duration,
     ) -> BoxFuture<'a, Result<DemoteResponse, PodClientError>>;
+    /// The registry rows from SQL as seen through this pod: the post-cutover check that exactly
+    /// one instance holds the active role (it covers pods the operator cannot reach).
+    fn instances<'a>(
+        &'a self,
+        t: &'a PodTarget,
+    ) -> BoxFuture<'a, Result<Vec<InstanceRow>, PodClientError>>;
 }
 
 /// Makes an [`InstanceApi`] for a cluster from its CA.
@@ -106,18 +130,11 @@ pub trait InstanceApiFactory: Send + Sync {
     ) -> Result<Arc<dyn InstanceApi>, PodClientError>;
 }
 
-/// Pull a stored epoch out of a 409 problem body if the server states one.
+/// The epoch stored in SQL, from a 409 promote problem body (`stored_epoch`, per the server's
+/// contract); the operator retries with one above it.
 pub fn stored_epoch_from_problem(body: &str) -> Option<i64> {
     let v: serde_json::Value = serde_json::from_str(body).ok()?;
-    [
-        "stored_epoch",
-        "current_epoch",
-        "storedEpoch",
-        "currentEpoch",
-        "epoch",
-    ]
-    .iter()
-    .find_map(|k| v.get(*k).and_then(serde_json::Value::as_i64))
+    v.get("stored_epoch").and_then(serde_json::Value::as_i64)
 }
 
 /// reqwest + rustls client with the operator's client certificate.
@@ -194,6 +211,31 @@ impl InstanceApi for MtlsInstanceClient {
                 });
             }
             resp.json::<InternalStatus>()
+                .await
+                .map_err(|e| transport(t, e))
+        })
+    }
+
+    fn instances<'a>(
+        &'a self,
+        t: &'a PodTarget,
+    ) -> BoxFuture<'a, Result<Vec<InstanceRow>, PodClientError>> {
+        Box::pin(async move {
+            let http = self.http(t, self.status_timeout)?;
+            let resp = http
+                .get(Self::url(t, "/internal/v1/instances"))
+                .send()
+                .await
+                .map_err(|e| transport(t, e))?;
+            let status = resp.status();
+            if !status.is_success() {
+                return Err(PodClientError::Http {
+                    pod: t.pod.clone(),
+                    status: status.as_u16(),
+                    detail: body_of(resp).await,
+                });
+            }
+            resp.json::<Vec<InstanceRow>>()
                 .await
                 .map_err(|e| transport(t, e))
         })
@@ -317,6 +359,13 @@ mod tests {
             serde_json::from_str(r#"{"role":"standby","epoch":3,"drained":false}"#)
                 .expect("demote");
         assert!(!d.drained);
+        let rows: Vec<InstanceRow> = serde_json::from_str(
+            r#"[{"instance":"im-a","host":"h","role":"active","epoch":3,"version":"0.1.0","started_at":"2026-11-25T00:00:00Z","last_heartbeat":"2026-11-25T00:00:01Z","alive":true},
+                {"instance":"im-b","host":"h2","role":"fenced","epoch":2,"version":"0.1.0","started_at":"2026-11-25T00:00:00Z","last_heartbeat":"2026-11-25T00:00:01Z","alive":true}]"#,
+        )
+        .expect("rows");
+        assert!(rows[0].is_active() && !rows[1].is_active());
+        assert_eq!(rows[1].epoch, 2);
     }
 
     #[test]
@@ -326,6 +375,8 @@ mod tests {
             Some(9)
         );
         assert_eq!(stored_epoch_from_problem(r#"{"title":"conflict"}"#), None);
+        // Only the contract's member: a requested `epoch` is not the stored one.
+        assert_eq!(stored_epoch_from_problem(r#"{"epoch":4}"#), None);
         assert_eq!(stored_epoch_from_problem("not json"), None);
     }
 

@@ -151,3 +151,29 @@ impl Agent {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_retry_after_a_lost_session_is_spread_over_quick_max() {
+        let retry = crate::backoff::RetryPolicy::default();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let mut max_seen = Duration::ZERO;
+        for _ in 0..1000 {
+            let mut failures = 0;
+            let d = after_loss(&retry, &mut failures, &mut rng);
+            assert!(d <= retry.quick_max);
+            max_seen = max_seen.max(d);
+            // The next failure continues at the step whose ceiling is >= quick_max.
+            assert!(
+                crate::backoff::ceiling(failures - 1, retry.base, retry.cap) >= retry.quick_max
+            );
+        }
+        assert!(
+            max_seen > retry.quick_max / 2,
+            "spread over the whole window"
+        );
+    }
+}

@@ -290,6 +290,11 @@ impl Cluster {
             .unwrap_or_default()
     }
 
+    /// The pod's directory (volumes under `volumes/<name>`, container logs), while it runs.
+    pub fn pod_dir(&self, ns: &str, pod: &str) -> Option<PathBuf> {
+        self.runtime.registry.get(ns, pod).map(|p| p.dir.clone())
+    }
+
     /// The log (stdout+stderr, all restarts) of a pod's container.
     pub fn pod_log(&self, ns: &str, pod: &str, container: &str) -> Option<String> {
         let shared = self.runtime.registry.get(ns, pod)?;

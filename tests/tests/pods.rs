@@ -122,6 +122,21 @@ async fn crd_pod_service_and_deletion() {
         (200, "s3cret-token".into())
     );
 
+    // The admission-added kube-api-access volume holds a real token, the CA and the namespace.
+    let volumes = cluster.pod_dir("default", "web").unwrap().join("volumes");
+    let api_access = std::fs::read_dir(&volumes)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("kube-api-access-"))
+        .expect("kube-api-access volume");
+    let token = std::fs::read_to_string(api_access.join("token")).unwrap();
+    assert_eq!(token.split('.').count(), 3, "a JWT: {token}");
+    let ca = std::fs::read_to_string(api_access.join("ca.crt")).unwrap();
+    let our_ca = std::fs::read_to_string(cluster.run_dir().join("pki/ca.crt")).unwrap();
+    assert_eq!(ca, our_ca);
+    assert_eq!(std::fs::read_to_string(api_access.join("namespace")).unwrap(), "default");
+
     // Secret rotation reaches the mounted file within a few seconds.
     cluster
         .kubectl(&[

@@ -161,11 +161,11 @@ pub fn build_pod(imc: &IdentityMeshCluster, names: &Names, pod_name: &str) -> Po
     ];
     if spec.secret_provider.type_ == SecretProviderType::AzureKeyVault {
         if let Some(akv) = &spec.secret_provider.azure_key_vault {
-            // Not IM_* names: the server refuses unknown IM_* variables, and these are the
-            // names Azure SDKs and workload identity already read.
-            env_vars.push(env("AZURE_KEY_VAULT_URL", &akv.vault_url));
-            env_vars.push(env("AZURE_CLIENT_ID", &akv.client_id));
-            env_vars.push(env("AZURE_TENANT_ID", &akv.tenant_id));
+            // The server's [secret_provider] section (it refuses IM_* names it does not know).
+            env_vars.push(env("IM_SECRET_PROVIDER__KIND", "azure_key_vault"));
+            env_vars.push(env("IM_SECRET_PROVIDER__VAULT_URL", &akv.vault_url));
+            env_vars.push(env("IM_SECRET_PROVIDER__TENANT_ID", &akv.tenant_id));
+            env_vars.push(env("IM_SECRET_PROVIDER__CLIENT_ID", &akv.client_id));
         }
     }
 
@@ -604,10 +604,43 @@ mod tests {
             Some("my-cert")
         );
         assert_eq!(
-            env_value(&p, "AZURE_KEY_VAULT_URL").as_deref(),
+            env_value(&p, "IM_SECRET_PROVIDER__KIND").as_deref(),
+            Some("azure_key_vault")
+        );
+        assert_eq!(
+            env_value(&p, "IM_SECRET_PROVIDER__VAULT_URL").as_deref(),
             Some("https://kv.vault.azure.net/")
         );
-        assert_eq!(env_value(&p, "AZURE_TENANT_ID").as_deref(), Some("tid"));
+        assert_eq!(
+            env_value(&p, "IM_SECRET_PROVIDER__TENANT_ID").as_deref(),
+            Some("tid")
+        );
+        assert_eq!(
+            env_value(&p, "IM_SECRET_PROVIDER__CLIENT_ID").as_deref(),
+            Some("cid")
+        );
+        // Still only the server's documented IM_* names.
+        let allowed = [
+            "IM_SECRET_PROVIDER__KIND",
+            "IM_SECRET_PROVIDER__VAULT_URL",
+            "IM_SECRET_PROVIDER__TENANT_ID",
+            "IM_SECRET_PROVIDER__CLIENT_ID",
+        ];
+        for e in container(&p).env.as_ref().expect("env") {
+            assert!(
+                !e.name.starts_with("IM_SECRET") || allowed.contains(&e.name.as_str()),
+                "unexpected {}",
+                e.name
+            );
+            assert!(!e.name.starts_with("AZURE_"), "unexpected {}", e.name);
+        }
+        // The default key ring provider sets none of them (the server's default kind).
+        let kr = build_pod(
+            &cluster("im", "prod"),
+            &Names::of(&cluster("im", "prod")),
+            "im-a",
+        );
+        assert!(env_value(&kr, "IM_SECRET_PROVIDER__KIND").is_none());
     }
 
     #[test]

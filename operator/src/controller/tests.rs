@@ -261,6 +261,12 @@ struct Servers {
     holder: Option<String>,
     roles: BTreeMap<String, (Role, i64)>,
     calls: Vec<String>,
+    /// Rows the SQL registry shows besides the pods' own (e.g. a cut-off old active).
+    extra_rows: Vec<InstanceRow>,
+    /// The API store, to record what status.cutover said at each promote.
+    api: Option<Shared>,
+    /// (epoch promoted with, status.cutover.epoch at that moment)
+    intent_at_promote: Vec<(i64, Option<i64>)>,
 }
 
 #[derive(Clone, Default)]
@@ -291,6 +297,14 @@ impl InstanceApi for FakePods {
     ) -> BoxFuture<'a, Result<(), PodClientError>> {
         let mut s = self.0.lock().expect("servers");
         s.calls.push(format!("promote {} {epoch}", t.pod));
+        let intent = s.api.as_ref().and_then(|api| {
+            api.lock()
+                .expect("store")
+                .objects
+                .get(&("identitymeshclusters".into(), "prod".into(), "im".into()))
+                .and_then(|o| o["status"]["cutover"]["epoch"].as_i64())
+        });
+        s.intent_at_promote.push((epoch, intent));
         let holds = s.holder.as_deref() == Some(t.pod.as_str()) && s.sql_epoch == epoch;
         let r = if epoch > s.sql_epoch || holds {
             s.sql_epoch = epoch;
@@ -319,6 +333,37 @@ impl InstanceApi for FakePods {
             epoch,
             drained: true,
         })))
+    }
+    fn instances<'a>(
+        &'a self,
+        _t: &'a PodTarget,
+    ) -> BoxFuture<'a, Result<Vec<InstanceRow>, PodClientError>> {
+        Box::pin(futures::future::ready(Ok(self.rows())))
+    }
+}
+
+impl FakePods {
+    /// The registry as SQL would show it: one row per known pod with its role and epoch.
+    fn rows(&self) -> Vec<InstanceRow> {
+        let s = self.0.lock().expect("servers");
+        let mut rows: Vec<InstanceRow> = s
+            .roles
+            .iter()
+            .map(|(pod, (role, epoch))| InstanceRow {
+                instance: pod.clone(),
+                role: if *role == Role::Active {
+                    "active".into()
+                } else {
+                    "standby".into()
+                },
+                epoch: *epoch,
+                host: None,
+                version: Some("1.2.3".into()),
+            })
+            .collect();
+        rows.extend(s.extra_rows.iter().cloned());
+        rows.sort_by(|a, b| a.instance.cmp(&b.instance));
+        rows
     }
 }
 
@@ -390,6 +435,7 @@ impl Harness {
         }
         let client = fake_client(store.clone());
         let pods = FakePods::default();
+        pods.0.lock().expect("servers").api = Some(store.clone());
         let ctx = Arc::new(Context::new(
             client,
             Metrics::new(),
@@ -965,5 +1011,72 @@ async fn serving_certificate_follows_dns_names_and_keeps_the_ca() {
     assert!(
         !h.take_writes().iter().any(|w| w.contains("/secrets/")),
         "no re-issue without a reason"
+    );
+}
+
+#[tokio::test]
+async fn promote_conflict_records_stored_epoch_plus_one_before_retrying() {
+    let h = Harness::new(true);
+    // The database is ahead of status (restored backup, or status lost): SQL holds epoch 7.
+    h.pods.0.lock().expect("p").sql_epoch = 7;
+    h.converge().await;
+    let (calls, intents) = {
+        let p = h.pods.0.lock().expect("p");
+        (p.calls.clone(), p.intent_at_promote.clone())
+    };
+    assert_eq!(
+        calls,
+        vec!["promote im-a 1".to_string(), "promote im-a 8".to_string()],
+        "one refused attempt, then stored_epoch + 1"
+    );
+    assert_eq!(
+        intents,
+        vec![(1, Some(1)), (8, Some(8))],
+        "each promote acts on an intent already in status"
+    );
+    let st = h.status();
+    assert_eq!(st.active_pod.as_deref(), Some("im-a"));
+    assert_eq!(st.epoch, 8);
+}
+
+#[tokio::test]
+async fn verification_waits_until_the_registry_shows_one_active() {
+    let h = Harness::new(true);
+    h.converge().await;
+    // A cut-off old instance still registered as active (the operator cannot reach it).
+    h.pods.0.lock().expect("p").extra_rows = vec![InstanceRow {
+        instance: "im-ghost".into(),
+        role: "active".into(),
+        epoch: 1,
+        host: None,
+        version: None,
+    }];
+    {
+        let mut s = h.store.lock().expect("store");
+        let o = s
+            .objects
+            .get_mut(&("identitymeshclusters".into(), "prod".into(), "im".into()))
+            .expect("imc");
+        o["metadata"]["annotations"] = json!({ANNOTATION_SWITCHOVER: "standby"});
+    }
+    for _ in 0..4 {
+        h.reconcile().await;
+    }
+    let st = h.status();
+    let c = st.cutover.as_ref().expect("cutover still open");
+    assert_eq!(c.step, crate::crd::CutoverStep::Verifying, "{c:?}");
+    assert_eq!(
+        observe::get_condition(&st.conditions, "SingleActive").map(|c| c.status.as_str()),
+        Some("False")
+    );
+    // The promotion fences it in SQL: its row leaves the active role.
+    h.pods.0.lock().expect("p").extra_rows.clear();
+    h.converge().await;
+    let st = h.status();
+    assert_eq!(st.active_pod.as_deref(), Some("im-b"));
+    assert!(st.cutover.is_none());
+    assert_eq!(
+        observe::get_condition(&st.conditions, "SingleActive").map(|c| c.status.as_str()),
+        Some("True")
     );
 }

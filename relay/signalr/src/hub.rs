@@ -4,6 +4,47 @@
 //! notifications) and gets back an axum [`Router`] to mount and a [`HubHandle`] to list,
 //! revoke, close and invoke relay connections.
 //!
+//! ```no_run
+//! use identitymesh_signalr::hub::{
+//!     router, AuthError, HubBackend, HubConfig, InvocationContext, RelayIdentity,
+//! };
+//! use serde_json::Value;
+//! use std::sync::Arc;
+//!
+//! struct Relays; // the server's relay store
+//!
+//! impl HubBackend for Relays {
+//!     async fn authenticate(&self, bearer: &str) -> Result<RelayIdentity, AuthError> {
+//!         // Look up the hashed credential; Revoked → 403, unknown → 401.
+//!         let _ = bearer;
+//!         Ok(RelayIdentity { relay_id: "r1".into(), name: "dc-east".into() })
+//!     }
+//!     async fn handle_invocation(
+//!         &self,
+//!         _ctx: InvocationContext,
+//!         target: String,
+//!         _args: Vec<Value>,
+//!     ) -> Result<Value, String> {
+//!         Err(format!("unknown hub method {target}"))
+//!     }
+//! }
+//!
+//! # async fn demo() {
+//! let (hub_routes, hub) = router::<_, ()>(Arc::new(Relays), HubConfig::default());
+//! let app = axum::Router::new().merge(hub_routes); // + the Admin API routes
+//! // serve `app` with upgrades enabled (axum::serve, or hyper-util's
+//! // serve_connection_with_upgrades behind rustls; offer ALPN "http/1.1").
+//! # let _ = app;
+//! // Server → relay request:
+//! let conn = &hub.connections_of("r1")[0];
+//! let pong = hub.invoke(conn, "Ping", vec![]).await;
+//! // Demotion / shutdown:
+//! hub.set_accepting(false);
+//! hub.close_all(Some("instance demoted".into()));
+//! # let _ = pong;
+//! # }
+//! ```
+//!
 //! Per connection the hub runs exactly one task and keeps every buffer lazy: an idle relay
 //! costs a WebSocket with a small read buffer, one bounded command channel and a few words of
 //! bookkeeping.
@@ -265,6 +306,9 @@ struct Registry {
     /// connectionId → live connection.
     conns: HashMap<String, ConnEntry>,
     last_sweep: Option<Instant>,
+    /// relay → when it was last revoked; lets a connection still in its handshake (which is
+    /// not listed yet) notice a revocation that happened after its upgrade.
+    revoked_at: HashMap<String, Instant>,
 }
 
 struct Shared {
@@ -319,6 +363,11 @@ impl HubHandle {
     pub fn disconnect_relay(&self, relay_id: &str, reason: &str) -> usize {
         let mut reg = self.shared.lock();
         reg.tokens.retain(|_, t| t.relay.relay_id != relay_id);
+        let now = Instant::now();
+        // Only handshakes in flight need this, so old entries can go.
+        reg.revoked_at
+            .retain(|_, t| now.duration_since(*t) < Duration::from_secs(300));
+        reg.revoked_at.insert(relay_id.to_owned(), now);
         let mut n = 0;
         for c in reg.conns.values_mut() {
             if c.meta.relay.relay_id == relay_id {
@@ -644,6 +693,8 @@ async fn connect<B: HubBackend>(
             )
         }
     };
+    // A revocation after this instant must still reach this connection (see revoked_at).
+    let auth_started = Instant::now();
     let relay = match authenticate(&st, &headers, &query).await {
         Ok(r) => r,
         Err(resp) => return resp,
@@ -697,7 +748,7 @@ async fn connect<B: HubBackend>(
                 failed_shared.lock().tokens.remove(&t);
             }
         })
-        .on_upgrade(move |socket| run_connection(st, socket, meta, token))
+        .on_upgrade(move |socket| run_connection(st, socket, meta, token, auth_started))
 }
 
 /// Owns one WebSocket from upgrade to close, then unregisters it.
@@ -706,6 +757,7 @@ async fn run_connection<B: HubBackend>(
     socket: WebSocket,
     meta: Arc<ConnMeta>,
     token: Option<String>,
+    auth_started: Instant,
 ) {
     let (cmd_tx, cmd_rx) = mpsc::channel(16);
     let (close_tx, close_rx) = oneshot::channel();
@@ -724,11 +776,15 @@ async fn run_connection<B: HubBackend>(
     let reason = match Box::pin(conn.handshake()).await {
         Err(reason) => reason,
         Ok(leftover) => {
-            {
+            let revoked = {
                 let mut reg = st.shared.lock();
-                // A revocation or close_all may have dropped the token meanwhile.
-                let still_valid = token.as_ref().is_none_or(|t| reg.tokens.contains_key(t));
-                if still_valid && st.shared.accepting.load(Ordering::SeqCst) {
+                // A revocation or close_all may have happened during the handshake.
+                let revoked = reg
+                    .revoked_at
+                    .get(&meta.relay.relay_id)
+                    .is_some_and(|t| *t >= auth_started);
+                let token_valid = token.as_ref().is_none_or(|t| reg.tokens.contains_key(t));
+                if !revoked && token_valid && st.shared.accepting.load(Ordering::SeqCst) {
                     reg.conns.insert(
                         meta.connection_id.clone(),
                         ConnEntry {
@@ -739,18 +795,20 @@ async fn run_connection<B: HubBackend>(
                     );
                     registered = true;
                 }
-            }
+                revoked
+            };
             if registered {
                 tracing::info!(connection = %meta.connection_id, relay = %meta.relay.relay_id, "relay connected");
                 Box::pin(st.backend.on_connected(&meta.info())).await;
                 conn.serve(&st, leftover, cmd_tx, cmd_rx, close_rx).await
             } else {
-                conn.close(
-                    Some("connection was revoked or the hub is closing".into()),
-                    true,
-                )
-                .await;
-                "rejected after handshake".to_owned()
+                let (error, allow_reconnect) = if revoked {
+                    ("credential revoked", false)
+                } else {
+                    ("the hub is closing", true)
+                };
+                conn.close(Some(error.into()), allow_reconnect).await;
+                format!("rejected after handshake: {error}")
             }
         }
     };

@@ -1,3 +1,5 @@
-//! SignalR JSON hub protocol and a hub server for IdentityMesh relays.
+//! SignalR JSON hub protocol (`protocol`) and, with the default `hub` feature, an axum hub
+//! server for IdentityMesh relays (`hub`).
+#[cfg(feature = "hub")]
 pub mod hub;
 pub mod protocol;

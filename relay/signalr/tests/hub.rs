@@ -456,3 +456,75 @@ async fn revocation_close_all_and_direct_connections() {
     let v: Value = json!(server.handle.connections()[0].relay.relay_id);
     assert_eq!(v, json!("r2"));
 }
+
+#[tokio::test]
+async fn revocation_reaches_a_connection_still_in_its_handshake() {
+    let (server, _b) = start(HubConfig::default());
+    // skipNegotiation: authenticated at the upgrade, not listed until the handshake completes.
+    let mut ws = open(&server, None, "token-r1").await.unwrap();
+    assert_eq!(
+        server.handle.disconnect_relay("r1", "credential revoked"),
+        0
+    );
+    ws.send(Message::text("{\"protocol\":\"json\",\"version\":1}\u{1e}"))
+        .await
+        .unwrap();
+    assert_eq!(recv_text(&mut ws).await.unwrap(), "{}\u{1e}");
+    assert_eq!(
+        recv_non_ping(&mut ws).await,
+        Some(HubMessage::Close {
+            error: Some("credential revoked".into()),
+            allow_reconnect: false
+        })
+    );
+    assert_eq!(server.handle.connection_count(), 0);
+    // A connection authenticated after the revocation is fine (e.g. a new credential).
+    let (_ws, _) = connected(&server, "token-r1").await;
+    wait_until("listed", T, || server.handle.connection_count() == 1).await;
+}
+
+#[tokio::test]
+async fn browser_style_access_token_in_the_query() {
+    let (server, _b) = start(HubConfig::default());
+    let neg: NegotiateResponse = reqwest::Client::new()
+        .post(format!(
+            "{}/negotiate?negotiateVersion=1&access_token=token-r4",
+            server.url()
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = neg.connection_token.unwrap();
+    let url = format!(
+        "ws://{}/hubs/relay?id={token}&access_token=token-r4",
+        server.addr
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    ws.send(Message::text("{\"protocol\":\"json\",\"version\":1}\u{1e}"))
+        .await
+        .unwrap();
+    assert_eq!(recv_text(&mut ws).await.unwrap(), "{}\u{1e}");
+    wait_until("listed", T, || server.handle.connection_count() == 1).await;
+    assert_eq!(server.handle.connections()[0].relay.relay_id, "r4");
+    // Without any credential the upgrade is refused.
+    let neg = negotiated(&server, "token-r4").await;
+    let url = format!(
+        "ws://{}/hubs/relay?id={}",
+        server.addr,
+        neg.connection_token.unwrap()
+    );
+    let err = tokio_tungstenite::connect_async(url).await.unwrap_err();
+    assert_eq!(status_of(err), 401);
+    // negotiateVersion 0 (no connectionToken) is refused with a clear message.
+    let r = reqwest::Client::new()
+        .post(format!("{}/negotiate", server.url()))
+        .bearer_auth("token-r4")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("negotiateVersion=1"));
+}

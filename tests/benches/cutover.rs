@@ -1,0 +1,237 @@
+//! Cutover bench: how long requests through the client Service fail, for a planned switchover,
+//! a kill -9 of the active's process and the active node's heartbeat loss, on the real control
+//! plane with the real server and operator (see tests/operator_e2e.rs for the setup).
+//!
+//! A client polls `GET /health/ready` through the harness's Service proxy every 50 ms; a request
+//! fails when it does not get 200 from an *active* server (connection refused or reset, TLS or
+//! HTTP error, timeout, or a demoted/standby server answering). The outage of one cutover is
+//! from the first failing request after the fault to the first request answered by the new
+//! active; a cutover without a failing request counts as 0.
+//!
+//! `IM_BENCH_REPS` (default 20) repetitions per kind; `IM_BENCH_KINDS` (comma list of
+//! switchover,kill,heartbeat) to run fewer kinds. Needs what the e2e tests need. The binaries
+//! come from the bench's own profile dir (`cargo build --release --workspace --bins`) or from
+//! `IDENTITYMESH_BIN_DIR`, e.g. `IDENTITYMESH_BIN_DIR=$CARGO_TARGET_DIR/debug`.
+
+#[path = "../tests/operator_common/mod.rs"]
+mod operator_common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use operator_common::*;
+
+const POLL: Duration = Duration::from_millis(50);
+
+#[derive(Clone, Debug)]
+struct Probe {
+    at: Instant,
+    ok: bool,
+    epoch: i64,
+}
+
+/// Polls the Service until dropped.
+struct Poller {
+    probes: Arc<Mutex<Vec<Probe>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Poller {
+    fn start(addr: std::net::SocketAddr, sni: String, ca: String) -> Poller {
+        let probes: Arc<Mutex<Vec<Probe>>> = Arc::default();
+        let p = probes.clone();
+        let task = tokio::spawn(async move {
+            let mut every = tokio::time::interval(POLL);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                let at = Instant::now();
+                let r = https_get(addr, &sni, &ca, "/health/ready", Duration::from_secs(1)).await;
+                let (ok, epoch) = match r {
+                    Ok((200, body)) => {
+                        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                        (v["role"] == "active", v["epoch"].as_i64().unwrap_or(-1))
+                    }
+                    _ => (false, -1),
+                };
+                p.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(Probe { at, ok, epoch });
+            }
+        });
+        Poller { probes, task }
+    }
+
+    /// Outage after `fault` until the new active (holding `epoch`) answered.
+    fn outage(&self, fault: Instant, epoch: i64) -> Option<Duration> {
+        let g = self.probes.lock().unwrap_or_else(|e| e.into_inner());
+        let after: Vec<&Probe> = g.iter().filter(|p| p.at >= fault).collect();
+        let recovered = after.iter().find(|p| p.ok && p.epoch == epoch)?;
+        let first_fail = after.iter().find(|p| !p.ok && p.at < recovered.at);
+        Some(match first_fail {
+            Some(f) => recovered.at - f.at,
+            None => Duration::ZERO,
+        })
+    }
+}
+
+impl Drop for Poller {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    Switchover,
+    Kill,
+    Heartbeat,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Switchover => "planned switchover",
+            Kind::Kill => "process kill -9",
+            Kind::Heartbeat => "node heartbeat loss",
+        }
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    // Nearest rank.
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
+    sorted[rank.min(sorted.len()) - 1]
+}
+
+async fn one(env: &mut Env, poller: &Poller, kind: Kind) -> (f64, f64) {
+    let st = env.wait_settled("settled before the fault").await;
+    env.wait_service_active(st.epoch, WAIT).await;
+    let (a, s, e) = (st.active.unwrap(), st.standby.unwrap(), st.epoch);
+    // A little steady traffic before the fault.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let node = env.pod_node(&a).await.expect("active node");
+    let fault = Instant::now();
+    match kind {
+        Kind::Switchover => {
+            let ns = env.ns.clone();
+            env.kubectl(&[
+                "annotate",
+                "imc",
+                CLUSTER,
+                "-n",
+                &ns,
+                &format!("{SWITCHOVER_ANNOTATION}=standby"),
+            ])
+            .await;
+        }
+        Kind::Kill => {
+            env.cluster
+                .kill_pod_process(&env.ns, &a)
+                .expect("kill the active");
+        }
+        Kind::Heartbeat => {
+            env.cluster
+                .stop_node_heartbeat(&node)
+                .expect("stop heartbeat");
+        }
+    }
+    let s2 = s.clone();
+    env.wait_status("the cutover", WAIT, move |x| {
+        x.active.as_deref() == Some(s2.as_str()) && x.epoch == e + 1
+    })
+    .await;
+    let reached = env.wait_service_active(e + 1, WAIT).await;
+    let recovered_after = (reached - fault).as_secs_f64();
+    if kind == Kind::Heartbeat {
+        // Bring the node back so the next round has three nodes again.
+        env.wait_settled("a fresh standby").await;
+        env.cluster
+            .resume_node_heartbeat(&node)
+            .expect("resume heartbeat");
+    }
+    // Let the poller see the recovery.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let outage = poller
+        .outage(fault, e + 1)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(f64::NAN);
+    (outage, recovered_after)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 4)]
+async fn main() {
+    // `cargo bench` passes --bench; nothing to parse.
+    let reps: usize = std::env::var("IM_BENCH_REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let kinds: Vec<Kind> = match std::env::var("IM_BENCH_KINDS") {
+        Ok(v) => v
+            .split(',')
+            .filter_map(|k| match k.trim() {
+                "switchover" => Some(Kind::Switchover),
+                "kill" => Some(Kind::Kill),
+                "heartbeat" => Some(Kind::Heartbeat),
+                _ => None,
+            })
+            .collect(),
+        Err(_) => vec![Kind::Switchover, Kind::Kill, Kind::Heartbeat],
+    };
+    init_tracing();
+    let mut env = Env::start(EnvOptions::default()).await;
+    let st = env.wait_settled("the first settled state").await;
+    env.wait_service_active(st.epoch, WAIT).await;
+    let addr = env.proxy_addr().await;
+    let ca = env.ca_pem().await;
+    let poller = Poller::start(addr, env.service_dns(), ca);
+
+    println!(
+        "cutover bench: {reps} repetitions per kind; failover.unhealthyAfterSeconds {UNHEALTHY_AFTER_SECONDS}; node-monitor-grace-period {}; client polls every {} ms",
+        identitymesh_tests::controlplane::NODE_MONITOR_GRACE_PERIOD,
+        POLL.as_millis()
+    );
+    let mut report = Vec::new();
+    for kind in kinds {
+        let mut outages = Vec::new();
+        let mut recoveries = Vec::new();
+        for i in 0..reps {
+            let (o, r) = one(&mut env, &poller, kind).await;
+            println!(
+                "  {} #{:>2}: requests failed for {o:.3}s; new active reachable {r:.3}s after the fault",
+                kind.name(),
+                i + 1
+            );
+            outages.push(o);
+            recoveries.push(r);
+        }
+        outages.sort_by(f64::total_cmp);
+        recoveries.sort_by(f64::total_cmp);
+        report.push((kind, outages, recoveries));
+    }
+    env.slices.assert_never_two("the bench");
+    println!();
+    println!(
+        "{:<22} {:>4} {:>9} {:>9} {:>9}   {:>22}",
+        "failing-request window", "n", "p50 s", "p99 s", "max s", "fault→new active p50/max s"
+    );
+    for (kind, o, r) in &report {
+        println!(
+            "{:<22} {:>4} {:>9.3} {:>9.3} {:>9.3}   {:>10.3} / {:.3}",
+            kind.name(),
+            o.len(),
+            percentile(o, 50.0),
+            percentile(o, 99.0),
+            o.last().copied().unwrap_or(f64::NAN),
+            percentile(r, 50.0),
+            r.last().copied().unwrap_or(f64::NAN),
+        );
+    }
+    println!(
+        "targets: switchover p99 < 2 s; kill p99 < 5 s; heartbeat loss < grace ({}) + 3 s",
+        identitymesh_tests::controlplane::NODE_MONITOR_GRACE_PERIOD
+    );
+}

@@ -1,0 +1,402 @@
+//! The operator end to end on the real control plane: `identitymesh-operator run` as a local
+//! process, the real `identitymesh-server` in the pods (two processes sharing one SQLite file),
+//! kubectl for the CRD and the cluster resource, and the harness's Service proxy as the client's
+//! path. Every scenario starts from a settled cluster (one active, one standby, on different
+//! Windows nodes, the Service reaching the active) and watches the client Service's
+//! EndpointSlices throughout: it must never have two ready endpoints.
+//!
+//! Needs root, `cargo xtask tools`, the sqlite3 CLI and `cargo build --workspace --bins`.
+
+mod operator_common;
+
+use std::time::{Duration, Instant};
+
+use identitymesh_tests::process::pid_alive;
+use operator_common::*;
+
+/// (a): both pods Ready on different Windows nodes, status says who is active, the Service
+/// reaches the active over HTTPS signed by the cluster CA.
+async fn settle(env: &mut Env) -> Status {
+    let st = env.wait_settled("the first settled state").await;
+    let (a, s) = (st.active.clone().unwrap(), st.standby.clone().unwrap());
+    assert!(st.epoch >= 1, "an epoch was issued: {}", st.epoch);
+    let (na, ns) = (
+        env.pod_node(&a).await.expect("active scheduled"),
+        env.pod_node(&s).await.expect("standby scheduled"),
+    );
+    assert_ne!(na, ns, "active and standby must be on different nodes");
+    for n in [&na, &ns] {
+        assert_eq!(
+            env.node_labels(n)
+                .await
+                .get("kubernetes.io/os")
+                .map(String::as_str),
+            Some("windows"),
+            "node {n} is a Windows node"
+        );
+    }
+    assert_eq!(env.pids(&a).len(), 1, "the active runs as a process");
+    assert_eq!(env.pids(&s).len(), 1, "the standby runs as a process");
+    env.wait_service_active(st.epoch, WAIT).await;
+    println!(
+        "settled: active {a} on {na}, standby {s} on {ns}, epoch {}",
+        st.epoch
+    );
+    st
+}
+
+fn transition_kind(st: &Status) -> String {
+    st.last_transition
+        .as_ref()
+        .and_then(|t| t["kind"].as_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Waits until `to` is active with `epoch` (and the cluster settled again, when asked).
+async fn wait_active(env: &Env, what: &str, to: &str, epoch: i64, settled: bool) -> Status {
+    let to = to.to_string();
+    env.wait_status(what, WAIT, move |s| {
+        s.active.as_deref() == Some(to.as_str())
+            && s.epoch == epoch
+            && s.cutover.is_none()
+            && (!settled || s.settled())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn switchover_process_kill_and_deletion() {
+    let _serial = SERIAL.lock().await;
+    init_tracing();
+    let mut env = Env::start(EnvOptions::default()).await;
+    let st = settle(&mut env).await;
+    install_commit_log(&env.db);
+
+    // (b) Planned switchover: roles swap, epoch + 1, the old active keeps running as standby.
+    let (a, s, e) = (st.active.unwrap(), st.standby.unwrap(), st.epoch);
+    let a_pids = env.pids(&a);
+    let t0 = Instant::now();
+    env.kubectl(&[
+        "annotate",
+        "imc",
+        CLUSTER,
+        "-n",
+        &env.ns.clone(),
+        &format!("{SWITCHOVER_ANNOTATION}=standby"),
+    ])
+    .await;
+    let st = wait_active(&env, "switchover to the standby", &s, e + 1, false).await;
+    let reached = env.wait_service_active(e + 1, WAIT).await;
+    println!(
+        "switchover: {a} -> {s}, Service on the new active {:.2}s after the request",
+        (reached - t0).as_secs_f64()
+    );
+    assert_eq!(transition_kind(&st), "Switchover");
+    assert_eq!(st.last_transition.as_ref().unwrap()["outcome"], "Succeeded");
+    let st = env.wait_settled("settled after the switchover").await;
+    assert_eq!(st.standby.as_deref(), Some(a.as_str()));
+    assert_eq!(
+        env.pids(&a),
+        a_pids,
+        "the old active stays up as the new standby: same process, no restart"
+    );
+    assert!(
+        !st.raw["metadata"]["annotations"]
+            .as_object()
+            .is_some_and(|m| m.contains_key(SWITCHOVER_ANNOTATION)),
+        "the switchover request annotation is cleared"
+    );
+    assert_fenced_after(&env.db, e + 1, &a);
+
+    // (c) kill -9 of the active's process: failover to the standby, epoch + 1, the killed pod
+    // comes back (restarted or replaced) as the standby.
+    let (a, s, e) = (s, a, e + 1);
+    let killed = env
+        .cluster
+        .kill_pod_process(&env.ns, &a)
+        .expect("kill the active's process");
+    let t0 = Instant::now();
+    let st = wait_active(&env, "failover after kill -9", &s, e + 1, false).await;
+    let reached = env.wait_service_active(e + 1, WAIT).await;
+    println!(
+        "kill -9: {a} -> {s}, Service on the new active {:.2}s after the kill",
+        (reached - t0).as_secs_f64()
+    );
+    assert_eq!(transition_kind(&st), "Failover");
+    let st = env.wait_settled("settled after the failover").await;
+    assert_eq!(st.standby.as_deref(), Some(a.as_str()));
+    let now_pids = env.pids(&a);
+    assert!(
+        !now_pids.is_empty() && now_pids.iter().all(|p| !killed.contains(p)),
+        "the killed pod runs a fresh process ({killed:?} -> {now_pids:?})"
+    );
+    for p in &killed {
+        assert!(!pid_alive(*p), "killed process {p} is gone");
+    }
+    assert_fenced_after(&env.db, e + 1, &a);
+
+    // (f) Deleting the standby by hand: recreated, roles and epoch untouched.
+    let (active, standby, e) = (s, a, e + 1);
+    let old_uid = env.pod_uid(&standby).await.expect("standby uid");
+    env.kubectl(&[
+        "delete",
+        "pod",
+        &standby,
+        "-n",
+        &env.ns.clone(),
+        "--wait=false",
+    ])
+    .await;
+    let started = Instant::now();
+    loop {
+        let uid = env.pod_uid(&standby).await;
+        let st = env.status().await.unwrap_or_default();
+        if uid.is_some() && uid.as_deref() != Some(old_uid.as_str()) && st.settled() {
+            assert_eq!(
+                st.active.as_deref(),
+                Some(active.as_str()),
+                "active untouched"
+            );
+            assert_eq!(st.epoch, e, "no cutover for a standby deletion");
+            break;
+        }
+        if started.elapsed() > WAIT {
+            env.fail("the hand-deleted standby was not recreated and Ready");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    env.wait_service_active(e, WAIT).await;
+
+    // Deleting the cluster: every owned object and process goes.
+    let pids: Vec<u32> = [&active, &standby]
+        .iter()
+        .flat_map(|p| env.pids(p))
+        .collect();
+    env.kubectl(&[
+        "delete",
+        "imc",
+        CLUSTER,
+        "-n",
+        &env.ns.clone(),
+        "--wait=false",
+    ])
+    .await;
+    let started = Instant::now();
+    loop {
+        let gone = env.status().await.is_none();
+        let mut left = Vec::new();
+        for r in ["pods", "services", "configmaps", "secrets"] {
+            left.extend(env.owned(r).await);
+        }
+        if gone && left.is_empty() && pids.iter().all(|p| !pid_alive(*p)) {
+            break;
+        }
+        if started.elapsed() > WAIT {
+            env.fail(&format!(
+                "after deleting the cluster: resource gone {gone}, objects left {left:?}, processes alive {:?}",
+                pids.iter().filter(|p| pid_alive(**p)).collect::<Vec<_>>()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // The user's Secrets are not owned and stay.
+    let secrets = env
+        .kubectl(&["get", "secrets", "-n", &env.ns.clone(), "-o", "name"])
+        .await;
+    assert!(secrets.contains("secret/im-db") && secrets.contains("secret/im-licence"));
+    assert!(
+        env.slices.changes() >= 3,
+        "the EndpointSlice watch saw the swings"
+    );
+    env.slices.assert_never_two("switchover, kill -9, deletion");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn node_heartbeat_loss_fails_over() {
+    let _serial = SERIAL.lock().await;
+    init_tracing();
+    let mut env = Env::start(EnvOptions::default()).await;
+    let st = settle(&mut env).await;
+    install_commit_log(&env.db);
+    let (a, s, e) = (st.active.unwrap(), st.standby.unwrap(), st.epoch);
+    let lost = env.pod_node(&a).await.expect("active node");
+    let a_pids = env.pids(&a);
+
+    // (d) The active's node stops heartbeating (its process keeps running and keeps its
+    // network): NotReady after the grace period → failover, and the lost pod is replaced on
+    // another node.
+    env.cluster
+        .stop_node_heartbeat(&lost)
+        .expect("stop heartbeat");
+    let t0 = Instant::now();
+    let st = wait_active(&env, "failover after node heartbeat loss", &s, e + 1, false).await;
+    let reached = env.wait_service_active(e + 1, WAIT).await;
+    println!(
+        "heartbeat loss of {lost}: {a} -> {s}, Service on the new active {:.2}s after the last heartbeat (node-monitor-grace-period {})",
+        (reached - t0).as_secs_f64(),
+        identitymesh_tests::controlplane::NODE_MONITOR_GRACE_PERIOD
+    );
+    assert_eq!(transition_kind(&st), "Failover");
+    let st = env.wait_settled("a fresh standby on another node").await;
+    assert_eq!(st.active.as_deref(), Some(s.as_str()));
+    let new_node = env.pod_node(&a).await.expect("replacement scheduled");
+    assert_ne!(new_node, lost, "the replacement is not on the lost node");
+    // The old process kept running on the lost node all along, and could still reach the
+    // database: the epoch fenced it.
+    assert!(
+        a_pids.iter().all(|p| pid_alive(*p)),
+        "the cut-off process keeps running while its node is silent"
+    );
+    let before = assert_fenced_after(&env.db, e + 1, &a);
+    println!("old active committed {before} ticks before the promotion, none after");
+
+    // Heartbeats resume: the node learns its pod is gone and stops the orphan process.
+    env.cluster
+        .resume_node_heartbeat(&lost)
+        .expect("resume heartbeat");
+    let started = Instant::now();
+    while a_pids.iter().any(|p| pid_alive(*p)) {
+        if started.elapsed() > WAIT {
+            env.fail("the orphan process on the recovered node was not stopped");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let st = env.wait_settled("settled after the node came back").await;
+    assert_eq!(st.epoch, e + 1, "the node's return causes no cutover");
+    env.wait_service_active(e + 1, WAIT).await;
+    assert_fenced_after(&env.db, e + 1, &a);
+    env.slices.assert_never_two("node heartbeat loss");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cut_off_active_is_fenced() {
+    let _serial = SERIAL.lock().await;
+    init_tracing();
+    let mut env = Env::start(EnvOptions::default()).await;
+    let st = settle(&mut env).await;
+    install_commit_log(&env.db);
+    let (a, s, e) = (st.active.unwrap(), st.standby.unwrap(), st.epoch);
+    let cut = env.pod_node(&a).await.expect("active node");
+    let a_pids = env.pids(&a);
+    // Let the active commit a few ticks under the instrumentation first.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // (e) The active's link is cut while its process keeps running (and still reaches the
+    // database file): the operator promotes the standby; the new epoch fences the old active.
+    env.cluster.cut_node_link(&cut).expect("cut the link");
+    let t0 = Instant::now();
+    let st = wait_active(&env, "failover after the link cut", &s, e + 1, false).await;
+    let reached = env.wait_service_active(e + 1, WAIT).await;
+    println!(
+        "link cut on {cut}: {a} -> {s}, Service on the new active {:.2}s after the cut",
+        (reached - t0).as_secs_f64()
+    );
+    assert_eq!(transition_kind(&st), "Failover");
+    // Keep the old process running a while longer, cut off: it must not write.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = assert_fenced_after(&env.db, e + 1, &a);
+    assert!(
+        before > 0,
+        "the old active was committing engine ticks before the promotion"
+    );
+    let log = env.pod_log(&a);
+    let demoted_itself = log.contains("fenced");
+    println!(
+        "old active committed {before} ticks before the promotion, none after; it logged its fencing: {demoted_itself} (pids {a_pids:?})"
+    );
+
+    env.cluster
+        .restore_node_link(&cut)
+        .expect("restore the link");
+    let st = env.wait_settled("settled after the link came back").await;
+    assert_eq!(st.active.as_deref(), Some(s.as_str()));
+    assert_eq!(st.epoch, e + 1);
+    env.wait_service_active(e + 1, WAIT).await;
+    assert_fenced_after(&env.db, e + 1, &a);
+    env.slices.assert_never_two("link cut");
+    assert!(env.slices.max_ready() == 1);
+}
+
+/// `helm install` of charts/identitymesh-operator (CRD, ServiceAccount, RBAC, Deployment), then a
+/// cluster through it. The harness has no Linux node here, so the chart's Deployment stays
+/// Pending (the operator is a Linux workload) and the controller runs as a local process with
+/// the chart's ServiceAccount token: every call it makes goes through the chart's RBAC.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn helm_installed_operator_runs_a_cluster() {
+    let _serial = SERIAL.lock().await;
+    init_tracing();
+    let mut env = Env::start(EnvOptions {
+        helm: true,
+        ..EnvOptions::default()
+    })
+    .await;
+    let list = env
+        .cluster
+        .helm(&["list", "-n", OPERATOR_NS, "-o", "json"])
+        .await
+        .expect("helm list");
+    let releases: serde_json::Value = serde_json::from_str(&list).expect("helm list json");
+    assert_eq!(releases[0]["name"], RELEASE);
+    assert_eq!(releases[0]["status"], "deployed");
+    let deploy = env
+        .kubectl(&[
+            "get",
+            "deployment",
+            RELEASE,
+            "-n",
+            OPERATOR_NS,
+            "-o",
+            "json",
+        ])
+        .await;
+    let deploy: serde_json::Value = serde_json::from_str(&deploy).expect("deployment json");
+    assert_eq!(
+        deploy["spec"]["template"]["spec"]["nodeSelector"]["kubernetes.io/os"], "linux",
+        "the operator Deployment targets Linux nodes"
+    );
+
+    let st = settle(&mut env).await;
+    let (a, s, e) = (st.active.unwrap(), st.standby.unwrap(), st.epoch);
+    env.kubectl(&[
+        "annotate",
+        "imc",
+        CLUSTER,
+        "-n",
+        &env.ns.clone(),
+        &format!("{SWITCHOVER_ANNOTATION}=standby"),
+    ])
+    .await;
+    wait_active(&env, "switchover under the chart's RBAC", &s, e + 1, true).await;
+    env.wait_service_active(e + 1, WAIT).await;
+    println!("helm: switchover {a} -> {s} under the chart's ServiceAccount");
+
+    env.kubectl(&[
+        "delete",
+        "imc",
+        CLUSTER,
+        "-n",
+        &env.ns.clone(),
+        "--timeout=90s",
+    ])
+    .await;
+    for r in ["pods", "services", "configmaps", "secrets"] {
+        let started = Instant::now();
+        while !env.owned(r).await.is_empty() {
+            if started.elapsed() > WAIT {
+                env.fail(&format!("{r} of the deleted cluster remain"));
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+    let log = std::fs::read_to_string(&env.operator.log).unwrap_or_default();
+    let denied: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("forbidden") || l.contains("Forbidden"))
+        .collect();
+    assert!(
+        denied.is_empty(),
+        "the chart's RBAC refused operator calls: {denied:?}"
+    );
+    env.slices.assert_never_two("helm install");
+}
