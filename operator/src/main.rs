@@ -23,6 +23,10 @@ enum Command {
     Crd,
     /// Run the controller.
     Run(RunArgs),
+    /// Print the resources the apiserver must reject (JSON lines: name, expect, manifest), for
+    /// the end-to-end tests to apply against a real apiserver.
+    #[command(hide = true)]
+    AdmissionCases,
 }
 
 #[derive(clap::Args)]
@@ -56,6 +60,20 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run(args) => run(args).await,
+        Command::AdmissionCases => {
+            for c in identitymesh_operator::admission_cases::admission_cases() {
+                let line = serde_json::json!({
+                    "name": c.name, "expect": c.expect, "cel": c.cel, "manifest": c.manifest,
+                });
+                println!("{line}");
+            }
+            println!(
+                "{}",
+                serde_json::json!({"name": "valid", "expect": null, "cel": false,
+                    "manifest": identitymesh_operator::admission_cases::valid_manifest("valid")})
+            );
+            Ok(())
+        }
     }
 }
 

@@ -126,8 +126,23 @@ impl Cluster {
         let node_nets = network.nodes.clone();
         teardown.network = Some(network);
 
-        let control_plane =
-            ControlPlane::start(&tools, &run_dir, advertise, &host_ips, &teardown.table).await?;
+        // Ports are picked free and then bound by the Go processes, so another process can
+        // take one in between; a start-up exit is retried with fresh ports.
+        let mut attempt = 0;
+        let control_plane = loop {
+            attempt += 1;
+            match ControlPlane::start(&tools, &run_dir, advertise, &host_ips, &teardown.table)
+                .await
+            {
+                Ok(cp) => break cp,
+                Err(Error::StartupExit(msg)) if attempt < 3 => {
+                    eprintln!("harness: {msg}; retrying with fresh ports");
+                    teardown.table.kill_all();
+                    let _ = std::fs::remove_dir_all(run_dir.join("etcd"));
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let client = client_from_kubeconfig(&control_plane.kubeconfig).await?;
 
         // Pods reach the apiserver at their node's host-side address, same port.

@@ -76,8 +76,47 @@ pub fn write_kubeconfig(path: &Path, server: &str, pki: &Pki) -> Result<()> {
     std::fs::write(path, text).ctx(|| format!("write {}", path.display()))
 }
 
+fn check_pids(pids: &[(&str, u32)]) -> Result<()> {
+    for (name, pid) in pids {
+        if !process::pid_alive(*pid) {
+            return Err(Error::StartupExit(format!(
+                "{name} (pid {pid}) exited during start-up; see its log in the run dir"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Waits for the apiserver's /readyz while checking that `pids` stay alive.
+async fn wait_apiserver(kubeconfig: &Path, pids: &[(&str, u32)], timeout: Duration) -> Result<()> {
+    let started = Instant::now();
+    let client = client_from_kubeconfig(kubeconfig).await?;
+    let mut last: String;
+    loop {
+        check_pids(pids)?;
+        let req = http::Request::get("/readyz")
+            .body(Vec::new())
+            .map_err(|e| Error::Other(e.to_string()))?;
+        match client.request_text(req).await {
+            Ok(body) if body.trim() == "ok" => return Ok(()),
+            Ok(body) => last = body,
+            Err(e) => last = e.to_string(),
+        }
+        if started.elapsed() > timeout {
+            return Err(Error::Timeout {
+                what: format!("kube-apiserver /readyz (last: {last})"),
+                seconds: timeout.as_secs_f64(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Builds a client from a kubeconfig file.
 pub async fn client_from_kubeconfig(path: &Path) -> Result<kube::Client> {
+    // In a workspace build rustls may have both ring and aws-lc-rs enabled, and then has no
+    // implicit process default; pick ring (a no-op when something already installed one).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let kc = kube::config::Kubeconfig::read_from(path)
         .map_err(|e| Error::Other(format!("read kubeconfig {}: {e}", path.display())))?;
     let config =
@@ -179,6 +218,14 @@ impl ControlPlane {
         }
         let kube_apiserver = start("kube-apiserver", &tools.kube_apiserver, &api_args)?;
 
+        // kube-controller-manager and kube-scheduler read the apiserver's authentication
+        // config map once at start-up and exit if it is unreachable: start them after it.
+        wait_apiserver(
+            &kubeconfig,
+            &[("etcd", etcd), ("kube-apiserver", kube_apiserver)],
+            Duration::from_secs(90),
+        )
+        .await?;
         let kc = p(&kubeconfig);
         let kcm_args = vec![
             format!("--kubeconfig={kc}"),
@@ -228,49 +275,23 @@ impl ControlPlane {
             },
             _children: children,
         };
-        cp.wait_ready(Duration::from_secs(90)).await?;
+        cp.wait_controllers(Duration::from_secs(90)).await?;
         Ok(cp)
     }
 
     fn check_alive(&self) -> Result<()> {
         let p = self.pids;
-        for (name, pid) in [
+        check_pids(&[
             ("etcd", p.etcd),
             ("kube-apiserver", p.kube_apiserver),
             ("kube-controller-manager", p.kube_controller_manager),
             ("kube-scheduler", p.kube_scheduler),
-        ] {
-            if !process::pid_alive(pid) {
-                return Err(Error::Other(format!(
-                    "{name} (pid {pid}) exited during start-up; see its log in the run dir"
-                )));
-            }
-        }
-        Ok(())
+        ])
     }
 
-    async fn wait_ready(&self, timeout: Duration) -> Result<()> {
+    async fn wait_controllers(&self, timeout: Duration) -> Result<()> {
         let started = Instant::now();
         let client = client_from_kubeconfig(&self.kubeconfig).await?;
-        let mut last: String;
-        loop {
-            self.check_alive()?;
-            let req = http::Request::get("/readyz")
-                .body(Vec::new())
-                .map_err(|e| Error::Other(e.to_string()))?;
-            match client.request_text(req).await {
-                Ok(body) if body.trim() == "ok" => break,
-                Ok(body) => last = body,
-                Err(e) => last = e.to_string(),
-            }
-            if started.elapsed() > timeout {
-                return Err(Error::Timeout {
-                    what: format!("kube-apiserver /readyz (last: {last})"),
-                    seconds: timeout.as_secs_f64(),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
         // The serviceaccount controller creates `default`; ServiceAccount admission needs it.
         let sas: kube::Api<k8s_openapi::api::core::v1::ServiceAccount> =
             kube::Api::namespaced(client.clone(), "default");

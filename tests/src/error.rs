@@ -22,6 +22,9 @@ pub enum Error {
     Command { command: String, detail: String },
     #[error("timed out after {seconds:.1}s waiting for {what}")]
     Timeout { what: String, seconds: f64 },
+    /// A control-plane process exited while starting (see its log in the run dir).
+    #[error("{0}")]
+    StartupExit(String),
     #[error("{0}")]
     Other(String),
 }

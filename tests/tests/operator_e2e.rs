@@ -222,6 +222,7 @@ async fn node_heartbeat_loss_fails_over() {
     let (a, s, e) = (st.active.unwrap(), st.standby.unwrap(), st.epoch);
     let lost = env.pod_node(&a).await.expect("active node");
     let a_pids = env.pids(&a);
+    let a_uid = env.pod_uid(&a).await.expect("active uid");
 
     // (d) The active's node stops heartbeating (its process keeps running and keeps its
     // network): NotReady after the grace period → failover, and the lost pod is replaced on
@@ -250,6 +251,19 @@ async fn node_heartbeat_loss_fails_over() {
     );
     let before = assert_fenced_after(&env.db, e + 1, &a);
     println!("old active committed {before} ticks before the promotion, none after");
+    // The old process stopped acting as active: demoted by the operator's verification (it is
+    // reachable) or by its own next fenced write, whichever came first.
+    let started = Instant::now();
+    loop {
+        let log = env.pod_log_of(&a, &a_uid);
+        if log.contains("demoted to standby") || log.contains("fenced") {
+            break;
+        }
+        if started.elapsed() > WAIT {
+            env.fail("the silent node's old active never left the active role");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // Heartbeats resume: the node learns its pod is gone and stops the orphan process.
     env.cluster
@@ -279,6 +293,7 @@ async fn cut_off_active_is_fenced() {
     let (a, s, e) = (st.active.unwrap(), st.standby.unwrap(), st.epoch);
     let cut = env.pod_node(&a).await.expect("active node");
     let a_pids = env.pids(&a);
+    let a_uid = env.pod_uid(&a).await.expect("active uid");
     // Let the active commit a few ticks under the instrumentation first.
     tokio::time::sleep(Duration::from_secs(2)).await;
 
@@ -300,10 +315,13 @@ async fn cut_off_active_is_fenced() {
         before > 0,
         "the old active was committing engine ticks before the promotion"
     );
-    let log = env.pod_log(&a);
-    let demoted_itself = log.contains("fenced");
+    let log = env.pod_log_of(&a, &a_uid);
+    let fenced_lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("fenced") || l.contains("shutdown"))
+        .collect();
     println!(
-        "old active committed {before} ticks before the promotion, none after; it logged its fencing: {demoted_itself} (pids {a_pids:?})"
+        "old active committed {before} ticks before the promotion, none after (pids {a_pids:?}); its log on fencing/shutdown: {fenced_lines:#?}"
     );
 
     env.cluster
@@ -315,7 +333,7 @@ async fn cut_off_active_is_fenced() {
     env.wait_service_active(e + 1, WAIT).await;
     assert_fenced_after(&env.db, e + 1, &a);
     env.slices.assert_never_two("link cut");
-    assert!(env.slices.max_ready() == 1);
+    assert_eq!(env.slices.max_ready(), 1);
 }
 
 /// `helm install` of charts/identitymesh-operator (CRD, ServiceAccount, RBAC, Deployment), then a
@@ -399,4 +417,74 @@ async fn helm_installed_operator_runs_a_cluster() {
         "the chart's RBAC refused operator calls: {denied:?}"
     );
     env.slices.assert_never_two("helm install");
+}
+
+/// The CRD's schema and CEL rules on the real apiserver: every resource in the operator's
+/// admission table (`identitymesh-operator admission-cases`) is rejected with its message, and
+/// the valid one is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_resources_are_rejected_at_admission() {
+    let _serial = SERIAL.lock().await;
+    init_tracing();
+    let cluster =
+        identitymesh_tests::Cluster::start(identitymesh_tests::ClusterOptions::windows(1))
+            .await
+            .unwrap_or_else(|e| {
+                panic!("start harness (run `cargo xtask tools` if tools are missing): {e}")
+            });
+    cluster
+        .kubectl(&["apply", "-f", crd_path().to_str().unwrap()])
+        .await
+        .expect("apply the CRD");
+    cluster
+        .kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "crd/identitymeshclusters.identitymesh.io",
+            "--timeout=60s",
+        ])
+        .await
+        .expect("CRD established");
+    let out = std::process::Command::new(workspace_bin("identitymesh-operator"))
+        .arg("admission-cases")
+        .output()
+        .expect("identitymesh-operator admission-cases");
+    assert!(out.status.success());
+    let cases: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("case json"))
+        .collect();
+    let mut rejected = 0;
+    for c in &cases {
+        let name = c["name"].as_str().unwrap_or_default();
+        let manifest = c["manifest"].to_string();
+        let r = cluster
+            .kubectl_with_stdin(
+                &["apply", "-n", "default", "--dry-run=server", "-f", "-"],
+                Some(&manifest),
+            )
+            .await;
+        match c["expect"].as_str() {
+            None => {
+                r.unwrap_or_else(|e| panic!("case {name}: the valid resource was refused: {e}"));
+            }
+            Some(expect) => {
+                let err = match r {
+                    Ok(o) => {
+                        panic!("case {name}: accepted, expected a rejection with {expect:?}: {o}")
+                    }
+                    Err(e) => e.to_string(),
+                };
+                assert!(
+                    err.contains(expect),
+                    "case {name}: rejected, but the message lacks {expect:?}: {err}"
+                );
+                rejected += 1;
+            }
+        }
+    }
+    assert!(rejected >= 10, "at least ten bad resources: {rejected}");
+    println!(
+        "admission: {rejected} bad resources rejected with their messages; the valid one accepted"
+    );
 }

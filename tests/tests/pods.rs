@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use common::*;
 use identitymesh_tests::process::pid_alive;
 use identitymesh_tests::Cluster;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::api::PostParams;
 use kube::Api;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,14 +129,22 @@ async fn crd_pod_service_and_deletion() {
         .unwrap()
         .flatten()
         .map(|e| e.path())
-        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("kube-api-access-"))
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("kube-api-access-")
+        })
         .expect("kube-api-access volume");
     let token = std::fs::read_to_string(api_access.join("token")).unwrap();
     assert_eq!(token.split('.').count(), 3, "a JWT: {token}");
     let ca = std::fs::read_to_string(api_access.join("ca.crt")).unwrap();
     let our_ca = std::fs::read_to_string(cluster.run_dir().join("pki/ca.crt")).unwrap();
     assert_eq!(ca, our_ca);
-    assert_eq!(std::fs::read_to_string(api_access.join("namespace")).unwrap(), "default");
+    assert_eq!(
+        std::fs::read_to_string(api_access.join("namespace")).unwrap(),
+        "default"
+    );
 
     // Secret rotation reaches the mounted file within a few seconds.
     cluster
@@ -226,4 +235,53 @@ async fn crd_pod_service_and_deletion() {
         )
         .await
         .expect("force deletion kills the process");
+
+    // HTTPS readiness probe (no certificate verification, as kubelet) against a server whose
+    // certificate comes from a secret volume at a Windows path.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["web-tls".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "tls"},
+        "stringData": {"tls.crt": cert.pem(), "tls.key": key.serialize_pem()}
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(cluster.client(), "default")
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "secure"},
+        "spec": {
+            "containers": [{
+                "name": "https", "image": "test/http",
+                "args": ["--listen", "0.0.0.0:8443",
+                         "--tls-cert", "C:\\identitymesh\\tls\\tls.crt",
+                         "--tls-key", "C:\\identitymesh\\tls\\tls.key"],
+                "readinessProbe": {"httpGet": {"path": "/readyz", "port": 8443, "scheme": "HTTPS"}, "periodSeconds": 1},
+                "volumeMounts": [{"name": "tls", "mountPath": "C:\\identitymesh\\tls"}]
+            }],
+            "volumes": [{"name": "tls", "secret": {"secretName": "tls"}}]
+        }
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    cluster
+        .wait_until(Duration::from_secs(60), "pod secure Ready", || async {
+            pods.get_opt("secure")
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|p| pod_ready(&p))
+        })
+        .await
+        .expect("HTTPS readiness probe passes");
+    let log = cluster
+        .pod_log("default", "secure", "https")
+        .unwrap_or_default();
+    assert!(log.contains("tls: true"), "server runs with TLS: {log}");
 }

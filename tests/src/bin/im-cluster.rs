@@ -54,7 +54,7 @@ async fn main() -> anyhow::Result<()> {
             println!("node {n}: {ip}");
         }
     }
-    println!("Ctrl-C to stop");
+    println!("Ctrl-C (or SIGINT to pid {}) to stop", std::process::id());
     tokio::signal::ctrl_c().await?;
     drop(cluster);
     Ok(())

@@ -15,7 +15,8 @@ use futures::StreamExt;
 use identitymesh_tests::{Cluster, ClusterOptions};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{ApiResource, DynamicObject, GroupVersionKind, ListParams, PostParams};
+use kube::api::{ApiResource, DynamicObject, ListParams, PostParams};
+use kube::core::GroupVersionKind;
 use kube::runtime::watcher;
 use kube::Api;
 use serde_json::{json, Value};
@@ -780,7 +781,7 @@ impl Env {
     /// Waits until the Service reaches an active server holding `epoch`; returns when.
     pub async fn wait_service_active(&mut self, epoch: i64, timeout: Duration) -> Instant {
         let started = Instant::now();
-        let mut last = String::new();
+        let mut last: String;
         loop {
             match self.ready_via_service().await {
                 Ok(r) if r.code == 200 && r.role == "active" && r.epoch == epoch => {
@@ -800,6 +801,25 @@ impl Env {
 
     pub fn pids(&self, pod: &str) -> Vec<u32> {
         self.cluster.pod_pids(&self.ns, pod)
+    }
+
+    /// The container log of one pod incarnation (by uid), also after the pod is gone and a
+    /// namesake replaced it (the harness keeps `pods/<ns>_<pod>_<uid prefix>/<container>.log`).
+    pub fn pod_log_of(&self, pod: &str, uid: &str) -> String {
+        let prefix = format!("{}_{pod}_", self.ns);
+        let Ok(entries) = std::fs::read_dir(self.cluster.run_dir().join("pods")) else {
+            return String::new();
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if let Some(short) = name.strip_prefix(&prefix) {
+                if !short.is_empty() && uid.starts_with(short) {
+                    return std::fs::read_to_string(e.path().join(format!("{CONTAINER}.log")))
+                        .unwrap_or_default();
+                }
+            }
+        }
+        String::new()
     }
 
     pub fn pod_log(&self, pod: &str) -> String {
