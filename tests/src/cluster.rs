@@ -131,8 +131,7 @@ impl Cluster {
         let mut attempt = 0;
         let control_plane = loop {
             attempt += 1;
-            match ControlPlane::start(&tools, &run_dir, advertise, &host_ips, &teardown.table)
-                .await
+            match ControlPlane::start(&tools, &run_dir, advertise, &host_ips, &teardown.table).await
             {
                 Ok(cp) => break cp,
                 Err(Error::StartupExit(msg)) if attempt < 3 => {

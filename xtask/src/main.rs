@@ -14,7 +14,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[("ip", "iproute2")];
 
 /// Folders (relative to the workspace root) whose npm dependencies the tests need; `npm ci` (or
 /// `npm install` without a lockfile) runs in each that exists.
-const NPM_DIRS: &[&str] = &[];
+const NPM_DIRS: &[&str] = &["relay/signalr/interop"];
 
 #[derive(Parser)]
 #[command(about = "IdentityMesh project tasks")]
@@ -162,8 +162,25 @@ fn real_main() -> Result<()> {
             ensure_apt_packages()?;
             ensure_npm(&root)?;
             let bin = tools::ensure(&root, false)?;
+            // End-to-end tests run other packages' binaries (the server, the operator) from the
+            // target dir; `cargo test` builds only the binaries of packages with integration tests.
+            let mut build = cargo();
+            build
+                .args(["build", "--workspace", "--bins"])
+                .current_dir(&root);
+            run(build, "cargo build --workspace --bins")?;
             let mut cmd = cargo();
-            cmd.args(["test", "--workspace", "--all-targets"])
+            // --no-fail-fast: one failing test binary must not hide the results of the others.
+            // `cargo xtask test -p X` narrows to package X instead of the whole workspace.
+            let narrowed = args
+                .iter()
+                .take_while(|a| *a != "--")
+                .any(|a| a == "-p" || a == "--package" || a.starts_with("--package="));
+            cmd.arg("test");
+            if !narrowed {
+                cmd.arg("--workspace");
+            }
+            cmd.args(["--all-targets", "--no-fail-fast"])
                 .args(args)
                 .env(tools::BIN_DIR_ENV, bin)
                 .current_dir(&root);

@@ -75,7 +75,7 @@ fn go() -> Result<PathBuf> {
         }
     }
     bail!(
-        "the `go` command is not installed (needed to build the control plane); install Go >= 1.25"
+        "the `go` command is not installed (needed to build the control plane); install Go >= 1.26 (etcd v3.6.16 and helm v3.22.0 need it)"
     )
 }
 

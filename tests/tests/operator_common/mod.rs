@@ -435,6 +435,21 @@ pub struct Env {
     proxy: Option<SocketAddr>,
 }
 
+impl Drop for Env {
+    /// Removes the test dir (database, operator log) unless the test failed or
+    /// IDENTITYMESH_KEEP_RUN_DIR is set, like the harness's run dir.
+    fn drop(&mut self) {
+        if std::thread::panicking() || std::env::var_os("IDENTITYMESH_KEEP_RUN_DIR").is_some() {
+            eprintln!(
+                "operator e2e: database and operator log kept in {}",
+                self.dir.display()
+            );
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
 /// The cluster resource's status, as the tests read it.
 #[derive(Debug, Clone, Default)]
 pub struct Status {
@@ -689,8 +704,15 @@ impl Env {
         let log = std::fs::read_to_string(&self.operator.log).unwrap_or_default();
         let tail: Vec<&str> = log.lines().rev().take(40).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
+        // Which server pods the harness actually runs: a bound pod without a process points at
+        // the harness's node agent rather than at the operator.
+        let pods: Vec<String> = [format!("{CLUSTER}-a"), format!("{CLUSTER}-b")]
+            .iter()
+            .map(|p| format!("{p}: harness pids {:?}", self.pids(p)))
+            .collect();
         panic!(
-            "{msg}\n--- operator log (last 40 lines, full log {}):\n{}\n--- harness run dir: {}",
+            "{msg}\n--- server pods: {}\n--- operator log (last 40 lines, full log {}):\n{}\n--- harness run dir: {}",
+            pods.join("; "),
             self.operator.log.display(),
             tail.join("\n"),
             self.cluster.run_dir().display()
@@ -965,7 +987,23 @@ pub fn fence_journal(db: &Path) -> Vec<(String, i64)> {
 /// (tick, import batch) with an older epoch commits, and `old_instance` never again registers
 /// as active with an older epoch. Returns how many writes the old holder committed before.
 pub fn assert_fenced_after(db: &Path, new: i64, old_instance: &str) -> usize {
-    let log = commit_log(db);
+    // The new active ticks once per heartbeat interval: give it a few to show up.
+    let started = Instant::now();
+    let log = loop {
+        let log = commit_log(db);
+        let promoted = log
+            .iter()
+            .find(|c| c.what == "promote" && c.epoch == new)
+            .map(|c| c.seq);
+        let ticked = promoted.is_some_and(|p| {
+            log.iter()
+                .any(|c| c.seq > p && c.what == "tick" && c.epoch == new)
+        });
+        if ticked || started.elapsed() > Duration::from_secs(15) {
+            break log;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
     let promote = log
         .iter()
         .find(|c| c.what == "promote" && c.epoch == new)
