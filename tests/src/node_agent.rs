@@ -174,7 +174,8 @@ impl NodeAgent {
             let mut stream = std::pin::pin!(stream);
             while let Some(ev) = stream.next().await {
                 if let Err(e) = ev {
-                    tracing::debug!("pod watch: {e}");
+                    // Visible by default: a pod watch that keeps failing leaves pods unstarted.
+                    tracing::warn!("pod watch: {e}");
                 }
                 changed_tx.send_modify(|n| *n = n.wrapping_add(1));
             }

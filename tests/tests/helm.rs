@@ -17,7 +17,7 @@ async fn helm_install_small_chart() {
         .expect("helm version");
     println!("helm {}", version.trim());
     let chart = fixtures().join("charts/hello");
-    let out = cluster
+    let installed = cluster
         .helm(&[
             "install",
             "hello",
@@ -29,8 +29,25 @@ async fn helm_install_small_chart() {
             "--timeout",
             "90s",
         ])
-        .await
-        .expect("helm install --wait");
+        .await;
+    let out = match installed {
+        Ok(out) => out,
+        Err(e) => {
+            // Say why: what the cluster shows about the release's objects.
+            let state = cluster
+                .kubectl(&[
+                    "get",
+                    "all,events,serviceaccounts",
+                    "-n",
+                    "charts",
+                    "-o",
+                    "wide",
+                ])
+                .await
+                .unwrap_or_else(|e| e.to_string());
+            panic!("helm install --wait: {e}\n{state}");
+        }
+    };
     assert!(out.contains("STATUS: deployed"), "{out}");
     let list = cluster
         .helm(&["list", "-n", "charts", "-o", "json"])

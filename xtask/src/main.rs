@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 
 /// Debian packages the tests need: (command or file that proves it is there, package).
 /// Append here when a test needs another real peer (e.g. slapd).
-const APT_PACKAGES: &[(&str, &str)] = &[("ip", "iproute2")];
+const APT_PACKAGES: &[(&str, &str)] = &[("ip", "iproute2"), ("sqlite3", "sqlite3")];
 
 /// Folders (relative to the workspace root) whose npm dependencies the tests need; `npm ci` (or
 /// `npm install` without a lockfile) runs in each that exists.
@@ -38,7 +38,7 @@ enum Cmd {
         cmd: ClusterCmd,
     },
     /// The project test command: system packages, npm packages, tools, then
-    /// `cargo test --workspace --all-targets [ARGS]`.
+    /// `cargo test --workspace --no-fail-fast [ARGS]` (benches are compiled, not run).
     Test {
         /// Passed to `cargo test` (e.g. `-- --nocapture`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -165,10 +165,12 @@ fn real_main() -> Result<()> {
             // End-to-end tests run other packages' binaries (the server, the operator) from the
             // target dir; `cargo test` builds only the binaries of packages with integration tests.
             let mut build = cargo();
+            // Benches are built too, so a broken bench fails here, but they are run only by
+            // `cargo bench` / `cargo xtask bench-harness`: in debug they take minutes.
             build
-                .args(["build", "--workspace", "--bins"])
+                .args(["build", "--workspace", "--bins", "--benches"])
                 .current_dir(&root);
-            run(build, "cargo build --workspace --bins")?;
+            run(build, "cargo build --workspace --bins --benches")?;
             let mut cmd = cargo();
             // --no-fail-fast: one failing test binary must not hide the results of the others.
             // `cargo xtask test -p X` narrows to package X instead of the whole workspace.
@@ -180,7 +182,7 @@ fn real_main() -> Result<()> {
             if !narrowed {
                 cmd.arg("--workspace");
             }
-            cmd.args(["--all-targets", "--no-fail-fast"])
+            cmd.arg("--no-fail-fast")
                 .args(args)
                 .env(tools::BIN_DIR_ENV, bin)
                 .current_dir(&root);
