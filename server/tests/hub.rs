@@ -117,15 +117,12 @@ async fn next_text(ws: &mut Ws) -> Option<String> {
 }
 
 async fn relays(s: &Server) -> Vec<serde_json::Value> {
-    reqwest::Client::new()
-        .get(format!("{}/api/relays", s.base))
-        .bearer_auth(&s.token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    get_json(
+        &reqwest::Client::new(),
+        &format!("{}/api/relays", s.base),
+        Some(&s.token),
+    )
+    .await
 }
 
 #[tokio::test]

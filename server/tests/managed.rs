@@ -46,13 +46,7 @@ fn start(name: &str, dir: &Path, db: &Path, pki: &Pki, token_file: &Path) -> Ins
 }
 
 async fn status(c: &reqwest::Client, i: &Instance) -> serde_json::Value {
-    c.get(format!("{}/internal/v1/status", i.internal))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    get_json(c, &format!("{}/internal/v1/status", i.internal), None).await
 }
 
 async fn promote(c: &reqwest::Client, i: &Instance, epoch: i64) -> reqwest::Response {
@@ -64,15 +58,8 @@ async fn promote(c: &reqwest::Client, i: &Instance, epoch: i64) -> reqwest::Resp
 }
 
 async fn actives(c: &reqwest::Client, i: &Instance, token: &str) -> Vec<String> {
-    let rows: Vec<serde_json::Value> = c
-        .get(format!("{}/api/instances", i.public))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let rows: Vec<serde_json::Value> =
+        get_json(c, &format!("{}/api/instances", i.public), Some(token)).await;
     rows.iter()
         .filter(|r| r["role"] == "active")
         .map(|r| r["instance"].as_str().unwrap_or("").to_string())
@@ -131,14 +118,8 @@ async fn promotion_fences_the_old_active() {
     .await;
 
     // The operator's view of the registry over mTLS agrees.
-    let rows: Vec<serde_json::Value> = op
-        .get(format!("{}/internal/v1/instances", a.internal))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let rows: Vec<serde_json::Value> =
+        get_json(&op, &format!("{}/internal/v1/instances", a.internal), None).await;
     let act: Vec<_> = rows.iter().filter(|r| r["role"] == "active").collect();
     assert_eq!(act.len(), 1, "{rows:?}");
     assert_eq!(act[0]["instance"], "im-b");

@@ -57,15 +57,8 @@ async fn standalone_serves_health_and_instances_and_stops_cleanly() {
     let r = c.get(format!("{base}/api/instances")).send().await.unwrap();
     assert_eq!(r.status(), 401);
     assert_eq!(r.headers()["content-type"], "application/problem+json");
-    let rows: Vec<serde_json::Value> = c
-        .get(format!("{base}/api/instances"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let rows: Vec<serde_json::Value> =
+        get_json(&c, &format!("{base}/api/instances"), Some(&token)).await;
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert_eq!(rows[0]["role"], "active");
     let first_epoch = rows[0]["epoch"].as_i64().unwrap();
@@ -90,27 +83,13 @@ async fn standalone_serves_health_and_instances_and_stops_cleanly() {
     let mut p2 = Proc::spawn(&args, &[], dir.path());
     wait_up(&c, &format!("{base}/health/live"), &p2).await;
     assert_eq!(std::fs::read_to_string(&token_path).unwrap().trim(), token);
-    let rows: Vec<serde_json::Value> = c
-        .get(format!("{base}/api/instances"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let rows: Vec<serde_json::Value> =
+        get_json(&c, &format!("{base}/api/instances"), Some(&token)).await;
     let active: Vec<_> = rows.iter().filter(|r| r["role"] == "active").collect();
     assert_eq!(active.len(), 1, "{rows:?}");
     assert_eq!(active[0]["epoch"].as_i64().unwrap(), first_epoch + 1);
-    let audit: Vec<serde_json::Value> = c
-        .get(format!("{base}/api/audit?limit=10"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let audit: Vec<serde_json::Value> =
+        get_json(&c, &format!("{base}/api/audit?limit=10"), Some(&token)).await;
     assert!(
         audit.iter().filter(|e| e["action"] == "promote").count() >= 2,
         "{audit:?}"

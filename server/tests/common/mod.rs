@@ -230,3 +230,16 @@ pub fn last_line(text: &str) -> String {
         .unwrap_or("")
         .to_string()
 }
+
+/// GET `url` (with a bearer token when given) and decode the JSON body.
+pub async fn get_json<T: serde::de::DeserializeOwned>(
+    c: &reqwest::Client,
+    url: &str,
+    token: Option<&str>,
+) -> T {
+    let mut req = c.get(url);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    req.send().await.unwrap().json().await.unwrap()
+}
