@@ -332,27 +332,44 @@ async fn heartbeat_loop(client: kube::Client, node: NodeCtx, os: NodeOs, force: 
 }
 
 /// Keeps the processes of this node in line with the pods bound to it.
+///
+/// The pod watch only says *when* to look; what is bound here comes from a LIST by
+/// `spec.nodeName` each round, as kubelets resync. A watch that stalls silently (seen right
+/// after the apiserver starts: scheduled pods never started) can then delay a pod by one round
+/// at most, never leave it unstarted.
 async fn kubelet_loop(
     ctx: Arc<RuntimeCtx>,
     node: NodeCtx,
-    store: Store<Pod>,
+    _store: Store<Pod>,
     mut changed: watch::Receiver<u64>,
 ) {
-    if store.wait_until_ready().await.is_err() {
-        return;
-    }
+    let pods_api: Api<Pod> = Api::all(ctx.client.clone());
+    let list_params =
+        kube::api::ListParams::default().fields(&format!("spec.nodeName={}", node.name));
     let mut runners: HashMap<String, PodRunner> = HashMap::new();
+    let mut last_list = tokio::time::Instant::now() - Duration::from_secs(1);
     loop {
         tokio::select! {
             r = changed.changed() => if r.is_err() { return },
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
+        // Bursts of pod events must not turn into bursts of LISTs.
+        tokio::time::sleep_until(last_list + Duration::from_millis(200)).await;
+        last_list = tokio::time::Instant::now();
         runners.retain(|_, r| !r.is_finished());
         if !node.connected.load(Ordering::SeqCst) {
             continue;
         }
+        let pods = match pods_api.list(&list_params).await {
+            Ok(list) => list.items.into_iter().map(Arc::new).collect::<Vec<_>>(),
+            Err(e) => {
+                // Never act on a failed LIST: an empty answer would stop every pod here.
+                tracing::warn!(node = %node.name, "pod list: {e}");
+                continue;
+            }
+        };
         let mut seen = std::collections::HashSet::new();
-        for pod in store.state() {
+        for pod in pods {
             let bound_here =
                 pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.name.as_str());
             if !bound_here {
