@@ -37,12 +37,28 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(30))
             .foreign_keys(true);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .acquire_timeout(Duration::from_secs(30))
-            .connect_with(opts)
-            .await?;
-        Ok(Self { pool })
+        // Two instances opening a new file at once race to switch it to WAL, and SQLite answers
+        // that switch with SQLITE_BUSY without consulting the busy timeout: retry for a while.
+        let mut delay = Duration::from_millis(20);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = SqlitePoolOptions::new()
+                .max_connections(4)
+                .acquire_timeout(Duration::from_secs(30))
+                .connect_with(opts.clone())
+                .await;
+            match r {
+                Ok(pool) => return Ok(Self { pool }),
+                Err(sqlx::Error::Database(e))
+                    if e.message().contains("database is locked")
+                        && std::time::Instant::now() + delay < deadline =>
+                {
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_millis(500));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     async fn begin_locked(&self) -> Result<Tx<'_>, StoreError> {
