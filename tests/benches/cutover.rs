@@ -117,16 +117,7 @@ async fn one(env: &mut Env, poller: &Poller, kind: Kind) -> (f64, f64) {
     let fault = Instant::now();
     match kind {
         Kind::Switchover => {
-            let ns = env.ns.clone();
-            env.kubectl(&[
-                "annotate",
-                "imc",
-                CLUSTER,
-                "-n",
-                &ns,
-                &format!("{SWITCHOVER_ANNOTATION}=standby"),
-            ])
-            .await;
+            env.request_switchover().await;
         }
         Kind::Kill => {
             env.cluster

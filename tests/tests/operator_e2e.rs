@@ -77,15 +77,7 @@ async fn switchover_process_kill_and_deletion() {
     let (a, s, e) = (st.active.unwrap(), st.standby.unwrap(), st.epoch);
     let a_pids = env.pids(&a);
     let t0 = Instant::now();
-    env.kubectl(&[
-        "annotate",
-        "imc",
-        CLUSTER,
-        "-n",
-        &env.ns.clone(),
-        &format!("{SWITCHOVER_ANNOTATION}=standby"),
-    ])
-    .await;
+    env.request_switchover().await;
     let st = wait_active(&env, "switchover to the standby", &s, e + 1, false).await;
     let reached = env.wait_service_active(e + 1, WAIT).await;
     println!(
@@ -376,15 +368,7 @@ async fn helm_installed_operator_runs_a_cluster() {
 
     let st = settle(&mut env).await;
     let (a, s, e) = (st.active.unwrap(), st.standby.unwrap(), st.epoch);
-    env.kubectl(&[
-        "annotate",
-        "imc",
-        CLUSTER,
-        "-n",
-        &env.ns.clone(),
-        &format!("{SWITCHOVER_ANNOTATION}=standby"),
-    ])
-    .await;
+    env.request_switchover().await;
     wait_active(&env, "switchover under the chart's RBAC", &s, e + 1, true).await;
     env.wait_service_active(e + 1, WAIT).await;
     println!("helm: switchover {a} -> {s} under the chart's ServiceAccount");

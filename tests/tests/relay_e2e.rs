@@ -109,15 +109,7 @@ async fn relay_follows_the_active_through_the_service() {
     // Planned switchover: the demoted active closes with allowReconnect, the relay re-resolves
     // the Service name and lands on the new active.
     let t0 = Instant::now();
-    env.kubectl(&[
-        "annotate",
-        "imc",
-        CLUSTER,
-        "-n",
-        &env.ns.clone(),
-        &format!("{SWITCHOVER_ANNOTATION}=standby"),
-    ])
-    .await;
+    env.request_switchover().await;
     env.wait_service_active(e + 1, WAIT).await;
     let took = wait_connected_to(&env, &s, t0, "after the switchover").await;
     println!(

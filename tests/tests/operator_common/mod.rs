@@ -850,6 +850,20 @@ impl Env {
             .unwrap_or_default()
     }
 
+    /// Requests a planned switchover to the standby, as a user would: by annotating the cluster.
+    pub async fn request_switchover(&self) {
+        let ns = self.ns.clone();
+        self.kubectl(&[
+            "annotate",
+            "imc",
+            CLUSTER,
+            "-n",
+            &ns,
+            &format!("{SWITCHOVER_ANNOTATION}=standby"),
+        ])
+        .await;
+    }
+
     pub async fn kubectl(&self, args: &[&str]) -> String {
         self.cluster
             .kubectl(args)
