@@ -89,6 +89,10 @@ async fn official_signalr_client_interop() {
 
     let line = next_line("CONNECTED").await;
     let connection_id = line["CONNECTED ".len()..].trim().to_owned();
+    let listed_by = tokio::time::Instant::now() + Duration::from_secs(5);
+    while server.handle.connection_count() != 1 && tokio::time::Instant::now() < listed_by {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let listed = server.handle.connections();
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].connection_id, connection_id);
@@ -125,6 +129,11 @@ async fn official_signalr_client_interop() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let server = TestServer::start(port, backend.clone(), config);
     next_line("RECONNECTED").await;
+    // The client sees the handshake answer a moment before the hub lists the connection.
+    let listed_by = tokio::time::Instant::now() + Duration::from_secs(5);
+    while server.handle.connection_count() != 1 && tokio::time::Instant::now() < listed_by {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(server.handle.connection_count(), 1);
     next_line("INVOKE_AFTER_RECONNECT_OK").await;
     next_line("DONE").await;
