@@ -190,55 +190,45 @@ async fn body_of(resp: reqwest::Response) -> String {
     s
 }
 
+impl MtlsInstanceClient {
+    /// GET a JSON document from a pod's internal API; a non-2xx answer is an Http error
+    /// carrying the pod's problem detail.
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        t: &PodTarget,
+        path: &str,
+    ) -> Result<T, PodClientError> {
+        let http = self.http(t, self.status_timeout)?;
+        let resp = http
+            .get(Self::url(t, path))
+            .send()
+            .await
+            .map_err(|e| transport(t, e))?;
+        let status = resp.status();
+        if !status.is_success() {
+            return Err(PodClientError::Http {
+                pod: t.pod.clone(),
+                status: status.as_u16(),
+                detail: body_of(resp).await,
+            });
+        }
+        resp.json::<T>().await.map_err(|e| transport(t, e))
+    }
+}
+
 impl InstanceApi for MtlsInstanceClient {
     fn status<'a>(
         &'a self,
         t: &'a PodTarget,
     ) -> BoxFuture<'a, Result<InternalStatus, PodClientError>> {
-        Box::pin(async move {
-            let http = self.http(t, self.status_timeout)?;
-            let resp = http
-                .get(Self::url(t, "/internal/v1/status"))
-                .send()
-                .await
-                .map_err(|e| transport(t, e))?;
-            let status = resp.status();
-            if !status.is_success() {
-                return Err(PodClientError::Http {
-                    pod: t.pod.clone(),
-                    status: status.as_u16(),
-                    detail: body_of(resp).await,
-                });
-            }
-            resp.json::<InternalStatus>()
-                .await
-                .map_err(|e| transport(t, e))
-        })
+        Box::pin(self.get_json(t, "/internal/v1/status"))
     }
 
     fn instances<'a>(
         &'a self,
         t: &'a PodTarget,
     ) -> BoxFuture<'a, Result<Vec<InstanceRow>, PodClientError>> {
-        Box::pin(async move {
-            let http = self.http(t, self.status_timeout)?;
-            let resp = http
-                .get(Self::url(t, "/internal/v1/instances"))
-                .send()
-                .await
-                .map_err(|e| transport(t, e))?;
-            let status = resp.status();
-            if !status.is_success() {
-                return Err(PodClientError::Http {
-                    pod: t.pod.clone(),
-                    status: status.as_u16(),
-                    detail: body_of(resp).await,
-                });
-            }
-            resp.json::<Vec<InstanceRow>>()
-                .await
-                .map_err(|e| transport(t, e))
-        })
+        Box::pin(self.get_json(t, "/internal/v1/instances"))
     }
 
     fn promote<'a>(

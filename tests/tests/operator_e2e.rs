@@ -416,19 +416,8 @@ async fn bad_resources_are_rejected_at_admission() {
             .unwrap_or_else(|e| {
                 panic!("start harness (run `cargo xtask tools` if tools are missing): {e}")
             });
-    cluster
-        .kubectl(&["apply", "-f", crd_path().to_str().unwrap()])
-        .await
-        .expect("apply the CRD");
-    cluster
-        .kubectl(&[
-            "wait",
-            "--for=condition=Established",
-            "crd/identitymeshclusters.identitymesh.io",
-            "--timeout=60s",
-        ])
-        .await
-        .expect("CRD established");
+    install_crd(&cluster).await;
+    wait_crd_established(&cluster).await;
     let out = std::process::Command::new(workspace_bin("identitymesh-operator"))
         .arg("admission-cases")
         .output()

@@ -578,21 +578,10 @@ impl Env {
             token_kubeconfig(cluster.kubeconfig_path(), &token, &kc);
             kc
         } else {
-            cluster
-                .kubectl(&["apply", "-f", crd_path().to_str().expect("utf-8 path")])
-                .await
-                .expect("kubectl apply the CRD from crds/");
+            install_crd(&cluster).await;
             cluster.kubeconfig_path().to_path_buf()
         };
-        cluster
-            .kubectl(&[
-                "wait",
-                "--for=condition=Established",
-                "crd/identitymeshclusters.identitymesh.io",
-                "--timeout=60s",
-            ])
-            .await
-            .expect("CRD established");
+        wait_crd_established(&cluster).await;
 
         let nss: Api<Namespace> = Api::all(client.clone());
         let n: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}})).expect("ns");
@@ -1064,4 +1053,25 @@ pub fn assert_fenced_after(db: &Path, new: i64, old_instance: &str) -> usize {
         }
     }
     before
+}
+
+/// `kubectl apply` of the CRD from crds/.
+pub async fn install_crd(cluster: &Cluster) {
+    cluster
+        .kubectl(&["apply", "-f", crd_path().to_str().expect("utf-8 path")])
+        .await
+        .expect("kubectl apply the CRD from crds/");
+}
+
+/// Waits until the apiserver serves the IdentityMeshCluster CRD.
+pub async fn wait_crd_established(cluster: &Cluster) {
+    cluster
+        .kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "crd/identitymeshclusters.identitymesh.io",
+            "--timeout=60s",
+        ])
+        .await
+        .expect("CRD established");
 }
