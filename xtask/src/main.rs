@@ -10,7 +10,12 @@ use clap::{Parser, Subcommand};
 
 /// Debian packages the tests need: (command or file that proves it is there, package).
 /// Append here when a test needs another real peer (e.g. slapd).
-const APT_PACKAGES: &[(&str, &str)] = &[("ip", "iproute2"), ("sqlite3", "sqlite3")];
+const APT_PACKAGES: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("sqlite3", "sqlite3"),
+    ("slapd", "slapd"),
+    ("ldapsearch", "ldap-utils"),
+];
 
 /// Folders (relative to the workspace root) whose npm dependencies the tests need; `npm ci` (or
 /// `npm install` without a lockfile) runs in each that exists.
