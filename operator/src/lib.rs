@@ -8,7 +8,7 @@ pub mod certs;
 pub mod controller;
 pub mod crd;
 pub mod cutover;
-pub mod keyring;
+pub use identitymesh_keyring as keyring;
 pub mod leader;
 pub mod metrics;
 pub mod observe;

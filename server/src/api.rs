@@ -28,6 +28,8 @@ pub struct AppState {
     pub licence_file: Option<PathBuf>,
     /// The relay hub, to disconnect a revoked relay at once.
     pub hub: Option<identitymesh_signalr::hub::HubHandle>,
+    /// Connector runs, schedules, secrets (absent in tests of the bare API).
+    pub sync: Option<Arc<crate::sync::runner::SyncEngine>>,
 }
 
 /// A relay is shown Connected while its hub connection is recorded and seen this recently.
@@ -72,6 +74,132 @@ pub const ROUTES: &[RouteSpec] = &[
         path: "/api/audit",
         permission: Permission::AuditRead,
         summary: "The audit log, newest first (?limit=1..1000)",
+    },
+    RouteSpec {
+        method: "get",
+        path: "/api/connectors",
+        permission: Permission::DashboardRead,
+        summary: "Connectors (config holds secret references, never values)",
+    },
+    RouteSpec {
+        method: "post",
+        path: "/api/connectors",
+        permission: Permission::ConnectorsWrite,
+        summary: "Create a connector ({name, kind: ldap|csv, config, rules, relay_id?, canary?}); every problem is listed with its field path",
+    },
+    RouteSpec {
+        method: "get",
+        path: "/api/connectors/{id}",
+        permission: Permission::DashboardRead,
+        summary: "One connector, with its connector-space object count",
+    },
+    RouteSpec {
+        method: "put",
+        path: "/api/connectors/{id}",
+        permission: Permission::ConnectorsWrite,
+        summary: "Replace a connector's name, config, rules, relay and canary flag",
+    },
+    RouteSpec {
+        method: "delete",
+        path: "/api/connectors/{id}",
+        permission: Permission::ConnectorsWrite,
+        summary: "Delete a connector whose connector space is empty (clear it first)",
+    },
+    RouteSpec {
+        method: "post",
+        path: "/api/connectors/{id}/test",
+        permission: Permission::ConnectorsWrite,
+        summary: "Test the connection (connect, bind, read) and report each step",
+    },
+    RouteSpec {
+        method: "post",
+        path: "/api/connectors/{id}/runs",
+        permission: Permission::SchedulesManage,
+        summary: "Start a run now ({mode: full|delta}); 202 with the run, 409 if one is running or the engine is paused",
+    },
+    RouteSpec {
+        method: "post",
+        path: "/api/connectors/{id}/clear",
+        permission: Permission::ConnectorsWrite,
+        summary: "Remove every object of the connector and its identity contributions",
+    },
+    RouteSpec {
+        method: "get",
+        path: "/api/runs",
+        permission: Permission::DashboardRead,
+        summary: "Run history, newest first, with counts and errors (?connector=ID&limit=1..500)",
+    },
+    RouteSpec {
+        method: "get",
+        path: "/api/runs/{id}",
+        permission: Permission::DashboardRead,
+        summary: "One run",
+    },
+    RouteSpec {
+        method: "get",
+        path: "/api/schedules",
+        permission: Permission::DashboardRead,
+        summary: "Schedules with their next run time",
+    },
+    RouteSpec {
+        method: "post",
+        path: "/api/schedules",
+        permission: Permission::SchedulesManage,
+        summary: "Create a schedule ({connector_id, kind: interval|cron, spec: 15m or */15 * * * *, mode})",
+    },
+    RouteSpec {
+        method: "delete",
+        path: "/api/schedules/{id}",
+        permission: Permission::SchedulesManage,
+        summary: "Delete a schedule",
+    },
+    RouteSpec {
+        method: "get",
+        path: "/api/sync",
+        permission: Permission::DashboardRead,
+        summary: "Whether the engine is paused, and the runs in progress",
+    },
+    RouteSpec {
+        method: "post",
+        path: "/api/sync/pause",
+        permission: Permission::SchedulesManage,
+        summary: "Pause the engine: no new runs start; running ones finish",
+    },
+    RouteSpec {
+        method: "post",
+        path: "/api/sync/resume",
+        permission: Permission::SchedulesManage,
+        summary: "Resume the engine",
+    },
+    RouteSpec {
+        method: "get",
+        path: "/api/identities",
+        permission: Permission::DashboardRead,
+        summary: "Identities, paged by id (?search=TEXT&after=ID&limit=1..500)",
+    },
+    RouteSpec {
+        method: "get",
+        path: "/api/identities/{id}",
+        permission: Permission::DashboardRead,
+        summary: "One identity with its attributes, their sources and its connector links",
+    },
+    RouteSpec {
+        method: "get",
+        path: "/api/secrets",
+        permission: Permission::SecretsWrite,
+        summary: "Secret names, key ids and times (values are never returned)",
+    },
+    RouteSpec {
+        method: "put",
+        path: "/api/secrets/{id}",
+        permission: Permission::SecretsWrite,
+        summary: "Set a secret ({value}); sealed with the key ring, never returned",
+    },
+    RouteSpec {
+        method: "delete",
+        path: "/api/secrets/{id}",
+        permission: Permission::SecretsWrite,
+        summary: "Delete a secret",
     },
 ];
 
@@ -126,7 +254,7 @@ impl axum::extract::FromRequestParts<AppState> for Caller {
     }
 }
 
-fn store_problem(e: StoreError) -> Problem {
+pub(crate) fn store_problem(e: StoreError) -> Problem {
     match e {
         StoreError::Unavailable(m) => Problem::unavailable(format!("database unavailable: {m}")),
         other => Problem::internal(other.to_string()),
@@ -142,6 +270,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/audit", get(audit))
         .route("/api/relays", get(list_relays).post(create_relay))
         .route("/api/relays/{id}", axum::routing::delete(revoke_relay))
+        .merge(crate::api_sync::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -234,7 +363,7 @@ struct InstanceView {
     alive: bool,
 }
 
-fn rfc3339(ms: i64) -> String {
+pub(crate) fn rfc3339(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
         .map(|t| t.to_rfc3339())
         .unwrap_or_default()
@@ -577,6 +706,7 @@ mod tests {
             auth,
             licence_file: None,
             hub: None,
+            sync: None,
         };
         (dir, router(st), issuer)
     }

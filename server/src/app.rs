@@ -88,11 +88,20 @@ pub async fn run(
         ..Default::default()
     };
     let (hub_routes, hub) = crate::hub::start(engine.clone(), hub_config, stop_rx.clone());
+    let ring = load_keyring(mode, &cfg)?;
+    let secrets = crate::secrets::Secrets::new(store.clone(), ring);
+    let sync = crate::sync::runner::SyncEngine::new(engine.clone(), secrets, Some(hub.clone()));
+    let schedule_task = tokio::spawn(crate::sync::schedule::run_loop(
+        sync.clone(),
+        engine.subscribe(),
+        stop_rx.clone(),
+    ));
     let state = AppState {
         engine: engine.clone(),
         auth,
         licence_file,
         hub: Some(hub),
+        sync: Some(sync),
     };
     let public = bind(cfg.listen).await?;
     tracing::info!(addr = %public.local_addr()?, tls = !matches!(transport, Transport::Plain), "Admin API listening");
@@ -135,8 +144,22 @@ pub async fn run(
         let _ = s.await;
     }
     let _ = engine_task.await;
+    let _ = schedule_task.await;
     tracing::info!("shutdown complete");
     Ok(())
+}
+
+/// The key ring that seals connector secrets: the mounted file, or for a standalone install
+/// `keyring.json` in the data directory (created on first start).
+pub fn load_keyring(mode: Mode, cfg: &Config) -> anyhow::Result<identitymesh_keyring::KeyRing> {
+    let standalone = mode == Mode::Standalone;
+    match crate::secrets::keyring_path(cfg.keyring.file.as_deref(), &cfg.data_dir, standalone) {
+        Some(path) => crate::secrets::load_keyring(&path, standalone && cfg.keyring.file.is_none()),
+        None => bail!(
+            "keyring.file is required in managed mode (IM_KEYRING__FILE): the keyring.json both pods mount \
+             from the key ring Secret"
+        ),
+    }
 }
 
 async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
@@ -145,7 +168,7 @@ async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     })
 }
 
-async fn open_store(backend: &Backend, patience: Duration) -> anyhow::Result<Arc<dyn Store>> {
+pub async fn open_store(backend: &Backend, patience: Duration) -> anyhow::Result<Arc<dyn Store>> {
     let what = match backend {
         Backend::Sqlite(p) => format!("SQLite at {}", p.display()),
         // Never log the connection string: it carries the password.

@@ -2,6 +2,7 @@
 //! The contract with pods and the operator is in `server/README.md`.
 
 pub mod api;
+pub mod api_sync;
 pub mod app;
 pub mod auth;
 pub mod config;
@@ -11,8 +12,10 @@ pub mod hub;
 pub mod licence;
 pub mod logging;
 pub mod problem;
+pub mod secrets;
 pub mod serve;
 pub mod store;
+pub mod sync;
 pub mod tls;
 #[cfg(windows)]
 pub mod winsvc;

@@ -140,7 +140,10 @@ mod tests {
             "cn".into(),
             vec![Value::Text("Zoë Ünal".into()), Value::Text("Z. Ü.".into())],
         );
-        attrs.insert("objectGUID".into(), vec![Value::Binary(vec![0, 159, 255, 10])]);
+        attrs.insert(
+            "objectGUID".into(),
+            vec![Value::Binary(vec![0, 159, 255, 10])],
+        );
         let o = ConnectorObject {
             anchor: "a1".into(),
             object_type: "people".into(),

@@ -53,6 +53,7 @@ async fn main() -> anyhow::Result<()> {
                 })
                 .collect(),
             watermark: Some((k + 1).to_string()),
+            seen_in_run: None,
         };
         store.commit_import_batch(&token, &batch, now_ms()).await?;
     }

@@ -46,6 +46,7 @@ fn batch(connector: &str, n: usize, start: usize, watermark: &str) -> ImportBatc
             })
             .collect(),
         watermark: Some(watermark.into()),
+        seen_in_run: None,
     }
 }
 

@@ -137,6 +137,135 @@ pub struct ImportBatch {
     pub object_type: String,
     pub objects: Vec<CsObject>,
     pub watermark: Option<String>,
+    /// The full-import run these objects were seen in (deletion detection), if any.
+    pub seen_in_run: Option<String>,
+}
+
+/// What a committed batch did: new objects, changed ones (marked for the composer), and ones
+/// whose attributes were already stored as they are.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct BatchOutcome {
+    pub seq: u64,
+    pub added: u64,
+    pub updated: u64,
+    pub unchanged: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ConnectorRow {
+    pub id: String,
+    pub name: String,
+    /// `ldap` or `csv`.
+    pub kind: String,
+    pub config_json: String,
+    pub rules_json: String,
+    pub relay_id: Option<String>,
+    pub is_canary: bool,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ScheduleRow {
+    pub id: String,
+    pub connector_id: String,
+    /// `interval` (spec like `15m`) or `cron` (five fields).
+    pub kind: String,
+    pub spec: String,
+    /// `full` or `delta`.
+    pub mode: String,
+    pub enabled: bool,
+    pub next_run_ms: Option<i64>,
+    pub created_at_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct RunRow {
+    pub id: String,
+    pub connector_id: String,
+    pub instance: String,
+    pub epoch: i64,
+    /// `full` or `delta`.
+    pub mode: String,
+    /// `manual`, `schedule`, `canary`.
+    pub trigger: String,
+    /// `running`, `succeeded`, `completed_with_errors`, `failed`, `abandoned`.
+    pub status: String,
+    pub started_at_ms: i64,
+    pub finished_at_ms: Option<i64>,
+    pub added: i64,
+    pub updated: i64,
+    pub unchanged: i64,
+    pub deleted: i64,
+    pub failed: i64,
+    pub error: Option<String>,
+    /// Per-object problems (JSON array of {location, reason}), capped.
+    pub errors_json: Option<String>,
+}
+
+/// A secret sealed with the key ring; the store never sees a plain value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretRow {
+    pub name: String,
+    pub key_id: String,
+    pub nonce: Vec<u8>,
+    pub ciphertext: Vec<u8>,
+    pub updated_at_ms: i64,
+}
+
+/// A connector-space object waiting for the composer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirtyObject {
+    pub anchor: String,
+    pub object_type: String,
+    pub attributes_json: String,
+    /// Gone from the source (a full import did not see it): unlink, then drop the row.
+    pub deleted: bool,
+    /// Bumped on every change, so the composer only clears the mark of the version it read.
+    pub rev: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LinkRow {
+    pub connector_id: String,
+    pub anchor: String,
+    pub identity_id: String,
+    pub precedence: i64,
+    pub contribution_json: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct IdentityRow {
+    pub id: String,
+    pub display_name: String,
+    pub attributes_json: String,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+/// One write of the composer; a batch of them commits in one fenced transaction, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ComposeWrite {
+    /// Creates or replaces the identity, and replaces its join keys.
+    PutIdentity {
+        identity: IdentityRow,
+        keys: Vec<(String, String)>,
+    },
+    DeleteIdentity {
+        id: String,
+    },
+    PutLink(LinkRow),
+    DeleteLink {
+        connector_id: String,
+        anchor: String,
+    },
+    /// The object at this revision is composed: clear its mark, or drop it if it was deleted.
+    Composed {
+        connector_id: String,
+        anchor: String,
+        rev: i64,
+    },
+    Audit(AuditEntry),
 }
 
 /// A relay agent's registration and its last known connection.
@@ -183,11 +312,22 @@ pub trait Store: Send + Sync + 'static {
 
     /// The active engine's fenced liveness write.
     async fn engine_tick(&self, token: &FenceToken, now_ms: i64) -> Result<(), StoreError>;
-    /// Commits the batch's objects and its watermark in one fenced transaction.
+    /// Commits the batch's objects and its watermark in one fenced transaction. Objects whose
+    /// attributes changed are marked for the composer.
     async fn commit_import_batch(
         &self,
         token: &FenceToken,
         batch: &ImportBatch,
+        now_ms: i64,
+    ) -> Result<BatchOutcome, StoreError>;
+    /// Ends a full import: objects of this type the run did not see are marked deleted (for the
+    /// composer), fenced. Returns how many.
+    async fn finish_full_import(
+        &self,
+        token: &FenceToken,
+        connector: &str,
+        object_type: &str,
+        run_id: &str,
         now_ms: i64,
     ) -> Result<u64, StoreError>;
     async fn watermark(
@@ -230,6 +370,68 @@ pub trait Store: Send + Sync + 'static {
         now_ms: i64,
     ) -> Result<(), StoreError>;
     async fn relays(&self) -> Result<Vec<RelayRow>, StoreError>;
+
+    // Connectors, schedules, settings and secrets: administrative data, not fenced (a standby
+    // may be configured too); engine writes are.
+    /// Inserts or replaces by id; a name used by another connector is a Conflict.
+    async fn put_connector(&self, c: &ConnectorRow) -> Result<(), StoreError>;
+    async fn connector(&self, id: &str) -> Result<Option<ConnectorRow>, StoreError>;
+    async fn connectors(&self) -> Result<Vec<ConnectorRow>, StoreError>;
+    /// Deletes the connector with its schedules and watermarks. A connector that still has
+    /// objects in its connector space is a Conflict (its contributions would be orphaned).
+    async fn delete_connector(&self, id: &str) -> Result<bool, StoreError>;
+
+    async fn put_schedule(&self, s: &ScheduleRow) -> Result<(), StoreError>;
+    async fn schedules(&self) -> Result<Vec<ScheduleRow>, StoreError>;
+    async fn delete_schedule(&self, id: &str) -> Result<bool, StoreError>;
+    async fn set_schedule_next_run(&self, id: &str, next_run_ms: i64) -> Result<(), StoreError>;
+
+    async fn setting(&self, name: &str) -> Result<Option<String>, StoreError>;
+    async fn set_setting(&self, name: &str, value: &str) -> Result<(), StoreError>;
+
+    async fn put_secret(&self, s: &SecretRow) -> Result<(), StoreError>;
+    async fn secret(&self, name: &str) -> Result<Option<SecretRow>, StoreError>;
+    /// Names, key ids and times; never values.
+    async fn secrets(&self) -> Result<Vec<SecretRow>, StoreError>;
+    async fn delete_secret(&self, name: &str) -> Result<bool, StoreError>;
+
+    /// Records a run as started, fenced. Runs of this connector left `running` by an older epoch
+    /// are marked `abandoned`; one still running under the current epoch is a Conflict, so a
+    /// connector runs once at a time across the cluster.
+    async fn start_run(&self, token: &FenceToken, run: &RunRow) -> Result<(), StoreError>;
+    /// Stores the run's end state (only while it is still `running`).
+    async fn finish_run(&self, run: &RunRow) -> Result<(), StoreError>;
+    async fn run(&self, id: &str) -> Result<Option<RunRow>, StoreError>;
+    /// Newest first.
+    async fn runs(&self, connector: Option<&str>, limit: i64) -> Result<Vec<RunRow>, StoreError>;
+
+    /// Objects of the connector waiting for the composer, oldest change first.
+    async fn dirty_objects(
+        &self,
+        connector: &str,
+        limit: i64,
+    ) -> Result<Vec<DirtyObject>, StoreError>;
+    async fn link(&self, connector: &str, anchor: &str) -> Result<Option<LinkRow>, StoreError>;
+    async fn links_of_identity(&self, identity_id: &str) -> Result<Vec<LinkRow>, StoreError>;
+    /// Identities whose join key `attr` has the (lower-cased) value.
+    async fn identities_by_key(&self, attr: &str, value: &str) -> Result<Vec<String>, StoreError>;
+    async fn identity(&self, id: &str) -> Result<Option<IdentityRow>, StoreError>;
+    /// Keyset paging by id; `search` matches the display name (substring, case-insensitive) or
+    /// the id exactly.
+    async fn identities(
+        &self,
+        search: Option<&str>,
+        after: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<IdentityRow>, StoreError>;
+    async fn count_identities(&self) -> Result<i64, StoreError>;
+    /// Applies the composer's writes in order, in one fenced transaction.
+    async fn commit_compose(
+        &self,
+        token: &FenceToken,
+        writes: &[ComposeWrite],
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
 
     async fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError>;
     async fn audit(&self, limit: i64) -> Result<Vec<AuditEntry>, StoreError>;

@@ -17,6 +17,10 @@ use super::*;
 
 type Conn = Client<Compat<TcpStream>>;
 
+fn pending() -> StoreError {
+    StoreError::Backend("SYNC-PORT-PENDING".into())
+}
+
 /// Every statement the SQL Server store sends.
 pub mod sql {
     pub const BEGIN: &str = "BEGIN TRANSACTION";
@@ -466,7 +470,7 @@ impl Store for MssqlStore {
         token: &FenceToken,
         batch: &ImportBatch,
         now_ms: i64,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<BatchOutcome, StoreError> {
         let mut conn = self.begin().await?;
         let r = async {
             Self::check_fence(&mut conn, token).await?;
@@ -524,7 +528,11 @@ impl Store for MssqlStore {
                 &[&"batch", &token.epoch, &token.instance.as_str(), &now_ms],
             )
             .await?;
-            Ok(seq as u64)
+            Ok(BatchOutcome {
+                seq: seq as u64,
+                added: batch.objects.len() as u64,
+                ..Default::default()
+            })
         }
         .await;
         self.finish(conn, r).await
@@ -663,6 +671,106 @@ impl Store for MssqlStore {
 
     async fn relays(&self) -> Result<Vec<RelayRow>, StoreError> {
         self.read(sql::RELAYS, &[], relay_row).await
+    }
+
+    // SYNC-PORT-PENDING: replaced by the SQL Server port of the sync-engine methods.
+    async fn finish_full_import(
+        &self,
+        _t: &FenceToken,
+        _c: &str,
+        _o: &str,
+        _r: &str,
+        _n: i64,
+    ) -> Result<u64, StoreError> {
+        Err(pending())
+    }
+    async fn put_connector(&self, _c: &ConnectorRow) -> Result<(), StoreError> {
+        Err(pending())
+    }
+    async fn connector(&self, _id: &str) -> Result<Option<ConnectorRow>, StoreError> {
+        Err(pending())
+    }
+    async fn connectors(&self) -> Result<Vec<ConnectorRow>, StoreError> {
+        Err(pending())
+    }
+    async fn delete_connector(&self, _id: &str) -> Result<bool, StoreError> {
+        Err(pending())
+    }
+    async fn put_schedule(&self, _s: &ScheduleRow) -> Result<(), StoreError> {
+        Err(pending())
+    }
+    async fn schedules(&self) -> Result<Vec<ScheduleRow>, StoreError> {
+        Err(pending())
+    }
+    async fn delete_schedule(&self, _id: &str) -> Result<bool, StoreError> {
+        Err(pending())
+    }
+    async fn set_schedule_next_run(&self, _id: &str, _n: i64) -> Result<(), StoreError> {
+        Err(pending())
+    }
+    async fn setting(&self, _n: &str) -> Result<Option<String>, StoreError> {
+        Err(pending())
+    }
+    async fn set_setting(&self, _n: &str, _v: &str) -> Result<(), StoreError> {
+        Err(pending())
+    }
+    async fn put_secret(&self, _s: &SecretRow) -> Result<(), StoreError> {
+        Err(pending())
+    }
+    async fn secret(&self, _n: &str) -> Result<Option<SecretRow>, StoreError> {
+        Err(pending())
+    }
+    async fn secrets(&self) -> Result<Vec<SecretRow>, StoreError> {
+        Err(pending())
+    }
+    async fn delete_secret(&self, _n: &str) -> Result<bool, StoreError> {
+        Err(pending())
+    }
+    async fn start_run(&self, _t: &FenceToken, _r: &RunRow) -> Result<(), StoreError> {
+        Err(pending())
+    }
+    async fn finish_run(&self, _r: &RunRow) -> Result<(), StoreError> {
+        Err(pending())
+    }
+    async fn run(&self, _id: &str) -> Result<Option<RunRow>, StoreError> {
+        Err(pending())
+    }
+    async fn runs(&self, _c: Option<&str>, _l: i64) -> Result<Vec<RunRow>, StoreError> {
+        Err(pending())
+    }
+    async fn dirty_objects(&self, _c: &str, _l: i64) -> Result<Vec<DirtyObject>, StoreError> {
+        Err(pending())
+    }
+    async fn link(&self, _c: &str, _a: &str) -> Result<Option<LinkRow>, StoreError> {
+        Err(pending())
+    }
+    async fn links_of_identity(&self, _i: &str) -> Result<Vec<LinkRow>, StoreError> {
+        Err(pending())
+    }
+    async fn identities_by_key(&self, _a: &str, _v: &str) -> Result<Vec<String>, StoreError> {
+        Err(pending())
+    }
+    async fn identity(&self, _id: &str) -> Result<Option<IdentityRow>, StoreError> {
+        Err(pending())
+    }
+    async fn identities(
+        &self,
+        _s: Option<&str>,
+        _a: Option<&str>,
+        _l: i64,
+    ) -> Result<Vec<IdentityRow>, StoreError> {
+        Err(pending())
+    }
+    async fn count_identities(&self) -> Result<i64, StoreError> {
+        Err(pending())
+    }
+    async fn commit_compose(
+        &self,
+        _t: &FenceToken,
+        _w: &[ComposeWrite],
+        _n: i64,
+    ) -> Result<(), StoreError> {
+        Err(pending())
     }
 
     async fn append_audit(&self, e: &AuditEntry) -> Result<(), StoreError> {

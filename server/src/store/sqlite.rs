@@ -17,6 +17,10 @@ use super::*;
 
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// Queues this process's write transactions in FIFO order. SQLite's busy handler polls, so
+    /// without it a promotion can starve behind an import that re-takes the lock the moment it
+    /// commits; with it the promotion waits for one batch at most.
+    writers: tokio::sync::Mutex<()>,
 }
 
 type Tx<'a> = sqlx::Transaction<'a, sqlx::Sqlite>;
@@ -48,7 +52,12 @@ impl SqliteStore {
                 .connect_with(opts.clone())
                 .await;
             match r {
-                Ok(pool) => return Ok(Self { pool }),
+                Ok(pool) => {
+                    return Ok(Self {
+                        pool,
+                        writers: tokio::sync::Mutex::new(()),
+                    })
+                }
                 Err(sqlx::Error::Database(e))
                     if e.message().contains("database is locked")
                         && std::time::Instant::now() + delay < deadline =>
@@ -61,8 +70,11 @@ impl SqliteStore {
         }
     }
 
-    async fn begin_locked(&self) -> Result<Tx<'_>, StoreError> {
-        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    /// A write transaction holding SQLite's write lock, and this process's writer slot for as
+    /// long as the guard lives (keep it alive until the commit).
+    async fn begin_locked(&self) -> Result<(tokio::sync::MutexGuard<'_, ()>, Tx<'_>), StoreError> {
+        let slot = self.writers.lock().await;
+        Ok((slot, self.pool.begin_with("BEGIN IMMEDIATE").await?))
     }
 
     async fn read_fence(tx: &mut Tx<'_>) -> Result<Fence, StoreError> {
@@ -118,7 +130,7 @@ impl Store for SqliteStore {
         )
         .execute(&self.pool)
         .await?;
-        let mut tx = self.begin_locked().await?;
+        let (_slot, mut tx) = self.begin_locked().await?;
         let applied: Vec<i64> = sqlx::query_scalar("SELECT version FROM schema_migrations")
             .fetch_all(&mut *tx)
             .await?;
@@ -162,7 +174,7 @@ impl Store for SqliteStore {
     }
 
     async fn promote(&self, instance: &str, epoch: i64) -> Result<PromoteOutcome, StoreError> {
-        let mut tx = self.begin_locked().await?;
+        let (_slot, mut tx) = self.begin_locked().await?;
         let fence = Self::read_fence(&mut tx).await?;
         if epoch == fence.epoch && fence.holder == instance {
             return Ok(PromoteOutcome::AlreadyHeld);
@@ -194,7 +206,7 @@ impl Store for SqliteStore {
     }
 
     async fn heartbeat(&self, hb: &Heartbeat) -> Result<(), StoreError> {
-        let mut tx = self.begin_locked().await?;
+        let (_slot, mut tx) = self.begin_locked().await?;
         let fence = Self::read_fence(&mut tx).await?;
         let stale =
             hb.role == Role::Active && (fence.epoch != hb.epoch || fence.holder != hb.instance);
@@ -250,7 +262,7 @@ impl Store for SqliteStore {
     }
 
     async fn engine_tick(&self, token: &FenceToken, now_ms: i64) -> Result<(), StoreError> {
-        let mut tx = self.begin_locked().await?;
+        let (_slot, mut tx) = self.begin_locked().await?;
         Self::check_fence(&mut tx, token).await?;
         sqlx::query(
             "INSERT INTO engine_state (id, holder, epoch, last_tick) VALUES (1, ?, ?, ?) \
@@ -270,22 +282,68 @@ impl Store for SqliteStore {
         token: &FenceToken,
         batch: &ImportBatch,
         now_ms: i64,
-    ) -> Result<u64, StoreError> {
-        let mut tx = self.begin_locked().await?;
+    ) -> Result<BatchOutcome, StoreError> {
+        let (_slot, mut tx) = self.begin_locked().await?;
         Self::check_fence(&mut tx, token).await?;
+        let mut out = BatchOutcome::default();
         for o in &batch.objects {
-            sqlx::query(
-                "INSERT INTO cs_objects (connector_id, anchor, object_type, attributes_json, updated_at) \
-                 VALUES (?, ?, ?, ?, ?) ON CONFLICT (connector_id, anchor) DO UPDATE SET \
-                 object_type = excluded.object_type, attributes_json = excluded.attributes_json, updated_at = excluded.updated_at",
+            let old = sqlx::query(
+                "SELECT object_type, attributes_json, deleted FROM cs_objects WHERE connector_id = ? AND anchor = ?",
             )
             .bind(&batch.connector)
             .bind(&o.anchor)
-            .bind(&o.object_type)
-            .bind(&o.attributes_json)
-            .bind(now_ms)
-            .execute(&mut *tx)
+            .fetch_optional(&mut *tx)
             .await?;
+            let changed = match &old {
+                None => {
+                    sqlx::query(
+                        "INSERT INTO cs_objects (connector_id, anchor, object_type, attributes_json, updated_at, dirty, deleted, seen_run, rev) \
+                         VALUES (?, ?, ?, ?, ?, 1, 0, ?, 1)",
+                    )
+                    .bind(&batch.connector)
+                    .bind(&o.anchor)
+                    .bind(&o.object_type)
+                    .bind(&o.attributes_json)
+                    .bind(now_ms)
+                    .bind(&batch.seen_in_run)
+                    .execute(&mut *tx)
+                    .await?;
+                    out.added += 1;
+                    continue;
+                }
+                Some(r) => {
+                    r.try_get::<&str, _>(0)? != o.object_type
+                        || r.try_get::<&str, _>(1)? != o.attributes_json
+                        || r.try_get::<i64, _>(2)? != 0
+                }
+            };
+            if changed {
+                sqlx::query(
+                    "UPDATE cs_objects SET object_type = ?, attributes_json = ?, updated_at = ?, dirty = 1, deleted = 0, \
+                     seen_run = COALESCE(?, seen_run), rev = rev + 1 WHERE connector_id = ? AND anchor = ?",
+                )
+                .bind(&o.object_type)
+                .bind(&o.attributes_json)
+                .bind(now_ms)
+                .bind(&batch.seen_in_run)
+                .bind(&batch.connector)
+                .bind(&o.anchor)
+                .execute(&mut *tx)
+                .await?;
+                out.updated += 1;
+            } else {
+                if batch.seen_in_run.is_some() {
+                    sqlx::query(
+                        "UPDATE cs_objects SET seen_run = ? WHERE connector_id = ? AND anchor = ?",
+                    )
+                    .bind(&batch.seen_in_run)
+                    .bind(&batch.connector)
+                    .bind(&o.anchor)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                out.unchanged += 1;
+            }
         }
         if let Some(w) = &batch.watermark {
             sqlx::query(
@@ -315,7 +373,41 @@ impl Store for SqliteStore {
         .last_insert_rowid();
         Self::journal_insert(&mut tx, "batch", token.epoch, &token.instance, now_ms).await?;
         tx.commit().await?;
-        Ok(seq as u64)
+        out.seq = seq as u64;
+        Ok(out)
+    }
+
+    async fn finish_full_import(
+        &self,
+        token: &FenceToken,
+        connector: &str,
+        object_type: &str,
+        run_id: &str,
+        now_ms: i64,
+    ) -> Result<u64, StoreError> {
+        let (_slot, mut tx) = self.begin_locked().await?;
+        Self::check_fence(&mut tx, token).await?;
+        let n = sqlx::query(
+            "UPDATE cs_objects SET deleted = 1, dirty = 1, rev = rev + 1, updated_at = ? \
+             WHERE connector_id = ? AND object_type = ? AND deleted = 0 AND (seen_run IS NULL OR seen_run <> ?)",
+        )
+        .bind(now_ms)
+        .bind(connector)
+        .bind(object_type)
+        .bind(run_id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        Self::journal_insert(
+            &mut tx,
+            "full_import_end",
+            token.epoch,
+            &token.instance,
+            now_ms,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(n)
     }
 
     async fn watermark(
@@ -472,6 +564,503 @@ impl Store for SqliteStore {
         rows.iter().map(relay_row).collect()
     }
 
+    async fn put_connector(&self, c: &ConnectorRow) -> Result<(), StoreError> {
+        let r = sqlx::query(
+            "INSERT INTO connectors (id, name, kind, config_json, rules_json, relay_id, is_canary, created_at, updated_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET name = excluded.name, kind = excluded.kind, \
+             config_json = excluded.config_json, rules_json = excluded.rules_json, relay_id = excluded.relay_id, \
+             is_canary = excluded.is_canary, updated_at = excluded.updated_at",
+        )
+        .bind(&c.id)
+        .bind(&c.name)
+        .bind(&c.kind)
+        .bind(&c.config_json)
+        .bind(&c.rules_json)
+        .bind(&c.relay_id)
+        .bind(c.is_canary)
+        .bind(c.created_at_ms)
+        .bind(c.updated_at_ms)
+        .execute(&self.pool)
+        .await;
+        match r {
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                Err(StoreError::Conflict(format!(
+                    "a connector named {:?} already exists; pick another name",
+                    c.name
+                )))
+            }
+            other => other.map(|_| ()).map_err(Into::into),
+        }
+    }
+
+    async fn connector(&self, id: &str) -> Result<Option<ConnectorRow>, StoreError> {
+        sqlx::query(&format!("{CONNECTOR_COLUMNS} WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(connector_row)
+            .transpose()
+    }
+
+    async fn connectors(&self) -> Result<Vec<ConnectorRow>, StoreError> {
+        let rows = sqlx::query(&format!("{CONNECTOR_COLUMNS} ORDER BY name"))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(connector_row).collect()
+    }
+
+    async fn delete_connector(&self, id: &str) -> Result<bool, StoreError> {
+        let (_slot, mut tx) = self.begin_locked().await?;
+        let objects: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM cs_objects WHERE connector_id = ?")
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await?;
+        if objects > 0 {
+            return Err(StoreError::Conflict(format!(
+                "connector {id} still has {objects} objects in its connector space; clear it first \
+                 (POST /api/connectors/{id}/clear) so its identity contributions are removed"
+            )));
+        }
+        for stmt in [
+            "DELETE FROM schedules WHERE connector_id = ?",
+            "DELETE FROM watermarks WHERE connector_id = ?",
+        ] {
+            sqlx::query(stmt).bind(id).execute(&mut *tx).await?;
+        }
+        let n = sqlx::query("DELETE FROM connectors WHERE id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(n > 0)
+    }
+
+    async fn put_schedule(&self, s: &ScheduleRow) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO schedules (id, connector_id, kind, spec, run_mode, enabled, next_run, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET connector_id = excluded.connector_id, \
+             kind = excluded.kind, spec = excluded.spec, run_mode = excluded.run_mode, enabled = excluded.enabled, \
+             next_run = excluded.next_run",
+        )
+        .bind(&s.id)
+        .bind(&s.connector_id)
+        .bind(&s.kind)
+        .bind(&s.spec)
+        .bind(&s.mode)
+        .bind(s.enabled)
+        .bind(s.next_run_ms)
+        .bind(s.created_at_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn schedules(&self) -> Result<Vec<ScheduleRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, connector_id, kind, spec, run_mode, enabled, next_run, created_at FROM schedules ORDER BY created_at, id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ScheduleRow {
+                    id: r.try_get(0)?,
+                    connector_id: r.try_get(1)?,
+                    kind: r.try_get(2)?,
+                    spec: r.try_get(3)?,
+                    mode: r.try_get(4)?,
+                    enabled: r.try_get(5)?,
+                    next_run_ms: r.try_get(6)?,
+                    created_at_ms: r.try_get(7)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn delete_schedule(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(sqlx::query("DELETE FROM schedules WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await?
+            .rows_affected()
+            > 0)
+    }
+
+    async fn set_schedule_next_run(&self, id: &str, next_run_ms: i64) -> Result<(), StoreError> {
+        sqlx::query("UPDATE schedules SET next_run = ? WHERE id = ?")
+            .bind(next_run_ms)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn setting(&self, name: &str) -> Result<Option<String>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT value FROM settings WHERE name = ?")
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn set_setting(&self, name: &str, value: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO settings (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        )
+        .bind(name)
+        .bind(value)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn put_secret(&self, s: &SecretRow) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO secrets (ref, key_id, nonce, ciphertext, updated_at) VALUES (?, ?, ?, ?, ?) \
+             ON CONFLICT (ref) DO UPDATE SET key_id = excluded.key_id, nonce = excluded.nonce, \
+             ciphertext = excluded.ciphertext, updated_at = excluded.updated_at",
+        )
+        .bind(&s.name)
+        .bind(&s.key_id)
+        .bind(&s.nonce)
+        .bind(&s.ciphertext)
+        .bind(s.updated_at_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn secret(&self, name: &str) -> Result<Option<SecretRow>, StoreError> {
+        sqlx::query("SELECT ref, key_id, nonce, ciphertext, updated_at FROM secrets WHERE ref = ?")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(secret_row)
+            .transpose()
+    }
+
+    async fn secrets(&self) -> Result<Vec<SecretRow>, StoreError> {
+        // Values stay in the database: this listing carries names, keys and times only.
+        let rows = sqlx::query(
+            "SELECT ref, key_id, X'' AS nonce, X'' AS ciphertext, updated_at FROM secrets ORDER BY ref",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(secret_row).collect()
+    }
+
+    async fn delete_secret(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(sqlx::query("DELETE FROM secrets WHERE ref = ?")
+            .bind(name)
+            .execute(&self.pool)
+            .await?
+            .rows_affected()
+            > 0)
+    }
+
+    async fn start_run(&self, token: &FenceToken, run: &RunRow) -> Result<(), StoreError> {
+        let (_slot, mut tx) = self.begin_locked().await?;
+        Self::check_fence(&mut tx, token).await?;
+        sqlx::query(
+            "UPDATE runs SET status = 'abandoned', finished_at = ?, error = 'the instance running it lost the active role' \
+             WHERE connector_id = ? AND status = 'running' AND epoch < ?",
+        )
+        .bind(run.started_at_ms)
+        .bind(&run.connector_id)
+        .bind(token.epoch)
+        .execute(&mut *tx)
+        .await?;
+        let running: Option<String> = sqlx::query_scalar(
+            "SELECT id FROM runs WHERE connector_id = ? AND status = 'running' LIMIT 1",
+        )
+        .bind(&run.connector_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(other) = running {
+            return Err(StoreError::Conflict(format!(
+                "connector {} is already running (run {other}); wait for it to finish",
+                run.connector_id
+            )));
+        }
+        sqlx::query(
+            "INSERT INTO runs (id, connector_id, instance, epoch, status, started_at, run_mode, trigger_kind) \
+             VALUES (?, ?, ?, ?, 'running', ?, ?, ?)",
+        )
+        .bind(&run.id)
+        .bind(&run.connector_id)
+        .bind(&token.instance)
+        .bind(token.epoch)
+        .bind(run.started_at_ms)
+        .bind(&run.mode)
+        .bind(&run.trigger)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn finish_run(&self, run: &RunRow) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE runs SET status = ?, finished_at = ?, added = ?, updated = ?, unchanged = ?, deleted = ?, \
+             failed = ?, error = ?, errors_json = ? WHERE id = ? AND status = 'running'",
+        )
+        .bind(&run.status)
+        .bind(run.finished_at_ms)
+        .bind(run.added)
+        .bind(run.updated)
+        .bind(run.unchanged)
+        .bind(run.deleted)
+        .bind(run.failed)
+        .bind(&run.error)
+        .bind(&run.errors_json)
+        .bind(&run.id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn run(&self, id: &str) -> Result<Option<RunRow>, StoreError> {
+        sqlx::query(&format!("{RUN_COLUMNS} WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(run_row)
+            .transpose()
+    }
+
+    async fn runs(&self, connector: Option<&str>, limit: i64) -> Result<Vec<RunRow>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "{RUN_COLUMNS} WHERE (? IS NULL OR connector_id = ?) ORDER BY started_at DESC, id LIMIT ?"
+        ))
+        .bind(connector)
+        .bind(connector)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(run_row).collect()
+    }
+
+    async fn dirty_objects(
+        &self,
+        connector: &str,
+        limit: i64,
+    ) -> Result<Vec<DirtyObject>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT anchor, object_type, attributes_json, deleted, rev FROM cs_objects \
+             WHERE connector_id = ? AND dirty = 1 ORDER BY updated_at, anchor LIMIT ?",
+        )
+        .bind(connector)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(DirtyObject {
+                    anchor: r.try_get(0)?,
+                    object_type: r.try_get(1)?,
+                    attributes_json: r.try_get(2)?,
+                    deleted: r.try_get::<i64, _>(3)? != 0,
+                    rev: r.try_get(4)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn link(&self, connector: &str, anchor: &str) -> Result<Option<LinkRow>, StoreError> {
+        sqlx::query(&format!(
+            "{LINK_COLUMNS} WHERE connector_id = ? AND anchor = ?"
+        ))
+        .bind(connector)
+        .bind(anchor)
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(link_row)
+        .transpose()
+    }
+
+    async fn links_of_identity(&self, identity_id: &str) -> Result<Vec<LinkRow>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "{LINK_COLUMNS} WHERE identity_id = ? ORDER BY precedence, connector_id"
+        ))
+        .bind(identity_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(link_row).collect()
+    }
+
+    async fn identities_by_key(&self, attr: &str, value: &str) -> Result<Vec<String>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT identity_id FROM identity_keys WHERE attr = ? AND value = ? ORDER BY identity_id LIMIT 16",
+        )
+        .bind(attr)
+        .bind(value)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn identity(&self, id: &str) -> Result<Option<IdentityRow>, StoreError> {
+        sqlx::query(&format!("{IDENTITY_COLUMNS} WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(identity_row)
+            .transpose()
+    }
+
+    async fn identities(
+        &self,
+        search: Option<&str>,
+        after: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<IdentityRow>, StoreError> {
+        let pattern = search.map(|q| {
+            let escaped = q
+                .replace('\\', "\\\\")
+                .replace('%', "\\%")
+                .replace('_', "\\_");
+            format!("%{escaped}%")
+        });
+        let rows = sqlx::query(&format!(
+            "{IDENTITY_COLUMNS} WHERE (? IS NULL OR display_name LIKE ? ESCAPE '\\' OR id = ?) \
+             AND (? IS NULL OR id > ?) ORDER BY id LIMIT ?"
+        ))
+        .bind(&pattern)
+        .bind(&pattern)
+        .bind(search)
+        .bind(after)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(identity_row).collect()
+    }
+
+    async fn count_identities(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM identities")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    async fn commit_compose(
+        &self,
+        token: &FenceToken,
+        writes: &[ComposeWrite],
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let (_slot, mut tx) = self.begin_locked().await?;
+        Self::check_fence(&mut tx, token).await?;
+        for w in writes {
+            match w {
+                ComposeWrite::PutIdentity { identity: i, keys } => {
+                    sqlx::query(
+                        "INSERT INTO identities (id, display_name, attributes_json, created_at, updated_at) VALUES (?, ?, ?, ?, ?) \
+                         ON CONFLICT (id) DO UPDATE SET display_name = excluded.display_name, \
+                         attributes_json = excluded.attributes_json, updated_at = excluded.updated_at",
+                    )
+                    .bind(&i.id)
+                    .bind(&i.display_name)
+                    .bind(&i.attributes_json)
+                    .bind(i.created_at_ms)
+                    .bind(i.updated_at_ms)
+                    .execute(&mut *tx)
+                    .await?;
+                    sqlx::query("DELETE FROM identity_keys WHERE identity_id = ?")
+                        .bind(&i.id)
+                        .execute(&mut *tx)
+                        .await?;
+                    for (attr, value) in keys {
+                        sqlx::query(
+                            "INSERT OR IGNORE INTO identity_keys (attr, value, identity_id) VALUES (?, ?, ?)",
+                        )
+                        .bind(attr)
+                        .bind(value)
+                        .bind(&i.id)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                }
+                ComposeWrite::DeleteIdentity { id } => {
+                    for stmt in [
+                        "DELETE FROM identity_keys WHERE identity_id = ?",
+                        "DELETE FROM identities WHERE id = ?",
+                    ] {
+                        sqlx::query(stmt).bind(id).execute(&mut *tx).await?;
+                    }
+                }
+                ComposeWrite::PutLink(l) => {
+                    sqlx::query(
+                        "INSERT INTO identity_links (connector_id, anchor, identity_id, precedence, contribution_json) \
+                         VALUES (?, ?, ?, ?, ?) ON CONFLICT (connector_id, anchor) DO UPDATE SET \
+                         identity_id = excluded.identity_id, precedence = excluded.precedence, \
+                         contribution_json = excluded.contribution_json",
+                    )
+                    .bind(&l.connector_id)
+                    .bind(&l.anchor)
+                    .bind(&l.identity_id)
+                    .bind(l.precedence)
+                    .bind(&l.contribution_json)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                ComposeWrite::DeleteLink {
+                    connector_id,
+                    anchor,
+                } => {
+                    sqlx::query("DELETE FROM identity_links WHERE connector_id = ? AND anchor = ?")
+                        .bind(connector_id)
+                        .bind(anchor)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                ComposeWrite::Composed {
+                    connector_id,
+                    anchor,
+                    rev,
+                } => {
+                    sqlx::query(
+                        "DELETE FROM cs_objects WHERE connector_id = ? AND anchor = ? AND rev = ? AND deleted = 1",
+                    )
+                    .bind(connector_id)
+                    .bind(anchor)
+                    .bind(rev)
+                    .execute(&mut *tx)
+                    .await?;
+                    sqlx::query(
+                        "UPDATE cs_objects SET dirty = 0 WHERE connector_id = ? AND anchor = ? AND rev = ?",
+                    )
+                    .bind(connector_id)
+                    .bind(anchor)
+                    .bind(rev)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                ComposeWrite::Audit(e) => {
+                    sqlx::query(
+                        "INSERT INTO audit_log (at, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)",
+                    )
+                    .bind(e.at_ms)
+                    .bind(&e.actor)
+                    .bind(&e.action)
+                    .bind(&e.target)
+                    .bind(&e.detail)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+        }
+        Self::journal_insert(&mut tx, "compose", token.epoch, &token.instance, now_ms).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     async fn append_audit(&self, e: &AuditEntry) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO audit_log (at, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)",
@@ -528,5 +1117,80 @@ fn relay_row(r: &sqlx::sqlite::SqliteRow) -> Result<RelayRow, StoreError> {
         version: r.try_get(5)?,
         connected_instance: r.try_get(6)?,
         connected_since_ms: r.try_get(7)?,
+    })
+}
+
+const CONNECTOR_COLUMNS: &str = "SELECT id, name, kind, config_json, rules_json, relay_id, is_canary, created_at, updated_at FROM connectors";
+
+fn connector_row(r: &sqlx::sqlite::SqliteRow) -> Result<ConnectorRow, StoreError> {
+    Ok(ConnectorRow {
+        id: r.try_get(0)?,
+        name: r.try_get(1)?,
+        kind: r.try_get(2)?,
+        config_json: r.try_get(3)?,
+        rules_json: r.try_get(4)?,
+        relay_id: r.try_get(5)?,
+        is_canary: r.try_get(6)?,
+        created_at_ms: r.try_get(7)?,
+        updated_at_ms: r.try_get(8)?,
+    })
+}
+
+fn secret_row(r: &sqlx::sqlite::SqliteRow) -> Result<SecretRow, StoreError> {
+    Ok(SecretRow {
+        name: r.try_get(0)?,
+        key_id: r.try_get(1)?,
+        nonce: r.try_get(2)?,
+        ciphertext: r.try_get(3)?,
+        updated_at_ms: r.try_get(4)?,
+    })
+}
+
+const RUN_COLUMNS: &str = "SELECT id, connector_id, instance, epoch, run_mode, trigger_kind, status, started_at, finished_at, added, updated, unchanged, deleted, failed, error, errors_json FROM runs";
+
+fn run_row(r: &sqlx::sqlite::SqliteRow) -> Result<RunRow, StoreError> {
+    Ok(RunRow {
+        id: r.try_get(0)?,
+        connector_id: r.try_get(1)?,
+        instance: r.try_get(2)?,
+        epoch: r.try_get(3)?,
+        mode: r.try_get(4)?,
+        trigger: r.try_get(5)?,
+        status: r.try_get(6)?,
+        started_at_ms: r.try_get(7)?,
+        finished_at_ms: r.try_get(8)?,
+        added: r.try_get(9)?,
+        updated: r.try_get(10)?,
+        unchanged: r.try_get(11)?,
+        deleted: r.try_get(12)?,
+        failed: r.try_get(13)?,
+        error: r.try_get(14)?,
+        errors_json: r.try_get(15)?,
+    })
+}
+
+const LINK_COLUMNS: &str =
+    "SELECT connector_id, anchor, identity_id, precedence, contribution_json FROM identity_links";
+
+fn link_row(r: &sqlx::sqlite::SqliteRow) -> Result<LinkRow, StoreError> {
+    Ok(LinkRow {
+        connector_id: r.try_get(0)?,
+        anchor: r.try_get(1)?,
+        identity_id: r.try_get(2)?,
+        precedence: r.try_get(3)?,
+        contribution_json: r.try_get(4)?,
+    })
+}
+
+const IDENTITY_COLUMNS: &str =
+    "SELECT id, display_name, attributes_json, created_at, updated_at FROM identities";
+
+fn identity_row(r: &sqlx::sqlite::SqliteRow) -> Result<IdentityRow, StoreError> {
+    Ok(IdentityRow {
+        id: r.try_get(0)?,
+        display_name: r.try_get(1)?,
+        attributes_json: r.try_get(2)?,
+        created_at_ms: r.try_get(3)?,
+        updated_at_ms: r.try_get(4)?,
     })
 }

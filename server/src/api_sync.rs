@@ -1,0 +1,751 @@
+//! Admin API for the sync engine: connectors, runs, schedules, pause/resume, identities and
+//! secrets. Each route's permission is declared in [`crate::api::ROUTES`] like every other.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value as Json_};
+
+use crate::api::{rfc3339, store_problem, AppState, Caller};
+use crate::problem::{JsonBody, Problem};
+use crate::store::{now_ms, AuditEntry, ConnectorRow, RunRow, ScheduleRow, StoreError};
+use crate::sync::composer::ConnectorRules;
+use crate::sync::runner::{RunError, RunMode, SyncEngine};
+use crate::sync::schedule;
+use crate::sync::source::{Source, SourceConfig};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route(
+            "/api/connectors",
+            get(list_connectors).post(create_connector),
+        )
+        .route(
+            "/api/connectors/{id}",
+            get(get_connector)
+                .put(update_connector)
+                .delete(delete_connector),
+        )
+        .route("/api/connectors/{id}/test", post(test_connector))
+        .route("/api/connectors/{id}/runs", post(start_run))
+        .route("/api/connectors/{id}/clear", post(clear_connector))
+        .route("/api/runs", get(list_runs))
+        .route("/api/runs/{id}", get(get_run))
+        .route("/api/schedules", get(list_schedules).post(create_schedule))
+        .route(
+            "/api/schedules/{id}",
+            axum::routing::delete(delete_schedule),
+        )
+        .route("/api/sync", get(sync_state))
+        .route("/api/sync/pause", post(pause))
+        .route("/api/sync/resume", post(resume))
+        .route("/api/identities", get(list_identities))
+        .route("/api/identities/{id}", get(get_identity))
+        .route("/api/secrets", get(list_secrets))
+        .route("/api/secrets/{id}", put(set_secret).delete(delete_secret))
+}
+
+fn sync(st: &AppState) -> Result<&Arc<SyncEngine>, Problem> {
+    st.sync
+        .as_ref()
+        .ok_or_else(|| Problem::unavailable("the sync engine is not running in this process"))
+}
+
+fn unprocessable(detail: impl Into<String>, errors: Vec<String>) -> Problem {
+    Problem::new(StatusCode::UNPROCESSABLE_ENTITY, detail).with("errors", json!(errors))
+}
+
+fn not_found(what: &str, id: &str) -> Problem {
+    Problem::new(StatusCode::NOT_FOUND, format!("no {what} with id {id:?}"))
+}
+
+fn bad_query(e: axum::extract::rejection::QueryRejection) -> Problem {
+    Problem::bad_request(format!("bad query: {}", e.body_text()))
+}
+
+async fn audit(st: &AppState, actor: &str, action: &str, target: String, detail: Json_) {
+    let e = AuditEntry {
+        at_ms: now_ms(),
+        actor: actor.to_string(),
+        action: action.into(),
+        target,
+        detail: detail.to_string(),
+    };
+    if let Err(err) = st.engine.store().append_audit(&e).await {
+        tracing::warn!(error = %err, "audit write failed");
+    }
+}
+
+// ---- connectors ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConnectorBody {
+    name: String,
+    kind: String,
+    config: Json_,
+    #[serde(default)]
+    rules: Option<Json_>,
+    #[serde(default)]
+    relay_id: Option<String>,
+    #[serde(default)]
+    canary: bool,
+}
+
+#[derive(Serialize)]
+struct ConnectorView {
+    id: String,
+    name: String,
+    kind: String,
+    config: Json_,
+    rules: Json_,
+    relay_id: Option<String>,
+    canary: bool,
+    created_at: String,
+    updated_at: String,
+}
+
+fn view(c: ConnectorRow) -> ConnectorView {
+    ConnectorView {
+        config: serde_json::from_str(&c.config_json).unwrap_or(Json_::Null),
+        rules: serde_json::from_str(&c.rules_json).unwrap_or(Json_::Null),
+        id: c.id,
+        name: c.name,
+        kind: c.kind,
+        relay_id: c.relay_id,
+        canary: c.is_canary,
+        created_at: rfc3339(c.created_at_ms),
+        updated_at: rfc3339(c.updated_at_ms),
+    }
+}
+
+/// Checks a connector body completely and reports every problem at once, with field paths.
+async fn validate(st: &AppState, b: &ConnectorBody) -> Result<(String, String), Problem> {
+    let mut errors = Vec::new();
+    let name = b.name.trim();
+    if name.is_empty()
+        || name.len() > 128
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ' '))
+    {
+        errors
+            .push("name: use 1-128 characters of letters, digits, spaces, '-', '_' or '.'".into());
+    }
+    let config_json = b.config.to_string();
+    if let Err(e) = SourceConfig::parse(&b.kind, &config_json) {
+        errors.extend(e);
+    }
+    let rules_value = b.rules.clone().unwrap_or_else(|| json!({}));
+    let rules_json = rules_value.to_string();
+    let d = &mut serde_json::Deserializer::from_str(&rules_json);
+    match serde_path_to_error::deserialize::<_, ConnectorRules>(d) {
+        Ok(r) => {
+            if let Err(e) = r.compile() {
+                errors.push(format!("rules.{e}"));
+            }
+        }
+        Err(e) => errors.push(format!("rules.{}: {}", e.path(), e.inner())),
+    }
+    if let Some(relay) = &b.relay_id {
+        let relays = st.engine.store().relays().await.map_err(store_problem)?;
+        match relays.iter().find(|r| &r.id == relay) {
+            None => errors.push(format!(
+                "relay_id: no relay with id {relay:?} (see GET /api/relays)"
+            )),
+            Some(r) if r.revoked_at_ms.is_some() => {
+                errors.push(format!("relay_id: relay {relay:?} is revoked"))
+            }
+            Some(_) => {}
+        }
+    }
+    if errors.is_empty() {
+        Ok((config_json, rules_json))
+    } else {
+        Err(unprocessable(
+            format!("the connector is not valid: {}", errors.join("; ")),
+            errors,
+        ))
+    }
+}
+
+async fn list_connectors(State(st): State<AppState>, _c: Caller) -> Result<Response, Problem> {
+    let rows = st
+        .engine
+        .store()
+        .connectors()
+        .await
+        .map_err(store_problem)?;
+    Ok(Json(rows.into_iter().map(view).collect::<Vec<_>>()).into_response())
+}
+
+async fn get_connector(
+    State(st): State<AppState>,
+    _c: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    let row = st
+        .engine
+        .store()
+        .connector(&id)
+        .await
+        .map_err(store_problem)?
+        .ok_or_else(|| not_found("connector", &id))?;
+    let objects = st
+        .engine
+        .store()
+        .count_objects(&id)
+        .await
+        .map_err(store_problem)?;
+    let mut v = serde_json::to_value(view(row)).unwrap_or_default();
+    v["objects"] = json!(objects);
+    Ok(Json(v).into_response())
+}
+
+fn conflict_or(e: StoreError) -> Problem {
+    match e {
+        StoreError::Conflict(m) => Problem::conflict(m),
+        other => store_problem(other),
+    }
+}
+
+async fn create_connector(
+    State(st): State<AppState>,
+    Caller(who): Caller,
+    JsonBody(b): JsonBody<ConnectorBody>,
+) -> Result<Response, Problem> {
+    let (config_json, rules_json) = validate(&st, &b).await?;
+    let now = now_ms();
+    let row = ConnectorRow {
+        id: uuid::Uuid::new_v4().simple().to_string(),
+        name: b.name.trim().to_string(),
+        kind: b.kind.clone(),
+        config_json,
+        rules_json,
+        relay_id: b.relay_id.clone(),
+        is_canary: b.canary,
+        created_at_ms: now,
+        updated_at_ms: now,
+    };
+    st.engine
+        .store()
+        .put_connector(&row)
+        .await
+        .map_err(conflict_or)?;
+    audit(
+        &st,
+        &who.subject,
+        "connector.create",
+        format!("connector/{}", row.id),
+        json!({"name": row.name, "kind": row.kind}),
+    )
+    .await;
+    Ok((StatusCode::CREATED, Json(view(row))).into_response())
+}
+
+async fn update_connector(
+    State(st): State<AppState>,
+    Caller(who): Caller,
+    Path(id): Path<String>,
+    JsonBody(b): JsonBody<ConnectorBody>,
+) -> Result<Response, Problem> {
+    let old = st
+        .engine
+        .store()
+        .connector(&id)
+        .await
+        .map_err(store_problem)?
+        .ok_or_else(|| not_found("connector", &id))?;
+    let (config_json, rules_json) = validate(&st, &b).await?;
+    if b.kind != old.kind {
+        return Err(unprocessable(
+            "kind cannot change; create a new connector instead",
+            vec![format!("kind: was {:?}", old.kind)],
+        ));
+    }
+    let row = ConnectorRow {
+        name: b.name.trim().to_string(),
+        config_json,
+        rules_json,
+        relay_id: b.relay_id.clone(),
+        is_canary: b.canary,
+        updated_at_ms: now_ms(),
+        ..old
+    };
+    st.engine
+        .store()
+        .put_connector(&row)
+        .await
+        .map_err(conflict_or)?;
+    audit(
+        &st,
+        &who.subject,
+        "connector.update",
+        format!("connector/{id}"),
+        json!({"name": row.name}),
+    )
+    .await;
+    Ok(Json(view(row)).into_response())
+}
+
+async fn delete_connector(
+    State(st): State<AppState>,
+    Caller(who): Caller,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    let gone = st
+        .engine
+        .store()
+        .delete_connector(&id)
+        .await
+        .map_err(conflict_or)?;
+    if !gone {
+        return Err(not_found("connector", &id));
+    }
+    audit(
+        &st,
+        &who.subject,
+        "connector.delete",
+        format!("connector/{id}"),
+        json!({}),
+    )
+    .await;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn test_connector(
+    State(st): State<AppState>,
+    _c: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    let sync = sync(&st)?;
+    let row = st
+        .engine
+        .store()
+        .connector(&id)
+        .await
+        .map_err(store_problem)?
+        .ok_or_else(|| not_found("connector", &id))?;
+    let result = match Source::build(&row, sync.secrets(), sync.hub()).await {
+        Ok((source, _)) => source.test().await,
+        Err(e) => Err(e),
+    };
+    Ok(Json(match result {
+        Ok(report) => json!({"ok": true, "steps": report.steps}),
+        Err(e) => json!({"ok": false, "error": e.to_string()}),
+    })
+    .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunBody {
+    #[serde(default)]
+    mode: Option<String>,
+}
+
+fn run_problem(e: RunError) -> Problem {
+    match e {
+        RunError::NotActive | RunError::Paused | RunError::AlreadyRunning(_) => {
+            Problem::conflict(e.to_string())
+        }
+        RunError::NotFound(id) => not_found("connector", &id),
+        RunError::Invalid { .. } => Problem::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
+        RunError::Store(s) => store_problem(s),
+    }
+}
+
+async fn start_run(
+    State(st): State<AppState>,
+    Caller(who): Caller,
+    Path(id): Path<String>,
+    JsonBody(b): JsonBody<RunBody>,
+) -> Result<Response, Problem> {
+    let mode = match b.mode.as_deref() {
+        None => RunMode::Delta,
+        Some(m) => RunMode::parse(m).ok_or_else(|| {
+            Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("mode {m:?} is unknown; use \"full\" or \"delta\""),
+            )
+        })?,
+    };
+    let (run, _task) = sync(&st)?
+        .start(&id, mode, "manual")
+        .await
+        .map_err(run_problem)?;
+    audit(
+        &st,
+        &who.subject,
+        "run.start",
+        format!("connector/{id}"),
+        json!({"run": run.id, "mode": run.mode}),
+    )
+    .await;
+    Ok((StatusCode::ACCEPTED, Json(run_view(run))).into_response())
+}
+
+async fn clear_connector(
+    State(st): State<AppState>,
+    Caller(who): Caller,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    let (run, _task) = sync(&st)?
+        .start(&id, RunMode::Clear, "manual")
+        .await
+        .map_err(run_problem)?;
+    audit(
+        &st,
+        &who.subject,
+        "connector.clear",
+        format!("connector/{id}"),
+        json!({"run": run.id}),
+    )
+    .await;
+    Ok((StatusCode::ACCEPTED, Json(run_view(run))).into_response())
+}
+
+fn run_view(r: RunRow) -> Json_ {
+    let errors: Json_ = r
+        .errors_json
+        .as_deref()
+        .and_then(|e| serde_json::from_str(e).ok())
+        .unwrap_or_else(|| json!([]));
+    json!({
+        "id": r.id, "connector_id": r.connector_id, "instance": r.instance, "epoch": r.epoch,
+        "mode": r.mode, "trigger": r.trigger, "status": r.status,
+        "started_at": rfc3339(r.started_at_ms), "finished_at": r.finished_at_ms.map(rfc3339),
+        "counts": {"added": r.added, "updated": r.updated, "unchanged": r.unchanged, "deleted": r.deleted, "failed": r.failed},
+        "error": r.error, "errors": errors,
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunsQuery {
+    connector: Option<String>,
+    limit: Option<i64>,
+}
+
+async fn list_runs(
+    State(st): State<AppState>,
+    _c: Caller,
+    q: Result<Query<RunsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Problem> {
+    let Query(q) = q.map_err(bad_query)?;
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(Problem::bad_request("limit must be between 1 and 500"));
+    }
+    let rows = st
+        .engine
+        .store()
+        .runs(q.connector.as_deref(), limit)
+        .await
+        .map_err(store_problem)?;
+    Ok(Json(rows.into_iter().map(run_view).collect::<Vec<_>>()).into_response())
+}
+
+async fn get_run(
+    State(st): State<AppState>,
+    _c: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    let r = st
+        .engine
+        .store()
+        .run(&id)
+        .await
+        .map_err(store_problem)?
+        .ok_or_else(|| not_found("run", &id))?;
+    Ok(Json(run_view(r)).into_response())
+}
+
+// ---- schedules and pause ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScheduleBody {
+    connector_id: String,
+    kind: String,
+    spec: String,
+    #[serde(default)]
+    mode: Option<String>,
+    #[serde(default = "yes")]
+    enabled: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn schedule_view(s: ScheduleRow) -> Json_ {
+    json!({
+        "id": s.id, "connector_id": s.connector_id, "kind": s.kind, "spec": s.spec,
+        "mode": s.mode, "enabled": s.enabled, "next_run": s.next_run_ms.map(rfc3339),
+    })
+}
+
+async fn list_schedules(State(st): State<AppState>, _c: Caller) -> Result<Response, Problem> {
+    let rows = st.engine.store().schedules().await.map_err(store_problem)?;
+    Ok(Json(rows.into_iter().map(schedule_view).collect::<Vec<_>>()).into_response())
+}
+
+async fn create_schedule(
+    State(st): State<AppState>,
+    Caller(who): Caller,
+    JsonBody(b): JsonBody<ScheduleBody>,
+) -> Result<Response, Problem> {
+    let mut errors = Vec::new();
+    let spec = match schedule::parse(&b.kind, &b.spec) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            errors.push(format!("spec: {e}"));
+            None
+        }
+    };
+    let mode = b.mode.clone().unwrap_or_else(|| "delta".into());
+    if RunMode::parse(&mode).is_none_or(|m| m == RunMode::Clear) {
+        errors.push(format!(
+            "mode: {mode:?} is unknown; use \"full\" or \"delta\""
+        ));
+    }
+    let store = st.engine.store();
+    if store
+        .connector(&b.connector_id)
+        .await
+        .map_err(store_problem)?
+        .is_none()
+    {
+        errors.push(format!(
+            "connector_id: no connector with id {:?}",
+            b.connector_id
+        ));
+    }
+    if !errors.is_empty() {
+        return Err(unprocessable(
+            format!("the schedule is not valid: {}", errors.join("; ")),
+            errors,
+        ));
+    }
+    let now = now_ms();
+    let row = ScheduleRow {
+        id: uuid::Uuid::new_v4().simple().to_string(),
+        connector_id: b.connector_id,
+        kind: b.kind,
+        spec: b.spec,
+        mode,
+        enabled: b.enabled,
+        next_run_ms: spec.and_then(|s| schedule::next_after(&s, now)),
+        created_at_ms: now,
+    };
+    store.put_schedule(&row).await.map_err(store_problem)?;
+    audit(
+        &st,
+        &who.subject,
+        "schedule.create",
+        format!("schedule/{}", row.id),
+        json!({"connector": row.connector_id, "kind": row.kind, "spec": row.spec}),
+    )
+    .await;
+    Ok((StatusCode::CREATED, Json(schedule_view(row))).into_response())
+}
+
+async fn delete_schedule(
+    State(st): State<AppState>,
+    Caller(who): Caller,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    if !st
+        .engine
+        .store()
+        .delete_schedule(&id)
+        .await
+        .map_err(store_problem)?
+    {
+        return Err(not_found("schedule", &id));
+    }
+    audit(
+        &st,
+        &who.subject,
+        "schedule.delete",
+        format!("schedule/{id}"),
+        json!({}),
+    )
+    .await;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn sync_state(State(st): State<AppState>, _c: Caller) -> Result<Response, Problem> {
+    let sync = sync(&st)?;
+    let paused = sync.paused().await.map_err(store_problem)?;
+    let running: Vec<Json_> = sync
+        .running()
+        .into_iter()
+        .map(|(c, r)| json!({"connector_id": c, "run_id": r}))
+        .collect();
+    Ok(
+        Json(json!({"paused": paused, "role": st.engine.status().role, "running": running}))
+            .into_response(),
+    )
+}
+
+async fn set_paused(st: AppState, who: String, paused: bool) -> Result<Response, Problem> {
+    let sync = sync(&st)?;
+    sync.set_paused(paused, &who).await.map_err(store_problem)?;
+    let running = sync.running().len();
+    Ok(Json(json!({"paused": paused, "running": running})).into_response())
+}
+
+async fn pause(State(st): State<AppState>, Caller(who): Caller) -> Result<Response, Problem> {
+    set_paused(st, who.subject, true).await
+}
+
+async fn resume(State(st): State<AppState>, Caller(who): Caller) -> Result<Response, Problem> {
+    set_paused(st, who.subject, false).await
+}
+
+// ---- identities ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IdentitiesQuery {
+    search: Option<String>,
+    after: Option<String>,
+    limit: Option<i64>,
+}
+
+fn identity_view(r: crate::store::IdentityRow) -> Json_ {
+    let merged: Json_ = serde_json::from_str(&r.attributes_json).unwrap_or(Json_::Null);
+    json!({
+        "id": r.id, "display_name": r.display_name,
+        "attributes": merged.get("attributes").cloned().unwrap_or(Json_::Null),
+        "sources": merged.get("sources").cloned().unwrap_or(Json_::Null),
+        "created_at": rfc3339(r.created_at_ms), "updated_at": rfc3339(r.updated_at_ms),
+    })
+}
+
+async fn list_identities(
+    State(st): State<AppState>,
+    _c: Caller,
+    q: Result<Query<IdentitiesQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Problem> {
+    let Query(q) = q.map_err(bad_query)?;
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(Problem::bad_request("limit must be between 1 and 500"));
+    }
+    let search = q.search.as_deref().map(str::trim).filter(|s| !s.is_empty());
+    let store = st.engine.store();
+    let rows = store
+        .identities(search, q.after.as_deref(), limit + 1)
+        .await
+        .map_err(store_problem)?;
+    let more = rows.len() as i64 > limit;
+    let items: Vec<_> = rows.into_iter().take(limit as usize).collect();
+    let next = if more {
+        items.last().map(|r| r.id.clone())
+    } else {
+        None
+    };
+    let total = store.count_identities().await.map_err(store_problem)?;
+    Ok(Json(json!({
+        "items": items.into_iter().map(identity_view).collect::<Vec<_>>(),
+        "next": next,
+        "total": total,
+    }))
+    .into_response())
+}
+
+async fn get_identity(
+    State(st): State<AppState>,
+    _c: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    let store = st.engine.store();
+    let row = store
+        .identity(&id)
+        .await
+        .map_err(store_problem)?
+        .ok_or_else(|| not_found("identity", &id))?;
+    let links = store.links_of_identity(&id).await.map_err(store_problem)?;
+    let mut v = identity_view(row);
+    v["links"] = json!(links
+        .into_iter()
+        .map(|l| json!({
+            "connector_id": l.connector_id, "anchor": l.anchor, "precedence": l.precedence,
+            "contribution": serde_json::from_str::<Json_>(&l.contribution_json).unwrap_or(Json_::Null),
+        }))
+        .collect::<Vec<_>>());
+    Ok(Json(v).into_response())
+}
+
+// ---- secrets ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SecretBody {
+    value: String,
+}
+
+fn secret_problem(e: crate::secrets::SecretError) -> Problem {
+    use crate::secrets::SecretError as E;
+    match e {
+        E::BadName(_) | E::Empty | E::TooLarge => {
+            Problem::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
+        }
+        E::NotFound(_) => Problem::new(StatusCode::NOT_FOUND, e.to_string()),
+        E::Store(s) => store_problem(s),
+        E::Crypto { .. } => Problem::internal(e.to_string()),
+    }
+}
+
+async fn list_secrets(State(st): State<AppState>, _c: Caller) -> Result<Response, Problem> {
+    let list = sync(&st)?.secrets().list().await.map_err(secret_problem)?;
+    let v: Vec<Json_> = list
+        .into_iter()
+        .map(
+            |s| json!({"name": s.name, "key_id": s.key_id, "updated_at": rfc3339(s.updated_at_ms)}),
+        )
+        .collect();
+    Ok(Json(v).into_response())
+}
+
+async fn set_secret(
+    State(st): State<AppState>,
+    Caller(who): Caller,
+    Path(name): Path<String>,
+    JsonBody(b): JsonBody<SecretBody>,
+) -> Result<Response, Problem> {
+    sync(&st)?
+        .secrets()
+        .set(&name, &b.value, &who.subject)
+        .await
+        .map_err(secret_problem)?;
+    // The value is never echoed back.
+    Ok(Json(json!({"name": name, "stored": true})).into_response())
+}
+
+async fn delete_secret(
+    State(st): State<AppState>,
+    Caller(who): Caller,
+    Path(name): Path<String>,
+) -> Result<Response, Problem> {
+    if !sync(&st)?
+        .secrets()
+        .delete(&name, &who.subject)
+        .await
+        .map_err(secret_problem)?
+    {
+        return Err(Problem::new(
+            StatusCode::NOT_FOUND,
+            format!("no secret named {name:?}"),
+        ));
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}

@@ -1,0 +1,443 @@
+//! Applies the composer to a connector's changed objects: join or project, recompute each
+//! touched identity from all its contributions, and write identities, links, join keys, audit
+//! entries and the "composed" marks in one fenced transaction per chunk.
+//!
+//! Decisions are the pure functions of [`super::composer`]; this module only looks things up
+//! and keeps an overlay of what the current chunk already changed, so an object later in the
+//! chunk sees an identity created or re-keyed earlier in it.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use identitymesh_connectors::model::{Attributes, Value};
+use serde::{Deserialize, Serialize};
+
+use super::composer::{self, CompiledRules, Contribution, JoinDecision, MergedIdentity};
+use crate::engine::Engine;
+use crate::store::{
+    now_ms, AuditEntry, ComposeWrite, DirtyObject, IdentityRow, LinkRow, Store, StoreError,
+};
+
+/// Objects composed per transaction.
+pub const CHUNK: i64 = 500;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ComposeCounts {
+    pub created: u64,
+    pub updated: u64,
+    pub deleted: u64,
+    pub unchanged: u64,
+    pub failed: u64,
+    pub errors: Vec<ObjectError>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectError {
+    pub location: String,
+    pub reason: String,
+}
+
+/// An object as stored in `cs_objects.attributes_json` (see the connectors' model).
+#[derive(Deserialize)]
+struct StoredObject {
+    #[serde(default)]
+    dn: Option<String>,
+    #[serde(default)]
+    attributes: Attributes,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ComposeError {
+    #[error("this instance is no longer active; the run stops here and the new active resumes")]
+    NotActive,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What the composer needs to know about a connector.
+pub struct ComposeContext<'a> {
+    pub connector_id: &'a str,
+    pub connector_name: &'a str,
+    pub rules: &'a CompiledRules,
+    /// Identity attributes any connector joins on: their values are indexed as join keys.
+    pub key_attributes: &'a BTreeSet<String>,
+    pub run_id: &'a str,
+}
+
+#[derive(Clone)]
+struct IdentityState {
+    row: IdentityRow,
+    links: Vec<LinkRow>,
+}
+
+/// The chunk's view: identities it changed (None = deleted) over what the store holds.
+#[derive(Default)]
+struct Overlay {
+    identities: HashMap<String, Option<IdentityState>>,
+}
+
+const MAX_ERRORS: usize = 100;
+
+/// Composes every changed object of the connector, chunk by chunk, until none is left.
+pub async fn compose_pending(
+    store: &Arc<dyn Store>,
+    engine: &Engine,
+    ctx: &ComposeContext<'_>,
+) -> Result<ComposeCounts, ComposeError> {
+    let mut counts = ComposeCounts::default();
+    loop {
+        let chunk = store.dirty_objects(ctx.connector_id, CHUNK).await?;
+        if chunk.is_empty() {
+            return Ok(counts);
+        }
+        let mut overlay = Overlay::default();
+        let mut writes = Vec::new();
+        for obj in &chunk {
+            compose_one(store, ctx, obj, &mut overlay, &mut writes, &mut counts).await?;
+            writes.push(ComposeWrite::Composed {
+                connector_id: ctx.connector_id.to_string(),
+                anchor: obj.anchor.clone(),
+                rev: obj.rev,
+            });
+        }
+        let permit = engine.begin_batch().ok_or(ComposeError::NotActive)?;
+        let r = store.commit_compose(&permit.token, &writes, now_ms()).await;
+        drop(permit);
+        if let Err(e) = r {
+            engine.on_write_error(&e).await;
+            return Err(e.into());
+        }
+    }
+}
+
+fn push_error(counts: &mut ComposeCounts, location: String, reason: String) {
+    counts.failed += 1;
+    if counts.errors.len() < MAX_ERRORS {
+        counts.errors.push(ObjectError { location, reason });
+    }
+}
+
+async fn load_identity(
+    store: &Arc<dyn Store>,
+    overlay: &Overlay,
+    id: &str,
+) -> Result<Option<IdentityState>, StoreError> {
+    if let Some(s) = overlay.identities.get(id) {
+        return Ok(s.clone());
+    }
+    let Some(row) = store.identity(id).await? else {
+        return Ok(None);
+    };
+    let links = store.links_of_identity(id).await?;
+    Ok(Some(IdentityState { row, links }))
+}
+
+/// Identity ids whose join key matches, as the chunk sees them.
+async fn lookup_key(
+    store: &Arc<dyn Store>,
+    overlay: &Overlay,
+    key_attributes: &BTreeSet<String>,
+    attr: &str,
+    value: &str,
+) -> Result<Vec<String>, StoreError> {
+    let mut ids: Vec<String> = store
+        .identities_by_key(attr, value)
+        .await?
+        .into_iter()
+        .filter(|id| !overlay.identities.contains_key(id))
+        .collect();
+    for (id, state) in &overlay.identities {
+        if let Some(s) = state {
+            if keys_of(&merged_of(&s.row), key_attributes)
+                .iter()
+                .any(|(a, v)| a == attr && v == value)
+            {
+                ids.push(id.clone());
+            }
+        }
+    }
+    ids.sort();
+    ids.dedup();
+    Ok(ids)
+}
+
+fn merged_of(row: &IdentityRow) -> MergedIdentity {
+    serde_json::from_str(&row.attributes_json).unwrap_or_default()
+}
+
+/// The join keys an identity is found by: each key attribute's text values, normalised.
+fn keys_of(m: &MergedIdentity, key_attributes: &BTreeSet<String>) -> Vec<(String, String)> {
+    let mut keys = Vec::new();
+    for attr in key_attributes {
+        for v in m.attributes.get(attr).into_iter().flatten() {
+            if let Value::Text(t) = v {
+                if !t.is_empty() {
+                    keys.push((attr.clone(), composer::join_value(t)));
+                }
+            }
+        }
+    }
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+fn contributions(links: &[LinkRow]) -> Vec<composer::SourceContribution> {
+    links
+        .iter()
+        .map(|l| {
+            let c: Contribution = serde_json::from_str(&l.contribution_json).unwrap_or_default();
+            c.from_connector(l.connector_id.clone(), l.precedence as i32)
+        })
+        .collect()
+}
+
+fn display_name(m: &MergedIdentity, fallback: &str) -> String {
+    m.display_name
+        .clone()
+        .or_else(|| {
+            ["displayName", "cn", "mail"].iter().find_map(|a| {
+                m.attributes
+                    .get(*a)
+                    .and_then(|v| v.iter().find_map(|x| x.as_text().map(str::to_string)))
+            })
+        })
+        .unwrap_or_else(|| fallback.to_string())
+}
+
+async fn compose_one(
+    store: &Arc<dyn Store>,
+    ctx: &ComposeContext<'_>,
+    obj: &DirtyObject,
+    overlay: &mut Overlay,
+    writes: &mut Vec<ComposeWrite>,
+    counts: &mut ComposeCounts,
+) -> Result<(), StoreError> {
+    let link = store.link(ctx.connector_id, &obj.anchor).await?;
+    let location = format!("{}:{}", obj.object_type, obj.anchor);
+    if obj.deleted {
+        if let Some(l) = link {
+            writes.push(ComposeWrite::DeleteLink {
+                connector_id: ctx.connector_id.to_string(),
+                anchor: obj.anchor.clone(),
+            });
+            apply(
+                store,
+                ctx,
+                obj,
+                &l.identity_id,
+                None,
+                overlay,
+                writes,
+                counts,
+            )
+            .await?;
+        }
+        return Ok(());
+    }
+    let stored: StoredObject = match serde_json::from_str(&obj.attributes_json) {
+        Ok(s) => s,
+        Err(e) => {
+            push_error(
+                counts,
+                location,
+                format!("stored object is not readable: {e}"),
+            );
+            return Ok(());
+        }
+    };
+    let dn = stored.dn.as_deref();
+    let identity_id = match &link {
+        Some(l) => l.identity_id.clone(),
+        None => {
+            let keys = ctx
+                .rules
+                .join_keys(&obj.object_type, &stored.attributes, dn);
+            let mut per_rule = Vec::with_capacity(keys.len());
+            for (attr, value) in &keys {
+                let mut found = lookup_key(store, overlay, ctx.key_attributes, attr, value).await?;
+                // One object per connector per identity: an identity this connector already
+                // supplies is not a join candidate for another of its objects.
+                let mut free = Vec::new();
+                for id in found.drain(..) {
+                    let taken = load_identity(store, overlay, &id).await?.is_some_and(|s| {
+                        s.links.iter().any(|l| l.connector_id == ctx.connector_id)
+                    });
+                    if !taken {
+                        free.push(id);
+                    }
+                }
+                per_rule.push(free);
+            }
+            match composer::decide(None, &per_rule, ctx.rules.project(&obj.object_type)) {
+                JoinDecision::Join(id) | JoinDecision::Linked(id) => id,
+                JoinDecision::Project => uuid::Uuid::new_v4().to_string(),
+                JoinDecision::NoMatch => return Ok(()),
+                JoinDecision::Ambiguous {
+                    rule_index,
+                    candidates,
+                } => {
+                    let (attr, value) = &keys[rule_index];
+                    push_error(
+                        counts,
+                        location,
+                        format!(
+                            "join on {attr} = {value:?} matches {} identities ({}); fix the data or the join rules",
+                            candidates.len(),
+                            candidates.join(", ")
+                        ),
+                    );
+                    return Ok(());
+                }
+            }
+        }
+    };
+    let contribution = ctx
+        .rules
+        .contribution(&obj.object_type, &stored.attributes, dn);
+    let new_link = LinkRow {
+        connector_id: ctx.connector_id.to_string(),
+        anchor: obj.anchor.clone(),
+        identity_id: identity_id.clone(),
+        precedence: ctx.rules.precedence() as i64,
+        contribution_json: serde_json::to_string(&contribution).unwrap_or_else(|_| "{}".into()),
+    };
+    if link.as_ref() != Some(&new_link) {
+        writes.push(ComposeWrite::PutLink(new_link.clone()));
+    }
+    apply(
+        store,
+        ctx,
+        obj,
+        &identity_id,
+        Some(new_link),
+        overlay,
+        writes,
+        counts,
+    )
+    .await
+}
+
+/// Recomputes one identity after this object's link changed (`new_link` None = removed).
+#[allow(clippy::too_many_arguments)]
+async fn apply(
+    store: &Arc<dyn Store>,
+    ctx: &ComposeContext<'_>,
+    obj: &DirtyObject,
+    identity_id: &str,
+    new_link: Option<LinkRow>,
+    overlay: &mut Overlay,
+    writes: &mut Vec<ComposeWrite>,
+    counts: &mut ComposeCounts,
+) -> Result<(), StoreError> {
+    let before = load_identity(store, overlay, identity_id).await?;
+    let mut links: Vec<LinkRow> = before
+        .as_ref()
+        .map(|s| s.links.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|l| !(l.connector_id == ctx.connector_id && l.anchor == obj.anchor))
+        .collect();
+    if let Some(l) = new_link {
+        links.push(l);
+    }
+    let before_merged = before
+        .as_ref()
+        .map(|s| merged_of(&s.row))
+        .unwrap_or_default();
+    let now = now_ms();
+    let actor = format!("sync:{}", ctx.connector_name);
+    if links.is_empty() {
+        if let Some(b) = before {
+            writes.push(ComposeWrite::DeleteIdentity {
+                id: identity_id.to_string(),
+            });
+            writes.push(audit(
+                &actor,
+                "identity.delete",
+                identity_id,
+                ctx,
+                obj,
+                &before_merged.attributes,
+                &Attributes::new(),
+                now,
+            ));
+            counts.deleted += 1;
+            let _ = b;
+            overlay.identities.insert(identity_id.to_string(), None);
+        }
+        return Ok(());
+    }
+    let merged = composer::merge(&contributions(&links));
+    let row = IdentityRow {
+        id: identity_id.to_string(),
+        display_name: display_name(&merged, identity_id),
+        attributes_json: serde_json::to_string(&merged).unwrap_or_else(|_| "{}".into()),
+        created_at_ms: before.as_ref().map(|s| s.row.created_at_ms).unwrap_or(now),
+        updated_at_ms: now,
+    };
+    let changed = before
+        .as_ref()
+        .map(|s| merged_of(&s.row) != merged || s.row.display_name != row.display_name)
+        .unwrap_or(true);
+    if changed {
+        writes.push(ComposeWrite::PutIdentity {
+            identity: row.clone(),
+            keys: keys_of(&merged, ctx.key_attributes),
+        });
+        let action = if before.is_some() {
+            counts.updated += 1;
+            "identity.update"
+        } else {
+            counts.created += 1;
+            "identity.create"
+        };
+        writes.push(audit(
+            &actor,
+            action,
+            identity_id,
+            ctx,
+            obj,
+            &before_merged.attributes,
+            &merged.attributes,
+            now,
+        ));
+    } else {
+        counts.unchanged += 1;
+    }
+    let row = if changed {
+        row
+    } else {
+        before.map(|s| s.row).unwrap_or(row)
+    };
+    overlay
+        .identities
+        .insert(identity_id.to_string(), Some(IdentityState { row, links }));
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn audit(
+    actor: &str,
+    action: &str,
+    identity_id: &str,
+    ctx: &ComposeContext<'_>,
+    obj: &DirtyObject,
+    before: &Attributes,
+    after: &Attributes,
+    now: i64,
+) -> ComposeWrite {
+    let detail = serde_json::json!({
+        "run": ctx.run_id,
+        "connector": ctx.connector_id,
+        "anchor": obj.anchor,
+        "changes": composer::diff(before, after),
+    });
+    ComposeWrite::Audit(AuditEntry {
+        at_ms: now,
+        actor: actor.to_string(),
+        action: action.to_string(),
+        target: format!("identity/{identity_id}"),
+        detail: detail.to_string(),
+    })
+}

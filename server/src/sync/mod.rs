@@ -1,0 +1,9 @@
+//! The sync engine: composer rules and expressions (pure), connector sources, runs, the
+//! composer's writes, and schedules.
+
+pub mod compose;
+pub mod composer;
+pub mod expr;
+pub mod runner;
+pub mod schedule;
+pub mod source;

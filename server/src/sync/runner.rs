@@ -1,0 +1,466 @@
+//! Connector runs: import every object type page by page, each page one fenced batch, the
+//! watermark committed only after the whole read; then compose. One run per connector at a
+//! time across the cluster (the store refuses a second), and none while the engine is paused
+//! or this instance is not active.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use identitymesh_connectors::model::{ImportMode, Page};
+use identitymesh_signalr::hub::HubHandle;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use super::compose::{self, ComposeContext, ObjectError};
+use super::composer::ConnectorRules;
+use super::source::{Source, SourceError};
+use crate::engine::Engine;
+use crate::secrets::Secrets;
+use crate::store::{
+    now_ms, AuditEntry, ConnectorRow, CsObject, ImportBatch, Role, RunRow, Store, StoreError,
+};
+
+/// The setting that pauses the engine (the runbook's drain step).
+pub const PAUSED_SETTING: &str = "sync.paused";
+/// Pages buffered between a reader and the writer: enough to overlap one read with one commit.
+const PAGE_BUFFER: usize = 2;
+const MAX_ERRORS: usize = 100;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunMode {
+    Full,
+    Delta,
+    /// Removes every object of the connector (and so its identity contributions), so the
+    /// connector can be deleted.
+    Clear,
+}
+
+impl RunMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunMode::Full => "full",
+            RunMode::Delta => "delta",
+            RunMode::Clear => "clear",
+        }
+    }
+    pub fn parse(s: &str) -> Option<RunMode> {
+        match s {
+            "full" => Some(RunMode::Full),
+            "delta" => Some(RunMode::Delta),
+            "clear" => Some(RunMode::Clear),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("this instance is not active; runs happen on the active instance only")]
+    NotActive,
+    #[error("the sync engine is paused; resume it (POST /api/sync/resume) to run connectors")]
+    Paused,
+    #[error("no connector with id {0:?}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyRunning(String),
+    #[error("connector {id}: {reason}")]
+    Invalid { id: String, reason: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+pub struct SyncEngine {
+    store: Arc<dyn Store>,
+    engine: Arc<Engine>,
+    secrets: Secrets,
+    hub: Option<HubHandle>,
+    /// Runs this process is executing: connector id → run id.
+    active: Mutex<HashMap<String, String>>,
+}
+
+impl SyncEngine {
+    pub fn new(engine: Arc<Engine>, secrets: Secrets, hub: Option<HubHandle>) -> Arc<Self> {
+        Arc::new(Self {
+            store: engine.store().clone(),
+            engine,
+            secrets,
+            hub,
+            active: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+    pub fn secrets(&self) -> &Secrets {
+        &self.secrets
+    }
+    pub fn hub(&self) -> Option<&HubHandle> {
+        self.hub.as_ref()
+    }
+
+    pub async fn paused(&self) -> Result<bool, StoreError> {
+        Ok(self.store.setting(PAUSED_SETTING).await?.as_deref() == Some("true"))
+    }
+
+    pub async fn set_paused(&self, paused: bool, actor: &str) -> Result<(), StoreError> {
+        self.store
+            .set_setting(PAUSED_SETTING, if paused { "true" } else { "false" })
+            .await?;
+        let action = if paused { "sync.pause" } else { "sync.resume" };
+        tracing::warn!(
+            actor,
+            action,
+            "sync engine {}",
+            if paused { "paused" } else { "resumed" }
+        );
+        self.store
+            .append_audit(&AuditEntry {
+                at_ms: now_ms(),
+                actor: actor.to_string(),
+                action: action.to_string(),
+                target: "sync".into(),
+                detail: "{}".into(),
+            })
+            .await
+    }
+
+    /// Connector ids with a run in this process.
+    pub fn running(&self) -> Vec<(String, String)> {
+        let m = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<_> = m.iter().map(|(c, r)| (c.clone(), r.clone())).collect();
+        v.sort();
+        v
+    }
+
+    /// Records a run and starts it in the background; returns the `running` row.
+    pub async fn start(
+        self: &Arc<Self>,
+        connector_id: &str,
+        mode: RunMode,
+        trigger: &str,
+    ) -> Result<(RunRow, tokio::task::JoinHandle<RunRow>), RunError> {
+        if self.engine.status().role != Role::Active {
+            return Err(RunError::NotActive);
+        }
+        if trigger != "canary" && self.paused().await? {
+            return Err(RunError::Paused);
+        }
+        let row = self
+            .store
+            .connector(connector_id)
+            .await?
+            .ok_or_else(|| RunError::NotFound(connector_id.to_string()))?;
+        let rules: ConnectorRules =
+            serde_json::from_str(&row.rules_json).map_err(|e| RunError::Invalid {
+                id: row.id.clone(),
+                reason: format!("stored rules are unreadable: {e}"),
+            })?;
+        let compiled = rules.compile().map_err(|e| RunError::Invalid {
+            id: row.id.clone(),
+            reason: e.to_string(),
+        })?;
+        let key_attributes = self.key_attributes().await?;
+        let permit = self.engine.begin_batch().ok_or(RunError::NotActive)?;
+        let run = RunRow {
+            id: uuid::Uuid::new_v4().to_string(),
+            connector_id: row.id.clone(),
+            instance: permit.token.instance.clone(),
+            epoch: permit.token.epoch,
+            mode: mode.as_str().into(),
+            trigger: trigger.into(),
+            status: "running".into(),
+            started_at_ms: now_ms(),
+            finished_at_ms: None,
+            added: 0,
+            updated: 0,
+            unchanged: 0,
+            deleted: 0,
+            failed: 0,
+            error: None,
+            errors_json: None,
+        };
+        {
+            let mut m = self.active.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(other) = m.get(&row.id) {
+                return Err(RunError::AlreadyRunning(format!(
+                    "connector {} is already running (run {other}); wait for it to finish",
+                    row.id
+                )));
+            }
+            m.insert(row.id.clone(), run.id.clone());
+        }
+        let started = self.store.start_run(&permit.token, &run).await;
+        drop(permit);
+        if let Err(e) = started {
+            self.forget(&row.id);
+            self.engine.on_write_error(&e).await;
+            return Err(match e {
+                StoreError::Conflict(m) => RunError::AlreadyRunning(m),
+                other => other.into(),
+            });
+        }
+        tracing::info!(connector = %row.name, run = %run.id, mode = mode.as_str(), trigger, "run started");
+        let this = self.clone();
+        let first = run.clone();
+        let task = tokio::spawn(async move {
+            let done = this
+                .execute(&row, &compiled, &key_attributes, mode, run)
+                .await;
+            this.forget(&row.id);
+            if let Err(e) = this.store.finish_run(&done).await {
+                tracing::error!(run = %done.id, error = %e, "cannot record the end of the run");
+            }
+            tracing::info!(
+                connector = %row.name, run = %done.id, status = %done.status,
+                added = done.added, updated = done.updated, deleted = done.deleted, failed = done.failed,
+                "run finished"
+            );
+            done
+        });
+        Ok((first, task))
+    }
+
+    fn forget(&self, connector_id: &str) {
+        self.active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(connector_id);
+    }
+
+    /// Identity attributes some connector joins on.
+    async fn key_attributes(&self) -> Result<BTreeSet<String>, StoreError> {
+        let mut keys = BTreeSet::new();
+        for c in self.store.connectors().await? {
+            if let Ok(r) = serde_json::from_str::<ConnectorRules>(&c.rules_json) {
+                for ot in r.object_types.values() {
+                    keys.extend(ot.join.iter().map(|j| j.identity_attribute.clone()));
+                }
+            }
+        }
+        Ok(keys)
+    }
+
+    async fn execute(
+        &self,
+        row: &ConnectorRow,
+        rules: &super::composer::CompiledRules,
+        key_attributes: &BTreeSet<String>,
+        mode: RunMode,
+        mut run: RunRow,
+    ) -> RunRow {
+        let mut errors: Vec<ObjectError> = Vec::new();
+        let result = self
+            .import_and_compose(row, rules, key_attributes, mode, &mut run, &mut errors)
+            .await;
+        run.finished_at_ms = Some(now_ms());
+        run.errors_json =
+            (!errors.is_empty()).then(|| serde_json::to_string(&errors).unwrap_or_default());
+        match result {
+            Ok(()) if run.failed == 0 => run.status = "succeeded".into(),
+            Ok(()) => run.status = "completed_with_errors".into(),
+            Err(e) => {
+                run.status = "failed".into();
+                run.error = Some(e.to_string());
+            }
+        }
+        run
+    }
+
+    async fn import_and_compose(
+        &self,
+        row: &ConnectorRow,
+        rules: &super::composer::CompiledRules,
+        key_attributes: &BTreeSet<String>,
+        mode: RunMode,
+        run: &mut RunRow,
+        errors: &mut Vec<ObjectError>,
+    ) -> Result<(), RunFailure> {
+        if mode == RunMode::Clear {
+            let cfg = super::source::SourceConfig::parse(&row.kind, &row.config_json)
+                .map_err(|e| SourceError::Invalid(e.join("; ")))?;
+            for object_type in cfg.object_types() {
+                let permit = self.engine.begin_batch().ok_or(RunFailure::NotActive)?;
+                // No object was seen by this run, so every one is marked deleted.
+                let gone = self
+                    .fenced(self.store.finish_full_import(
+                        &permit.token,
+                        &row.id,
+                        &object_type,
+                        &run.id,
+                        now_ms(),
+                    ))
+                    .await?;
+                run.deleted += gone as i64;
+            }
+        } else {
+            self.import(row, mode, run, errors).await?;
+        }
+        self.compose(row, rules, key_attributes, run, errors).await
+    }
+
+    async fn import(
+        &self,
+        row: &ConnectorRow,
+        mode: RunMode,
+        run: &mut RunRow,
+        errors: &mut Vec<ObjectError>,
+    ) -> Result<(), RunFailure> {
+        let (source, cfg) = Source::build(row, &self.secrets, self.hub.as_ref()).await?;
+        for object_type in cfg.object_types() {
+            let watermark = match mode {
+                RunMode::Delta => self.store.watermark(&row.id, &object_type).await?,
+                RunMode::Full | RunMode::Clear => None,
+            };
+            // A delta with no watermark yet is a full read (and may detect deletions).
+            let import_mode = match watermark {
+                Some(w) => ImportMode::Delta { watermark: w },
+                None => ImportMode::Full,
+            };
+            let full = import_mode == ImportMode::Full;
+            let (tx, rx) = mpsc::channel::<Page>(PAGE_BUFFER);
+            let read = source.import(&object_type, &import_mode, tx);
+            let write = self.write_pages(row, &object_type, full, rx, run, errors);
+            let (read, write) = tokio::join!(read, write);
+            // A write failure (fenced, demoted) is the cause when both failed: the reader only
+            // saw its channel close.
+            write?;
+            let summary = read?;
+            let permit = self.engine.begin_batch().ok_or(RunFailure::NotActive)?;
+            if summary.watermark.is_some() {
+                let batch = ImportBatch {
+                    connector: row.id.clone(),
+                    object_type: object_type.clone(),
+                    objects: Vec::new(),
+                    watermark: summary.watermark.clone(),
+                    seen_in_run: None,
+                };
+                self.fenced(
+                    self.store
+                        .commit_import_batch(&permit.token, &batch, now_ms()),
+                )
+                .await?;
+            }
+            if full {
+                let gone = self
+                    .fenced(self.store.finish_full_import(
+                        &permit.token,
+                        &row.id,
+                        &object_type,
+                        &run.id,
+                        now_ms(),
+                    ))
+                    .await?;
+                run.deleted += gone as i64;
+            }
+        }
+        Ok(())
+    }
+
+    async fn compose(
+        &self,
+        row: &ConnectorRow,
+        rules: &super::composer::CompiledRules,
+        key_attributes: &BTreeSet<String>,
+        run: &mut RunRow,
+        errors: &mut Vec<ObjectError>,
+    ) -> Result<(), RunFailure> {
+        let ctx = ComposeContext {
+            connector_id: &row.id,
+            connector_name: &row.name,
+            rules,
+            key_attributes,
+            run_id: &run.id,
+        };
+        let counts = compose::compose_pending(&self.store, &self.engine, &ctx)
+            .await
+            .map_err(|e| match e {
+                compose::ComposeError::NotActive => RunFailure::NotActive,
+                compose::ComposeError::Store(s) => RunFailure::Store(s),
+            })?;
+        run.failed += counts.failed as i64;
+        for e in counts.errors {
+            if errors.len() < MAX_ERRORS {
+                errors.push(e);
+            }
+        }
+        Ok(())
+    }
+
+    async fn fenced<T>(
+        &self,
+        f: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, RunFailure> {
+        match f.await {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                self.engine.on_write_error(&e).await;
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn write_pages(
+        &self,
+        row: &ConnectorRow,
+        object_type: &str,
+        full: bool,
+        mut rx: mpsc::Receiver<Page>,
+        run: &mut RunRow,
+        errors: &mut Vec<ObjectError>,
+    ) -> Result<(), RunFailure> {
+        while let Some(page) = rx.recv().await {
+            for r in &page.rejected {
+                run.failed += 1;
+                if errors.len() < MAX_ERRORS {
+                    errors.push(ObjectError {
+                        location: r.location.clone(),
+                        reason: r.reason.clone(),
+                    });
+                }
+            }
+            if page.objects.is_empty() {
+                continue;
+            }
+            let batch = ImportBatch {
+                connector: row.id.clone(),
+                object_type: object_type.to_string(),
+                objects: page
+                    .objects
+                    .iter()
+                    .map(|o| CsObject {
+                        anchor: o.anchor.clone(),
+                        object_type: o.object_type.clone(),
+                        attributes_json: o.attributes_json(),
+                    })
+                    .collect(),
+                watermark: None,
+                seen_in_run: full.then(|| run.id.clone()),
+            };
+            let permit = self.engine.begin_batch().ok_or(RunFailure::NotActive)?;
+            let out = self
+                .fenced(
+                    self.store
+                        .commit_import_batch(&permit.token, &batch, now_ms()),
+                )
+                .await?;
+            drop(permit);
+            run.added += out.added as i64;
+            run.updated += out.updated as i64;
+            run.unchanged += out.unchanged as i64;
+        }
+        Ok(())
+    }
+}
+
+/// Why a run stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunFailure {
+    #[error("this instance lost the active role; the new active resumes from the last committed watermark")]
+    NotActive,
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}

@@ -1,0 +1,261 @@
+//! Where a run's objects come from: an LDAP or CSV connector in this process, or the same
+//! connector running inside a relay agent, reached through the hub. Every source fills the same
+//! bounded page channel, so the runner does not care which one it reads.
+
+use identitymesh_connectors::csv::{CsvConfig, CsvConnector};
+use identitymesh_connectors::error::{ConnectorError, TestReport};
+use identitymesh_connectors::ldap::{LdapConfig, LdapConnector};
+use identitymesh_connectors::model::{ImportMode, ImportSummary, Page};
+use identitymesh_signalr::hub::{HubHandle, StreamEvent};
+use serde_json::json;
+use tokio::sync::mpsc::Sender;
+
+use crate::secrets::Secrets;
+use crate::store::ConnectorRow;
+
+/// The hub method a relay serves directory reads under (see relay/src/directory.rs).
+pub const RELAY_IMPORT_METHOD: &str = "DirectoryImport";
+pub const RELAY_TEST_METHOD: &str = "DirectoryTest";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    Ldap,
+    Csv,
+}
+
+impl Kind {
+    pub fn parse(s: &str) -> Result<Kind, String> {
+        match s {
+            "ldap" => Ok(Kind::Ldap),
+            "csv" => Ok(Kind::Csv),
+            other => Err(format!(
+                "unknown connector kind {other:?}; use \"ldap\" or \"csv\""
+            )),
+        }
+    }
+}
+
+/// A connector's configuration, parsed and checked. Field paths in errors start at `config`.
+#[derive(Debug, Clone)]
+pub enum SourceConfig {
+    Ldap(LdapConfig),
+    Csv(CsvConfig),
+}
+
+impl SourceConfig {
+    pub fn parse(kind: &str, config_json: &str) -> Result<SourceConfig, Vec<String>> {
+        let kind = Kind::parse(kind).map_err(|e| vec![format!("kind: {e}")])?;
+        fn de<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, Vec<String>> {
+            let d = &mut serde_json::Deserializer::from_str(s);
+            serde_path_to_error::deserialize(d).map_err(|e| {
+                let path = e.path().to_string();
+                let inner = e.into_inner();
+                vec![if path == "." {
+                    format!("config: {inner}")
+                } else {
+                    format!("config.{path}: {inner}")
+                }]
+            })
+        }
+        let problems = |ps: Vec<identitymesh_connectors::error::ConfigProblem>| {
+            ps.iter().map(|p| format!("config.{p}")).collect::<Vec<_>>()
+        };
+        match kind {
+            Kind::Ldap => {
+                let c: LdapConfig = de(config_json)?;
+                c.validate().map_err(problems)?;
+                Ok(SourceConfig::Ldap(c))
+            }
+            Kind::Csv => {
+                let c: CsvConfig = de(config_json)?;
+                c.validate().map_err(problems)?;
+                Ok(SourceConfig::Csv(c))
+            }
+        }
+    }
+
+    pub fn object_types(&self) -> Vec<String> {
+        match self {
+            SourceConfig::Ldap(c) => c.object_types.keys().cloned().collect(),
+            SourceConfig::Csv(c) => vec![c.object_type.clone()],
+        }
+    }
+
+    /// The secret the source needs, if any.
+    pub fn secret_ref(&self) -> Option<&str> {
+        match self {
+            SourceConfig::Ldap(c) => c.bind_password_ref.as_deref(),
+            SourceConfig::Csv(_) => None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error(transparent)]
+    Connector(#[from] ConnectorError),
+    #[error("{0}")]
+    Secret(#[from] crate::secrets::SecretError),
+    #[error("relay {relay}: {reason}")]
+    Relay { relay: String, reason: String },
+    #[error("invalid connector: {0}")]
+    Invalid(String),
+}
+
+/// A ready-to-run source for one connector.
+pub enum Source {
+    Ldap(LdapConnector),
+    Csv(CsvConnector),
+    Relay {
+        hub: HubHandle,
+        relay_id: String,
+        kind: String,
+        /// The connector config with the bind password resolved, sent to the relay over the
+        /// hub's TLS connection: the relay needs it to bind.
+        config: serde_json::Value,
+        password: Option<String>,
+    },
+}
+
+impl Source {
+    pub async fn build(
+        row: &ConnectorRow,
+        secrets: &Secrets,
+        hub: Option<&HubHandle>,
+    ) -> Result<(Source, SourceConfig), SourceError> {
+        let cfg = SourceConfig::parse(&row.kind, &row.config_json)
+            .map_err(|e| SourceError::Invalid(e.join("; ")))?;
+        let password = match cfg.secret_ref() {
+            Some(r) => Some(secrets.reveal(r).await?),
+            None => None,
+        };
+        if let Some(relay_id) = &row.relay_id {
+            let hub = hub.ok_or_else(|| SourceError::Relay {
+                relay: relay_id.clone(),
+                reason: "this server has no relay hub".into(),
+            })?;
+            let config = serde_json::from_str(&row.config_json)
+                .map_err(|e| SourceError::Invalid(e.to_string()))?;
+            return Ok((
+                Source::Relay {
+                    hub: hub.clone(),
+                    relay_id: relay_id.clone(),
+                    kind: row.kind.clone(),
+                    config,
+                    password,
+                },
+                cfg,
+            ));
+        }
+        let source = match &cfg {
+            SourceConfig::Ldap(c) => Source::Ldap(LdapConnector::new(c.clone(), password)?),
+            SourceConfig::Csv(c) => Source::Csv(CsvConnector::new(c.clone())?),
+        };
+        Ok((source, cfg))
+    }
+
+    fn relay_args(
+        kind: &str,
+        config: &serde_json::Value,
+        password: &Option<String>,
+    ) -> serde_json::Value {
+        json!({ "kind": kind, "config": config, "password": password })
+    }
+
+    fn relay_connection(hub: &HubHandle, relay_id: &str) -> Result<String, SourceError> {
+        hub.connections_of(relay_id)
+            .into_iter()
+            .next()
+            .ok_or_else(|| SourceError::Relay {
+                relay: relay_id.to_string(),
+                reason: "not connected to this server; check the relay agent is running and \
+                         reaches the Service (GET /api/relays shows its state)"
+                    .into(),
+            })
+    }
+
+    pub async fn test(&self) -> Result<TestReport, SourceError> {
+        match self {
+            Source::Ldap(c) => Ok(c.test_connection().await?),
+            Source::Csv(c) => Ok(c.test_connection().await?),
+            Source::Relay {
+                hub,
+                relay_id,
+                kind,
+                config,
+                password,
+            } => {
+                let conn = Self::relay_connection(hub, relay_id)?;
+                let args = vec![Self::relay_args(kind, config, password)];
+                let v = tokio::time::timeout(
+                    std::time::Duration::from_secs(60),
+                    hub.invoke(&conn, RELAY_TEST_METHOD, args),
+                )
+                .await
+                .map_err(|_| SourceError::Relay {
+                    relay: relay_id.clone(),
+                    reason: "the connection test did not finish within 60 s".into(),
+                })?
+                .map_err(|e| SourceError::Relay {
+                    relay: relay_id.clone(),
+                    reason: e.to_string(),
+                })?;
+                serde_json::from_value(v).map_err(|e| SourceError::Relay {
+                    relay: relay_id.clone(),
+                    reason: format!("unexpected test report: {e}"),
+                })
+            }
+        }
+    }
+
+    /// Reads one object type into `tx`, page by page.
+    pub async fn import(
+        &self,
+        object_type: &str,
+        mode: &ImportMode,
+        tx: Sender<Page>,
+    ) -> Result<ImportSummary, SourceError> {
+        match self {
+            Source::Ldap(c) => Ok(c.import(object_type, mode, tx).await?),
+            Source::Csv(c) => Ok(c.import(object_type, mode, tx).await?),
+            Source::Relay {
+                hub,
+                relay_id,
+                kind,
+                config,
+                password,
+            } => {
+                let relay_err = |reason: String| SourceError::Relay {
+                    relay: relay_id.clone(),
+                    reason,
+                };
+                let conn = Self::relay_connection(hub, relay_id)?;
+                let args = vec![
+                    Self::relay_args(kind, config, password),
+                    json!(object_type),
+                    serde_json::to_value(mode).map_err(|e| relay_err(e.to_string()))?,
+                ];
+                let mut stream = hub
+                    .invoke_stream(&conn, RELAY_IMPORT_METHOD, args, 2)
+                    .await
+                    .map_err(|e| relay_err(e.to_string()))?;
+                loop {
+                    match stream.next().await.map_err(|e| relay_err(e.to_string()))? {
+                        Some(StreamEvent::Item(v)) => {
+                            let page: Page = serde_json::from_value(v)
+                                .map_err(|e| relay_err(format!("malformed page: {e}")))?;
+                            tx.send(page).await.map_err(|_| ConnectorError::Cancelled)?;
+                        }
+                        Some(StreamEvent::Completed(v)) => {
+                            return serde_json::from_value(v)
+                                .map_err(|e| relay_err(format!("malformed summary: {e}")));
+                        }
+                        None => {
+                            return Err(relay_err("the stream ended without a completion".into()))
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
