@@ -33,6 +33,7 @@ fn start(name: &str, dir: &Path, db: &Path, pki: &Pki, token_file: &Path) -> Ins
         ("IM_TLS__CERT_FILE", pki.cert.display().to_string()),
         ("IM_TLS__KEY_FILE", pki.key.display().to_string()),
         ("IM_TLS__CLIENT_CA_FILE", pki.ca.display().to_string()),
+        ("IM_KEYRING__FILE", pki.keyring.display().to_string()),
         (
             "IM_AUTH__BOOTSTRAP_TOKEN_FILE",
             token_file.display().to_string(),

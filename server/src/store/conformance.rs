@@ -330,7 +330,9 @@ async fn concurrent_start_once() {
     let (rx, ry) = tokio::join!(x.migrate(), y.migrate());
     let (mut rx, ry) = (rx.unwrap(), ry.unwrap());
     rx.extend(ry);
-    assert_eq!(rx, vec![1], "each version applied exactly once");
+    rx.sort_unstable();
+    let all: Vec<u32> = migrations::SQLITE.iter().map(|m| m.version).collect();
+    assert_eq!(rx, all, "each version applied exactly once");
 }
 
 #[tokio::test]
@@ -369,6 +371,924 @@ async fn relays_register_connect_and_revoke() {
             assert!(!s.revoke_relay("missing", 40).await.unwrap());
             let r = s.relay_by_token_hash(&hash).await.unwrap().unwrap();
             assert_eq!(r.revoked_at_ms, Some(40));
+        })
+    })
+    .await;
+}
+
+/// Promotes a new instance to the epoch after the stored one and returns its token.
+async fn promoted(s: &Arc<dyn Store>) -> FenceToken {
+    let instance = unique("inst");
+    let epoch = s.fence().await.unwrap().epoch + 1;
+    s.promote(&instance, epoch).await.unwrap();
+    FenceToken { instance, epoch }
+}
+
+fn connector(id: &str, name: &str) -> ConnectorRow {
+    ConnectorRow {
+        id: id.into(),
+        name: name.into(),
+        kind: "ldap".into(),
+        config_json: r#"{"host":"dc1"}"#.into(),
+        rules_json: "{}".into(),
+        relay_id: None,
+        is_canary: false,
+        created_at_ms: 1,
+        updated_at_ms: 1,
+    }
+}
+
+fn schedule(id: &str, connector_id: &str, created_at_ms: i64) -> ScheduleRow {
+    ScheduleRow {
+        id: id.into(),
+        connector_id: connector_id.into(),
+        kind: "interval".into(),
+        spec: "15m".into(),
+        mode: "delta".into(),
+        enabled: true,
+        next_run_ms: None,
+        created_at_ms,
+    }
+}
+
+fn new_run(id: &str, connector_id: &str, started_at_ms: i64) -> RunRow {
+    RunRow {
+        id: id.into(),
+        connector_id: connector_id.into(),
+        instance: String::new(),
+        epoch: 0,
+        mode: "full".into(),
+        trigger: "manual".into(),
+        status: "running".into(),
+        started_at_ms,
+        finished_at_ms: None,
+        added: 0,
+        updated: 0,
+        unchanged: 0,
+        deleted: 0,
+        failed: 0,
+        error: None,
+        errors_json: None,
+    }
+}
+
+fn identity(id: &str, display_name: &str, at: i64) -> IdentityRow {
+    IdentityRow {
+        id: id.into(),
+        display_name: display_name.into(),
+        attributes_json: format!(r#"{{"displayName":"{display_name}"}}"#),
+        created_at_ms: at,
+        updated_at_ms: at,
+    }
+}
+
+fn audit_entry(target: &str) -> AuditEntry {
+    AuditEntry {
+        at_ms: 7,
+        actor: "composer".into(),
+        action: "identity.put".into(),
+        target: target.into(),
+        detail: "{}".into(),
+    }
+}
+
+/// Marks every object of the connector's connector space gone (a full import that saw none of
+/// them) and composes the tombstones, which drops them.
+async fn empty_connector_space(s: &Arc<dyn Store>, t: &FenceToken, conn: &str) {
+    s.finish_full_import(t, conn, "person", &unique("run"), 5)
+        .await
+        .unwrap();
+    let writes: Vec<ComposeWrite> = s
+        .dirty_objects(conn, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| ComposeWrite::Composed {
+            connector_id: conn.into(),
+            anchor: o.anchor,
+            rev: o.rev,
+        })
+        .collect();
+    s.commit_compose(t, &writes, 6).await.unwrap();
+    assert_eq!(s.count_objects(conn).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn connectors_round_trip_and_deletion_waits_for_an_empty_connector_space() {
+    run(|s| {
+        Box::pin(async move {
+            let (id, other) = (unique("conn"), unique("conn"));
+            let (name, other_name) = (unique("a-name"), unique("b-name"));
+            assert_eq!(s.connector(&id).await.unwrap(), None);
+            let mut c = connector(&id, &name);
+            c.relay_id = Some(unique("relay"));
+            c.is_canary = true;
+            s.put_connector(&c).await.unwrap();
+            assert_eq!(s.connector(&id).await.unwrap().as_ref(), Some(&c));
+
+            // Replacing by id updates everything but the creation time.
+            let mut c2 = c.clone();
+            c2.kind = "csv".into();
+            c2.config_json = r#"{"path":"/x.csv"}"#.into();
+            c2.rules_json = r#"{"join":["mail"]}"#.into();
+            c2.relay_id = None;
+            c2.is_canary = false;
+            c2.created_at_ms = 50;
+            c2.updated_at_ms = 60;
+            s.put_connector(&c2).await.unwrap();
+            let got = s.connector(&id).await.unwrap().unwrap();
+            assert_eq!(
+                got,
+                ConnectorRow {
+                    created_at_ms: 1,
+                    ..c2.clone()
+                }
+            );
+
+            let o = connector(&other, &other_name);
+            s.put_connector(&o).await.unwrap();
+            let mine: Vec<String> = s
+                .connectors()
+                .await
+                .unwrap()
+                .into_iter()
+                .filter(|r| r.id == id || r.id == other)
+                .map(|r| r.id)
+                .collect();
+            assert_eq!(mine, vec![id.clone(), other.clone()], "ordered by name");
+
+            // A name used by another connector: a new one, or a rename, is a Conflict.
+            let dup = s.put_connector(&connector(&unique("conn"), &name)).await;
+            assert!(
+                matches!(&dup, Err(StoreError::Conflict(m)) if m.contains(&name)),
+                "{dup:?}"
+            );
+            let rename = s.put_connector(&connector(&other, &name)).await;
+            assert!(matches!(rename, Err(StoreError::Conflict(_))), "{rename:?}");
+            assert_eq!(s.connector(&other).await.unwrap(), Some(o));
+            // Renaming to a free name is fine.
+            let renamed = connector(&other, &unique("c-name"));
+            s.put_connector(&renamed).await.unwrap();
+            assert_eq!(s.connector(&other).await.unwrap(), Some(renamed));
+
+            // Objects in the connector space: deletion refused, nothing deleted.
+            let t = promoted(&s).await;
+            let sched = unique("sched");
+            s.put_schedule(&schedule(&sched, &id, 1)).await.unwrap();
+            s.commit_import_batch(&t, &batch(&id, 2, 0, "w1"), 1)
+                .await
+                .unwrap();
+            let refused = s.delete_connector(&id).await;
+            assert!(
+                matches!(&refused, Err(StoreError::Conflict(m)) if m.contains("2 objects")),
+                "{refused:?}"
+            );
+            assert!(s.connector(&id).await.unwrap().is_some());
+            assert!(s.schedules().await.unwrap().iter().any(|x| x.id == sched));
+            assert!(s.watermark(&id, "person").await.unwrap().is_some());
+
+            // Once the objects are gone the connector goes, with its schedules and watermarks.
+            empty_connector_space(&s, &t, &id).await;
+            assert!(s.delete_connector(&id).await.unwrap());
+            assert_eq!(s.connector(&id).await.unwrap(), None);
+            assert!(!s.schedules().await.unwrap().iter().any(|x| x.id == sched));
+            assert_eq!(s.watermark(&id, "person").await.unwrap(), None);
+            assert!(!s.delete_connector(&id).await.unwrap());
+            // The name is free again.
+            s.put_connector(&connector(&unique("conn"), &name))
+                .await
+                .unwrap();
+        })
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn schedules_round_trip() {
+    run(|s| {
+        Box::pin(async move {
+            let conn = unique("conn");
+            let (a, b) = (unique("sched"), unique("sched"));
+            let mine = |rows: Vec<ScheduleRow>| {
+                rows.into_iter()
+                    .filter(|r| r.connector_id == conn)
+                    .collect::<Vec<_>>()
+            };
+            let sa = schedule(&a, &conn, 20);
+            let mut sb = schedule(&b, &conn, 10);
+            sb.kind = "cron".into();
+            sb.spec = "*/5 * * * *".into();
+            sb.mode = "full".into();
+            sb.next_run_ms = Some(1_000);
+            s.put_schedule(&sa).await.unwrap();
+            s.put_schedule(&sb).await.unwrap();
+            // Oldest first.
+            assert_eq!(
+                mine(s.schedules().await.unwrap()),
+                vec![sb.clone(), sa.clone()]
+            );
+
+            // Replacing by id keeps the creation time.
+            let mut sa2 = sa.clone();
+            sa2.spec = "1h".into();
+            sa2.mode = "full".into();
+            sa2.enabled = false;
+            sa2.next_run_ms = Some(5);
+            sa2.created_at_ms = 99;
+            s.put_schedule(&sa2).await.unwrap();
+            s.set_schedule_next_run(&b, 2_000).await.unwrap();
+            let rows = mine(s.schedules().await.unwrap());
+            assert_eq!(
+                rows,
+                vec![
+                    ScheduleRow {
+                        next_run_ms: Some(2_000),
+                        ..sb.clone()
+                    },
+                    ScheduleRow {
+                        created_at_ms: 20,
+                        ..sa2.clone()
+                    },
+                ]
+            );
+
+            assert!(s.delete_schedule(&a).await.unwrap());
+            assert!(!s.delete_schedule(&a).await.unwrap());
+            let rows = mine(s.schedules().await.unwrap());
+            assert_eq!(rows.len(), 1);
+            assert_eq!(rows[0].id, b);
+            // A missing schedule's next run: nothing happens.
+            s.set_schedule_next_run(&a, 1).await.unwrap();
+            assert_eq!(mine(s.schedules().await.unwrap()).len(), 1);
+        })
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn settings_round_trip() {
+    run(|s| {
+        Box::pin(async move {
+            let name = unique("setting");
+            assert_eq!(s.setting(&name).await.unwrap(), None);
+            s.set_setting(&name, "one").await.unwrap();
+            assert_eq!(s.setting(&name).await.unwrap().as_deref(), Some("one"));
+            s.set_setting(&name, "").await.unwrap();
+            assert_eq!(s.setting(&name).await.unwrap().as_deref(), Some(""));
+            s.set_setting(&name, "two").await.unwrap();
+            assert_eq!(s.setting(&name).await.unwrap().as_deref(), Some("two"));
+        })
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn secrets_round_trip_and_the_listing_has_no_values() {
+    run(|s| {
+        Box::pin(async move {
+            let (a, b) = (unique("secret-a"), unique("secret-b"));
+            assert_eq!(s.secret(&a).await.unwrap(), None);
+            let sa = SecretRow {
+                name: a.clone(),
+                key_id: "k1".into(),
+                nonce: (0u8..12).collect(),
+                ciphertext: vec![0, 255, 1, 254, 0, 0],
+                updated_at_ms: 10,
+            };
+            s.put_secret(&sa).await.unwrap();
+            assert_eq!(s.secret(&a).await.unwrap().as_ref(), Some(&sa));
+            // Replaced whole, under a new key.
+            let sa2 = SecretRow {
+                key_id: "k2".into(),
+                nonce: vec![9; 12],
+                ciphertext: vec![7; 300],
+                updated_at_ms: 20,
+                ..sa.clone()
+            };
+            s.put_secret(&sa2).await.unwrap();
+            assert_eq!(s.secret(&a).await.unwrap().as_ref(), Some(&sa2));
+            let sb = SecretRow {
+                name: b.clone(),
+                key_id: "k2".into(),
+                nonce: vec![1; 12],
+                ciphertext: vec![2; 16],
+                updated_at_ms: 30,
+            };
+            s.put_secret(&sb).await.unwrap();
+
+            let listed: Vec<SecretRow> = s
+                .secrets()
+                .await
+                .unwrap()
+                .into_iter()
+                .filter(|r| r.name == a || r.name == b)
+                .collect();
+            let expect = |r: &SecretRow| SecretRow {
+                nonce: Vec::new(),
+                ciphertext: Vec::new(),
+                ..r.clone()
+            };
+            assert_eq!(
+                listed,
+                vec![expect(&sa2), expect(&sb)],
+                "by name, no values"
+            );
+
+            assert!(s.delete_secret(&a).await.unwrap());
+            assert!(!s.delete_secret(&a).await.unwrap());
+            assert_eq!(s.secret(&a).await.unwrap(), None);
+            assert_eq!(s.secret(&b).await.unwrap().as_ref(), Some(&sb));
+        })
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn runs_start_once_per_connector_and_are_fenced() {
+    run(|s| {
+        Box::pin(async move {
+            let (conn, other) = (unique("conn"), unique("conn"));
+            let ta = promoted(&s).await;
+            let r1 = new_run(&unique("run"), &conn, 100);
+            s.start_run(&ta, &r1).await.unwrap();
+            let got = s.run(&r1.id).await.unwrap().unwrap();
+            assert_eq!(
+                got,
+                RunRow {
+                    instance: ta.instance.clone(),
+                    epoch: ta.epoch,
+                    ..r1.clone()
+                }
+            );
+            assert_eq!(s.run("missing").await.unwrap(), None);
+
+            // Same connector, same epoch, still running: refused, nothing recorded.
+            let r2 = new_run(&unique("run"), &conn, 150);
+            let dup = s.start_run(&ta, &r2).await;
+            assert!(
+                matches!(&dup, Err(StoreError::Conflict(m)) if m.contains(&r1.id)),
+                "{dup:?}"
+            );
+            assert_eq!(s.run(&r2.id).await.unwrap(), None);
+            // Another connector runs independently.
+            let ro = new_run(&unique("run"), &other, 160);
+            s.start_run(&ta, &ro).await.unwrap();
+
+            // A newer promotion fences the old token's start.
+            let tb = promoted(&s).await;
+            let r3 = new_run(&unique("run"), &conn, 200);
+            let fenced = s.start_run(&ta, &r3).await;
+            assert!(
+                matches!(fenced, Err(StoreError::Fenced { .. })),
+                "{fenced:?}"
+            );
+            assert_eq!(s.run(&r3.id).await.unwrap(), None);
+            assert_eq!(s.run(&r1.id).await.unwrap().unwrap().status, "running");
+
+            // The new epoch's start abandons the older epoch's running run.
+            s.start_run(&tb, &r3).await.unwrap();
+            let old = s.run(&r1.id).await.unwrap().unwrap();
+            assert_eq!(old.status, "abandoned");
+            assert_eq!(old.finished_at_ms, Some(200));
+            assert!(old.error.is_some());
+            // Only this connector's runs were touched.
+            assert_eq!(s.run(&ro.id).await.unwrap().unwrap().status, "running");
+
+            // finish_run only while running.
+            let late = RunRow {
+                status: "succeeded".into(),
+                finished_at_ms: Some(210),
+                ..r1.clone()
+            };
+            s.finish_run(&late).await.unwrap();
+            assert_eq!(s.run(&r1.id).await.unwrap().unwrap(), old);
+            let done = RunRow {
+                instance: tb.instance.clone(),
+                epoch: tb.epoch,
+                status: "completed_with_errors".into(),
+                finished_at_ms: Some(300),
+                added: 5,
+                updated: 4,
+                unchanged: 3,
+                deleted: 2,
+                failed: 1,
+                error: Some("one object failed".into()),
+                errors_json: Some(r#"[{"location":"uid=1","reason":"bad"}]"#.into()),
+                ..r3.clone()
+            };
+            s.finish_run(&done).await.unwrap();
+            assert_eq!(s.run(&r3.id).await.unwrap().as_ref(), Some(&done));
+            s.finish_run(&RunRow {
+                status: "failed".into(),
+                ..done.clone()
+            })
+            .await
+            .unwrap();
+            assert_eq!(s.run(&r3.id).await.unwrap().as_ref(), Some(&done));
+
+            // Newest first, filtered by connector, limited.
+            let ids = |rows: Vec<RunRow>| rows.into_iter().map(|r| r.id).collect::<Vec<_>>();
+            assert_eq!(
+                ids(s.runs(Some(&conn), 10).await.unwrap()),
+                vec![r3.id.clone(), r1.id.clone()]
+            );
+            assert_eq!(
+                ids(s.runs(Some(&conn), 1).await.unwrap()),
+                vec![r3.id.clone()]
+            );
+            assert_eq!(ids(s.runs(Some(&other), 10).await.unwrap()), vec![ro.id]);
+            let all = s.runs(None, 1000).await.unwrap();
+            assert!(all.iter().any(|r| r.id == r3.id));
+            assert!(all
+                .windows(2)
+                .all(|w| w[0].started_at_ms >= w[1].started_at_ms));
+            // The finished run no longer blocks a new one.
+            s.start_run(&tb, &new_run(&unique("run"), &conn, 400))
+                .await
+                .unwrap();
+        })
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn import_batches_count_changes_and_mark_them_dirty() {
+    run(|s| {
+        Box::pin(async move {
+            let conn = unique("conn");
+            let t = promoted(&s).await;
+            let out = s
+                .commit_import_batch(&t, &batch(&conn, 3, 0, "1"), 10)
+                .await
+                .unwrap();
+            assert_eq!(
+                (out.added, out.updated, out.unchanged),
+                (3, 0, 0),
+                "{out:?}"
+            );
+            let dirty = s.dirty_objects(&conn, 100).await.unwrap();
+            assert_eq!(dirty.len(), 3);
+            assert!(dirty.iter().all(|o| o.rev == 1 && !o.deleted));
+            assert_eq!(
+                dirty[0],
+                DirtyObject {
+                    anchor: "uid=0,ou=people".into(),
+                    object_type: "person".into(),
+                    attributes_json: r#"{"cn":["Person 0"]}"#.into(),
+                    deleted: false,
+                    rev: 1,
+                }
+            );
+            assert_eq!(s.dirty_objects(&conn, 2).await.unwrap().len(), 2);
+            let composed: Vec<ComposeWrite> = dirty
+                .iter()
+                .map(|o| ComposeWrite::Composed {
+                    connector_id: conn.clone(),
+                    anchor: o.anchor.clone(),
+                    rev: o.rev,
+                })
+                .collect();
+            s.commit_compose(&t, &composed, 11).await.unwrap();
+            assert!(s.dirty_objects(&conn, 100).await.unwrap().is_empty());
+
+            // The same objects again: unchanged, nothing to compose.
+            let out = s
+                .commit_import_batch(&t, &batch(&conn, 3, 0, "2"), 12)
+                .await
+                .unwrap();
+            assert_eq!((out.added, out.updated, out.unchanged), (0, 0, 3));
+            assert!(s.dirty_objects(&conn, 100).await.unwrap().is_empty());
+            assert!(out.seq > 0);
+
+            // One changed (attributes), one new: updated and added, both dirty.
+            let mut b = batch(&conn, 4, 0, "3");
+            b.objects[1].attributes_json = r#"{"cn":["Renamed"]}"#.into();
+            let out = s.commit_import_batch(&t, &b, 13).await.unwrap();
+            assert_eq!((out.added, out.updated, out.unchanged), (1, 1, 2));
+            let dirty = s.dirty_objects(&conn, 100).await.unwrap();
+            assert_eq!(dirty.len(), 2, "{dirty:?}");
+            let changed = dirty
+                .iter()
+                .find(|o| o.anchor == "uid=1,ou=people")
+                .unwrap();
+            assert_eq!(
+                (changed.attributes_json.as_str(), changed.rev),
+                (r#"{"cn":["Renamed"]}"#, 2)
+            );
+            assert!(dirty
+                .iter()
+                .any(|o| o.anchor == "uid=3,ou=people" && o.rev == 1));
+            // A changed object type is a change too.
+            let mut b = batch(&conn, 1, 0, "4");
+            b.objects[0].object_type = "contact".into();
+            let out = s.commit_import_batch(&t, &b, 14).await.unwrap();
+            assert_eq!((out.added, out.updated, out.unchanged), (0, 1, 0));
+            assert_eq!(s.count_objects(&conn).await.unwrap(), 4);
+            assert_eq!(s.count_batches(&conn).await.unwrap(), 4);
+            assert_eq!(
+                s.watermark(&conn, "person").await.unwrap().as_deref(),
+                Some("4")
+            );
+        })
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_full_import_marks_unseen_objects_of_its_type_deleted() {
+    run(|s| {
+        Box::pin(async move {
+            let conn = unique("conn");
+            let t = promoted(&s).await;
+            let (run1, run2) = (unique("run"), unique("run"));
+            let mut people = batch(&conn, 3, 0, "p1");
+            people.seen_in_run = Some(run1.clone());
+            s.commit_import_batch(&t, &people, 1).await.unwrap();
+            let groups = ImportBatch {
+                connector: conn.clone(),
+                object_type: "group".into(),
+                objects: vec![CsObject {
+                    anchor: "cn=admins".into(),
+                    object_type: "group".into(),
+                    attributes_json: "{}".into(),
+                }],
+                watermark: None,
+                seen_in_run: Some(run1.clone()),
+            };
+            s.commit_import_batch(&t, &groups, 1).await.unwrap();
+            assert_eq!(
+                s.finish_full_import(&t, &conn, "person", &run1, 2)
+                    .await
+                    .unwrap(),
+                0
+            );
+            let all: Vec<ComposeWrite> = s
+                .dirty_objects(&conn, 100)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|o| ComposeWrite::Composed {
+                    connector_id: conn.clone(),
+                    anchor: o.anchor,
+                    rev: o.rev,
+                })
+                .collect();
+            s.commit_compose(&t, &all, 3).await.unwrap();
+
+            // The second full import sees persons 0 and 1 (unchanged) and a new person 5.
+            let mut seen = batch(&conn, 2, 0, "p2");
+            seen.seen_in_run = Some(run2.clone());
+            let out = s.commit_import_batch(&t, &seen, 4).await.unwrap();
+            assert_eq!((out.added, out.updated, out.unchanged), (0, 0, 2));
+            let mut new = batch(&conn, 1, 5, "p2");
+            new.seen_in_run = Some(run2.clone());
+            s.commit_import_batch(&t, &new, 4).await.unwrap();
+            assert_eq!(
+                s.finish_full_import(&t, &conn, "person", &run2, 5)
+                    .await
+                    .unwrap(),
+                1
+            );
+            let dirty = s.dirty_objects(&conn, 100).await.unwrap();
+            let gone: Vec<_> = dirty.iter().filter(|o| o.deleted).collect();
+            assert_eq!(gone.len(), 1, "{dirty:?}");
+            assert_eq!(
+                (gone[0].anchor.as_str(), gone[0].rev),
+                ("uid=2,ou=people", 2)
+            );
+            // The group was not seen by run2 either, but it is of another type.
+            assert!(!dirty.iter().any(|o| o.anchor == "cn=admins"));
+            // Already deleted: not marked again.
+            assert_eq!(
+                s.finish_full_import(&t, &conn, "person", &run2, 6)
+                    .await
+                    .unwrap(),
+                0
+            );
+            assert_eq!(s.count_objects(&conn).await.unwrap(), 5);
+
+            // Seen again with the same attributes: it is back (a change), no longer deleted.
+            let back = batch(&conn, 1, 2, "p3");
+            let out = s.commit_import_batch(&t, &back, 7).await.unwrap();
+            assert_eq!((out.added, out.updated, out.unchanged), (0, 1, 0));
+            let o = s
+                .dirty_objects(&conn, 100)
+                .await
+                .unwrap()
+                .into_iter()
+                .find(|o| o.anchor == "uid=2,ou=people")
+                .unwrap();
+            assert_eq!((o.deleted, o.rev), (false, 3));
+
+            // Fenced like every engine write.
+            promoted(&s).await;
+            assert!(matches!(
+                s.finish_full_import(&t, &conn, "group", &run2, 8).await,
+                Err(StoreError::Fenced { .. })
+            ));
+            assert!(!s
+                .dirty_objects(&conn, 100)
+                .await
+                .unwrap()
+                .iter()
+                .any(|o| o.anchor == "cn=admins"));
+        })
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn compose_writes_identities_links_and_clears_marks() {
+    run(|s| {
+        Box::pin(async move {
+            let conn = unique("conn");
+            let (id1, id2) = (unique("idn"), unique("idn"));
+            let (mail, target) = (format!("{}@example.org", unique("ann")), unique("target"));
+            let t = promoted(&s).await;
+            s.commit_import_batch(&t, &batch(&conn, 2, 0, "1"), 1)
+                .await
+                .unwrap();
+            let i1 = identity(&id1, "Ann", 10);
+            let link = LinkRow {
+                connector_id: conn.clone(),
+                anchor: "uid=0,ou=people".into(),
+                identity_id: id1.clone(),
+                precedence: 2,
+                contribution_json: r#"{"mail":"ann"}"#.into(),
+            };
+            let link2 = LinkRow {
+                anchor: "uid=1,ou=people".into(),
+                precedence: 1,
+                ..link.clone()
+            };
+            s.commit_compose(
+                &t,
+                &[
+                    ComposeWrite::PutIdentity {
+                        identity: i1.clone(),
+                        keys: vec![
+                            ("mail".into(), mail.clone()),
+                            ("mail".into(), mail.clone()),
+                            ("employeeid".into(), id1.clone()),
+                        ],
+                    },
+                    ComposeWrite::PutLink(link.clone()),
+                    ComposeWrite::PutLink(link2.clone()),
+                    ComposeWrite::Audit(audit_entry(&target)),
+                ],
+                2,
+            )
+            .await
+            .unwrap();
+            assert_eq!(s.identity(&id1).await.unwrap().as_ref(), Some(&i1));
+            assert_eq!(
+                s.identities_by_key("mail", &mail).await.unwrap(),
+                vec![id1.clone()]
+            );
+            assert_eq!(
+                s.identities_by_key("employeeid", &id1).await.unwrap(),
+                vec![id1.clone()]
+            );
+            assert!(s.identities_by_key("uid", &mail).await.unwrap().is_empty());
+            assert_eq!(
+                s.link(&conn, "uid=0,ou=people").await.unwrap().as_ref(),
+                Some(&link)
+            );
+            assert_eq!(s.link(&conn, "uid=9,ou=people").await.unwrap(), None);
+            assert_eq!(
+                s.links_of_identity(&id1).await.unwrap(),
+                vec![link2.clone(), link.clone()],
+                "by precedence"
+            );
+            assert!(s
+                .audit(1000)
+                .await
+                .unwrap()
+                .iter()
+                .any(|e| e.target == target));
+
+            // Replacing an identity keeps its creation time and replaces its keys; a link moves.
+            let i1b = IdentityRow {
+                display_name: "Ann B".into(),
+                created_at_ms: 99,
+                updated_at_ms: 20,
+                ..i1.clone()
+            };
+            let i2 = identity(&id2, "Bob", 20);
+            let moved = LinkRow {
+                identity_id: id2.clone(),
+                precedence: 5,
+                ..link2.clone()
+            };
+            s.commit_compose(
+                &t,
+                &[
+                    ComposeWrite::PutIdentity {
+                        identity: i1b.clone(),
+                        keys: vec![("mail".into(), mail.clone())],
+                    },
+                    ComposeWrite::PutIdentity {
+                        identity: i2.clone(),
+                        keys: vec![("mail".into(), mail.clone())],
+                    },
+                    ComposeWrite::PutLink(moved.clone()),
+                    ComposeWrite::DeleteLink {
+                        connector_id: conn.clone(),
+                        anchor: "uid=0,ou=people".into(),
+                    },
+                ],
+                3,
+            )
+            .await
+            .unwrap();
+            assert_eq!(
+                s.identity(&id1).await.unwrap(),
+                Some(IdentityRow {
+                    created_at_ms: 10,
+                    ..i1b.clone()
+                })
+            );
+            let mut both = vec![id1.clone(), id2.clone()];
+            both.sort();
+            let mut found = s.identities_by_key("mail", &mail).await.unwrap();
+            found.sort();
+            assert_eq!(found, both);
+            assert!(s
+                .identities_by_key("employeeid", &id1)
+                .await
+                .unwrap()
+                .is_empty());
+            assert_eq!(s.link(&conn, "uid=0,ou=people").await.unwrap(), None);
+            assert!(s.links_of_identity(&id1).await.unwrap().is_empty());
+            assert_eq!(s.links_of_identity(&id2).await.unwrap(), vec![moved]);
+
+            // Deleting an identity removes its keys.
+            s.commit_compose(&t, &[ComposeWrite::DeleteIdentity { id: id1.clone() }], 4)
+                .await
+                .unwrap();
+            assert_eq!(s.identity(&id1).await.unwrap(), None);
+            assert_eq!(
+                s.identities_by_key("mail", &mail).await.unwrap(),
+                vec![id2.clone()]
+            );
+
+            // Composed clears the mark only at the revision the composer read.
+            let stale = s.dirty_objects(&conn, 100).await.unwrap();
+            assert_eq!(stale.len(), 2);
+            let mut changed = batch(&conn, 1, 0, "2");
+            changed.objects[0].attributes_json = r#"{"cn":["Changed"]}"#.into();
+            s.commit_import_batch(&t, &changed, 5).await.unwrap();
+            let composed: Vec<ComposeWrite> = stale
+                .iter()
+                .map(|o| ComposeWrite::Composed {
+                    connector_id: conn.clone(),
+                    anchor: o.anchor.clone(),
+                    rev: o.rev,
+                })
+                .collect();
+            s.commit_compose(&t, &composed, 6).await.unwrap();
+            let left = s.dirty_objects(&conn, 100).await.unwrap();
+            assert_eq!(left.len(), 1, "{left:?}");
+            assert_eq!(
+                (left[0].anchor.as_str(), left[0].rev),
+                ("uid=0,ou=people", 2)
+            );
+
+            // A deleted object's tombstone is dropped when composed at its revision only.
+            s.finish_full_import(&t, &conn, "person", &unique("run"), 7)
+                .await
+                .unwrap();
+            let gone = s.dirty_objects(&conn, 100).await.unwrap();
+            assert_eq!(gone.len(), 2);
+            assert!(gone.iter().all(|o| o.deleted));
+            let at = |o: &DirtyObject, rev| ComposeWrite::Composed {
+                connector_id: conn.clone(),
+                anchor: o.anchor.clone(),
+                rev,
+            };
+            s.commit_compose(&t, &[at(&gone[0], gone[0].rev - 1)], 8)
+                .await
+                .unwrap();
+            assert_eq!(s.count_objects(&conn).await.unwrap(), 2);
+            s.commit_compose(
+                &t,
+                &[at(&gone[0], gone[0].rev), at(&gone[1], gone[1].rev)],
+                9,
+            )
+            .await
+            .unwrap();
+            assert_eq!(s.count_objects(&conn).await.unwrap(), 0);
+            assert!(s.dirty_objects(&conn, 100).await.unwrap().is_empty());
+
+            // A fenced compose fails and writes nothing of the batch.
+            let composes = |j: &[(String, i64)]| j.iter().filter(|(k, _)| k == "compose").count();
+            let before = composes(&s.journal().await.unwrap());
+            promoted(&s).await;
+            let id3 = unique("idn");
+            let late_target = unique("target");
+            let r = s
+                .commit_compose(
+                    &t,
+                    &[
+                        ComposeWrite::PutIdentity {
+                            identity: identity(&id3, "Late", 30),
+                            keys: vec![("mail".into(), mail.clone())],
+                        },
+                        ComposeWrite::DeleteIdentity { id: id2.clone() },
+                        ComposeWrite::Audit(audit_entry(&late_target)),
+                    ],
+                    10,
+                )
+                .await;
+            assert!(matches!(r, Err(StoreError::Fenced { .. })), "{r:?}");
+            assert_eq!(s.identity(&id3).await.unwrap(), None);
+            assert!(s.identity(&id2).await.unwrap().is_some());
+            assert_eq!(s.identities_by_key("mail", &mail).await.unwrap(), vec![id2]);
+            assert!(!s
+                .audit(1000)
+                .await
+                .unwrap()
+                .iter()
+                .any(|e| e.target == late_target));
+            assert_eq!(composes(&s.journal().await.unwrap()), before);
+        })
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn identities_search_and_page_by_id() {
+    run(|s| {
+        Box::pin(async move {
+            let p = unique("idx");
+            let t = promoted(&s).await;
+            let names = [
+                "Ann Smith",
+                "Bob Jones",
+                "100% sure",
+                "under_score",
+                "[br]acket",
+                "back\\slash",
+            ];
+            let writes: Vec<ComposeWrite> = names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| ComposeWrite::PutIdentity {
+                    identity: identity(&format!("{p}{i}"), &format!("{p} {n}"), 1),
+                    keys: Vec::new(),
+                })
+                .collect();
+            s.commit_compose(&t, &writes, 1).await.unwrap();
+            assert!(s.count_identities().await.unwrap() >= names.len() as i64);
+            let ids = |rows: Vec<IdentityRow>| rows.into_iter().map(|r| r.id).collect::<Vec<_>>();
+            let search = |q: String| {
+                let s = s.clone();
+                async move { ids(s.identities(Some(&q), None, 100).await.unwrap()) }
+            };
+            let id = |i: usize| format!("{p}{i}");
+
+            // Substring of the display name, case-insensitive.
+            assert_eq!(search(p.clone()).await, (0..6).map(id).collect::<Vec<_>>());
+            assert_eq!(search(p.to_uppercase()).await.len(), 6);
+            assert_eq!(search(format!("{p} bob j")).await, vec![id(1)]);
+            // The id exactly (not a substring of any display name).
+            assert_eq!(search(id(2)).await, vec![id(2)]);
+            assert!(search(format!("{p}9")).await.is_empty());
+            // Wildcards in the query are literal characters.
+            assert!(search(format!("{p} B_b")).await.is_empty());
+            assert!(search(format!("{p} %")).await.is_empty());
+            assert!(search(format!("{p} A%h")).await.is_empty());
+            assert_eq!(search(format!("{p} 100%")).await, vec![id(2)]);
+            assert_eq!(search(format!("{p} under_s")).await, vec![id(3)]);
+            assert_eq!(search(format!("{p} [br]a")).await, vec![id(4)]);
+            assert!(search(format!("{p} [ab]ob")).await.is_empty());
+            assert_eq!(search(format!("{p} back\\s")).await, vec![id(5)]);
+            assert!(search(format!("{p} back\\\\s")).await.is_empty());
+
+            // Keyset paging by id.
+            let page = |after: Option<String>, limit| {
+                let (s, p) = (s.clone(), p.clone());
+                async move {
+                    ids(s
+                        .identities(Some(&p), after.as_deref(), limit)
+                        .await
+                        .unwrap())
+                }
+            };
+            assert_eq!(page(None, 2).await, vec![id(0), id(1)]);
+            assert_eq!(page(Some(id(1)), 2).await, vec![id(2), id(3)]);
+            assert_eq!(page(Some(id(3)), 2).await, vec![id(4), id(5)]);
+            assert!(page(Some(id(5)), 2).await.is_empty());
+            // Without a search: ids after the cursor, in order.
+            let after: Vec<String> = ids(s.identities(None, Some(&id(3)), 50).await.unwrap())
+                .into_iter()
+                .filter(|i| i.starts_with(&p))
+                .collect();
+            assert_eq!(after, vec![id(4), id(5)]);
+            assert_eq!(
+                s.identity(&id(0)).await.unwrap().map(|r| r.display_name),
+                Some(format!("{p} Ann Smith"))
+            );
         })
     })
     .await;

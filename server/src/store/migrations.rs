@@ -49,6 +49,8 @@ pub const SQLITE: &[Migration] = &[
             "ALTER TABLE cs_objects ADD COLUMN deleted INTEGER NOT NULL DEFAULT 0",
             "ALTER TABLE cs_objects ADD COLUMN seen_run TEXT",
             "ALTER TABLE cs_objects ADD COLUMN rev INTEGER NOT NULL DEFAULT 0",
+            // Objects imported before the composer existed are composed on the next run.
+            "UPDATE cs_objects SET dirty = 1, rev = 1",
             "CREATE INDEX cs_objects_dirty ON cs_objects (connector_id, dirty, updated_at)",
             "CREATE INDEX cs_objects_seen ON cs_objects (connector_id, object_type, seen_run)",
             "CREATE TABLE identity_links (connector_id TEXT NOT NULL, anchor TEXT NOT NULL, identity_id TEXT NOT NULL, precedence INTEGER NOT NULL, contribution_json TEXT NOT NULL, PRIMARY KEY (connector_id, anchor))",
@@ -100,6 +102,7 @@ pub const MSSQL: &[Migration] = &[
             "ALTER TABLE cs_objects ADD deleted BIT NOT NULL DEFAULT 0",
             "ALTER TABLE cs_objects ADD seen_run NVARCHAR(64) NULL",
             "ALTER TABLE cs_objects ADD rev BIGINT NOT NULL DEFAULT 0",
+            "UPDATE cs_objects SET dirty = 1, rev = 1",
             "CREATE INDEX cs_objects_dirty ON cs_objects (connector_id, dirty, updated_at)",
             "CREATE INDEX cs_objects_seen ON cs_objects (connector_id, object_type, seen_run)",
             // Keys of up to 1,412 and 1,184 bytes: over the 900-byte limit of a clustered index

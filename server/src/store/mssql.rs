@@ -17,10 +17,6 @@ use super::*;
 
 type Conn = Client<Compat<TcpStream>>;
 
-fn pending() -> StoreError {
-    StoreError::Backend("SYNC-PORT-PENDING".into())
-}
-
 /// Every statement the SQL Server store sends.
 pub mod sql {
     pub const BEGIN: &str = "BEGIN TRANSACTION";
@@ -51,8 +47,14 @@ pub mod sql {
         "UPDATE engine_state SET holder = @P1, epoch = @P2, last_tick = @P3 WHERE id = 1";
     pub const INSERT_ENGINE_STATE: &str =
         "INSERT INTO engine_state (id, holder, epoch, last_tick) VALUES (1, @P1, @P2, @P3)";
-    pub const UPDATE_OBJECT: &str = "UPDATE cs_objects SET object_type = @P3, attributes_json = @P4, updated_at = @P5 WHERE connector_id = @P1 AND anchor = @P2";
-    pub const INSERT_OBJECT: &str = "INSERT INTO cs_objects (connector_id, anchor, object_type, attributes_json, updated_at) VALUES (@P1, @P2, @P3, @P4, @P5)";
+    pub const OLD_OBJECT: &str = "SELECT object_type, attributes_json, deleted FROM cs_objects WHERE connector_id = @P1 AND anchor = @P2";
+    /// A changed object: marked for the composer at a new revision, undeleted if it was gone.
+    pub const UPDATE_OBJECT: &str = "UPDATE cs_objects SET object_type = @P3, attributes_json = @P4, updated_at = @P5, dirty = 1, deleted = 0, seen_run = COALESCE(@P6, seen_run), rev = rev + 1 WHERE connector_id = @P1 AND anchor = @P2";
+    pub const INSERT_OBJECT: &str = "INSERT INTO cs_objects (connector_id, anchor, object_type, attributes_json, updated_at, dirty, deleted, seen_run, rev) VALUES (@P1, @P2, @P3, @P4, @P5, 1, 0, @P6, 1)";
+    /// An unchanged object seen by a full import: only the run that saw it is recorded.
+    pub const SEEN_OBJECT: &str =
+        "UPDATE cs_objects SET seen_run = @P3 WHERE connector_id = @P1 AND anchor = @P2";
+    pub const MARK_UNSEEN_DELETED: &str = "UPDATE cs_objects SET deleted = 1, dirty = 1, rev = rev + 1, updated_at = @P1 WHERE connector_id = @P2 AND object_type = @P3 AND deleted = 0 AND (seen_run IS NULL OR seen_run <> @P4)";
     pub const UPDATE_WATERMARK: &str = "UPDATE watermarks SET value = @P3, updated_at = @P4 WHERE connector_id = @P1 AND object_type = @P2";
     pub const INSERT_WATERMARK: &str = "INSERT INTO watermarks (connector_id, object_type, value, updated_at) VALUES (@P1, @P2, @P3, @P4)";
     pub const INSERT_BATCH: &str = "INSERT INTO import_batches (connector_id, object_type, object_count, watermark, epoch, instance, committed_at) VALUES (@P1, @P2, @P3, @P4, @P5, @P6, @P7); SELECT CAST(SCOPE_IDENTITY() AS BIGINT)";
@@ -78,6 +80,69 @@ pub mod sql {
     pub const RELAY_CONNECTED: &str = "UPDATE relays SET connected_instance = @P2, connected_since = @P4, last_seen = @P4, version = @P3 WHERE id = @P1";
     pub const RELAY_SEEN: &str = "UPDATE relays SET last_seen = @P2 WHERE id = @P1";
     pub const RELAY_DISCONNECTED: &str = "UPDATE relays SET connected_instance = NULL, connected_since = NULL, last_seen = @P3 WHERE id = @P1 AND connected_instance = @P2";
+
+    // Administrative upserts take a key-range lock in the UPDATE (UPDLOCK, SERIALIZABLE), so a
+    // concurrent upsert of the same key waits instead of racing to a duplicate INSERT.
+    pub const UPDATE_CONNECTOR: &str = "UPDATE connectors WITH (UPDLOCK, SERIALIZABLE) SET name = @P2, kind = @P3, config_json = @P4, rules_json = @P5, relay_id = @P6, is_canary = @P7, updated_at = @P9 WHERE id = @P1";
+    pub const INSERT_CONNECTOR: &str = "INSERT INTO connectors (id, name, kind, config_json, rules_json, relay_id, is_canary, created_at, updated_at) VALUES (@P1, @P2, @P3, @P4, @P5, @P6, @P7, @P8, @P9)";
+    pub const CONNECTOR: &str = "SELECT id, name, kind, config_json, rules_json, relay_id, is_canary, created_at, updated_at FROM connectors WHERE id = @P1";
+    pub const CONNECTORS: &str = "SELECT id, name, kind, config_json, rules_json, relay_id, is_canary, created_at, updated_at FROM connectors ORDER BY name";
+    pub const CONNECTOR_OBJECTS: &str =
+        "SELECT COUNT_BIG(*) FROM cs_objects WHERE connector_id = @P1";
+    pub const DELETE_CONNECTOR_SCHEDULES: &str = "DELETE FROM schedules WHERE connector_id = @P1";
+    pub const DELETE_CONNECTOR_WATERMARKS: &str = "DELETE FROM watermarks WHERE connector_id = @P1";
+    pub const DELETE_CONNECTOR: &str = "DELETE FROM connectors WHERE id = @P1";
+
+    pub const UPDATE_SCHEDULE: &str = "UPDATE schedules WITH (UPDLOCK, SERIALIZABLE) SET connector_id = @P2, kind = @P3, spec = @P4, run_mode = @P5, enabled = @P6, next_run = @P7 WHERE id = @P1";
+    pub const INSERT_SCHEDULE: &str = "INSERT INTO schedules (id, connector_id, kind, spec, run_mode, enabled, next_run, created_at) VALUES (@P1, @P2, @P3, @P4, @P5, @P6, @P7, @P8)";
+    pub const SCHEDULES: &str = "SELECT id, connector_id, kind, spec, run_mode, enabled, next_run, created_at FROM schedules ORDER BY created_at, id";
+    pub const DELETE_SCHEDULE: &str = "DELETE FROM schedules WHERE id = @P1";
+    pub const SET_SCHEDULE_NEXT_RUN: &str = "UPDATE schedules SET next_run = @P2 WHERE id = @P1";
+
+    pub const SETTING: &str = "SELECT value FROM settings WHERE name = @P1";
+    pub const UPDATE_SETTING: &str =
+        "UPDATE settings WITH (UPDLOCK, SERIALIZABLE) SET value = @P2 WHERE name = @P1";
+    pub const INSERT_SETTING: &str = "INSERT INTO settings (name, value) VALUES (@P1, @P2)";
+
+    pub const UPDATE_SECRET: &str = "UPDATE secrets WITH (UPDLOCK, SERIALIZABLE) SET key_id = @P2, nonce = @P3, ciphertext = @P4, updated_at = @P5 WHERE ref = @P1";
+    pub const INSERT_SECRET: &str = "INSERT INTO secrets (ref, key_id, nonce, ciphertext, updated_at) VALUES (@P1, @P2, @P3, @P4, @P5)";
+    pub const SECRET: &str =
+        "SELECT ref, key_id, nonce, ciphertext, updated_at FROM secrets WHERE ref = @P1";
+    /// Values stay in the database: the listing carries names, key ids and times only.
+    pub const SECRETS: &str = "SELECT ref, key_id, updated_at FROM secrets ORDER BY ref";
+    pub const DELETE_SECRET: &str = "DELETE FROM secrets WHERE ref = @P1";
+
+    pub const ABANDON_OLD_RUNS: &str = "UPDATE runs SET status = N'abandoned', finished_at = @P1, error = N'the instance running it lost the active role' WHERE connector_id = @P2 AND status = N'running' AND epoch < @P3";
+    pub const RUNNING_RUN: &str =
+        "SELECT TOP (1) id FROM runs WHERE connector_id = @P1 AND status = N'running'";
+    pub const INSERT_RUN: &str = "INSERT INTO runs (id, connector_id, instance, epoch, status, started_at, run_mode, trigger_kind) VALUES (@P1, @P2, @P3, @P4, N'running', @P5, @P6, @P7)";
+    pub const FINISH_RUN: &str = "UPDATE runs SET status = @P2, finished_at = @P3, added = @P4, updated = @P5, unchanged = @P6, deleted = @P7, failed = @P8, error = @P9, errors_json = @P10 WHERE id = @P1 AND status = N'running'";
+    pub const RUN: &str = "SELECT id, connector_id, instance, epoch, run_mode, trigger_kind, status, started_at, finished_at, added, updated, unchanged, deleted, failed, error, errors_json FROM runs WHERE id = @P1";
+    pub const RUNS: &str = "SELECT TOP (@P2) id, connector_id, instance, epoch, run_mode, trigger_kind, status, started_at, finished_at, added, updated, unchanged, deleted, failed, error, errors_json FROM runs WHERE (@P1 IS NULL OR connector_id = @P1) ORDER BY started_at DESC, id";
+
+    pub const DIRTY_OBJECTS: &str = "SELECT TOP (@P2) anchor, object_type, attributes_json, deleted, rev FROM cs_objects WHERE connector_id = @P1 AND dirty = 1 ORDER BY updated_at, anchor";
+    pub const LINK: &str = "SELECT connector_id, anchor, identity_id, precedence, contribution_json FROM identity_links WHERE connector_id = @P1 AND anchor = @P2";
+    pub const LINKS_OF_IDENTITY: &str = "SELECT connector_id, anchor, identity_id, precedence, contribution_json FROM identity_links WHERE identity_id = @P1 ORDER BY precedence, connector_id";
+    pub const IDENTITIES_BY_KEY: &str = "SELECT TOP (16) identity_id FROM identity_keys WHERE attr = @P1 AND value = @P2 ORDER BY identity_id";
+    pub const IDENTITY: &str = "SELECT id, display_name, attributes_json, created_at, updated_at FROM identities WHERE id = @P1";
+    /// @P1: the LIKE pattern (escaped with `\`), @P2: the search as an exact id, @P3: the
+    /// keyset cursor, @P4: the page size. LOWER on both sides keeps the match case-insensitive
+    /// under a case-sensitive collation too.
+    pub const IDENTITIES: &str = "SELECT TOP (@P4) id, display_name, attributes_json, created_at, updated_at FROM identities WHERE (@P1 IS NULL OR LOWER(display_name) LIKE LOWER(@P1) ESCAPE '\\' OR id = @P2) AND (@P3 IS NULL OR id > @P3) ORDER BY id";
+    pub const COUNT_IDENTITIES: &str = "SELECT COUNT_BIG(*) FROM identities";
+
+    pub const UPDATE_IDENTITY: &str = "UPDATE identities SET display_name = @P2, attributes_json = @P3, updated_at = @P5 WHERE id = @P1";
+    pub const INSERT_IDENTITY: &str = "INSERT INTO identities (id, display_name, attributes_json, created_at, updated_at) VALUES (@P1, @P2, @P3, @P4, @P5)";
+    pub const DELETE_IDENTITY_KEYS: &str = "DELETE FROM identity_keys WHERE identity_id = @P1";
+    pub const INSERT_IDENTITY_KEY: &str = "INSERT INTO identity_keys (attr, value, identity_id) SELECT @P1, @P2, @P3 WHERE NOT EXISTS (SELECT 1 FROM identity_keys WHERE attr = @P1 AND value = @P2 AND identity_id = @P3)";
+    pub const DELETE_IDENTITY: &str = "DELETE FROM identities WHERE id = @P1";
+    pub const UPDATE_LINK: &str = "UPDATE identity_links SET identity_id = @P3, precedence = @P4, contribution_json = @P5 WHERE connector_id = @P1 AND anchor = @P2";
+    pub const INSERT_LINK: &str = "INSERT INTO identity_links (connector_id, anchor, identity_id, precedence, contribution_json) VALUES (@P1, @P2, @P3, @P4, @P5)";
+    pub const DELETE_LINK: &str =
+        "DELETE FROM identity_links WHERE connector_id = @P1 AND anchor = @P2";
+    pub const DROP_COMPOSED_TOMBSTONE: &str = "DELETE FROM cs_objects WHERE connector_id = @P1 AND anchor = @P2 AND rev = @P3 AND deleted = 1";
+    pub const CLEAR_DIRTY: &str =
+        "UPDATE cs_objects SET dirty = 0 WHERE connector_id = @P1 AND anchor = @P2 AND rev = @P3";
 
     /// All of the above, for the syntax test.
     pub const ALL: &[&str] = &[
@@ -108,8 +173,11 @@ pub mod sql {
         INSTANCES,
         UPDATE_ENGINE_STATE,
         INSERT_ENGINE_STATE,
+        OLD_OBJECT,
         UPDATE_OBJECT,
         INSERT_OBJECT,
+        SEEN_OBJECT,
+        MARK_UNSEEN_DELETED,
         UPDATE_WATERMARK,
         INSERT_WATERMARK,
         INSERT_BATCH,
@@ -121,6 +189,50 @@ pub mod sql {
         TOKEN,
         INSERT_AUDIT,
         AUDIT,
+        UPDATE_CONNECTOR,
+        INSERT_CONNECTOR,
+        CONNECTOR,
+        CONNECTORS,
+        CONNECTOR_OBJECTS,
+        DELETE_CONNECTOR_SCHEDULES,
+        DELETE_CONNECTOR_WATERMARKS,
+        DELETE_CONNECTOR,
+        UPDATE_SCHEDULE,
+        INSERT_SCHEDULE,
+        SCHEDULES,
+        DELETE_SCHEDULE,
+        SET_SCHEDULE_NEXT_RUN,
+        SETTING,
+        UPDATE_SETTING,
+        INSERT_SETTING,
+        UPDATE_SECRET,
+        INSERT_SECRET,
+        SECRET,
+        SECRETS,
+        DELETE_SECRET,
+        ABANDON_OLD_RUNS,
+        RUNNING_RUN,
+        INSERT_RUN,
+        FINISH_RUN,
+        RUN,
+        RUNS,
+        DIRTY_OBJECTS,
+        LINK,
+        LINKS_OF_IDENTITY,
+        IDENTITIES_BY_KEY,
+        IDENTITY,
+        IDENTITIES,
+        COUNT_IDENTITIES,
+        UPDATE_IDENTITY,
+        INSERT_IDENTITY,
+        DELETE_IDENTITY_KEYS,
+        INSERT_IDENTITY_KEY,
+        DELETE_IDENTITY,
+        UPDATE_LINK,
+        INSERT_LINK,
+        DELETE_LINK,
+        DROP_COMPOSED_TOMBSTONE,
+        CLEAR_DIRTY,
     ];
 }
 
@@ -227,7 +339,8 @@ impl MssqlStore {
         Ok(conn.execute(q, params).await.map_err(backend_err)?.total())
     }
 
-    /// UPDATE, then INSERT when no row matched; only called inside a transaction holding the fence lock.
+    /// UPDATE, then INSERT when no row matched; only called inside a transaction holding the
+    /// fence lock, or with an UPDATE that takes a key-range lock (`WITH (UPDLOCK, SERIALIZABLE)`).
     async fn upsert(
         conn: &mut Conn,
         update: &str,
@@ -253,6 +366,91 @@ impl MssqlStore {
                 holder: fence.holder,
                 own: token.epoch,
             });
+        }
+        Ok(())
+    }
+
+    /// One write of a compose batch; the caller holds the fence lock.
+    async fn compose_write(conn: &mut Conn, w: &ComposeWrite) -> Result<(), StoreError> {
+        match w {
+            ComposeWrite::PutIdentity { identity: i, keys } => {
+                Self::upsert(
+                    conn,
+                    sql::UPDATE_IDENTITY,
+                    sql::INSERT_IDENTITY,
+                    &[
+                        &i.id.as_str(),
+                        &i.display_name.as_str(),
+                        &i.attributes_json.as_str(),
+                        &i.created_at_ms,
+                        &i.updated_at_ms,
+                    ],
+                )
+                .await?;
+                Self::exec(conn, sql::DELETE_IDENTITY_KEYS, &[&i.id.as_str()]).await?;
+                for (attr, value) in keys {
+                    Self::exec(
+                        conn,
+                        sql::INSERT_IDENTITY_KEY,
+                        &[&attr.as_str(), &value.as_str(), &i.id.as_str()],
+                    )
+                    .await?;
+                }
+            }
+            ComposeWrite::DeleteIdentity { id } => {
+                Self::exec(conn, sql::DELETE_IDENTITY_KEYS, &[&id.as_str()]).await?;
+                Self::exec(conn, sql::DELETE_IDENTITY, &[&id.as_str()]).await?;
+            }
+            ComposeWrite::PutLink(l) => {
+                Self::upsert(
+                    conn,
+                    sql::UPDATE_LINK,
+                    sql::INSERT_LINK,
+                    &[
+                        &l.connector_id.as_str(),
+                        &l.anchor.as_str(),
+                        &l.identity_id.as_str(),
+                        &l.precedence,
+                        &l.contribution_json.as_str(),
+                    ],
+                )
+                .await?;
+            }
+            ComposeWrite::DeleteLink {
+                connector_id,
+                anchor,
+            } => {
+                Self::exec(
+                    conn,
+                    sql::DELETE_LINK,
+                    &[&connector_id.as_str(), &anchor.as_str()],
+                )
+                .await?;
+            }
+            ComposeWrite::Composed {
+                connector_id,
+                anchor,
+                rev,
+            } => {
+                let params: [&dyn tiberius::ToSql; 3] =
+                    [&connector_id.as_str(), &anchor.as_str(), rev];
+                Self::exec(conn, sql::DROP_COMPOSED_TOMBSTONE, &params).await?;
+                Self::exec(conn, sql::CLEAR_DIRTY, &params).await?;
+            }
+            ComposeWrite::Audit(e) => {
+                Self::exec(
+                    conn,
+                    sql::INSERT_AUDIT,
+                    &[
+                        &e.at_ms,
+                        &e.actor.as_str(),
+                        &e.action.as_str(),
+                        &e.target.as_str(),
+                        &e.detail.as_str(),
+                    ],
+                )
+                .await?;
+            }
         }
         Ok(())
     }
@@ -298,6 +496,82 @@ fn relay_row(r: &Row) -> Result<RelayRow, StoreError> {
         version: opt::<&str>(r, 5)?.map(str::to_string),
         connected_instance: opt::<&str>(r, 6)?.map(str::to_string),
         connected_since_ms: opt(r, 7)?,
+    })
+}
+
+/// SQL Server error 2627 (unique constraint) or 2601 (unique index), as tiberius reports them.
+fn is_unique_violation(e: &StoreError) -> bool {
+    matches!(e, StoreError::Backend(m) if m.contains("(code: 2627,") || m.contains("(code: 2601,"))
+}
+
+/// A LIKE pattern matching `q` as a literal substring: `\`, `%`, `_` and T-SQL's `[` are
+/// escaped with the backslash the statement names in `ESCAPE '\'`.
+fn like_pattern(q: &str) -> String {
+    let mut p = String::with_capacity(q.len() + 2);
+    p.push('%');
+    for ch in q.chars() {
+        if matches!(ch, '\\' | '%' | '_' | '[') {
+            p.push('\\');
+        }
+        p.push(ch);
+    }
+    p.push('%');
+    p
+}
+
+fn connector_row(r: &Row) -> Result<ConnectorRow, StoreError> {
+    Ok(ConnectorRow {
+        id: text(r, 0)?,
+        name: text(r, 1)?,
+        kind: text(r, 2)?,
+        config_json: text(r, 3)?,
+        rules_json: text(r, 4)?,
+        relay_id: opt::<&str>(r, 5)?.map(str::to_string),
+        is_canary: col(r, 6)?,
+        created_at_ms: col(r, 7)?,
+        updated_at_ms: col(r, 8)?,
+    })
+}
+
+/// The counters are INT columns, read as i32.
+fn run_row(r: &Row) -> Result<RunRow, StoreError> {
+    Ok(RunRow {
+        id: text(r, 0)?,
+        connector_id: text(r, 1)?,
+        instance: text(r, 2)?,
+        epoch: col(r, 3)?,
+        mode: text(r, 4)?,
+        trigger: text(r, 5)?,
+        status: text(r, 6)?,
+        started_at_ms: col(r, 7)?,
+        finished_at_ms: opt(r, 8)?,
+        added: col::<i32>(r, 9)?.into(),
+        updated: col::<i32>(r, 10)?.into(),
+        unchanged: col::<i32>(r, 11)?.into(),
+        deleted: col::<i32>(r, 12)?.into(),
+        failed: col::<i32>(r, 13)?.into(),
+        error: opt::<&str>(r, 14)?.map(str::to_string),
+        errors_json: opt::<&str>(r, 15)?.map(str::to_string),
+    })
+}
+
+fn link_row(r: &Row) -> Result<LinkRow, StoreError> {
+    Ok(LinkRow {
+        connector_id: text(r, 0)?,
+        anchor: text(r, 1)?,
+        identity_id: text(r, 2)?,
+        precedence: col::<i32>(r, 3)?.into(),
+        contribution_json: text(r, 4)?,
+    })
+}
+
+fn identity_row(r: &Row) -> Result<IdentityRow, StoreError> {
+    Ok(IdentityRow {
+        id: text(r, 0)?,
+        display_name: text(r, 1)?,
+        attributes_json: text(r, 2)?,
+        created_at_ms: col(r, 3)?,
+        updated_at_ms: col(r, 4)?,
     })
 }
 
@@ -474,20 +748,44 @@ impl Store for MssqlStore {
         let mut conn = self.begin().await?;
         let r = async {
             Self::check_fence(&mut conn, token).await?;
+            let mut out = BatchOutcome::default();
             for o in &batch.objects {
-                Self::upsert(
+                let old = Self::rows(
                     &mut conn,
-                    sql::UPDATE_OBJECT,
-                    sql::INSERT_OBJECT,
-                    &[
-                        &batch.connector.as_str(),
-                        &o.anchor.as_str(),
-                        &o.object_type.as_str(),
-                        &o.attributes_json.as_str(),
-                        &now_ms,
-                    ],
+                    sql::OLD_OBJECT,
+                    &[&batch.connector.as_str(), &o.anchor.as_str()],
                 )
                 .await?;
+                let params: [&dyn tiberius::ToSql; 6] = [
+                    &batch.connector.as_str(),
+                    &o.anchor.as_str(),
+                    &o.object_type.as_str(),
+                    &o.attributes_json.as_str(),
+                    &now_ms,
+                    &batch.seen_in_run.as_deref(),
+                ];
+                let Some(old) = old.first() else {
+                    Self::exec(&mut conn, sql::INSERT_OBJECT, &params).await?;
+                    out.added += 1;
+                    continue;
+                };
+                let changed = col::<&str>(old, 0)? != o.object_type
+                    || col::<&str>(old, 1)? != o.attributes_json
+                    || col::<bool>(old, 2)?;
+                if changed {
+                    Self::exec(&mut conn, sql::UPDATE_OBJECT, &params).await?;
+                    out.updated += 1;
+                } else {
+                    if let Some(run) = &batch.seen_in_run {
+                        Self::exec(
+                            &mut conn,
+                            sql::SEEN_OBJECT,
+                            &[&batch.connector.as_str(), &o.anchor.as_str(), &run.as_str()],
+                        )
+                        .await?;
+                    }
+                    out.unchanged += 1;
+                }
             }
             if let Some(w) = &batch.watermark {
                 Self::upsert(
@@ -528,11 +826,8 @@ impl Store for MssqlStore {
                 &[&"batch", &token.epoch, &token.instance.as_str(), &now_ms],
             )
             .await?;
-            Ok(BatchOutcome {
-                seq: seq as u64,
-                added: batch.objects.len() as u64,
-                ..Default::default()
-            })
+            out.seq = seq as u64;
+            Ok(out)
         }
         .await;
         self.finish(conn, r).await
@@ -673,104 +968,394 @@ impl Store for MssqlStore {
         self.read(sql::RELAYS, &[], relay_row).await
     }
 
-    // SYNC-PORT-PENDING: replaced by the SQL Server port of the sync-engine methods.
     async fn finish_full_import(
         &self,
-        _t: &FenceToken,
-        _c: &str,
-        _o: &str,
-        _r: &str,
-        _n: i64,
+        token: &FenceToken,
+        connector: &str,
+        object_type: &str,
+        run_id: &str,
+        now_ms: i64,
     ) -> Result<u64, StoreError> {
-        Err(pending())
+        let mut conn = self.begin().await?;
+        let r = async {
+            Self::check_fence(&mut conn, token).await?;
+            let n = Self::exec(
+                &mut conn,
+                sql::MARK_UNSEEN_DELETED,
+                &[&now_ms, &connector, &object_type, &run_id],
+            )
+            .await?;
+            Self::exec(
+                &mut conn,
+                sql::JOURNAL,
+                &[
+                    &"full_import_end",
+                    &token.epoch,
+                    &token.instance.as_str(),
+                    &now_ms,
+                ],
+            )
+            .await?;
+            Ok(n)
+        }
+        .await;
+        self.finish(conn, r).await
     }
-    async fn put_connector(&self, _c: &ConnectorRow) -> Result<(), StoreError> {
-        Err(pending())
+
+    async fn put_connector(&self, c: &ConnectorRow) -> Result<(), StoreError> {
+        let mut conn = self.begin().await?;
+        let r = Self::upsert(
+            &mut conn,
+            sql::UPDATE_CONNECTOR,
+            sql::INSERT_CONNECTOR,
+            &[
+                &c.id.as_str(),
+                &c.name.as_str(),
+                &c.kind.as_str(),
+                &c.config_json.as_str(),
+                &c.rules_json.as_str(),
+                &c.relay_id.as_deref(),
+                &c.is_canary,
+                &c.created_at_ms,
+                &c.updated_at_ms,
+            ],
+        )
+        .await;
+        match self.finish(conn, r).await {
+            Err(e) if is_unique_violation(&e) => Err(StoreError::Conflict(format!(
+                "a connector named {:?} already exists; pick another name",
+                c.name
+            ))),
+            other => other,
+        }
     }
-    async fn connector(&self, _id: &str) -> Result<Option<ConnectorRow>, StoreError> {
-        Err(pending())
+
+    async fn connector(&self, id: &str) -> Result<Option<ConnectorRow>, StoreError> {
+        Ok(self
+            .read(sql::CONNECTOR, &[&id], connector_row)
+            .await?
+            .into_iter()
+            .next())
     }
+
     async fn connectors(&self) -> Result<Vec<ConnectorRow>, StoreError> {
-        Err(pending())
+        self.read(sql::CONNECTORS, &[], connector_row).await
     }
-    async fn delete_connector(&self, _id: &str) -> Result<bool, StoreError> {
-        Err(pending())
+
+    async fn delete_connector(&self, id: &str) -> Result<bool, StoreError> {
+        let mut conn = self.begin().await?;
+        let r = async {
+            // Every write of the connector space is fenced: holding the fence row's lock (as
+            // SQLite's write lock does) keeps the count true until this transaction ends.
+            Self::fence_locked(&mut conn).await?;
+            let objects: i64 = match Self::rows(&mut conn, sql::CONNECTOR_OBJECTS, &[&id])
+                .await?
+                .first()
+            {
+                Some(r) => col(r, 0)?,
+                None => 0,
+            };
+            if objects > 0 {
+                return Err(StoreError::Conflict(format!(
+                    "connector {id} still has {objects} objects in its connector space; clear it first \
+                     (POST /api/connectors/{id}/clear) so its identity contributions are removed"
+                )));
+            }
+            Self::exec(&mut conn, sql::DELETE_CONNECTOR_SCHEDULES, &[&id]).await?;
+            Self::exec(&mut conn, sql::DELETE_CONNECTOR_WATERMARKS, &[&id]).await?;
+            Self::exec(&mut conn, sql::DELETE_CONNECTOR, &[&id]).await
+        }
+        .await;
+        Ok(self.finish(conn, r).await? > 0)
     }
-    async fn put_schedule(&self, _s: &ScheduleRow) -> Result<(), StoreError> {
-        Err(pending())
+
+    async fn put_schedule(&self, s: &ScheduleRow) -> Result<(), StoreError> {
+        let mut conn = self.begin().await?;
+        let r = Self::upsert(
+            &mut conn,
+            sql::UPDATE_SCHEDULE,
+            sql::INSERT_SCHEDULE,
+            &[
+                &s.id.as_str(),
+                &s.connector_id.as_str(),
+                &s.kind.as_str(),
+                &s.spec.as_str(),
+                &s.mode.as_str(),
+                &s.enabled,
+                &s.next_run_ms,
+                &s.created_at_ms,
+            ],
+        )
+        .await;
+        self.finish(conn, r).await
     }
+
     async fn schedules(&self) -> Result<Vec<ScheduleRow>, StoreError> {
-        Err(pending())
+        self.read(sql::SCHEDULES, &[], |r| {
+            Ok(ScheduleRow {
+                id: text(r, 0)?,
+                connector_id: text(r, 1)?,
+                kind: text(r, 2)?,
+                spec: text(r, 3)?,
+                mode: text(r, 4)?,
+                enabled: col(r, 5)?,
+                next_run_ms: opt(r, 6)?,
+                created_at_ms: col(r, 7)?,
+            })
+        })
+        .await
     }
-    async fn delete_schedule(&self, _id: &str) -> Result<bool, StoreError> {
-        Err(pending())
+
+    async fn delete_schedule(&self, id: &str) -> Result<bool, StoreError> {
+        let mut conn = self.take().await?;
+        let n = Self::exec(&mut conn, sql::DELETE_SCHEDULE, &[&id]).await?;
+        self.give(conn);
+        Ok(n > 0)
     }
-    async fn set_schedule_next_run(&self, _id: &str, _n: i64) -> Result<(), StoreError> {
-        Err(pending())
+
+    async fn set_schedule_next_run(&self, id: &str, next_run_ms: i64) -> Result<(), StoreError> {
+        let mut conn = self.take().await?;
+        Self::exec(&mut conn, sql::SET_SCHEDULE_NEXT_RUN, &[&id, &next_run_ms]).await?;
+        self.give(conn);
+        Ok(())
     }
-    async fn setting(&self, _n: &str) -> Result<Option<String>, StoreError> {
-        Err(pending())
+
+    async fn setting(&self, name: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .read(sql::SETTING, &[&name], |r| text(r, 0))
+            .await?
+            .into_iter()
+            .next())
     }
-    async fn set_setting(&self, _n: &str, _v: &str) -> Result<(), StoreError> {
-        Err(pending())
+
+    async fn set_setting(&self, name: &str, value: &str) -> Result<(), StoreError> {
+        let mut conn = self.begin().await?;
+        let r = Self::upsert(
+            &mut conn,
+            sql::UPDATE_SETTING,
+            sql::INSERT_SETTING,
+            &[&name, &value],
+        )
+        .await;
+        self.finish(conn, r).await
     }
-    async fn put_secret(&self, _s: &SecretRow) -> Result<(), StoreError> {
-        Err(pending())
+
+    async fn put_secret(&self, s: &SecretRow) -> Result<(), StoreError> {
+        let mut conn = self.begin().await?;
+        let r = Self::upsert(
+            &mut conn,
+            sql::UPDATE_SECRET,
+            sql::INSERT_SECRET,
+            &[
+                &s.name.as_str(),
+                &s.key_id.as_str(),
+                &s.nonce.as_slice(),
+                &s.ciphertext.as_slice(),
+                &s.updated_at_ms,
+            ],
+        )
+        .await;
+        self.finish(conn, r).await
     }
-    async fn secret(&self, _n: &str) -> Result<Option<SecretRow>, StoreError> {
-        Err(pending())
+
+    async fn secret(&self, name: &str) -> Result<Option<SecretRow>, StoreError> {
+        Ok(self
+            .read(sql::SECRET, &[&name], |r| {
+                Ok(SecretRow {
+                    name: text(r, 0)?,
+                    key_id: text(r, 1)?,
+                    nonce: col::<&[u8]>(r, 2)?.to_vec(),
+                    ciphertext: col::<&[u8]>(r, 3)?.to_vec(),
+                    updated_at_ms: col(r, 4)?,
+                })
+            })
+            .await?
+            .into_iter()
+            .next())
     }
+
     async fn secrets(&self) -> Result<Vec<SecretRow>, StoreError> {
-        Err(pending())
+        // The statement does not select the values: they never leave the database here.
+        self.read(sql::SECRETS, &[], |r| {
+            Ok(SecretRow {
+                name: text(r, 0)?,
+                key_id: text(r, 1)?,
+                nonce: Vec::new(),
+                ciphertext: Vec::new(),
+                updated_at_ms: col(r, 2)?,
+            })
+        })
+        .await
     }
-    async fn delete_secret(&self, _n: &str) -> Result<bool, StoreError> {
-        Err(pending())
+
+    async fn delete_secret(&self, name: &str) -> Result<bool, StoreError> {
+        let mut conn = self.take().await?;
+        let n = Self::exec(&mut conn, sql::DELETE_SECRET, &[&name]).await?;
+        self.give(conn);
+        Ok(n > 0)
     }
-    async fn start_run(&self, _t: &FenceToken, _r: &RunRow) -> Result<(), StoreError> {
-        Err(pending())
+
+    async fn start_run(&self, token: &FenceToken, run: &RunRow) -> Result<(), StoreError> {
+        let mut conn = self.begin().await?;
+        let r = async {
+            Self::check_fence(&mut conn, token).await?;
+            Self::exec(
+                &mut conn,
+                sql::ABANDON_OLD_RUNS,
+                &[&run.started_at_ms, &run.connector_id.as_str(), &token.epoch],
+            )
+            .await?;
+            let running = Self::rows(&mut conn, sql::RUNNING_RUN, &[&run.connector_id.as_str()])
+                .await?
+                .first()
+                .map(|r| text(r, 0))
+                .transpose()?;
+            if let Some(other) = running {
+                return Err(StoreError::Conflict(format!(
+                    "connector {} is already running (run {other}); wait for it to finish",
+                    run.connector_id
+                )));
+            }
+            Self::exec(
+                &mut conn,
+                sql::INSERT_RUN,
+                &[
+                    &run.id.as_str(),
+                    &run.connector_id.as_str(),
+                    &token.instance.as_str(),
+                    &token.epoch,
+                    &run.started_at_ms,
+                    &run.mode.as_str(),
+                    &run.trigger.as_str(),
+                ],
+            )
+            .await?;
+            Ok(())
+        }
+        .await;
+        self.finish(conn, r).await
     }
-    async fn finish_run(&self, _r: &RunRow) -> Result<(), StoreError> {
-        Err(pending())
+
+    async fn finish_run(&self, run: &RunRow) -> Result<(), StoreError> {
+        let mut conn = self.take().await?;
+        Self::exec(
+            &mut conn,
+            sql::FINISH_RUN,
+            &[
+                &run.id.as_str(),
+                &run.status.as_str(),
+                &run.finished_at_ms,
+                &run.added,
+                &run.updated,
+                &run.unchanged,
+                &run.deleted,
+                &run.failed,
+                &run.error.as_deref(),
+                &run.errors_json.as_deref(),
+            ],
+        )
+        .await?;
+        self.give(conn);
+        Ok(())
     }
-    async fn run(&self, _id: &str) -> Result<Option<RunRow>, StoreError> {
-        Err(pending())
+
+    async fn run(&self, id: &str) -> Result<Option<RunRow>, StoreError> {
+        Ok(self
+            .read(sql::RUN, &[&id], run_row)
+            .await?
+            .into_iter()
+            .next())
     }
-    async fn runs(&self, _c: Option<&str>, _l: i64) -> Result<Vec<RunRow>, StoreError> {
-        Err(pending())
+
+    async fn runs(&self, connector: Option<&str>, limit: i64) -> Result<Vec<RunRow>, StoreError> {
+        self.read(sql::RUNS, &[&connector, &limit], run_row).await
     }
-    async fn dirty_objects(&self, _c: &str, _l: i64) -> Result<Vec<DirtyObject>, StoreError> {
-        Err(pending())
+
+    async fn dirty_objects(
+        &self,
+        connector: &str,
+        limit: i64,
+    ) -> Result<Vec<DirtyObject>, StoreError> {
+        self.read(sql::DIRTY_OBJECTS, &[&connector, &limit], |r| {
+            Ok(DirtyObject {
+                anchor: text(r, 0)?,
+                object_type: text(r, 1)?,
+                attributes_json: text(r, 2)?,
+                deleted: col(r, 3)?,
+                rev: col(r, 4)?,
+            })
+        })
+        .await
     }
-    async fn link(&self, _c: &str, _a: &str) -> Result<Option<LinkRow>, StoreError> {
-        Err(pending())
+
+    async fn link(&self, connector: &str, anchor: &str) -> Result<Option<LinkRow>, StoreError> {
+        Ok(self
+            .read(sql::LINK, &[&connector, &anchor], link_row)
+            .await?
+            .into_iter()
+            .next())
     }
-    async fn links_of_identity(&self, _i: &str) -> Result<Vec<LinkRow>, StoreError> {
-        Err(pending())
+
+    async fn links_of_identity(&self, identity_id: &str) -> Result<Vec<LinkRow>, StoreError> {
+        self.read(sql::LINKS_OF_IDENTITY, &[&identity_id], link_row)
+            .await
     }
-    async fn identities_by_key(&self, _a: &str, _v: &str) -> Result<Vec<String>, StoreError> {
-        Err(pending())
+
+    async fn identities_by_key(&self, attr: &str, value: &str) -> Result<Vec<String>, StoreError> {
+        self.read(sql::IDENTITIES_BY_KEY, &[&attr, &value], |r| text(r, 0))
+            .await
     }
-    async fn identity(&self, _id: &str) -> Result<Option<IdentityRow>, StoreError> {
-        Err(pending())
+
+    async fn identity(&self, id: &str) -> Result<Option<IdentityRow>, StoreError> {
+        Ok(self
+            .read(sql::IDENTITY, &[&id], identity_row)
+            .await?
+            .into_iter()
+            .next())
     }
+
     async fn identities(
         &self,
-        _s: Option<&str>,
-        _a: Option<&str>,
-        _l: i64,
+        search: Option<&str>,
+        after: Option<&str>,
+        limit: i64,
     ) -> Result<Vec<IdentityRow>, StoreError> {
-        Err(pending())
+        let pattern = search.map(like_pattern);
+        self.read(
+            sql::IDENTITIES,
+            &[&pattern.as_deref(), &search, &after, &limit],
+            identity_row,
+        )
+        .await
     }
+
     async fn count_identities(&self) -> Result<i64, StoreError> {
-        Err(pending())
+        let v = self.read(sql::COUNT_IDENTITIES, &[], |r| col(r, 0)).await?;
+        Ok(v.into_iter().next().unwrap_or(0))
     }
+
     async fn commit_compose(
         &self,
-        _t: &FenceToken,
-        _w: &[ComposeWrite],
-        _n: i64,
+        token: &FenceToken,
+        writes: &[ComposeWrite],
+        now_ms: i64,
     ) -> Result<(), StoreError> {
-        Err(pending())
+        let mut conn = self.begin().await?;
+        let r = async {
+            Self::check_fence(&mut conn, token).await?;
+            for w in writes {
+                Self::compose_write(&mut conn, w).await?;
+            }
+            Self::exec(
+                &mut conn,
+                sql::JOURNAL,
+                &[&"compose", &token.epoch, &token.instance.as_str(), &now_ms],
+            )
+            .await?;
+            Ok(())
+        }
+        .await;
+        self.finish(conn, r).await
     }
 
     async fn append_audit(&self, e: &AuditEntry) -> Result<(), StoreError> {
@@ -836,6 +1421,46 @@ mod tests {
                 parse(stmt);
             }
         }
+        // The sync-engine schema is among them.
+        assert!(MSSQL
+            .iter()
+            .any(|m| m.version == 2 && !m.statements.is_empty()));
+    }
+
+    /// Every constant of `mod sql` is in `sql::ALL`, so the parse test sees each statement.
+    #[test]
+    fn every_statement_is_listed_for_the_parse_test() {
+        let src = include_str!("mssql.rs");
+        let body = src
+            .split_once("pub mod sql {")
+            .and_then(|(_, rest)| rest.split_once("pub const ALL"))
+            .map(|(consts, _)| consts)
+            .unwrap();
+        let listed = src
+            .split_once("pub const ALL: &[&str] = &[")
+            .and_then(|(_, rest)| rest.split_once("];"))
+            .map(|(names, _)| names)
+            .unwrap();
+        let listed: Vec<&str> = listed.split(',').map(str::trim).collect();
+        let mut names = 0;
+        for line in body.lines() {
+            if let Some(name) = line
+                .trim()
+                .strip_prefix("pub const ")
+                .and_then(|rest| rest.split_once(':'))
+                .map(|(name, _)| name)
+            {
+                names += 1;
+                assert!(listed.contains(&name), "{name} is missing from sql::ALL");
+            }
+        }
+        assert_eq!(names, sql::ALL.len(), "sql::ALL lists a statement twice");
+    }
+
+    #[test]
+    fn like_patterns_are_literal_substrings() {
+        assert_eq!(like_pattern("ann"), "%ann%");
+        assert_eq!(like_pattern(r"100%_[x]\y"), r"%100\%\_\[x]\\y%");
     }
 
     #[test]

@@ -147,6 +147,8 @@ pub struct Pki {
     pub key: PathBuf,
     pub client_pem: String,
     pub ca_pem: String,
+    /// The key ring both instances share (what the operator's Secret mounts).
+    pub keyring: PathBuf,
 }
 
 pub fn pki(dir: &Path) -> Pki {
@@ -181,7 +183,13 @@ pub fn pki(dir: &Path) -> Pki {
         key: dir.join("tls.key"),
         client_pem: format!("{}{}", cl.pem(), cl_key.serialize_pem()),
         ca_pem: ca_cert.pem(),
+        keyring: dir.join("keyring.json"),
     };
+    std::fs::write(
+        &p.keyring,
+        identitymesh_keyring::KeyRing::generate().to_json(),
+    )
+    .unwrap();
     std::fs::write(&p.ca, ca_cert.pem()).unwrap();
     std::fs::write(&p.cert, srv.pem()).unwrap();
     std::fs::write(&p.key, srv_key.serialize_pem()).unwrap();
