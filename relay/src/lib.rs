@@ -4,6 +4,7 @@ pub mod agent;
 pub mod backoff;
 pub mod config;
 pub mod connect;
+pub mod directory;
 pub mod handlers;
 pub mod session;
 pub mod tls;

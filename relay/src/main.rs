@@ -178,7 +178,9 @@ async fn run(a: RunArgs, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> 
     }
     let settings = file.settings(&config_dir(&path))?;
     tracing::info!(server = %file.server, version = env!("CARGO_PKG_VERSION"), "relay starting");
-    let agent = Agent::new(settings, HandlerRegistry::with_diagnostics())?;
+    let mut handlers = HandlerRegistry::with_diagnostics();
+    identitymesh_relay::directory::register(&mut handlers);
+    let agent = Agent::new(settings, handlers)?;
     agent.run(shutdown).await;
     tracing::info!("relay stopped");
     Ok(())

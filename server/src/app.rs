@@ -44,15 +44,7 @@ pub async fn run(
     let version = cfg.version();
     tracing::info!(?mode, %instance, %version, data_dir = %cfg.data_dir.display(), "starting identitymesh-server");
 
-    let backend = match &cfg.database.connection_string {
-        Some(cs) if !cs.trim().is_empty() => store::parse_connection_string(cs)
-            .context("database.connection_string (IM_DATABASE__CONNECTION_STRING)")?,
-        _ if mode == Mode::Managed => bail!(
-            "database.connection_string is required in managed mode; both pods must share one database \
-             (set IM_DATABASE__CONNECTION_STRING from the database Secret)"
-        ),
-        _ => Backend::Sqlite(cfg.data_dir.join("identitymesh.db")),
-    };
+    let backend = backend(mode, &cfg)?;
     let store = open_store(
         &backend,
         Duration::from_millis(cfg.database.connect_timeout_ms),
@@ -147,6 +139,35 @@ pub async fn run(
     let _ = schedule_task.await;
     tracing::info!("shutdown complete");
     Ok(())
+}
+
+/// The configured database; a standalone install defaults to SQLite in its data directory.
+fn backend(mode: Mode, cfg: &Config) -> anyhow::Result<Backend> {
+    Ok(match &cfg.database.connection_string {
+        Some(cs) if !cs.trim().is_empty() => store::parse_connection_string(cs)
+            .context("database.connection_string (IM_DATABASE__CONNECTION_STRING)")?,
+        _ if mode == Mode::Managed => bail!(
+            "database.connection_string is required in managed mode; both pods must share one database \
+             (set IM_DATABASE__CONNECTION_STRING from the database Secret)"
+        ),
+        _ => Backend::Sqlite(cfg.data_dir.join("identitymesh.db")),
+    })
+}
+
+/// The database and key ring, for the `secrets` command (no listeners, no engine).
+pub async fn open_secrets(mode: Mode, cfg: &Config) -> anyhow::Result<crate::secrets::Secrets> {
+    let backend = backend(mode, cfg)?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("cannot create data_dir {}", cfg.data_dir.display()))?;
+    let store = open_store(
+        &backend,
+        Duration::from_millis(cfg.database.connect_timeout_ms),
+    )
+    .await?;
+    Ok(crate::secrets::Secrets::new(
+        store,
+        load_keyring(mode, cfg)?,
+    ))
 }
 
 /// The key ring that seals connector secrets: the mounted file, or for a standalone install

@@ -70,10 +70,31 @@ struct IdentityState {
     links: Vec<LinkRow>,
 }
 
-/// The chunk's view: identities it changed (None = deleted) over what the store holds.
+/// The chunk's view: identities it changed (None = deleted) over what the store holds, with
+/// the join keys of the changed ones indexed.
 #[derive(Default)]
 struct Overlay {
     identities: HashMap<String, Option<IdentityState>>,
+    keys: HashMap<(String, String), BTreeSet<String>>,
+    keys_of: HashMap<String, Vec<(String, String)>>,
+}
+
+impl Overlay {
+    fn put(&mut self, id: &str, state: Option<IdentityState>, keys: Vec<(String, String)>) {
+        for old in self.keys_of.remove(id).unwrap_or_default() {
+            if let Some(ids) = self.keys.get_mut(&old) {
+                ids.remove(id);
+            }
+        }
+        for k in &keys {
+            self.keys
+                .entry(k.clone())
+                .or_default()
+                .insert(id.to_string());
+        }
+        self.keys_of.insert(id.to_string(), keys);
+        self.identities.insert(id.to_string(), state);
+    }
 }
 
 const MAX_ERRORS: usize = 100;
@@ -136,7 +157,6 @@ async fn load_identity(
 async fn lookup_key(
     store: &Arc<dyn Store>,
     overlay: &Overlay,
-    key_attributes: &BTreeSet<String>,
     attr: &str,
     value: &str,
 ) -> Result<Vec<String>, StoreError> {
@@ -146,15 +166,8 @@ async fn lookup_key(
         .into_iter()
         .filter(|id| !overlay.identities.contains_key(id))
         .collect();
-    for (id, state) in &overlay.identities {
-        if let Some(s) = state {
-            if keys_of(&merged_of(&s.row), key_attributes)
-                .iter()
-                .any(|(a, v)| a == attr && v == value)
-            {
-                ids.push(id.clone());
-            }
-        }
+    if let Some(found) = overlay.keys.get(&(attr.to_string(), value.to_string())) {
+        ids.extend(found.iter().cloned());
     }
     ids.sort();
     ids.dedup();
@@ -255,7 +268,7 @@ async fn compose_one(
                 .join_keys(&obj.object_type, &stored.attributes, dn);
             let mut per_rule = Vec::with_capacity(keys.len());
             for (attr, value) in &keys {
-                let mut found = lookup_key(store, overlay, ctx.key_attributes, attr, value).await?;
+                let mut found = lookup_key(store, overlay, attr, value).await?;
                 // One object per connector per identity: an identity this connector already
                 // supplies is not a join candidate for another of its objects.
                 let mut free = Vec::new();
@@ -363,8 +376,8 @@ async fn apply(
                 now,
             ));
             counts.deleted += 1;
-            let _ = b;
-            overlay.identities.insert(identity_id.to_string(), None);
+            drop(b);
+            overlay.put(identity_id, None, Vec::new());
         }
         return Ok(());
     }
@@ -380,10 +393,11 @@ async fn apply(
         .as_ref()
         .map(|s| merged_of(&s.row) != merged || s.row.display_name != row.display_name)
         .unwrap_or(true);
+    let keys = keys_of(&merged, ctx.key_attributes);
     if changed {
         writes.push(ComposeWrite::PutIdentity {
             identity: row.clone(),
-            keys: keys_of(&merged, ctx.key_attributes),
+            keys: keys.clone(),
         });
         let action = if before.is_some() {
             counts.updated += 1;
@@ -410,9 +424,7 @@ async fn apply(
     } else {
         before.map(|s| s.row).unwrap_or(row)
     };
-    overlay
-        .identities
-        .insert(identity_id.to_string(), Some(IdentityState { row, links }));
+    overlay.put(identity_id, Some(IdentityState { row, links }), keys);
     Ok(())
 }
 

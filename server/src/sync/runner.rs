@@ -295,9 +295,14 @@ impl SyncEngine {
                 run.deleted += gone as i64;
             }
         } else {
+            let t = std::time::Instant::now();
             self.import(row, mode, run, errors).await?;
+            tracing::info!(run = %run.id, elapsed_ms = t.elapsed().as_millis() as u64, "import phase done");
         }
-        self.compose(row, rules, key_attributes, run, errors).await
+        let t = std::time::Instant::now();
+        let r = self.compose(row, rules, key_attributes, run, errors).await;
+        tracing::info!(run = %run.id, elapsed_ms = t.elapsed().as_millis() as u64, "compose phase done");
+        r
     }
 
     async fn import(

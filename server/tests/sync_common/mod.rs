@@ -1,5 +1,7 @@
 //! A standalone server for sync tests, driven through its Admin API with the bootstrap token.
 
+#![allow(dead_code)]
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -135,11 +137,67 @@ impl Standalone {
     }
 
     pub async fn stop(mut self) {
+        if std::env::var_os("IM_TEST_SHOW_LOG").is_some() {
+            eprintln!("{}", log_text(&self.data));
+        }
         let status = self.proc.terminate(Duration::from_secs(20));
         assert!(
             status.success(),
             "server exit: {status:?}\n{}",
             self.proc.output()
         );
+    }
+}
+
+/// A stored attribute value as bytes: text as UTF-8, `{"base64": …}` decoded.
+#[allow(dead_code)]
+pub fn stored_value_bytes(v: &Value) -> Vec<u8> {
+    use base64::Engine as _;
+    match v {
+        Value::String(s) => s.as_bytes().to_vec(),
+        Value::Object(o) => base64::engine::general_purpose::STANDARD
+            .decode(o["base64"].as_str().expect("a {\"base64\": ...} value"))
+            .expect("valid base64"),
+        other => panic!("unexpected stored value {other}"),
+    }
+}
+
+/// The connector space holds exactly the generated directory: one object per generated entry
+/// (people and groups, found by DN, no others), and every generated attribute with exactly
+/// the generated values, byte for byte (order ignored).
+#[allow(dead_code)]
+pub fn assert_space_matches_directory(
+    stored: &BTreeMap<String, Value>,
+    generated: &identitymesh_connectors::testing::GeneratedDirectory,
+) {
+    let entries: Vec<_> = generated.people.iter().chain(&generated.groups).collect();
+    let mut stored_dns: Vec<&str> = stored
+        .values()
+        .map(|o| o["dn"].as_str().expect("every stored LDAP object has a dn"))
+        .collect();
+    stored_dns.sort();
+    let mut generated_dns: Vec<&str> = entries.iter().map(|e| e.dn.as_str()).collect();
+    generated_dns.sort();
+    assert_eq!(
+        stored_dns, generated_dns,
+        "the connector space holds exactly the generated entries"
+    );
+    for e in entries {
+        let o = stored
+            .values()
+            .find(|o| o["dn"] == e.dn.as_str())
+            .unwrap_or_else(|| panic!("{} not imported", e.dn));
+        for (attr, values) in &e.attributes {
+            let mut got: Vec<Vec<u8>> = o["attributes"][attr]
+                .as_array()
+                .unwrap_or_else(|| panic!("{}: {attr} missing", e.dn))
+                .iter()
+                .map(stored_value_bytes)
+                .collect();
+            let mut want = values.clone();
+            got.sort();
+            want.sort();
+            assert_eq!(got, want, "{}: {attr}", e.dn);
+        }
     }
 }
