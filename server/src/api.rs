@@ -283,6 +283,7 @@ pub fn internal_router(state: AppState) -> Router {
         .route("/internal/v1/instances", get(internal_instances))
         .route("/internal/v1/promote", post(promote))
         .route("/internal/v1/demote", post(demote))
+        .merge(crate::api_checks::internal_routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(64 * 1024))

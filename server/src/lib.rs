@@ -2,6 +2,7 @@
 //! The contract with pods and the operator is in `server/README.md`.
 
 pub mod api;
+pub mod api_checks;
 pub mod api_sync;
 pub mod app;
 pub mod auth;

@@ -118,6 +118,67 @@ async fn promotion_fences_the_old_active() {
     })
     .await;
 
+    // Engine work happens on the active only: the standby refuses runs and canaries, the
+    // active answers the operator's post-cutover checks.
+    let r = op
+        .post(format!("{}/api/connectors/any/runs", a.public))
+        .bearer_auth(token)
+        .json(&serde_json::json!({"mode": "delta"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    assert!(r.text().await.unwrap().contains("not active"));
+    let r = op
+        .post(format!("{}/internal/v1/canary", a.internal))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    let canary: serde_json::Value = op
+        .post(format!("{}/internal/v1/canary", b.internal))
+        .json(&serde_json::json!({"wait_ms": 1000}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        canary["ok"],
+        serde_json::Value::Null,
+        "no canary connector: {canary}"
+    );
+    // With a canary connector (a CSV drop folder), the canary runs it and reports success.
+    let drop = dir.path().join("canary");
+    std::fs::create_dir_all(&drop).unwrap();
+    std::fs::write(drop.join("c.csv"), "id,name\n1,Canary\n").unwrap();
+    let r = op
+        .post(format!("{}/api/connectors", b.public))
+        .bearer_auth(token)
+        .json(
+            &serde_json::json!({"name": "canary", "kind": "csv", "canary": true,
+            "config": {"folder": drop, "object_type": "row", "anchor_column": "id"},
+            "rules": {"precedence": 1}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    let canary: serde_json::Value = op
+        .post(format!("{}/internal/v1/canary", b.internal))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(canary["ok"], true, "{canary}");
+    assert_eq!(canary["runs"][0]["status"], "succeeded", "{canary}");
+    let relays: serde_json::Value =
+        get_json(&op, &format!("{}/internal/v1/relays", b.internal), None).await;
+    assert_eq!(relays["expected"], serde_json::json!([]), "{relays}");
+
     // The operator's view of the registry over mTLS agrees.
     let rows: Vec<serde_json::Value> =
         get_json(&op, &format!("{}/internal/v1/instances", a.internal), None).await;

@@ -79,6 +79,11 @@ impl Standalone {
             .await
     }
 
+    pub async fn delete(&self, path: &str) -> (u16, Value) {
+        self.send(self.client.delete(format!("{}{path}", self.base)))
+            .await
+    }
+
     /// Starts a run and waits for its end.
     pub async fn run(&self, connector: &str, mode: &str) -> Value {
         let (st, run) = self

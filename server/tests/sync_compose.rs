@@ -1,0 +1,197 @@
+//! Two connectors feeding one set of identities: an HR CSV drop folder (precedence 10) and the
+//! LDAP directory (precedence 20). HR wins where both supply an attribute, LDAP fills in what HR
+//! lacks, removing HR's row falls back to LDAP, bad CSV rows are reported with their line, and
+//! a connector is cleared before it can be deleted. Also: pause and resume.
+
+mod common;
+
+use identitymesh_connectors::testing::{generate_people, Slapd, ROOT_PASSWORD};
+use serde_json::{json, Value};
+
+mod sync_common;
+use sync_common::*;
+
+fn identity_by_uid<'a>(items: &'a [Value], uid: &str) -> &'a Value {
+    items
+        .iter()
+        .find(|i| i["attributes"]["uid"] == json!([uid]))
+        .unwrap_or_else(|| panic!("no identity with uid {uid}"))
+}
+
+#[tokio::test]
+async fn hr_csv_and_ldap_compose_by_precedence() {
+    let dir = tempfile::tempdir().unwrap();
+    let generated = generate_people(10, 5);
+    let slapd = Slapd::launch(&dir.path().join("slapd"), Some(&generated.ldif))
+        .await
+        .unwrap();
+    let s = Standalone::start(dir.path()).await;
+    assert_eq!(
+        s.put("/api/secrets/ldap-bind", json!({"value": ROOT_PASSWORD}))
+            .await
+            .0,
+        200
+    );
+
+    let mut config = serde_json::to_value(slapd.ldap_config()).unwrap();
+    config["bind_password_ref"] = json!("ldap-bind");
+    let ldap_rules = json!({"precedence": 20, "object_types": {"people": {
+        "join": [{"source": "uid", "identity_attribute": "uid"}],
+        "flows": [
+            {"target": "uid", "expression": "lower(uid)"},
+            {"target": "mail", "expression": "mail"},
+            {"target": "title", "expression": "\"Staff\""}
+        ],
+        "display_name": "cn"}}});
+    let (st, ldap) = s
+        .post(
+            "/api/connectors",
+            json!({"name": "ldap", "kind": "ldap", "config": config, "rules": ldap_rules}),
+        )
+        .await;
+    assert_eq!(st, 201, "{ldap}");
+    let ldap = ldap["id"].as_str().unwrap().to_string();
+
+    // HR's drop folder: semicolon-separated, one bad row (line 4: a missing column).
+    let drop = dir.path().join("hr-drop");
+    std::fs::create_dir_all(&drop).unwrap();
+    std::fs::write(
+        drop.join("hr.csv"),
+        "employeeId;uid;name;department;title\n\
+         E1;user000001;Anne Personnel;Finance;Controller\n\
+         E2;user000002;Björn HR;Engineering;Architect\n\
+         E3;user000003;broken row\n\
+         E4;user000004;Chloé Dupont;Legal;Counsel\n",
+    )
+    .unwrap();
+    let hr_rules = json!({"precedence": 10, "object_types": {"employee": {
+        "join": [{"source": "lower(uid)", "identity_attribute": "uid"}],
+        "project": false,
+        "flows": [
+            {"target": "department", "expression": "department"},
+            {"target": "title", "expression": "trim(title)"}
+        ],
+        "display_name": "name"}}});
+    let hr_config = json!({"folder": drop, "object_type": "employee", "anchor_column": "employeeId", "delimiter": ";"});
+    let (st, hr) = s
+        .post(
+            "/api/connectors",
+            json!({"name": "hr", "kind": "csv", "config": hr_config, "rules": hr_rules}),
+        )
+        .await;
+    assert_eq!(st, 201, "{hr}");
+    let hr = hr["id"].as_str().unwrap().to_string();
+
+    let run = s.run(&ldap, "full").await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let run = s.run(&hr, "full").await;
+    assert_eq!(run["status"], "completed_with_errors", "{run}");
+    assert_eq!(run["counts"]["added"], 3, "{run}");
+    assert_eq!(run["counts"]["failed"], 1, "{run}");
+    assert!(
+        run["errors"][0]["location"]
+            .as_str()
+            .unwrap()
+            .ends_with("hr.csv:4"),
+        "{run}"
+    );
+
+    let ids = s.get("/api/identities?limit=100").await;
+    let items = ids["items"].as_array().unwrap();
+    assert_eq!(items.len(), 10, "HR joins, it does not project: {ids}");
+    let anne = identity_by_uid(items, "user000001");
+    assert_eq!(
+        anne["display_name"], "Anne Personnel",
+        "HR wins the display name"
+    );
+    assert_eq!(
+        anne["attributes"]["title"],
+        json!(["Controller"]),
+        "HR (10) beats LDAP (20)"
+    );
+    assert_eq!(anne["attributes"]["department"], json!(["Finance"]));
+    assert!(
+        anne["attributes"]["mail"][0]
+            .as_str()
+            .unwrap()
+            .ends_with("@example.org"),
+        "LDAP fills in mail"
+    );
+    assert_eq!(anne["sources"]["title"], hr);
+    assert_eq!(anne["sources"]["mail"], ldap);
+    let other = identity_by_uid(items, "user000005");
+    assert_eq!(other["attributes"]["title"], json!(["Staff"]));
+
+    let detail = s
+        .get(&format!("/api/identities/{}", anne["id"].as_str().unwrap()))
+        .await;
+    assert_eq!(detail["links"].as_array().unwrap().len(), 2, "{detail}");
+
+    // Anne leaves HR's file: her HR contribution goes, LDAP's values come back.
+    std::fs::write(
+        drop.join("hr.csv"),
+        "employeeId;uid;name;department;title\nE2;user000002;Björn HR;Engineering;Architect\n",
+    )
+    .unwrap();
+    let run = s.run(&hr, "full").await;
+    assert_eq!(run["counts"]["deleted"], 2, "{run}");
+    let ids = s.get("/api/identities?limit=100").await;
+    let anne = identity_by_uid(ids["items"].as_array().unwrap(), "user000001");
+    assert_eq!(anne["attributes"]["title"], json!(["Staff"]), "{anne}");
+    assert!(anne["attributes"].get("department").is_none(), "{anne}");
+    assert_ne!(anne["display_name"], "Anne Personnel");
+    let audit = s.get("/api/audit?limit=500").await;
+    let change = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| {
+            a["action"] == "identity.update"
+                && a["target"] == format!("identity/{}", anne["id"].as_str().unwrap())
+        })
+        .map(|a| serde_json::from_str::<Value>(a["detail"].as_str().unwrap()).unwrap())
+        .find(|d| {
+            d["connector"] == hr.as_str()
+                && d["changes"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|c| c["attribute"] == "department" && c["after"] == json!([]))
+        })
+        .expect("the audit log records the department's removal with before and after");
+    assert!(
+        change["changes"].to_string().contains("Finance"),
+        "{change}"
+    );
+
+    // A connector with objects cannot be deleted; cleared, it can, and its contributions go.
+    let r = s.delete(&format!("/api/connectors/{hr}")).await;
+    assert_eq!(r.0, 409, "{}", r.1);
+    let (st, clear) = s
+        .post(&format!("/api/connectors/{hr}/clear"), json!({}))
+        .await;
+    assert_eq!(st, 202, "{clear}");
+    let done = s.wait_run(clear["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(s.delete(&format!("/api/connectors/{hr}")).await.0, 204);
+    let ids = s.get("/api/identities?limit=100").await;
+    let bjorn = identity_by_uid(ids["items"].as_array().unwrap(), "user000002");
+    assert_eq!(bjorn["attributes"]["title"], json!(["Staff"]), "{bjorn}");
+
+    // Paused: no run starts (the runbook's drain step); resumed: runs again.
+    let (st, p) = s.post("/api/sync/pause", json!({})).await;
+    assert_eq!((st, p["paused"].clone()), (200, json!(true)));
+    let (st, p) = s
+        .post(
+            &format!("/api/connectors/{ldap}/runs"),
+            json!({"mode": "delta"}),
+        )
+        .await;
+    assert_eq!(st, 409, "{p}");
+    assert!(p["detail"].as_str().unwrap().contains("paused"), "{p}");
+    assert_eq!(s.get("/api/sync").await["paused"], true);
+    s.post("/api/sync/resume", json!({})).await;
+    let run = s.run(&ldap, "delta").await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    s.stop().await;
+}
