@@ -195,3 +195,53 @@ async fn hr_csv_and_ldap_compose_by_precedence() {
     assert_eq!(run["status"], "succeeded", "{run}");
     s.stop().await;
 }
+
+#[tokio::test]
+async fn an_interval_schedule_runs_the_connector_by_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Standalone::start(dir.path()).await;
+    let drop = dir.path().join("drop");
+    std::fs::create_dir_all(&drop).unwrap();
+    std::fs::write(drop.join("a.csv"), "id,name\n1,One\n2,Two\n").unwrap();
+    let (st, c) = s
+        .post(
+            "/api/connectors",
+            json!({"name": "sched", "kind": "csv", "rules": {"precedence": 1},
+                   "config": {"folder": drop, "object_type": "row", "anchor_column": "id"}}),
+        )
+        .await;
+    assert_eq!(st, 201, "{c}");
+    let id = c["id"].as_str().unwrap();
+    let (st, sched) = s
+        .post(
+            "/api/schedules",
+            json!({"connector_id": id, "kind": "interval", "spec": "10s", "mode": "full"}),
+        )
+        .await;
+    assert_eq!(st, 201, "{sched}");
+    assert!(sched["next_run"].is_string(), "{sched}");
+    let listed = s.get("/api/schedules").await;
+    assert_eq!(listed[0]["id"], sched["id"]);
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(40);
+    let run = loop {
+        let runs = s.get(&format!("/api/runs?connector={id}")).await;
+        if let Some(r) = runs
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["trigger"] == "schedule" && r["status"] != "running")
+        {
+            break r.clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "no scheduled run: {runs}");
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    };
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["counts"]["added"], 2, "{run}");
+    let (st, _) = s
+        .delete(&format!("/api/schedules/{}", sched["id"].as_str().unwrap()))
+        .await;
+    assert_eq!(st, 204);
+    s.stop().await;
+}

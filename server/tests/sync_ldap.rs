@@ -4,9 +4,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::time::Duration;
-
 use base64::Engine as _;
 use common::*;
 use identitymesh_connectors::testing::{generate_people, Slapd, ROOT_PASSWORD};
@@ -96,6 +93,20 @@ async fn ldap_full_delta_and_deletions_through_the_admin_api() {
         generated.people.len() as i64,
         "people become identities, groups do not"
     );
+    // Paging by id visits every identity exactly once.
+    let mut seen = std::collections::BTreeSet::new();
+    let mut after = String::new();
+    loop {
+        let page = s.get(&format!("/api/identities?limit=25&after={after}")).await;
+        for i in page["items"].as_array().unwrap() {
+            assert!(seen.insert(i["id"].as_str().unwrap().to_string()), "{i} twice");
+        }
+        match page["next"].as_str() {
+            Some(n) => after = n.to_string(),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), generated.people.len());
     let zoe = s.get("/api/identities?search=Zo%C3%AB").await;
     assert!(
         zoe["items"]
@@ -247,6 +258,3 @@ fn decode(v: &Value) -> Vec<u8> {
         other => panic!("unexpected value {other}"),
     }
 }
-
-#[allow(dead_code)]
-fn _unused(_: BTreeMap<(), ()>, _: Duration) {}
