@@ -839,6 +839,19 @@ impl Env {
             .unwrap_or_default()
     }
 
+    /// Kills the operator (SIGKILL, as a crashed pod) and starts a fresh one, as its Deployment
+    /// would (admin credentials, watching the test namespace; not for helm installs).
+    pub fn restart_operator(&mut self) {
+        self.operator.stop();
+        let log = self.operator.log.clone();
+        self.operator = Operator::start(
+            self.cluster.kubeconfig_path(),
+            Some(&self.ns),
+            &self.ns,
+            &log,
+        );
+    }
+
     /// Requests a planned switchover to the standby, as a user would: by annotating the cluster.
     pub async fn request_switchover(&self) {
         let ns = self.ns.clone();
