@@ -30,6 +30,10 @@ use crate::builders::{
     hash_of, Names, ANNOTATION_SWITCHOVER, FIELD_MANAGER, FINALIZER, LABEL_CLUSTER,
 };
 use crate::certs::{self, CertAndKey};
+use crate::checks::{
+    canary_condition, canary_plan, relays_condition, relays_not_asked, CanaryPlan, CondValue,
+    CANARY_CONDITION, CANARY_WAIT, RELAYS_CONDITION,
+};
 use crate::crd::{
     CertificateExpiry, CutoverIntent, CutoverKind, IdentityMeshCluster, IdentityMeshClusterStatus,
     Phase, Role, TransitionRecord,
@@ -471,6 +475,9 @@ impl Reconciler {
         // (Its failure is reported in status before it fails the reconcile.)
         let pods_result = self.ensure_pods(&world).await;
 
+        // Post-cutover checks against the active, once any cutover is recorded in status.
+        let checks = self.post_checks(&st, &world, instance_api.as_deref()).await;
+
         // Status.
         st.observed_generation = gen;
         st.instances = world
@@ -480,7 +487,7 @@ impl Reconciler {
             .collect();
         st.standby_pod = st.active_pod.as_deref().and_then(|a| self.names.peer(a));
         st.certificate_expiry = f.cert_expiry.clone();
-        self.set_conditions(&mut st, &f, &world, plan_phase.as_ref());
+        self.set_conditions(&mut st, &f, &world, plan_phase.as_ref(), &checks);
         match &pods_result {
             Ok(()) => set_condition(
                 &mut st.conditions,
@@ -1216,6 +1223,80 @@ impl Reconciler {
         })
     }
 
+    // ----------------------------------------------------------------------------- checks
+
+    /// RelaysReconnected on every reconcile where the active answers and no cutover runs;
+    /// CanarySync once per verified switchover/failover/upgrade, after it is recorded (the
+    /// cutover's duration and events are already written when the canary runs).
+    async fn post_checks(
+        &self,
+        st: &IdentityMeshClusterStatus,
+        world: &World,
+        api: Option<&dyn InstanceApi>,
+    ) -> Checks {
+        let running = st.cutover.is_some();
+        let active = st.active_pod.as_deref();
+        let live = active
+            .and_then(|a| world.views.iter().find(|v| v.name == a))
+            .is_some_and(|v| v.server.is_some());
+        let target = active.and_then(|a| world.target(a));
+        let relays = match (api, &target) {
+            (Some(api), Some(t)) if live && !running => {
+                let r = api.relays(t).await;
+                if let Err(e) = &r {
+                    tracing::debug!(pod = %t.pod, error = %e, "relay check failed");
+                }
+                Some(relays_condition(&t.pod, r.as_ref()))
+            }
+            _ => relays_not_asked(active, running),
+        };
+
+        let current = observe::get_condition(&st.conditions, CANARY_CONDITION);
+        let canary = match canary_plan(
+            st.last_transition.as_ref(),
+            active,
+            running,
+            current,
+            Timestamp::now(),
+        ) {
+            CanaryPlan::Keep => None,
+            CanaryPlan::Set(v) => Some(v),
+            CanaryPlan::Run { pod, key } => {
+                let r = match (api, world.target(&pod)) {
+                    (Some(api), Some(t)) => api.canary(&t, CANARY_WAIT).await,
+                    _ => Err(PodClientError::Transport {
+                        pod: pod.clone(),
+                        detail: "no pod IP or no mTLS client".into(),
+                    }),
+                };
+                if let Err(e) = &r {
+                    tracing::warn!(pod, error = %e, "canary sync could not run");
+                }
+                let v = canary_condition(&key, &pod, CANARY_WAIT, r.as_ref());
+                // One event per result (a retry that fails the same way stays quiet).
+                let same = current.is_some_and(|c| {
+                    c.status == v.status && c.reason == v.reason && c.message == v.message
+                });
+                if !same {
+                    let t = if v.status == "True" {
+                        EventType::Normal
+                    } else {
+                        EventType::Warning
+                    };
+                    // Event reasons name the canary (the condition's reason is in its context).
+                    let reason = match v.reason {
+                        "ActiveUnreachable" => "CanaryNotRun",
+                        r => r,
+                    };
+                    self.event_about(Some(&pod), t, reason, "Canary", v.message.clone())
+                        .await;
+                }
+                Some(v)
+            }
+        };
+        Checks { relays, canary }
+    }
+
     // ----------------------------------------------------------------------------- status
 
     fn set_conditions(
@@ -1224,6 +1305,7 @@ impl Reconciler {
         f: &Findings,
         world: &World,
         plan_phase: Option<&(Phase, String)>,
+        checks: &Checks,
     ) {
         let gen = self.imc.metadata.generation;
         let now = self.now;
@@ -1348,24 +1430,15 @@ impl Reconciler {
             gen,
             now,
         );
-        set_condition(
-            c,
-            "RelaysReconnected",
-            "Unknown",
-            "NotChecked",
-            "relay reconnection is not checked by this operator version",
-            gen,
-            now,
-        );
-        set_condition(
-            c,
-            "CanarySync",
-            "Unknown",
-            "NotChecked",
-            "canary sync is not run by this operator version",
-            gen,
-            now,
-        );
+        // None: keep the condition as it is (e.g. relays while a cutover moves them).
+        for (type_, v) in [
+            (RELAYS_CONDITION, &checks.relays),
+            (CANARY_CONDITION, &checks.canary),
+        ] {
+            if let Some(v) = v {
+                set_condition(c, type_, v.status, v.reason, &v.message, gen, now);
+            }
+        }
 
         // Phase and Ready.
         let standby_ok = st
@@ -1450,6 +1523,12 @@ impl Reconciler {
         self.writes += 1;
         Ok(())
     }
+}
+
+/// Results of the post-cutover checks; None leaves a condition unchanged.
+struct Checks {
+    relays: Option<CondValue>,
+    canary: Option<CondValue>,
 }
 
 /// What the controller observed of both slots.

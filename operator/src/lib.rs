@@ -5,6 +5,7 @@
 pub mod admission_cases;
 pub mod builders;
 pub mod certs;
+pub mod checks;
 pub mod controller;
 pub mod crd;
 pub mod cutover;

@@ -80,6 +80,47 @@ pub struct DemoteResponse {
     pub drained: bool,
 }
 
+/// `GET /internal/v1/relays`: which relays the instance expects back and which are connected
+/// to it (names, not ids).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub struct RelayReport {
+    /// Non-revoked relays seen in the last 10 minutes, or connected now.
+    #[serde(default)]
+    pub expected: Vec<String>,
+    /// Relays with a live hub connection to this instance.
+    #[serde(default)]
+    pub connected_here: Vec<String>,
+    /// Expected but not connected here.
+    #[serde(default)]
+    pub missing: Vec<String>,
+}
+
+/// One canary connector's run in a [`CanaryReport`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub struct CanaryRun {
+    #[serde(default)]
+    pub connector_id: String,
+    #[serde(default)]
+    pub connector: String,
+    #[serde(default)]
+    pub run_id: Option<String>,
+    /// The run's final status (`succeeded`, `completed_with_errors`, `failed`, ...), `running`
+    /// when it had not finished at the deadline, `busy` when a run was already in progress.
+    #[serde(default)]
+    pub status: String,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// `POST /internal/v1/canary`: `ok` is None when no connector is flagged canary.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub struct CanaryReport {
+    #[serde(default)]
+    pub ok: Option<bool>,
+    #[serde(default)]
+    pub runs: Vec<CanaryRun>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum PodClientError {
     /// 409 from promote: the epoch is not above the one in SQL.
@@ -119,6 +160,15 @@ pub trait InstanceApi: Send + Sync {
         &'a self,
         t: &'a PodTarget,
     ) -> BoxFuture<'a, Result<Vec<InstanceRow>, PodClientError>>;
+    /// Which recently seen relays are (not yet) connected to this instance.
+    fn relays<'a>(&'a self, t: &'a PodTarget)
+        -> BoxFuture<'a, Result<RelayReport, PodClientError>>;
+    /// Run every canary connector on this (active) instance and wait up to `wait` for them.
+    fn canary<'a>(
+        &'a self,
+        t: &'a PodTarget,
+        wait: Duration,
+    ) -> BoxFuture<'a, Result<CanaryReport, PodClientError>>;
 }
 
 /// Makes an [`InstanceApi`] for a cluster from its CA.
@@ -136,6 +186,9 @@ pub fn stored_epoch_from_problem(body: &str) -> Option<i64> {
     let v: serde_json::Value = serde_json::from_str(body).ok()?;
     v.get("stored_epoch").and_then(serde_json::Value::as_i64)
 }
+
+/// Time allowed beyond a canary's own wait for starting the runs and answering.
+const CANARY_MARGIN: Duration = Duration::from_secs(10);
 
 /// reqwest + rustls client with the operator's client certificate.
 pub struct MtlsInstanceClient {
@@ -229,6 +282,42 @@ impl InstanceApi for MtlsInstanceClient {
         t: &'a PodTarget,
     ) -> BoxFuture<'a, Result<Vec<InstanceRow>, PodClientError>> {
         Box::pin(self.get_json(t, "/internal/v1/instances"))
+    }
+
+    fn relays<'a>(
+        &'a self,
+        t: &'a PodTarget,
+    ) -> BoxFuture<'a, Result<RelayReport, PodClientError>> {
+        Box::pin(self.get_json(t, "/internal/v1/relays"))
+    }
+
+    fn canary<'a>(
+        &'a self,
+        t: &'a PodTarget,
+        wait: Duration,
+    ) -> BoxFuture<'a, Result<CanaryReport, PodClientError>> {
+        Box::pin(async move {
+            // The server waits up to `wait` itself; allow for the runs' start and the answer.
+            let http = self.http(t, wait + CANARY_MARGIN)?;
+            let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+            let resp = http
+                .post(Self::url(t, "/internal/v1/canary"))
+                .json(&serde_json::json!({ "wait_ms": wait_ms }))
+                .send()
+                .await
+                .map_err(|e| transport(t, e))?;
+            let status = resp.status();
+            if !status.is_success() {
+                return Err(PodClientError::Http {
+                    pod: t.pod.clone(),
+                    status: status.as_u16(),
+                    detail: body_of(resp).await,
+                });
+            }
+            resp.json::<CanaryReport>()
+                .await
+                .map_err(|e| transport(t, e))
+        })
     }
 
     fn promote<'a>(
@@ -359,6 +448,25 @@ mod tests {
     }
 
     #[test]
+    fn parses_relay_and_canary_reports() {
+        let r: RelayReport = serde_json::from_str(
+            r#"{"expected":["dc1","dc2"],"connected_here":["dc1"],"missing":["dc2"]}"#,
+        )
+        .expect("relays");
+        assert_eq!(r.missing, ["dc2"]);
+        let c: CanaryReport = serde_json::from_str(
+            r#"{"ok":false,"runs":[{"connector_id":"c1","connector":"hr","run_id":"r1","status":"failed","error":"LDAP bind failed"},
+                               {"connector_id":"c2","connector":"ad","run_id":null,"status":"busy","error":"already running"}]}"#,
+        )
+        .expect("canary");
+        assert_eq!(c.ok, Some(false));
+        assert_eq!(c.runs[0].error.as_deref(), Some("LDAP bind failed"));
+        assert_eq!(c.runs[1].run_id, None);
+        let none: CanaryReport = serde_json::from_str(r#"{"ok":null,"runs":[]}"#).expect("none");
+        assert_eq!(none.ok, None);
+    }
+
+    #[test]
     fn stored_epoch_in_problem_bodies() {
         assert_eq!(
             stored_epoch_from_problem(r#"{"title":"conflict","stored_epoch":9}"#),
@@ -370,16 +478,17 @@ mod tests {
         assert_eq!(stored_epoch_from_problem("not json"), None);
     }
 
-    /// A real mTLS round trip against a loopback server with a CA-issued serving certificate:
-    /// proves the client trusts only the cluster CA, checks the pod DNS name, and presents
-    /// its client certificate.
-    #[tokio::test]
-    async fn mtls_round_trip_on_loopback() {
-        use std::io::Write as _;
+    /// A one-thread HTTPS server on loopback with a CA-issued certificate for the pod's DNS
+    /// name that requires a client certificate from the same CA; answers each connection in
+    /// turn with the next body and returns the requests it read.
+    fn loopback_server(
+        ca: &CertAndKey,
+        bodies: Vec<&'static str>,
+    ) -> (u16, std::thread::JoinHandle<Vec<String>>) {
+        use std::io::{Read as _, Write as _};
         let now = time::OffsetDateTime::now_utc();
-        let ca = certs::generate_ca("im", "ns", now).expect("ca");
         let serving = certs::issue_serving_cert(
-            &ca,
+            ca,
             &["im-a.im-pods.ns.svc".to_string()],
             now,
             Duration::from_secs(3600),
@@ -400,16 +509,43 @@ mod tests {
             .with_client_cert_verifier(verifier)
             .with_single_cert(certs_der, key)
             .expect("server cfg");
-        let acceptor = Arc::new(rustls::ServerConfig::clone(&cfg));
+        let acceptor = Arc::new(cfg);
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let server = std::thread::spawn(move || {
-            if let Ok((mut sock, _)) = listener.accept() {
-                let mut conn = rustls::ServerConnection::new(acceptor).expect("conn");
+            let mut requests = Vec::new();
+            for body in bodies {
+                let Ok((mut sock, _)) = listener.accept() else {
+                    break;
+                };
+                let mut conn = rustls::ServerConnection::new(acceptor.clone()).expect("conn");
                 let mut tls = rustls::Stream::new(&mut conn, &mut sock);
+                // Read the head, then as much body as content-length says.
+                let mut req = Vec::new();
                 let mut buf = [0u8; 2048];
-                let _ = std::io::Read::read(&mut tls, &mut buf);
-                let body = r#"{"instance":"im-a","role":"standby","epoch":4}"#;
+                loop {
+                    let n = tls.read(&mut buf).unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    req.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&req).to_string();
+                    if let Some(head_end) = text.find("\r\n\r\n") {
+                        let len = text[..head_end]
+                            .lines()
+                            .find_map(|l| {
+                                let (k, v) = l.split_once(':')?;
+                                k.eq_ignore_ascii_case("content-length")
+                                    .then(|| v.trim().parse::<usize>().ok())
+                                    .flatten()
+                            })
+                            .unwrap_or(0);
+                        if req.len() >= head_end + 4 + len {
+                            break;
+                        }
+                    }
+                }
+                requests.push(String::from_utf8_lossy(&req).to_string());
                 let _ = write!(
                     tls,
                     "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
@@ -418,19 +554,79 @@ mod tests {
                 );
                 let _ = tls.flush();
             }
+            requests
         });
+        (port, server)
+    }
+
+    fn loopback_target(port: u16) -> PodTarget {
+        PodTarget {
+            pod: "im-a".into(),
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            tls_name: "im-a.im-pods.ns.svc".into(),
+        }
+    }
+
+    /// A real mTLS round trip against a loopback server with a CA-issued serving certificate:
+    /// proves the client trusts only the cluster CA, checks the pod DNS name, and presents
+    /// its client certificate.
+    #[tokio::test]
+    async fn mtls_round_trip_on_loopback() {
+        let now = time::OffsetDateTime::now_utc();
+        let ca = certs::generate_ca("im", "ns", now).expect("ca");
+        let (port, server) = loopback_server(
+            &ca,
+            vec![r#"{"instance":"im-a","role":"standby","epoch":4}"#],
+        );
         let client_cert =
             certs::issue_client_cert(&ca, "identitymesh-operator", now).expect("client");
         let mut c = MtlsInstanceClient::new(&ca.cert_pem, &client_cert);
         c.status_timeout = Duration::from_secs(5);
-        let target = PodTarget {
-            pod: "im-a".into(),
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            tls_name: "im-a.im-pods.ns.svc".into(),
-        };
-        let s = c.status(&target).await.expect("status over mTLS");
+        let s = c
+            .status(&loopback_target(port))
+            .await
+            .expect("status over mTLS");
         assert_eq!((s.role(), s.epoch), (Role::Standby, 4));
         server.join().expect("server thread");
+    }
+
+    /// The relay check is a GET, the canary a POST carrying the wait in milliseconds.
+    #[tokio::test]
+    async fn relays_and_canary_requests_on_loopback() {
+        let now = time::OffsetDateTime::now_utc();
+        let ca = certs::generate_ca("im", "ns", now).expect("ca");
+        let (port, server) = loopback_server(
+            &ca,
+            vec![
+                r#"{"expected":["dc1"],"connected_here":[],"missing":["dc1"]}"#,
+                r#"{"ok":true,"runs":[{"connector_id":"c1","connector":"hr-canary","run_id":"r1","status":"succeeded","error":null}]}"#,
+            ],
+        );
+        let client_cert =
+            certs::issue_client_cert(&ca, "identitymesh-operator", now).expect("client");
+        let mut c = MtlsInstanceClient::new(&ca.cert_pem, &client_cert);
+        c.status_timeout = Duration::from_secs(5);
+        let t = loopback_target(port);
+        let r = c.relays(&t).await.expect("relays over mTLS");
+        assert_eq!(r.missing, ["dc1"]);
+        let k = c
+            .canary(&t, Duration::from_secs(20))
+            .await
+            .expect("canary over mTLS");
+        assert_eq!(k.ok, Some(true));
+        assert_eq!(k.runs[0].connector, "hr-canary");
+        let reqs = server.join().expect("server thread");
+        assert!(
+            reqs[0].starts_with("GET /internal/v1/relays "),
+            "{}",
+            reqs[0]
+        );
+        assert!(
+            reqs[1].starts_with("POST /internal/v1/canary "),
+            "{}",
+            reqs[1]
+        );
+        assert!(reqs[1].ends_with(r#"{"wait_ms":20000}"#), "{}", reqs[1]);
     }
 
     fn pem_der(pem: &str) -> Vec<u8> {

@@ -117,6 +117,22 @@ async fn relay_follows_the_active_through_the_service() {
         took.as_secs_f64()
     );
     env.wait_settled("settled after the switchover").await;
+    // The operator's checklist sees the relay on the new active (and no canary to run).
+    let st = env
+        .wait_status("RelaysReconnected after the switchover", WAIT, |st| {
+            st.condition("RelaysReconnected").as_deref() == Some("True")
+                && st.condition("CanarySync").as_deref() == Some("True")
+        })
+        .await;
+    let reason = |kind: &str| {
+        st.conditions
+            .iter()
+            .find(|c| c["type"] == kind)
+            .map(|c| c["reason"].as_str().unwrap_or_default().to_string())
+            .unwrap_or_default()
+    };
+    assert_eq!(reason("RelaysReconnected"), "AllConnected");
+    assert_eq!(reason("CanarySync"), "NoCanaryConnector");
 
     // kill -9 of the new active: no Close frame this time; the relay's backoff finds the new
     // active once the operator has failed over.

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use super::*;
 use crate::builders::test_support::cluster;
-use crate::podclient::{DemoteResponse, InternalStatus};
+use crate::podclient::{CanaryReport, CanaryRun, DemoteResponse, InternalStatus, RelayReport};
 
 // ------------------------------------------------------------------------------- fake apiserver
 
@@ -267,6 +267,39 @@ struct Servers {
     api: Option<Shared>,
     /// (epoch promoted with, status.cutover.epoch at that moment)
     intent_at_promote: Vec<(i64, Option<i64>)>,
+    /// Per pod: what /internal/v1/relays answers (default: no relays expected).
+    relays: BTreeMap<String, Fake<RelayReport>>,
+    /// Per pod: what /internal/v1/canary answers (default: no canary connector).
+    canary: BTreeMap<String, Fake<CanaryReport>>,
+    relay_calls: Vec<String>,
+    /// (pod, wait)
+    canary_calls: Vec<(String, Duration)>,
+}
+
+/// A configured answer of a fake pod.
+#[derive(Clone)]
+enum Fake<T> {
+    Ok(T),
+    Http(u16),
+    Unreachable,
+}
+
+impl<T: Clone + Default> Fake<T> {
+    fn answer(pod: &str, f: Option<&Fake<T>>) -> Result<T, PodClientError> {
+        match f {
+            None => Ok(T::default()),
+            Some(Fake::Ok(v)) => Ok(v.clone()),
+            Some(Fake::Http(status)) => Err(PodClientError::Http {
+                pod: pod.into(),
+                status: *status,
+                detail: r#"{"title":"fake"}"#.into(),
+            }),
+            Some(Fake::Unreachable) => Err(PodClientError::Transport {
+                pod: pod.into(),
+                detail: "connection refused".into(),
+            }),
+        }
+    }
 }
 
 #[derive(Clone, Default)]
@@ -339,6 +372,31 @@ impl InstanceApi for FakePods {
         _t: &'a PodTarget,
     ) -> BoxFuture<'a, Result<Vec<InstanceRow>, PodClientError>> {
         Box::pin(futures::future::ready(Ok(self.rows())))
+    }
+    fn relays<'a>(
+        &'a self,
+        t: &'a PodTarget,
+    ) -> BoxFuture<'a, Result<RelayReport, PodClientError>> {
+        let mut s = self.0.lock().expect("servers");
+        s.relay_calls.push(t.pod.clone());
+        let r = Fake::answer(&t.pod, s.relays.get(&t.pod));
+        Box::pin(futures::future::ready(r))
+    }
+    fn canary<'a>(
+        &'a self,
+        t: &'a PodTarget,
+        wait: Duration,
+    ) -> BoxFuture<'a, Result<CanaryReport, PodClientError>> {
+        let mut s = self.0.lock().expect("servers");
+        s.canary_calls.push((t.pod.clone(), wait));
+        // Like the server: only the active runs the canary.
+        let active = s.roles.get(&t.pod).is_some_and(|r| r.0 == Role::Active);
+        let r = if active {
+            Fake::answer(&t.pod, s.canary.get(&t.pod))
+        } else {
+            Fake::<CanaryReport>::answer(&t.pod, Some(&Fake::Http(409)))
+        };
+        Box::pin(futures::future::ready(r))
     }
 }
 
@@ -568,6 +626,22 @@ async fn converges_then_steady_state_makes_zero_writes() {
         Vec::<String>::new(),
         "steady state must not write"
     );
+    // The checks ran (relays) or are pending (canary: no switchover yet) without writes.
+    let st = h.status();
+    let cond = |t: &str| {
+        observe::get_condition(&st.conditions, t)
+            .map(|c| (c.status.clone(), c.reason.clone()))
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        cond("RelaysReconnected"),
+        ("True".to_string(), "NoRelays".to_string())
+    );
+    assert_eq!(
+        cond("CanarySync"),
+        ("Unknown".to_string(), "CanaryPending".to_string())
+    );
+    assert!(h.pods.0.lock().expect("p").canary_calls.is_empty());
 
     // No key material in status or events.
     let status = serde_json::to_string(&h.status()).expect("status json");
@@ -1078,5 +1152,332 @@ async fn verification_waits_until_the_registry_shows_one_active() {
     assert_eq!(
         observe::get_condition(&st.conditions, "SingleActive").map(|c| c.status.as_str()),
         Some("True")
+    );
+}
+
+// ------------------------------------------------------------------------------- checks
+
+fn events_with_reason(h: &Harness, reason: &str) -> Vec<Value> {
+    h.store
+        .lock()
+        .expect("store")
+        .objects
+        .iter()
+        .filter(|((r, _, _), o)| r == "events" && o["reason"] == reason)
+        .map(|(_, o)| o.clone())
+        .collect()
+}
+
+fn condition_of(
+    h: &Harness,
+    type_: &str,
+) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    observe::get_condition(&h.status().conditions, type_)
+        .cloned()
+        .unwrap_or_else(|| panic!("no condition {type_}"))
+}
+
+fn request_switchover(h: &Harness) {
+    edit_cluster(h, |o| {
+        o["metadata"]["annotations"] = json!({ANNOTATION_SWITCHOVER: "standby"})
+    });
+}
+
+fn canary_report(ok: Option<bool>, runs: &[(&str, &str, Option<&str>)]) -> CanaryReport {
+    CanaryReport {
+        ok,
+        runs: runs
+            .iter()
+            .map(|(name, status, error)| CanaryRun {
+                connector_id: format!("id-{name}"),
+                connector: name.to_string(),
+                run_id: Some(format!("run-{name}")),
+                status: status.to_string(),
+                error: error.map(str::to_string),
+            })
+            .collect(),
+    }
+}
+
+#[tokio::test]
+async fn canary_runs_once_on_the_new_active_after_a_switchover() {
+    let h = Harness::new(true);
+    h.converge().await;
+    h.pods.0.lock().expect("p").canary.insert(
+        "im-b".into(),
+        Fake::Ok(canary_report(
+            Some(true),
+            &[("hr-canary", "succeeded", None)],
+        )),
+    );
+    for _ in 0..3 {
+        h.reconcile().await;
+    }
+    assert!(
+        h.pods.0.lock().expect("p").canary_calls.is_empty(),
+        "no cutover, no canary"
+    );
+
+    request_switchover(&h);
+    h.converge().await;
+    let st = h.status();
+    assert_eq!(st.active_pod.as_deref(), Some("im-b"));
+    assert_eq!(
+        h.pods.0.lock().expect("p").canary_calls,
+        vec![("im-b".to_string(), Duration::from_secs(20))],
+        "exactly once, on the new active, waiting 20 s"
+    );
+    let c = condition_of(&h, "CanarySync");
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("True", "CanarySucceeded")
+    );
+    assert!(
+        c.message.contains("Switchover im-a → im-b (epoch 2")
+            && c.message.contains("hr-canary: succeeded"),
+        "{}",
+        c.message
+    );
+    // The cutover itself was recorded before the canary ran.
+    assert_eq!(
+        st.last_transition
+            .as_ref()
+            .and_then(|t| t.outcome.as_deref()),
+        Some("Succeeded")
+    );
+    let events = events_with_reason(&h, "CanarySucceeded");
+    assert_eq!(events.len(), 1, "one event for the canary result");
+    assert_eq!(events[0]["type"], "Normal");
+
+    // Later reconciles neither run it again nor write.
+    h.take_writes();
+    for _ in 0..3 {
+        h.reconcile().await;
+    }
+    assert_eq!(h.pods.0.lock().expect("p").canary_calls.len(), 1);
+    assert_eq!(
+        h.take_writes(),
+        Vec::<String>::new(),
+        "steady state must not write"
+    );
+
+    // The next switchover runs it again, on its own new active.
+    h.pods
+        .0
+        .lock()
+        .expect("p")
+        .canary
+        .insert("im-a".into(), Fake::Ok(canary_report(None, &[])));
+    request_switchover(&h);
+    h.converge().await;
+    assert_eq!(
+        h.pods.0.lock().expect("p").canary_calls,
+        vec![
+            ("im-b".to_string(), Duration::from_secs(20)),
+            ("im-a".to_string(), Duration::from_secs(20))
+        ]
+    );
+    let c = condition_of(&h, "CanarySync");
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("True", "NoCanaryConnector")
+    );
+    assert!(c.message.contains("im-b → im-a (epoch 3"), "{}", c.message);
+}
+
+#[tokio::test]
+async fn failed_canary_after_a_failover_is_reported() {
+    let h = Harness::new(true);
+    h.converge().await;
+    h.pods.0.lock().expect("p").canary.insert(
+        "im-b".into(),
+        Fake::Ok(canary_report(
+            Some(false),
+            &[
+                (
+                    "hr-canary",
+                    "failed",
+                    Some("LDAP bind failed: invalid credentials"),
+                ),
+                ("ad-canary", "running", None),
+            ],
+        )),
+    );
+    // kill -9 of the active: it comes back as standby, and the operator fails over.
+    h.pods
+        .0
+        .lock()
+        .expect("p")
+        .roles
+        .insert("im-a".into(), (Role::Standby, 0));
+    h.converge().await;
+    let st = h.status();
+    assert_eq!(
+        st.last_transition.as_ref().map(|t| t.kind),
+        Some(CutoverKind::Failover)
+    );
+    assert_eq!(h.pods.0.lock().expect("p").canary_calls.len(), 1);
+    let c = condition_of(&h, "CanarySync");
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("False", "CanaryFailed")
+    );
+    assert!(
+        c.message.contains("hr-canary: failed: LDAP bind failed")
+            && c.message.contains("still running: ad-canary"),
+        "{}",
+        c.message
+    );
+    let events = events_with_reason(&h, "CanaryFailed");
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["type"], "Warning");
+    for _ in 0..2 {
+        h.reconcile().await;
+    }
+    assert_eq!(h.pods.0.lock().expect("p").canary_calls.len(), 1);
+}
+
+#[tokio::test]
+async fn canary_that_cannot_reach_the_new_active_is_retried_until_it_answers() {
+    let h = Harness::new(true);
+    h.converge().await;
+    h.pods
+        .0
+        .lock()
+        .expect("p")
+        .canary
+        .insert("im-b".into(), Fake::Unreachable);
+    request_switchover(&h);
+    h.converge().await;
+    let c = condition_of(&h, "CanarySync");
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("Unknown", "ActiveUnreachable")
+    );
+    let calls = h.pods.0.lock().expect("p").canary_calls.len();
+    assert!(calls >= 1);
+    // Retried (within the window) without rewriting status or repeating the event.
+    h.take_writes();
+    h.reconcile().await;
+    assert_eq!(h.pods.0.lock().expect("p").canary_calls.len(), calls + 1);
+    assert_eq!(h.take_writes(), Vec::<String>::new());
+    assert_eq!(events_with_reason(&h, "CanaryNotRun").len(), 1);
+    // It answers now: timed out this time; recorded, and not run again.
+    h.pods.0.lock().expect("p").canary.insert(
+        "im-b".into(),
+        Fake::Ok(canary_report(
+            Some(false),
+            &[("hr-canary", "running", None)],
+        )),
+    );
+    h.reconcile().await;
+    let c = condition_of(&h, "CanarySync");
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("False", "CanaryTimedOut")
+    );
+    assert!(c.message.contains("after 20s: hr-canary"), "{}", c.message);
+    h.reconcile().await;
+    assert_eq!(h.pods.0.lock().expect("p").canary_calls.len(), calls + 2);
+}
+
+#[tokio::test]
+async fn relays_reconnected_follows_the_active_without_needless_writes() {
+    let h = Harness::new(true);
+    h.converge().await;
+    let set = |f: Fake<RelayReport>| {
+        h.pods.0.lock().expect("p").relays.insert("im-a".into(), f);
+    };
+    let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    set(Fake::Ok(RelayReport {
+        expected: names(&["dc1", "dc2", "dc3"]),
+        connected_here: names(&["dc1"]),
+        missing: names(&["dc3", "dc2"]),
+    }));
+    h.reconcile().await;
+    let c = condition_of(&h, "RelaysReconnected");
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("False", "RelaysMissing")
+    );
+    assert_eq!(
+        c.message,
+        "2 of 3 expected relays not connected to im-a: dc2, dc3"
+    );
+    h.take_writes();
+    h.reconcile().await;
+    h.reconcile().await;
+    assert_eq!(
+        h.take_writes(),
+        Vec::<String>::new(),
+        "unchanged answer, no write"
+    );
+
+    set(Fake::Ok(RelayReport {
+        expected: names(&["dc1", "dc2", "dc3"]),
+        connected_here: names(&["dc1", "dc2", "dc3"]),
+        missing: vec![],
+    }));
+    h.reconcile().await;
+    let c = condition_of(&h, "RelaysReconnected");
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("True", "AllConnected")
+    );
+    assert_eq!(c.message, "all 3 expected relays connected to im-a");
+    h.take_writes();
+    h.reconcile().await;
+    assert_eq!(h.take_writes(), Vec::<String>::new());
+
+    set(Fake::Unreachable);
+    h.reconcile().await;
+    let c = condition_of(&h, "RelaysReconnected");
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("Unknown", "ActiveUnreachable")
+    );
+    h.take_writes();
+    h.reconcile().await;
+    assert_eq!(h.take_writes(), Vec::<String>::new());
+
+    // Only the active is asked.
+    let calls = h.pods.0.lock().expect("p").relay_calls.clone();
+    assert!(calls.iter().all(|p| p == "im-a"), "{calls:?}");
+}
+
+#[tokio::test]
+async fn relays_are_asked_of_the_new_active_after_a_switchover() {
+    let h = Harness::new(true);
+    h.converge().await;
+    h.pods.0.lock().expect("p").relays.insert(
+        "im-b".into(),
+        Fake::Ok(RelayReport {
+            expected: vec!["dc1".into()],
+            connected_here: vec![],
+            missing: vec!["dc1".into()],
+        }),
+    );
+    request_switchover(&h);
+    h.converge().await;
+    assert_eq!(h.status().active_pod.as_deref(), Some("im-b"));
+    let c = condition_of(&h, "RelaysReconnected");
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("False", "RelaysMissing")
+    );
+    assert!(
+        c.message.ends_with("connected to im-b: dc1"),
+        "{}",
+        c.message
+    );
+    assert_eq!(
+        h.pods
+            .0
+            .lock()
+            .expect("p")
+            .relay_calls
+            .last()
+            .map(String::as_str),
+        Some("im-b")
     );
 }
