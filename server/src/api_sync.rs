@@ -50,6 +50,9 @@ pub fn routes() -> Router<AppState> {
         .route("/api/secrets/{id}", put(set_secret).delete(delete_secret))
 }
 
+/// Precedence of a connector created without rules (lower numbers win).
+const DEFAULT_PRECEDENCE: i32 = 100;
+
 fn sync(st: &AppState) -> Result<&Arc<SyncEngine>, Problem> {
     st.sync
         .as_ref()
@@ -141,7 +144,11 @@ async fn validate(st: &AppState, b: &ConnectorBody) -> Result<(String, String), 
     if let Err(e) = SourceConfig::parse(&b.kind, &config_json) {
         errors.extend(e);
     }
-    let rules_value = b.rules.clone().unwrap_or_else(|| json!({}));
+    // Without rules a connector only imports: its objects join no identities.
+    let rules_value = b
+        .rules
+        .clone()
+        .unwrap_or_else(|| json!({"precedence": DEFAULT_PRECEDENCE}));
     let rules_json = rules_value.to_string();
     let d = &mut serde_json::Deserializer::from_str(&rules_json);
     match serde_path_to_error::deserialize::<_, ConnectorRules>(d) {
@@ -150,7 +157,14 @@ async fn validate(st: &AppState, b: &ConnectorBody) -> Result<(String, String), 
                 errors.push(format!("rules.{e}"));
             }
         }
-        Err(e) => errors.push(format!("rules.{}: {}", e.path(), e.inner())),
+        Err(e) => {
+            let path = e.path().to_string();
+            errors.push(if path == "." {
+                format!("rules: {}", e.inner())
+            } else {
+                format!("rules.{path}: {}", e.inner())
+            })
+        }
     }
     if let Some(relay) = &b.relay_id {
         let relays = st.engine.store().relays().await.map_err(store_problem)?;

@@ -206,7 +206,7 @@ async fn an_interval_schedule_runs_the_connector_by_itself() {
     let (st, c) = s
         .post(
             "/api/connectors",
-            json!({"name": "sched", "kind": "csv", "rules": {"precedence": 1},
+            json!({"name": "sched", "kind": "csv",
                    "config": {"folder": drop, "object_type": "row", "anchor_column": "id"}}),
         )
         .await;
@@ -234,7 +234,10 @@ async fn an_interval_schedule_runs_the_connector_by_itself() {
         {
             break r.clone();
         }
-        assert!(std::time::Instant::now() < deadline, "no scheduled run: {runs}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no scheduled run: {runs}"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     };
     assert_eq!(run["status"], "succeeded", "{run}");

@@ -97,9 +97,14 @@ async fn ldap_full_delta_and_deletions_through_the_admin_api() {
     let mut seen = std::collections::BTreeSet::new();
     let mut after = String::new();
     loop {
-        let page = s.get(&format!("/api/identities?limit=25&after={after}")).await;
+        let page = s
+            .get(&format!("/api/identities?limit=25&after={after}"))
+            .await;
         for i in page["items"].as_array().unwrap() {
-            assert!(seen.insert(i["id"].as_str().unwrap().to_string()), "{i} twice");
+            assert!(
+                seen.insert(i["id"].as_str().unwrap().to_string()),
+                "{i} twice"
+            );
         }
         match page["next"].as_str() {
             Some(n) => after = n.to_string(),
@@ -213,6 +218,10 @@ async fn bad_connectors_and_schedules_are_refused_with_field_paths() {
         (
             json!({"name": "x", "kind": "csv", "config": {"folder": "/tmp", "object_type": "people", "anchor_column": "id"}, "rules": {"precedence": 1, "object_types": {"people": {"flows": [{"target": "mail", "expression": "lower(mail"}]}}}}),
             "rules.object_types.people.flows[0].expression: position",
+        ),
+        (
+            json!({"name": "x", "kind": "csv", "config": {"folder": "/tmp", "object_type": "p", "anchor_column": "id"}, "rules": {"object_types": {}}}),
+            "rules: missing field `precedence`",
         ),
         (
             json!({"name": "", "kind": "csv", "config": {"folder": "/tmp", "object_type": "p", "anchor_column": "id"}}),

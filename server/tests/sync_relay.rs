@@ -51,6 +51,7 @@ impl Relay {
             .args(["--retry-base-ms", "100", "--retry-cap-ms", "1000"])
             // Debug level: a password logged anywhere in the relay would show up here.
             .env("RUST_LOG", "debug")
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
@@ -101,6 +102,22 @@ impl Drop for Relay {
             let _ = c.wait();
         }
     }
+}
+
+fn rules() -> serde_json::Value {
+    json!({
+        "precedence": 20,
+        "object_types": {
+            "people": {
+                "join": [{"source": "lower(uid)", "identity_attribute": "uid"}],
+                "flows": [
+                    {"target": "uid", "expression": "lower(uid)"},
+                    {"target": "mail", "expression": "mail"}
+                ],
+                "display_name": "cn"
+            }
+        }
+    })
 }
 
 async fn relay_state(s: &Standalone, id: &str) -> String {
@@ -180,10 +197,12 @@ async fn ldap_import_through_a_real_relay() {
     assert_eq!(r.0, 200, "{}", r.1);
     let mut config = serde_json::to_value(slapd.ldap_config()).unwrap();
     config["bind_password_ref"] = json!("ldap-bind");
+    // Small pages: the 40 people come back as 6 pages, streamed one StreamItem each.
+    config["page_size"] = json!(7);
     let (st, body) = s
         .post(
             "/api/connectors",
-            json!({"name": "branch-ldap", "kind": "ldap", "config": config, "relay_id": relay_id}),
+            json!({"name": "branch-ldap", "kind": "ldap", "config": config, "rules": rules(), "relay_id": relay_id}),
         )
         .await;
     assert_eq!(st, 201, "{body}");
@@ -212,9 +231,27 @@ async fn ldap_import_through_a_real_relay() {
     assert_space_matches_directory(&stored, &generated);
     let log = relay.log();
     assert!(
-        log.contains("directory import finished"),
-        "the import ran in the relay: {log}"
+        log.contains(
+            "directory import finished kind=\"ldap\" object_type=people pages=6 items=6 objects=40"
+        ),
+        "the import ran in the relay, page by page: {log}"
     );
+
+    // A directory error inside the relay comes back as the run's error.
+    const WRONG: &str = "not-the-bind-password-93817";
+    let r = s
+        .put("/api/secrets/ldap-bind", json!({"value": WRONG}))
+        .await;
+    assert_eq!(r.0, 200, "{}", r.1);
+    let run = s.run(&id, "full").await;
+    assert_eq!(run["status"], "failed", "{run}");
+    let error = run["error"].to_string();
+    assert!(
+        error.contains(&relay_id) && error.contains("bind as"),
+        "the relay's bind failure reaches the run record: {run}"
+    );
+    assert!(!error.contains(WRONG), "{run}");
+    assert_eq!(s.connector_space(&id).await.len(), expected);
 
     // The relay stops; a run now fails and says why.
     relay.stop();
@@ -250,6 +287,10 @@ async fn ldap_import_through_a_real_relay() {
     assert!(
         !log.contains(ROOT_PASSWORD),
         "the bind password reached the relay's log"
+    );
+    assert!(
+        !log.contains(WRONG),
+        "a bind password reached the relay's log"
     );
     assert!(
         !log.contains(&relay_token),
