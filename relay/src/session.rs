@@ -4,9 +4,10 @@ use crate::connect::{Connected, MaybeTls};
 use crate::handlers::{HandlerRegistry, ItemSink};
 use futures::{SinkExt as _, StreamExt as _};
 use identitymesh_signalr::protocol::{CompletionResult, FrameSplitter, HubMessage};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinSet;
+use tokio::task::{AbortHandle, JoinSet};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
@@ -46,10 +47,12 @@ impl Session<'_> {
         let (out_tx, mut out_rx) = mpsc::channel::<String>(OUTBOUND_QUEUE);
         // Handlers die with the session: their results could not be delivered anyway.
         let mut tasks = JoinSet::new();
+        // Invocations the server may cancel (it stopped reading a stream): id → task.
+        let mut running: HashMap<String, AbortHandle> = HashMap::new();
         let mut last_sent = Instant::now();
         let mut last_recv = Instant::now();
         for f in leftover {
-            if let Some(end) = self.on_frame(f.as_bytes(), &out_tx, &mut tasks) {
+            if let Some(end) = self.on_frame(f.as_bytes(), &out_tx, &mut tasks, &mut running) {
                 return end;
             }
         }
@@ -79,7 +82,7 @@ impl Session<'_> {
                     last_recv = Instant::now();
                     match msg {
                         Message::Text(t) => {
-                            if let Some(end) = self.on_text(&mut splitter, t.as_bytes(), &out_tx, &mut tasks) {
+                            if let Some(end) = self.on_text(&mut splitter, t.as_bytes(), &out_tx, &mut tasks, &mut running) {
                                 let _ = ws.close(None).await;
                                 return end;
                             }
@@ -109,6 +112,7 @@ impl Session<'_> {
         data: &[u8],
         out: &mpsc::Sender<String>,
         tasks: &mut JoinSet<()>,
+        running: &mut HashMap<String, AbortHandle>,
     ) -> Option<SessionEnd> {
         let mut frames = Vec::new();
         if let Err(e) = splitter.push(data, |f| {
@@ -117,7 +121,9 @@ impl Session<'_> {
         }) {
             return Some(SessionEnd::Lost(format!("protocol error from server: {e}")));
         }
-        frames.iter().find_map(|f| self.on_frame(f, out, tasks))
+        frames
+            .iter()
+            .find_map(|f| self.on_frame(f, out, tasks, running))
     }
 
     fn on_frame(
@@ -125,6 +131,7 @@ impl Session<'_> {
         frame: &[u8],
         out: &mpsc::Sender<String>,
         tasks: &mut JoinSet<()>,
+        running: &mut HashMap<String, AbortHandle>,
     ) -> Option<SessionEnd> {
         let msg = match HubMessage::parse(frame) {
             Ok(m) => m,
@@ -147,7 +154,8 @@ impl Session<'_> {
             } => {
                 let out = out.clone();
                 let handler = self.handlers.get(&target);
-                tasks.spawn(async move {
+                let id = invocation_id.clone();
+                let handle = tasks.spawn(async move {
                     let result = match handler {
                         Some(h) => {
                             let sink = ItemSink::new(invocation_id.clone(), out.clone());
@@ -169,13 +177,25 @@ impl Session<'_> {
                         let _ = out.send(frame).await;
                     }
                 });
+                if let Some(id) = id {
+                    running.retain(|_, h| !h.is_finished());
+                    running.insert(id, handle);
+                }
+                None
+            }
+            // The server stopped reading this invocation's stream (its run failed or was
+            // cancelled): stop the handler, so a directory read does not go on for nothing.
+            HubMessage::CancelInvocation { invocation_id } => {
+                if let Some(h) = running.remove(&invocation_id) {
+                    tracing::info!(%invocation_id, "invocation cancelled by the server");
+                    h.abort();
+                }
                 None
             }
             // The relay does not call streaming hub methods; nothing else needs an answer.
             HubMessage::StreamItem { .. }
             | HubMessage::Completion { .. }
-            | HubMessage::StreamInvocation { .. }
-            | HubMessage::CancelInvocation { .. } => None,
+            | HubMessage::StreamInvocation { .. } => None,
         }
     }
 }

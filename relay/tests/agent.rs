@@ -24,7 +24,14 @@ struct RunningAgent {
 
 impl RunningAgent {
     fn start(settings: identitymesh_relay::config::RelaySettings) -> Self {
-        let agent = Agent::new(settings, HandlerRegistry::with_diagnostics()).unwrap();
+        Self::start_with(settings, HandlerRegistry::with_diagnostics())
+    }
+
+    fn start_with(
+        settings: identitymesh_relay::config::RelaySettings,
+        handlers: HandlerRegistry,
+    ) -> Self {
+        let agent = Agent::new(settings, handlers).unwrap();
         let stats = agent.stats();
         let (stop, rx) = watch::channel(false);
         let task = tokio::spawn(async move { agent.run(rx).await });
@@ -124,6 +131,75 @@ async fn relay_connects_is_invoked_and_streams_chunks() {
     })
     .await;
     assert_eq!(backend.disconnected.load(Ordering::SeqCst), 1);
+}
+
+/// Sets its flag when dropped: the handler's future was aborted or finished.
+struct DropFlag(Arc<std::sync::atomic::AtomicBool>);
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn a_stream_the_server_stops_reading_is_cancelled_on_the_relay() {
+    let pki = Pki::new();
+    let backend = Arc::new(TestBackend::default());
+    let server = TlsServer::start(0, &pki, backend.clone(), HubConfig::default());
+    let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut handlers = HandlerRegistry::new();
+    let (flag, count) = (stopped.clone(), sent.clone());
+    handlers.register(
+        "Endless",
+        move |_args: Vec<serde_json::Value>, mut sink: identitymesh_relay::handlers::ItemSink| {
+            let guard = DropFlag(flag.clone());
+            let count = count.clone();
+            async move {
+                let _guard = guard;
+                loop {
+                    if sink.send(json!({"n": 1})).await.is_err() {
+                        return Err("closed".to_string());
+                    }
+                    count.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        },
+    );
+    let agent = RunningAgent::start_with(settings(&server, &pki, "token-r1"), handlers);
+    wait_until("relay connected", T, || {
+        server.handle.connection_count() == 1
+    })
+    .await;
+    let cid = only_connection(&server);
+    let mut stream = server
+        .handle
+        .invoke_stream(&cid, "Endless", vec![], 1)
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        assert!(matches!(
+            stream.next().await,
+            Ok(Some(StreamEvent::Item(_)))
+        ));
+    }
+    drop(stream);
+    wait_until("the relay's handler was cancelled", T, || {
+        stopped.load(Ordering::SeqCst)
+    })
+    .await;
+    let after = sent.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        sent.load(Ordering::SeqCst),
+        after,
+        "nothing is produced after the cancel"
+    );
+    // The connection itself stays up and usable.
+    let pong = server.handle.invoke(&cid, "Ping", vec![]).await;
+    assert!(pong.is_err(), "this registry has no Ping: {pong:?}");
+    assert_eq!(server.handle.connection_count(), 1);
+    agent.stop().await;
 }
 
 #[tokio::test]

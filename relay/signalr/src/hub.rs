@@ -1216,9 +1216,14 @@ impl Conn {
                     .await
                     .is_err()
                 {
-                    // The consumer went away: drop the rest of this stream silently.
+                    // The consumer went away: drop the rest of this stream and tell the client
+                    // to stop producing it.
                     if let Some(k) = key {
                         self.pending.remove(&k);
+                    }
+                    let cancel = HubMessage::CancelInvocation { invocation_id }.to_frame();
+                    if let Err(r) = self.send_text(cancel).await {
+                        return Flow::Stop(r);
                     }
                 }
             }
