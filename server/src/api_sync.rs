@@ -203,13 +203,7 @@ async fn get_connector(
     _c: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, Problem> {
-    let row = st
-        .engine
-        .store()
-        .connector(&id)
-        .await
-        .map_err(store_problem)?
-        .ok_or_else(|| not_found("connector", &id))?;
+    let row = connector_row(&st, &id).await?;
     let objects = st
         .engine
         .store()
@@ -219,6 +213,25 @@ async fn get_connector(
     let mut v = serde_json::to_value(view(row)).unwrap_or_default();
     v["objects"] = json!(objects);
     Ok(Json(v).into_response())
+}
+
+async fn connector_row(st: &AppState, id: &str) -> Result<ConnectorRow, Problem> {
+    st.engine
+        .store()
+        .connector(id)
+        .await
+        .map_err(store_problem)?
+        .ok_or_else(|| not_found("connector", id))
+}
+
+/// `?limit=` within 1..=500, 50 when absent.
+fn page_limit(limit: Option<i64>) -> Result<i64, Problem> {
+    let limit = limit.unwrap_or(50);
+    if (1..=500).contains(&limit) {
+        Ok(limit)
+    } else {
+        Err(Problem::bad_request("limit must be between 1 and 500"))
+    }
 }
 
 fn conflict_or(e: StoreError) -> Problem {
@@ -268,13 +281,7 @@ async fn update_connector(
     Path(id): Path<String>,
     JsonBody(b): JsonBody<ConnectorBody>,
 ) -> Result<Response, Problem> {
-    let old = st
-        .engine
-        .store()
-        .connector(&id)
-        .await
-        .map_err(store_problem)?
-        .ok_or_else(|| not_found("connector", &id))?;
+    let old = connector_row(&st, &id).await?;
     let (config_json, rules_json) = validate(&st, &b).await?;
     if b.kind != old.kind {
         return Err(unprocessable(
@@ -338,13 +345,7 @@ async fn test_connector(
     Path(id): Path<String>,
 ) -> Result<Response, Problem> {
     let sync = sync(&st)?;
-    let row = st
-        .engine
-        .store()
-        .connector(&id)
-        .await
-        .map_err(store_problem)?
-        .ok_or_else(|| not_found("connector", &id))?;
+    let row = connector_row(&st, &id).await?;
     let result = match Source::build(&row, sync.secrets(), sync.hub()).await {
         Ok((source, _)) => source.test().await,
         Err(e) => Err(e),
@@ -452,10 +453,7 @@ async fn list_runs(
     q: Result<Query<RunsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Problem> {
     let Query(q) = q.map_err(bad_query)?;
-    let limit = q.limit.unwrap_or(50);
-    if !(1..=500).contains(&limit) {
-        return Err(Problem::bad_request("limit must be between 1 and 500"));
-    }
+    let limit = page_limit(q.limit)?;
     let rows = st
         .engine
         .store()
@@ -650,10 +648,7 @@ async fn list_identities(
     q: Result<Query<IdentitiesQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Problem> {
     let Query(q) = q.map_err(bad_query)?;
-    let limit = q.limit.unwrap_or(50);
-    if !(1..=500).contains(&limit) {
-        return Err(Problem::bad_request("limit must be between 1 and 500"));
-    }
+    let limit = page_limit(q.limit)?;
     let search = q.search.as_deref().map(str::trim).filter(|s| !s.is_empty());
     let store = st.engine.store();
     let rows = store

@@ -104,12 +104,8 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    let rt = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
+    let Some(rt) = runtime() else {
+        return std::process::ExitCode::FAILURE;
     };
     match rt.block_on(app::run(mode, cfg, app::wait_for_signal())) {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -157,12 +153,8 @@ fn secrets(
         }
         _ => None,
     };
-    let rt = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
+    let Some(rt) = runtime() else {
+        return std::process::ExitCode::FAILURE;
     };
     let r = rt.block_on(async {
         let secrets = app::open_secrets(mode, &cfg).await?;
@@ -195,4 +187,10 @@ fn secrets(
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    tokio::runtime::Runtime::new()
+        .map_err(|e| eprintln!("error: cannot start the async runtime: {e}"))
+        .ok()
 }

@@ -283,16 +283,8 @@ impl SyncEngine {
             for object_type in cfg.object_types() {
                 let permit = self.engine.begin_batch().ok_or(RunFailure::NotActive)?;
                 // No object was seen by this run, so every one is marked deleted.
-                let gone = self
-                    .fenced(self.store.finish_full_import(
-                        &permit.token,
-                        &row.id,
-                        &object_type,
-                        &run.id,
-                        now_ms(),
-                    ))
+                self.sweep_unseen(&permit.token, row, &object_type, run)
                     .await?;
-                run.deleted += gone as i64;
             }
         } else {
             let t = std::time::Instant::now();
@@ -348,18 +340,28 @@ impl SyncEngine {
                 .await?;
             }
             if full {
-                let gone = self
-                    .fenced(self.store.finish_full_import(
-                        &permit.token,
-                        &row.id,
-                        &object_type,
-                        &run.id,
-                        now_ms(),
-                    ))
+                self.sweep_unseen(&permit.token, row, &object_type, run)
                     .await?;
-                run.deleted += gone as i64;
             }
         }
+        Ok(())
+    }
+
+    /// Marks the objects of this type the run did not see as deleted (fenced).
+    async fn sweep_unseen(
+        &self,
+        token: &crate::store::FenceToken,
+        row: &ConnectorRow,
+        object_type: &str,
+        run: &mut RunRow,
+    ) -> Result<(), RunFailure> {
+        let gone = self
+            .fenced(
+                self.store
+                    .finish_full_import(token, &row.id, object_type, &run.id, now_ms()),
+            )
+            .await?;
+        run.deleted += gone as i64;
         Ok(())
     }
 

@@ -185,6 +185,10 @@ impl Source {
                 config,
                 password,
             } => {
+                let relay_err = |reason: String| SourceError::Relay {
+                    relay: relay_id.clone(),
+                    reason,
+                };
                 let conn = Self::relay_connection(hub, relay_id)?;
                 let args = vec![Self::relay_args(kind, config, password)];
                 let v = tokio::time::timeout(
@@ -192,18 +196,10 @@ impl Source {
                     hub.invoke(&conn, RELAY_TEST_METHOD, args),
                 )
                 .await
-                .map_err(|_| SourceError::Relay {
-                    relay: relay_id.clone(),
-                    reason: "the connection test did not finish within 60 s".into(),
-                })?
-                .map_err(|e| SourceError::Relay {
-                    relay: relay_id.clone(),
-                    reason: e.to_string(),
-                })?;
-                serde_json::from_value(v).map_err(|e| SourceError::Relay {
-                    relay: relay_id.clone(),
-                    reason: format!("unexpected test report: {e}"),
-                })
+                .map_err(|_| relay_err("the connection test did not finish within 60 s".into()))?
+                .map_err(|e| relay_err(e.to_string()))?;
+                serde_json::from_value(v)
+                    .map_err(|e| relay_err(format!("unexpected test report: {e}")))
             }
         }
     }
