@@ -416,6 +416,48 @@ pub trait Store: Send + Sync + 'static {
     /// Identities whose join key `attr` has the (lower-cased) value.
     async fn identities_by_key(&self, attr: &str, value: &str) -> Result<Vec<String>, StoreError>;
     async fn identity(&self, id: &str) -> Result<Option<IdentityRow>, StoreError>;
+
+    // Batched reads for the composer (one chunk of objects at a time). The defaults make one
+    // call per item; a backend overrides them when a round trip costs more than the query.
+    /// The connector's links for these anchors.
+    async fn links_for(
+        &self,
+        connector: &str,
+        anchors: &[String],
+    ) -> Result<Vec<LinkRow>, StoreError> {
+        let mut out = Vec::new();
+        for a in anchors {
+            out.extend(self.link(connector, a).await?);
+        }
+        Ok(out)
+    }
+    /// `(attr, value, identity id)` for every identity matching one of the join keys.
+    async fn identities_by_keys(
+        &self,
+        keys: &[(String, String)],
+    ) -> Result<Vec<(String, String, String)>, StoreError> {
+        let mut out = Vec::new();
+        for (a, v) in keys {
+            for id in self.identities_by_key(a, v).await? {
+                out.push((a.clone(), v.clone(), id));
+            }
+        }
+        Ok(out)
+    }
+    /// These identities (the ones that exist) and all their links.
+    async fn identities_with_links(
+        &self,
+        ids: &[String],
+    ) -> Result<(Vec<IdentityRow>, Vec<LinkRow>), StoreError> {
+        let (mut rows, mut links) = (Vec::new(), Vec::new());
+        for id in ids {
+            if let Some(r) = self.identity(id).await? {
+                rows.push(r);
+                links.extend(self.links_of_identity(id).await?);
+            }
+        }
+        Ok((rows, links))
+    }
     /// Keyset paging by id; `search` matches the display name (substring, case-insensitive) or
     /// the id exactly.
     async fn identities(

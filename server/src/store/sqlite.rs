@@ -4,6 +4,7 @@
 //! before the epoch is read; a promotion needs the same lock, so each fenced commit is ordered
 //! entirely before or entirely after any promotion.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -24,6 +25,9 @@ pub struct SqliteStore {
 }
 
 type Tx<'a> = sqlx::Transaction<'a, sqlx::Sqlite>;
+
+/// Rows per multi-row statement: 9 parameters a row stays far below SQLite's 32,766.
+const ROWS_PER_STATEMENT: usize = 500;
 
 impl SqliteStore {
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
@@ -285,64 +289,82 @@ impl Store for SqliteStore {
     ) -> Result<BatchOutcome, StoreError> {
         let (_slot, mut tx) = self.begin_locked().await?;
         Self::check_fence(&mut tx, token).await?;
+        // A handful of statements per batch, not a few per object: every statement is a round
+        // trip to SQLite's worker thread, and those trips, not SQLite, bound the import rate.
+        let mut existing: HashMap<String, (String, String, bool)> = HashMap::new();
+        for chunk in batch.objects.chunks(ROWS_PER_STATEMENT) {
+            let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                "SELECT anchor, object_type, attributes_json, deleted FROM cs_objects WHERE connector_id = ",
+            );
+            q.push_bind(&batch.connector).push(" AND anchor IN (");
+            let mut list = q.separated(", ");
+            for o in chunk {
+                list.push_bind(&o.anchor);
+            }
+            q.push(")");
+            for r in q.build().fetch_all(&mut *tx).await? {
+                existing.insert(
+                    r.try_get(0)?,
+                    (r.try_get(1)?, r.try_get(2)?, r.try_get::<i64, _>(3)? != 0),
+                );
+            }
+        }
         let mut out = BatchOutcome::default();
+        let mut writes = Vec::new();
+        let mut unchanged = Vec::new();
         for o in &batch.objects {
-            let old = sqlx::query(
-                "SELECT object_type, attributes_json, deleted FROM cs_objects WHERE connector_id = ? AND anchor = ?",
-            )
-            .bind(&batch.connector)
-            .bind(&o.anchor)
-            .fetch_optional(&mut *tx)
-            .await?;
-            let changed = match &old {
+            match existing.get(&o.anchor) {
                 None => {
-                    sqlx::query(
-                        "INSERT INTO cs_objects (connector_id, anchor, object_type, attributes_json, updated_at, dirty, deleted, seen_run, rev) \
-                         VALUES (?, ?, ?, ?, ?, 1, 0, ?, 1)",
-                    )
-                    .bind(&batch.connector)
-                    .bind(&o.anchor)
-                    .bind(&o.object_type)
-                    .bind(&o.attributes_json)
-                    .bind(now_ms)
-                    .bind(&batch.seen_in_run)
-                    .execute(&mut *tx)
-                    .await?;
                     out.added += 1;
-                    continue;
+                    writes.push(o);
                 }
-                Some(r) => {
-                    r.try_get::<&str, _>(0)? != o.object_type
-                        || r.try_get::<&str, _>(1)? != o.attributes_json
-                        || r.try_get::<i64, _>(2)? != 0
+                Some((ot, attrs, deleted))
+                    if *ot != o.object_type || *attrs != o.attributes_json || *deleted =>
+                {
+                    out.updated += 1;
+                    writes.push(o);
                 }
-            };
-            if changed {
-                sqlx::query(
-                    "UPDATE cs_objects SET object_type = ?, attributes_json = ?, updated_at = ?, dirty = 1, deleted = 0, \
-                     seen_run = COALESCE(?, seen_run), rev = rev + 1 WHERE connector_id = ? AND anchor = ?",
-                )
-                .bind(&o.object_type)
-                .bind(&o.attributes_json)
-                .bind(now_ms)
-                .bind(&batch.seen_in_run)
-                .bind(&batch.connector)
-                .bind(&o.anchor)
-                .execute(&mut *tx)
-                .await?;
-                out.updated += 1;
-            } else {
-                if batch.seen_in_run.is_some() {
-                    sqlx::query(
-                        "UPDATE cs_objects SET seen_run = ? WHERE connector_id = ? AND anchor = ?",
-                    )
-                    .bind(&batch.seen_in_run)
-                    .bind(&batch.connector)
-                    .bind(&o.anchor)
-                    .execute(&mut *tx)
-                    .await?;
+                Some(_) => {
+                    out.unchanged += 1;
+                    unchanged.push(o);
                 }
-                out.unchanged += 1;
+            }
+        }
+        for chunk in writes.chunks(ROWS_PER_STATEMENT) {
+            let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                "INSERT INTO cs_objects (connector_id, anchor, object_type, attributes_json, updated_at, dirty, deleted, seen_run, rev) ",
+            );
+            q.push_values(chunk, |mut row, o| {
+                row.push_bind(&batch.connector)
+                    .push_bind(&o.anchor)
+                    .push_bind(&o.object_type)
+                    .push_bind(&o.attributes_json)
+                    .push_bind(now_ms)
+                    .push("1, 0")
+                    .push_bind(&batch.seen_in_run)
+                    .push("1");
+            });
+            q.push(
+                " ON CONFLICT (connector_id, anchor) DO UPDATE SET object_type = excluded.object_type, \
+                 attributes_json = excluded.attributes_json, updated_at = excluded.updated_at, dirty = 1, \
+                 deleted = 0, seen_run = COALESCE(excluded.seen_run, cs_objects.seen_run), rev = cs_objects.rev + 1",
+            );
+            q.build().execute(&mut *tx).await?;
+        }
+        if batch.seen_in_run.is_some() {
+            for chunk in unchanged.chunks(ROWS_PER_STATEMENT) {
+                let mut q =
+                    sqlx::QueryBuilder::<sqlx::Sqlite>::new("UPDATE cs_objects SET seen_run = ");
+                q.push_bind(&batch.seen_in_run)
+                    .push(" WHERE connector_id = ")
+                    .push_bind(&batch.connector)
+                    .push(" AND anchor IN (");
+                let mut list = q.separated(", ");
+                for o in chunk {
+                    list.push_bind(&o.anchor);
+                }
+                q.push(")");
+                q.build().execute(&mut *tx).await?;
             }
         }
         if let Some(w) = &batch.watermark {
@@ -915,6 +937,82 @@ impl Store for SqliteStore {
             .transpose()
     }
 
+    async fn links_for(
+        &self,
+        connector: &str,
+        anchors: &[String],
+    ) -> Result<Vec<LinkRow>, StoreError> {
+        let mut out = Vec::new();
+        for chunk in anchors.chunks(ROWS_PER_STATEMENT) {
+            let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(format!(
+                "{LINK_COLUMNS} WHERE connector_id = "
+            ));
+            q.push_bind(connector).push(" AND anchor IN (");
+            let mut list = q.separated(", ");
+            for a in chunk {
+                list.push_bind(a);
+            }
+            q.push(")");
+            for r in q.build().fetch_all(&self.pool).await? {
+                out.push(link_row(&r)?);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn identities_by_keys(
+        &self,
+        keys: &[(String, String)],
+    ) -> Result<Vec<(String, String, String)>, StoreError> {
+        let mut out = Vec::new();
+        for chunk in keys.chunks(ROWS_PER_STATEMENT) {
+            let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                "SELECT attr, value, identity_id FROM identity_keys WHERE (attr, value) IN (VALUES ",
+            );
+            let mut list = q.separated(", ");
+            for (a, v) in chunk {
+                list.push("(")
+                    .push_bind_unseparated(a)
+                    .push_unseparated(", ")
+                    .push_bind_unseparated(v)
+                    .push_unseparated(")");
+            }
+            q.push(")");
+            for r in q.build().fetch_all(&self.pool).await? {
+                out.push((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn identities_with_links(
+        &self,
+        ids: &[String],
+    ) -> Result<(Vec<IdentityRow>, Vec<LinkRow>), StoreError> {
+        let (mut rows, mut links) = (Vec::new(), Vec::new());
+        for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+            for (head, is_links) in [
+                (format!("{IDENTITY_COLUMNS} WHERE id IN ("), false),
+                (format!("{LINK_COLUMNS} WHERE identity_id IN ("), true),
+            ] {
+                let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(head);
+                let mut list = q.separated(", ");
+                for id in chunk {
+                    list.push_bind(id);
+                }
+                q.push(")");
+                for r in q.build().fetch_all(&self.pool).await? {
+                    if is_links {
+                        links.push(link_row(&r)?);
+                    } else {
+                        rows.push(identity_row(&r)?);
+                    }
+                }
+            }
+        }
+        Ok((rows, links))
+    }
+
     async fn identities(
         &self,
         search: Option<&str>,
@@ -957,104 +1055,181 @@ impl Store for SqliteStore {
     ) -> Result<(), StoreError> {
         let (_slot, mut tx) = self.begin_locked().await?;
         Self::check_fence(&mut tx, token).await?;
+        // The final state of each identity and link the chunk touched (the writes are in order,
+        // so the last one wins), then a few multi-row statements: one round trip to SQLite's
+        // worker per statement, not several per object.
+        let mut identities: Vec<&str> = Vec::new();
+        let mut identity_state: HashMap<&str, Option<(&IdentityRow, &Vec<(String, String)>)>> =
+            HashMap::new();
+        let mut links: Vec<(&str, &str)> = Vec::new();
+        let mut link_state: HashMap<(&str, &str), Option<&LinkRow>> = HashMap::new();
+        let mut composed: Vec<(&str, &str, i64)> = Vec::new();
+        let mut audits: Vec<&AuditEntry> = Vec::new();
         for w in writes {
             match w {
-                ComposeWrite::PutIdentity { identity: i, keys } => {
-                    sqlx::query(
-                        "INSERT INTO identities (id, display_name, attributes_json, created_at, updated_at) VALUES (?, ?, ?, ?, ?) \
-                         ON CONFLICT (id) DO UPDATE SET display_name = excluded.display_name, \
-                         attributes_json = excluded.attributes_json, updated_at = excluded.updated_at",
-                    )
-                    .bind(&i.id)
-                    .bind(&i.display_name)
-                    .bind(&i.attributes_json)
-                    .bind(i.created_at_ms)
-                    .bind(i.updated_at_ms)
-                    .execute(&mut *tx)
-                    .await?;
-                    sqlx::query("DELETE FROM identity_keys WHERE identity_id = ?")
-                        .bind(&i.id)
-                        .execute(&mut *tx)
-                        .await?;
-                    for (attr, value) in keys {
-                        sqlx::query(
-                            "INSERT OR IGNORE INTO identity_keys (attr, value, identity_id) VALUES (?, ?, ?)",
-                        )
-                        .bind(attr)
-                        .bind(value)
-                        .bind(&i.id)
-                        .execute(&mut *tx)
-                        .await?;
+                ComposeWrite::PutIdentity { identity, keys } => {
+                    if identity_state
+                        .insert(&identity.id, Some((identity, keys)))
+                        .is_none()
+                    {
+                        identities.push(&identity.id);
                     }
                 }
                 ComposeWrite::DeleteIdentity { id } => {
-                    for stmt in [
-                        "DELETE FROM identity_keys WHERE identity_id = ?",
-                        "DELETE FROM identities WHERE id = ?",
-                    ] {
-                        sqlx::query(stmt).bind(id).execute(&mut *tx).await?;
+                    if identity_state.insert(id, None).is_none() {
+                        identities.push(id);
                     }
                 }
                 ComposeWrite::PutLink(l) => {
-                    sqlx::query(
-                        "INSERT INTO identity_links (connector_id, anchor, identity_id, precedence, contribution_json) \
-                         VALUES (?, ?, ?, ?, ?) ON CONFLICT (connector_id, anchor) DO UPDATE SET \
-                         identity_id = excluded.identity_id, precedence = excluded.precedence, \
-                         contribution_json = excluded.contribution_json",
-                    )
-                    .bind(&l.connector_id)
-                    .bind(&l.anchor)
-                    .bind(&l.identity_id)
-                    .bind(l.precedence)
-                    .bind(&l.contribution_json)
-                    .execute(&mut *tx)
-                    .await?;
+                    let k = (l.connector_id.as_str(), l.anchor.as_str());
+                    if link_state.insert(k, Some(l)).is_none() {
+                        links.push(k);
+                    }
                 }
                 ComposeWrite::DeleteLink {
                     connector_id,
                     anchor,
                 } => {
-                    sqlx::query("DELETE FROM identity_links WHERE connector_id = ? AND anchor = ?")
-                        .bind(connector_id)
-                        .bind(anchor)
-                        .execute(&mut *tx)
-                        .await?;
+                    let k = (connector_id.as_str(), anchor.as_str());
+                    if link_state.insert(k, None).is_none() {
+                        links.push(k);
+                    }
                 }
                 ComposeWrite::Composed {
                     connector_id,
                     anchor,
                     rev,
-                } => {
-                    sqlx::query(
-                        "DELETE FROM cs_objects WHERE connector_id = ? AND anchor = ? AND rev = ? AND deleted = 1",
-                    )
-                    .bind(connector_id)
-                    .bind(anchor)
-                    .bind(rev)
-                    .execute(&mut *tx)
-                    .await?;
-                    sqlx::query(
-                        "UPDATE cs_objects SET dirty = 0 WHERE connector_id = ? AND anchor = ? AND rev = ?",
-                    )
-                    .bind(connector_id)
-                    .bind(anchor)
-                    .bind(rev)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                ComposeWrite::Audit(e) => {
-                    sqlx::query(
-                        "INSERT INTO audit_log (at, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)",
-                    )
-                    .bind(e.at_ms)
-                    .bind(&e.actor)
-                    .bind(&e.action)
-                    .bind(&e.target)
-                    .bind(&e.detail)
-                    .execute(&mut *tx)
-                    .await?;
-                }
+                } => composed.push((connector_id, anchor, *rev)),
+                ComposeWrite::Audit(e) => audits.push(e),
             }
+        }
+        // Identities: every touched one loses its keys; deleted ones go, the rest are upserted
+        // with their new keys.
+        for chunk in identities.chunks(ROWS_PER_STATEMENT) {
+            for table in ["identity_keys WHERE identity_id", "identities WHERE id"] {
+                let deleting: Vec<&&str> = chunk
+                    .iter()
+                    .filter(|id| {
+                        table.starts_with("identity_keys") || identity_state[**id].is_none()
+                    })
+                    .collect();
+                if deleting.is_empty() {
+                    continue;
+                }
+                let mut q =
+                    sqlx::QueryBuilder::<sqlx::Sqlite>::new(format!("DELETE FROM {table} IN ("));
+                let mut list = q.separated(", ");
+                for id in deleting {
+                    list.push_bind(*id);
+                }
+                q.push(")");
+                q.build().execute(&mut *tx).await?;
+            }
+            let puts: Vec<(&IdentityRow, &Vec<(String, String)>)> =
+                chunk.iter().filter_map(|id| identity_state[*id]).collect();
+            if puts.is_empty() {
+                continue;
+            }
+            let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                "INSERT INTO identities (id, display_name, attributes_json, created_at, updated_at) ",
+            );
+            q.push_values(&puts, |mut row, (i, _)| {
+                row.push_bind(&i.id)
+                    .push_bind(&i.display_name)
+                    .push_bind(&i.attributes_json)
+                    .push_bind(i.created_at_ms)
+                    .push_bind(i.updated_at_ms);
+            });
+            q.push(
+                " ON CONFLICT (id) DO UPDATE SET display_name = excluded.display_name, \
+                 attributes_json = excluded.attributes_json, updated_at = excluded.updated_at",
+            );
+            q.build().execute(&mut *tx).await?;
+            let keys: Vec<(&str, &(String, String))> = puts
+                .iter()
+                .flat_map(|(i, ks)| ks.iter().map(move |k| (i.id.as_str(), k)))
+                .collect();
+            for kc in keys.chunks(ROWS_PER_STATEMENT) {
+                let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                    "INSERT OR IGNORE INTO identity_keys (attr, value, identity_id) ",
+                );
+                q.push_values(kc, |mut row, (id, (attr, value))| {
+                    row.push_bind(attr).push_bind(value).push_bind(*id);
+                });
+                q.build().execute(&mut *tx).await?;
+            }
+        }
+        for chunk in links.chunks(ROWS_PER_STATEMENT) {
+            let gone: Vec<&(&str, &str)> =
+                chunk.iter().filter(|k| link_state[*k].is_none()).collect();
+            if !gone.is_empty() {
+                let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                    "DELETE FROM identity_links WHERE (connector_id, anchor) IN (VALUES ",
+                );
+                let mut list = q.separated(", ");
+                for (c, a) in gone {
+                    list.push("(")
+                        .push_bind_unseparated(*c)
+                        .push_unseparated(", ")
+                        .push_bind_unseparated(*a)
+                        .push_unseparated(")");
+                }
+                q.push(")");
+                q.build().execute(&mut *tx).await?;
+            }
+            let puts: Vec<&LinkRow> = chunk.iter().filter_map(|k| link_state[k]).collect();
+            if !puts.is_empty() {
+                let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                    "INSERT INTO identity_links (connector_id, anchor, identity_id, precedence, contribution_json) ",
+                );
+                q.push_values(&puts, |mut row, l| {
+                    row.push_bind(&l.connector_id)
+                        .push_bind(&l.anchor)
+                        .push_bind(&l.identity_id)
+                        .push_bind(l.precedence)
+                        .push_bind(&l.contribution_json);
+                });
+                q.push(
+                    " ON CONFLICT (connector_id, anchor) DO UPDATE SET identity_id = excluded.identity_id, \
+                     precedence = excluded.precedence, contribution_json = excluded.contribution_json",
+                );
+                q.build().execute(&mut *tx).await?;
+            }
+        }
+        // Composed: a deleted object at that revision goes; any other loses its mark (only at
+        // the revision the composer read, so a newer import stays marked).
+        for chunk in composed.chunks(ROWS_PER_STATEMENT) {
+            for head in [
+                "DELETE FROM cs_objects WHERE deleted = 1 AND (connector_id, anchor, rev) IN (VALUES ",
+                "UPDATE cs_objects SET dirty = 0 WHERE (connector_id, anchor, rev) IN (VALUES ",
+            ] {
+                let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(head);
+                let mut list = q.separated(", ");
+                for (c, a, rev) in chunk {
+                    list.push("(")
+                        .push_bind_unseparated(*c)
+                        .push_unseparated(", ")
+                        .push_bind_unseparated(*a)
+                        .push_unseparated(", ")
+                        .push_bind_unseparated(*rev)
+                        .push_unseparated(")");
+                }
+                q.push(")");
+                q.build().execute(&mut *tx).await?;
+            }
+        }
+        for chunk in audits.chunks(ROWS_PER_STATEMENT) {
+            let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                "INSERT INTO audit_log (at, actor, action, target, detail) ",
+            );
+            q.push_values(chunk, |mut row, e| {
+                row.push_bind(e.at_ms)
+                    .push_bind(&e.actor)
+                    .push_bind(&e.action)
+                    .push_bind(&e.target)
+                    .push_bind(&e.detail);
+            });
+            q.build().execute(&mut *tx).await?;
         }
         Self::journal_insert(&mut tx, "compose", token.epoch, &token.instance, now_ms).await?;
         tx.commit().await?;

@@ -77,6 +77,77 @@ struct Overlay {
     identities: HashMap<String, Option<IdentityState>>,
     keys: HashMap<(String, String), BTreeSet<String>>,
     keys_of: HashMap<String, Vec<(String, String)>>,
+    /// What the store held when the chunk began, read in a few batched queries: the chunk's
+    /// links, the identities its join keys find, and the identities involved.
+    base: Prefetch,
+}
+
+#[derive(Default)]
+struct Prefetch {
+    links: HashMap<String, LinkRow>,
+    keys: HashMap<(String, String), Vec<String>>,
+    identities: HashMap<String, Option<IdentityState>>,
+}
+
+impl Prefetch {
+    async fn load(
+        store: &Arc<dyn Store>,
+        ctx: &ComposeContext<'_>,
+        chunk: &[DirtyObject],
+    ) -> Result<Prefetch, StoreError> {
+        let anchors: Vec<String> = chunk.iter().map(|o| o.anchor.clone()).collect();
+        let links: HashMap<String, LinkRow> = store
+            .links_for(ctx.connector_id, &anchors)
+            .await?
+            .into_iter()
+            .map(|l| (l.anchor.clone(), l))
+            .collect();
+        let mut wanted = BTreeSet::new();
+        for o in chunk {
+            if o.deleted || links.contains_key(&o.anchor) || !has_rules(ctx, &o.object_type) {
+                continue;
+            }
+            if let Ok(stored) = serde_json::from_str::<StoredObject>(&o.attributes_json) {
+                wanted.extend(ctx.rules.join_keys(
+                    &o.object_type,
+                    &stored.attributes,
+                    stored.dn.as_deref(),
+                ));
+            }
+        }
+        let wanted: Vec<(String, String)> = wanted.into_iter().collect();
+        let mut keys: HashMap<(String, String), Vec<String>> =
+            wanted.iter().map(|k| (k.clone(), Vec::new())).collect();
+        let mut ids: BTreeSet<String> = links.values().map(|l| l.identity_id.clone()).collect();
+        for (a, v, id) in store.identities_by_keys(&wanted).await? {
+            ids.insert(id.clone());
+            keys.entry((a, v)).or_default().push(id);
+        }
+        let ids: Vec<String> = ids.into_iter().collect();
+        let (rows, all_links) = store.identities_with_links(&ids).await?;
+        let mut identities: HashMap<String, Option<IdentityState>> =
+            ids.iter().map(|id| (id.clone(), None)).collect();
+        let mut by_identity: HashMap<String, Vec<LinkRow>> = HashMap::new();
+        for l in all_links {
+            by_identity
+                .entry(l.identity_id.clone())
+                .or_default()
+                .push(l);
+        }
+        for row in rows {
+            let links = by_identity.remove(&row.id).unwrap_or_default();
+            identities.insert(row.id.clone(), Some(IdentityState { row, links }));
+        }
+        Ok(Prefetch {
+            links,
+            keys,
+            identities,
+        })
+    }
+}
+
+fn has_rules(ctx: &ComposeContext<'_>, object_type: &str) -> bool {
+    ctx.rules.object_types().any(|t| t == object_type)
 }
 
 impl Overlay {
@@ -111,7 +182,10 @@ pub async fn compose_pending(
         if chunk.is_empty() {
             return Ok(counts);
         }
-        let mut overlay = Overlay::default();
+        let mut overlay = Overlay {
+            base: Prefetch::load(store, ctx, &chunk).await?,
+            ..Overlay::default()
+        };
         let mut writes = Vec::new();
         for obj in &chunk {
             compose_one(store, ctx, obj, &mut overlay, &mut writes, &mut counts).await?;
@@ -146,6 +220,9 @@ async fn load_identity(
     if let Some(s) = overlay.identities.get(id) {
         return Ok(s.clone());
     }
+    if let Some(s) = overlay.base.identities.get(id) {
+        return Ok(s.clone());
+    }
     let Some(row) = store.identity(id).await? else {
         return Ok(None);
     };
@@ -160,13 +237,16 @@ async fn lookup_key(
     attr: &str,
     value: &str,
 ) -> Result<Vec<String>, StoreError> {
-    let mut ids: Vec<String> = store
-        .identities_by_key(attr, value)
-        .await?
+    let key = (attr.to_string(), value.to_string());
+    let stored = match overlay.base.keys.get(&key) {
+        Some(ids) => ids.clone(),
+        None => store.identities_by_key(attr, value).await?,
+    };
+    let mut ids: Vec<String> = stored
         .into_iter()
         .filter(|id| !overlay.identities.contains_key(id))
         .collect();
-    if let Some(found) = overlay.keys.get(&(attr.to_string(), value.to_string())) {
+    if let Some(found) = overlay.keys.get(&key) {
         ids.extend(found.iter().cloned());
     }
     ids.sort();
@@ -226,7 +306,12 @@ async fn compose_one(
     writes: &mut Vec<ComposeWrite>,
     counts: &mut ComposeCounts,
 ) -> Result<(), StoreError> {
-    let link = store.link(ctx.connector_id, &obj.anchor).await?;
+    // Every anchor of the chunk was prefetched: absent means not linked.
+    let link = overlay.base.links.get(&obj.anchor).cloned();
+    if link.is_none() && !has_rules(ctx, &obj.object_type) {
+        // Nothing to join or supply, and no contribution to remove.
+        return Ok(());
+    }
     let location = format!("{}:{}", obj.object_type, obj.anchor);
     if obj.deleted {
         if let Some(l) = link {
