@@ -110,12 +110,26 @@ fn ensure_apt_packages() -> Result<()> {
     let mut update = Command::new("apt-get");
     update.arg("update");
     run(update, "apt-get update")?;
+    // Daemons such as slapd must not start as system services on install: the tests start
+    // their own on loopback ports. policy-rc.d exit 101 is Debian's "do not start" (kept if
+    // the machine already has one).
+    let policy = Path::new("/usr/sbin/policy-rc.d");
+    let own_policy = !policy.exists();
+    if own_policy {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(policy, "#!/bin/sh\nexit 101\n")?;
+        std::fs::set_permissions(policy, std::fs::Permissions::from_mode(0o755))?;
+    }
     let mut install = Command::new("apt-get");
     install
         .args(["install", "-y", "--no-install-recommends"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive");
-    run(install, "apt-get install")
+    let r = run(install, "apt-get install");
+    if own_policy {
+        let _ = std::fs::remove_file(policy);
+    }
+    r
 }
 
 fn ensure_npm(root: &Path) -> Result<()> {
