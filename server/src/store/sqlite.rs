@@ -44,9 +44,6 @@ impl SqliteStore {
             // FULL: a committed batch survives a crash of the host, not only of the process.
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(30))
-            // 16 MiB of page cache per connection (a fixed cap: memory does not grow with the
-            // directory) keeps the connector-space indexes in memory during an import.
-            .pragma("cache_size", "-16384")
             .foreign_keys(true);
         // Two instances opening a new file at once race to switch it to WAL, and SQLite answers
         // that switch with SQLITE_BUSY without consulting the busy timeout: retry for a while.
