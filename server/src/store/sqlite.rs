@@ -29,6 +29,36 @@ type Tx<'a> = sqlx::Transaction<'a, sqlx::Sqlite>;
 /// Rows per multi-row statement: 9 parameters a row stays far below SQLite's 32,766.
 const ROWS_PER_STATEMENT: usize = 500;
 
+type Builder<'q> = sqlx::QueryBuilder<'q, sqlx::Sqlite>;
+
+/// Appends `(?, ?, …)`, one bound value per item: the list of an `IN`.
+fn push_in<'q, T>(q: &mut Builder<'q>, items: impl IntoIterator<Item = T>)
+where
+    T: 'q + sqlx::Encode<'q, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>,
+{
+    q.push("(");
+    let mut list = q.separated(", ");
+    for item in items {
+        list.push_bind(item);
+    }
+    q.push(")");
+}
+
+/// Appends `(VALUES (…), (…))` for a row-value `IN`; `row` binds one item's values.
+fn push_in_rows<'q, I>(
+    q: &mut Builder<'q>,
+    items: impl IntoIterator<Item = I>,
+    mut row: impl FnMut(&mut sqlx::query_builder::Separated<'_, 'q, sqlx::Sqlite, &'static str>, I),
+) {
+    q.push("(VALUES ");
+    for (n, item) in items.into_iter().enumerate() {
+        q.push(if n == 0 { "(" } else { ", (" });
+        row(&mut q.separated(", "), item);
+        q.push(")");
+    }
+    q.push(")");
+}
+
 impl SqliteStore {
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -293,15 +323,11 @@ impl Store for SqliteStore {
         // trip to SQLite's worker thread, and those trips, not SQLite, bound the import rate.
         let mut existing: HashMap<String, (String, String, bool)> = HashMap::new();
         for chunk in batch.objects.chunks(ROWS_PER_STATEMENT) {
-            let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            let mut q = Builder::new(
                 "SELECT anchor, object_type, attributes_json, deleted FROM cs_objects WHERE connector_id = ",
             );
-            q.push_bind(&batch.connector).push(" AND anchor IN (");
-            let mut list = q.separated(", ");
-            for o in chunk {
-                list.push_bind(&o.anchor);
-            }
-            q.push(")");
+            q.push_bind(&batch.connector).push(" AND anchor IN ");
+            push_in(&mut q, chunk.iter().map(|o| &o.anchor));
             for r in q.build().fetch_all(&mut *tx).await? {
                 existing.insert(
                     r.try_get(0)?,
@@ -331,7 +357,7 @@ impl Store for SqliteStore {
             }
         }
         for chunk in writes.chunks(ROWS_PER_STATEMENT) {
-            let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            let mut q = Builder::new(
                 "INSERT INTO cs_objects (connector_id, anchor, object_type, attributes_json, updated_at, dirty, deleted, seen_run, rev) ",
             );
             q.push_values(chunk, |mut row, o| {
@@ -353,17 +379,12 @@ impl Store for SqliteStore {
         }
         if batch.seen_in_run.is_some() {
             for chunk in unchanged.chunks(ROWS_PER_STATEMENT) {
-                let mut q =
-                    sqlx::QueryBuilder::<sqlx::Sqlite>::new("UPDATE cs_objects SET seen_run = ");
+                let mut q = Builder::new("UPDATE cs_objects SET seen_run = ");
                 q.push_bind(&batch.seen_in_run)
                     .push(" WHERE connector_id = ")
                     .push_bind(&batch.connector)
-                    .push(" AND anchor IN (");
-                let mut list = q.separated(", ");
-                for o in chunk {
-                    list.push_bind(&o.anchor);
-                }
-                q.push(")");
+                    .push(" AND anchor IN ");
+                push_in(&mut q, chunk.iter().map(|o| &o.anchor));
                 q.build().execute(&mut *tx).await?;
             }
         }
@@ -944,15 +965,9 @@ impl Store for SqliteStore {
     ) -> Result<Vec<LinkRow>, StoreError> {
         let mut out = Vec::new();
         for chunk in anchors.chunks(ROWS_PER_STATEMENT) {
-            let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(format!(
-                "{LINK_COLUMNS} WHERE connector_id = "
-            ));
-            q.push_bind(connector).push(" AND anchor IN (");
-            let mut list = q.separated(", ");
-            for a in chunk {
-                list.push_bind(a);
-            }
-            q.push(")");
+            let mut q = Builder::new(format!("{LINK_COLUMNS} WHERE connector_id = "));
+            q.push_bind(connector).push(" AND anchor IN ");
+            push_in(&mut q, chunk);
             for r in q.build().fetch_all(&self.pool).await? {
                 out.push(link_row(&r)?);
             }
@@ -966,18 +981,13 @@ impl Store for SqliteStore {
     ) -> Result<Vec<(String, String, String)>, StoreError> {
         let mut out = Vec::new();
         for chunk in keys.chunks(ROWS_PER_STATEMENT) {
-            let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-                "SELECT attr, value, identity_id FROM identity_keys WHERE (attr, value) IN (VALUES ",
+            let mut q = Builder::new(
+                "SELECT attr, value, identity_id FROM identity_keys WHERE (attr, value) IN ",
             );
-            let mut list = q.separated(", ");
-            for (a, v) in chunk {
-                list.push("(")
-                    .push_bind_unseparated(a)
-                    .push_unseparated(", ")
-                    .push_bind_unseparated(v)
-                    .push_unseparated(")");
-            }
-            q.push(")");
+            push_in_rows(&mut q, chunk, |r, (a, v)| {
+                r.push_bind(a);
+                r.push_bind(v);
+            });
             for r in q.build().fetch_all(&self.pool).await? {
                 out.push((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?));
             }
@@ -992,15 +1002,11 @@ impl Store for SqliteStore {
         let (mut rows, mut links) = (Vec::new(), Vec::new());
         for chunk in ids.chunks(ROWS_PER_STATEMENT) {
             for (head, is_links) in [
-                (format!("{IDENTITY_COLUMNS} WHERE id IN ("), false),
-                (format!("{LINK_COLUMNS} WHERE identity_id IN ("), true),
+                (format!("{IDENTITY_COLUMNS} WHERE id IN "), false),
+                (format!("{LINK_COLUMNS} WHERE identity_id IN "), true),
             ] {
-                let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(head);
-                let mut list = q.separated(", ");
-                for id in chunk {
-                    list.push_bind(id);
-                }
-                q.push(")");
+                let mut q = Builder::new(head);
+                push_in(&mut q, chunk);
                 for r in q.build().fetch_all(&self.pool).await? {
                     if is_links {
                         links.push(link_row(&r)?);
@@ -1106,23 +1112,17 @@ impl Store for SqliteStore {
         // Identities: every touched one loses its keys; deleted ones go, the rest are upserted
         // with their new keys.
         for chunk in identities.chunks(ROWS_PER_STATEMENT) {
-            for table in ["identity_keys WHERE identity_id", "identities WHERE id"] {
-                let deleting: Vec<&&str> = chunk
-                    .iter()
-                    .filter(|id| {
-                        table.starts_with("identity_keys") || identity_state[**id].is_none()
-                    })
-                    .collect();
-                if deleting.is_empty() {
-                    continue;
-                }
-                let mut q =
-                    sqlx::QueryBuilder::<sqlx::Sqlite>::new(format!("DELETE FROM {table} IN ("));
-                let mut list = q.separated(", ");
-                for id in deleting {
-                    list.push_bind(*id);
-                }
-                q.push(")");
+            let mut q = Builder::new("DELETE FROM identity_keys WHERE identity_id IN ");
+            push_in(&mut q, chunk.iter().copied());
+            q.build().execute(&mut *tx).await?;
+            let deleted: Vec<&str> = chunk
+                .iter()
+                .copied()
+                .filter(|id| identity_state[id].is_none())
+                .collect();
+            if !deleted.is_empty() {
+                let mut q = Builder::new("DELETE FROM identities WHERE id IN ");
+                push_in(&mut q, deleted);
                 q.build().execute(&mut *tx).await?;
             }
             let puts: Vec<(&IdentityRow, &Vec<(String, String)>)> =
@@ -1130,7 +1130,7 @@ impl Store for SqliteStore {
             if puts.is_empty() {
                 continue;
             }
-            let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            let mut q = Builder::new(
                 "INSERT INTO identities (id, display_name, attributes_json, created_at, updated_at) ",
             );
             q.push_values(&puts, |mut row, (i, _)| {
@@ -1150,9 +1150,8 @@ impl Store for SqliteStore {
                 .flat_map(|(i, ks)| ks.iter().map(move |k| (i.id.as_str(), k)))
                 .collect();
             for kc in keys.chunks(ROWS_PER_STATEMENT) {
-                let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-                    "INSERT OR IGNORE INTO identity_keys (attr, value, identity_id) ",
-                );
+                let mut q =
+                    Builder::new("INSERT OR IGNORE INTO identity_keys (attr, value, identity_id) ");
                 q.push_values(kc, |mut row, (id, (attr, value))| {
                     row.push_bind(attr).push_bind(value).push_bind(*id);
                 });
@@ -1163,23 +1162,17 @@ impl Store for SqliteStore {
             let gone: Vec<&(&str, &str)> =
                 chunk.iter().filter(|k| link_state[*k].is_none()).collect();
             if !gone.is_empty() {
-                let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-                    "DELETE FROM identity_links WHERE (connector_id, anchor) IN (VALUES ",
-                );
-                let mut list = q.separated(", ");
-                for (c, a) in gone {
-                    list.push("(")
-                        .push_bind_unseparated(*c)
-                        .push_unseparated(", ")
-                        .push_bind_unseparated(*a)
-                        .push_unseparated(")");
-                }
-                q.push(")");
+                let mut q =
+                    Builder::new("DELETE FROM identity_links WHERE (connector_id, anchor) IN ");
+                push_in_rows(&mut q, gone, |r, (c, a)| {
+                    r.push_bind(*c);
+                    r.push_bind(*a);
+                });
                 q.build().execute(&mut *tx).await?;
             }
             let puts: Vec<&LinkRow> = chunk.iter().filter_map(|k| link_state[k]).collect();
             if !puts.is_empty() {
-                let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                let mut q = Builder::new(
                     "INSERT INTO identity_links (connector_id, anchor, identity_id, precedence, contribution_json) ",
                 );
                 q.push_values(&puts, |mut row, l| {
@@ -1200,28 +1193,20 @@ impl Store for SqliteStore {
         // the revision the composer read, so a newer import stays marked).
         for chunk in composed.chunks(ROWS_PER_STATEMENT) {
             for head in [
-                "DELETE FROM cs_objects WHERE deleted = 1 AND (connector_id, anchor, rev) IN (VALUES ",
-                "UPDATE cs_objects SET dirty = 0 WHERE (connector_id, anchor, rev) IN (VALUES ",
+                "DELETE FROM cs_objects WHERE deleted = 1 AND (connector_id, anchor, rev) IN ",
+                "UPDATE cs_objects SET dirty = 0 WHERE (connector_id, anchor, rev) IN ",
             ] {
-                let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(head);
-                let mut list = q.separated(", ");
-                for (c, a, rev) in chunk {
-                    list.push("(")
-                        .push_bind_unseparated(*c)
-                        .push_unseparated(", ")
-                        .push_bind_unseparated(*a)
-                        .push_unseparated(", ")
-                        .push_bind_unseparated(*rev)
-                        .push_unseparated(")");
-                }
-                q.push(")");
+                let mut q = Builder::new(head);
+                push_in_rows(&mut q, chunk, |r, (c, a, rev)| {
+                    r.push_bind(*c);
+                    r.push_bind(*a);
+                    r.push_bind(*rev);
+                });
                 q.build().execute(&mut *tx).await?;
             }
         }
         for chunk in audits.chunks(ROWS_PER_STATEMENT) {
-            let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-                "INSERT INTO audit_log (at, actor, action, target, detail) ",
-            );
+            let mut q = Builder::new("INSERT INTO audit_log (at, actor, action, target, detail) ");
             q.push_values(chunk, |mut row, e| {
                 row.push_bind(e.at_ms)
                     .push_bind(&e.actor)
