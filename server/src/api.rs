@@ -500,7 +500,7 @@ async fn create_relay(
             StoreError::Conflict(m) => Problem::conflict(m),
             other => store_problem(other),
         })?;
-    audit_action(&st, &who, "relay.create", name).await;
+    audit_action(&st, &who.subject, "relay.create", name, "").await;
     let body = serde_json::json!({"id": id, "name": name, "token": token});
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
@@ -527,24 +527,23 @@ async fn revoke_relay(
         .as_ref()
         .map(|h| h.disconnect_relay(&id, "credential revoked"))
         .unwrap_or(0);
-    audit_action(&st, &who, "relay.revoke", &id).await;
+    audit_action(&st, &who.subject, "relay.revoke", &id, "").await;
     Ok(
         Json(serde_json::json!({"id": id, "revoked": true, "disconnected": closed}))
             .into_response(),
     )
 }
 
-async fn audit_action(st: &AppState, who: &Principal, action: &str, target: &str) {
-    let e = crate::store::AuditEntry {
-        at_ms: crate::store::now_ms(),
-        actor: who.subject.clone(),
-        action: action.into(),
-        target: target.into(),
-        detail: String::new(),
-    };
-    if let Err(err) = st.engine.store().append_audit(&e).await {
-        tracing::warn!(error = %err, "audit write failed");
-    }
+/// Records an Admin API action in the audit log (best effort).
+pub(crate) async fn audit_action(
+    st: &AppState,
+    actor: &str,
+    action: &str,
+    target: impl Into<String>,
+    detail: impl ToString,
+) {
+    let entry = crate::store::AuditEntry::now(actor, action, target, detail.to_string());
+    crate::store::audit(st.engine.store().as_ref(), entry).await;
 }
 
 /// The OpenAPI document, derived from the same route table the router and the permission

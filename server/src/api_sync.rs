@@ -11,9 +11,9 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value as Json_};
 
-use crate::api::{rfc3339, store_problem, AppState, Caller};
+use crate::api::{audit_action, rfc3339, store_problem, AppState, Caller};
 use crate::problem::{JsonBody, Problem};
-use crate::store::{now_ms, AuditEntry, ConnectorRow, RunRow, ScheduleRow, StoreError};
+use crate::store::{now_ms, ConnectorRow, RunRow, ScheduleRow, StoreError};
 use crate::sync::composer::ConnectorRules;
 use crate::sync::runner::{RunError, RunMode, SyncEngine};
 use crate::sync::schedule;
@@ -69,19 +69,6 @@ fn not_found(what: &str, id: &str) -> Problem {
 
 fn bad_query(e: axum::extract::rejection::QueryRejection) -> Problem {
     Problem::bad_request(format!("bad query: {}", e.body_text()))
-}
-
-async fn audit(st: &AppState, actor: &str, action: &str, target: String, detail: Json_) {
-    let e = AuditEntry {
-        at_ms: now_ms(),
-        actor: actor.to_string(),
-        action: action.into(),
-        target,
-        detail: detail.to_string(),
-    };
-    if let Err(err) = st.engine.store().append_audit(&e).await {
-        tracing::warn!(error = %err, "audit write failed");
-    }
 }
 
 // ---- connectors ----
@@ -264,7 +251,7 @@ async fn create_connector(
         .put_connector(&row)
         .await
         .map_err(conflict_or)?;
-    audit(
+    audit_action(
         &st,
         &who.subject,
         "connector.create",
@@ -303,7 +290,7 @@ async fn update_connector(
         .put_connector(&row)
         .await
         .map_err(conflict_or)?;
-    audit(
+    audit_action(
         &st,
         &who.subject,
         "connector.update",
@@ -328,7 +315,7 @@ async fn delete_connector(
     if !gone {
         return Err(not_found("connector", &id));
     }
-    audit(
+    audit_action(
         &st,
         &who.subject,
         "connector.delete",
@@ -394,7 +381,7 @@ async fn start_run(
         .start(&id, mode, "manual")
         .await
         .map_err(run_problem)?;
-    audit(
+    audit_action(
         &st,
         &who.subject,
         "run.start",
@@ -414,7 +401,7 @@ async fn clear_connector(
         .start(&id, RunMode::Clear, "manual")
         .await
         .map_err(run_problem)?;
-    audit(
+    audit_action(
         &st,
         &who.subject,
         "connector.clear",
@@ -557,7 +544,7 @@ async fn create_schedule(
         created_at_ms: now,
     };
     store.put_schedule(&row).await.map_err(store_problem)?;
-    audit(
+    audit_action(
         &st,
         &who.subject,
         "schedule.create",
@@ -582,7 +569,7 @@ async fn delete_schedule(
     {
         return Err(not_found("schedule", &id));
     }
-    audit(
+    audit_action(
         &st,
         &who.subject,
         "schedule.delete",

@@ -234,16 +234,8 @@ impl Engine {
     }
 
     async fn audit(&self, actor: &str, action: &str, detail: String) {
-        let entry = AuditEntry {
-            at_ms: now_ms(),
-            actor: actor.into(),
-            action: action.into(),
-            target: self.instance.clone(),
-            detail,
-        };
-        if let Err(e) = self.store.append_audit(&entry).await {
-            tracing::warn!(error = %e, "audit write failed");
-        }
+        let entry = AuditEntry::now(actor, action, self.instance.clone(), detail);
+        crate::store::audit(self.store.as_ref(), entry).await;
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {

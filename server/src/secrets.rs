@@ -146,16 +146,8 @@ impl Secrets {
 
     async fn audit(&self, actor: &str, action: &str, name: &str, key_id: &str) {
         let detail = serde_json::json!({ "key_id": key_id }).to_string();
-        let e = AuditEntry {
-            at_ms: now_ms(),
-            actor: actor.to_string(),
-            action: action.to_string(),
-            target: format!("secret/{name}"),
-            detail,
-        };
-        if let Err(err) = self.store.append_audit(&e).await {
-            tracing::warn!(error = %err, action, "audit write failed");
-        }
+        let entry = AuditEntry::now(actor, action, format!("secret/{name}"), detail);
+        crate::store::audit(self.store.as_ref(), entry).await;
     }
 }
 

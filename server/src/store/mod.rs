@@ -290,6 +290,32 @@ pub struct AuditEntry {
     pub detail: String,
 }
 
+impl AuditEntry {
+    /// An entry stamped now.
+    pub fn now(
+        actor: &str,
+        action: &str,
+        target: impl Into<String>,
+        detail: impl Into<String>,
+    ) -> Self {
+        AuditEntry {
+            at_ms: now_ms(),
+            actor: actor.to_string(),
+            action: action.to_string(),
+            target: target.into(),
+            detail: detail.into(),
+        }
+    }
+}
+
+/// Records an administrative action, best effort: a failed audit write is logged, and the
+/// action it records stands.
+pub async fn audit(store: &dyn Store, entry: AuditEntry) {
+    if let Err(e) = store.append_audit(&entry).await {
+        tracing::warn!(error = %e, action = %entry.action, "audit write failed");
+    }
+}
+
 /// The store every backend implements; the conformance suite in `conformance.rs` runs against each.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {

@@ -116,13 +116,7 @@ impl SyncEngine {
             if paused { "paused" } else { "resumed" }
         );
         self.store
-            .append_audit(&AuditEntry {
-                at_ms: now_ms(),
-                actor: actor.to_string(),
-                action: action.to_string(),
-                target: "sync".into(),
-                detail: "{}".into(),
-            })
+            .append_audit(&AuditEntry::now(actor, action, "sync", "{}"))
             .await
     }
 
