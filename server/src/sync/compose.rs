@@ -446,7 +446,7 @@ async fn apply(
     let now = now_ms();
     let actor = format!("sync:{}", ctx.connector_name);
     if links.is_empty() {
-        if let Some(b) = before {
+        if before.is_some() {
             writes.push(ComposeWrite::DeleteIdentity {
                 id: identity_id.to_string(),
             });
@@ -461,7 +461,6 @@ async fn apply(
                 now,
             ));
             counts.deleted += 1;
-            drop(b);
             overlay.put(identity_id, None, Vec::new());
         }
         return Ok(());
@@ -476,7 +475,7 @@ async fn apply(
     };
     let changed = before
         .as_ref()
-        .map(|s| merged_of(&s.row) != merged || s.row.display_name != row.display_name)
+        .map(|s| before_merged != merged || s.row.display_name != row.display_name)
         .unwrap_or(true);
     let keys = keys_of(&merged, ctx.key_attributes);
     if changed {
