@@ -106,15 +106,16 @@ pub enum SourceError {
 pub enum Source {
     Ldap(LdapConnector),
     Csv(CsvConnector),
-    Relay {
-        hub: HubHandle,
-        relay_id: String,
-        kind: String,
-        /// The connector config with the bind password resolved, sent to the relay over the
-        /// hub's TLS connection: the relay needs it to bind.
-        config: serde_json::Value,
-        password: Option<String>,
-    },
+    Relay(RelaySource),
+}
+
+/// A connector whose reads run inside a relay agent, reached through the hub.
+pub struct RelaySource {
+    hub: HubHandle,
+    relay_id: String,
+    /// `{kind, config, password}`: the connector with its bind password resolved, sent to the
+    /// relay over the hub's TLS connection (the relay needs it to bind).
+    connector: serde_json::Value,
 }
 
 impl Source {
@@ -134,18 +135,14 @@ impl Source {
                 relay: relay_id.clone(),
                 reason: "this server has no relay hub".into(),
             })?;
-            let config = serde_json::from_str(&row.config_json)
+            let config: serde_json::Value = serde_json::from_str(&row.config_json)
                 .map_err(|e| SourceError::Invalid(e.to_string()))?;
-            return Ok((
-                Source::Relay {
-                    hub: hub.clone(),
-                    relay_id: relay_id.clone(),
-                    kind: row.kind.clone(),
-                    config,
-                    password,
-                },
-                cfg,
-            ));
+            let source = RelaySource {
+                hub: hub.clone(),
+                relay_id: relay_id.clone(),
+                connector: json!({ "kind": row.kind, "config": config, "password": password }),
+            };
+            return Ok((Source::Relay(source), cfg));
         }
         let source = match &cfg {
             SourceConfig::Ldap(c) => Source::Ldap(LdapConnector::new(c.clone(), password)?),
@@ -154,53 +151,11 @@ impl Source {
         Ok((source, cfg))
     }
 
-    fn relay_args(
-        kind: &str,
-        config: &serde_json::Value,
-        password: &Option<String>,
-    ) -> serde_json::Value {
-        json!({ "kind": kind, "config": config, "password": password })
-    }
-
-    fn relay_connection(hub: &HubHandle, relay_id: &str) -> Result<String, SourceError> {
-        hub.connections_of(relay_id)
-            .into_iter()
-            .next()
-            .ok_or_else(|| SourceError::Relay {
-                relay: relay_id.to_string(),
-                reason: "not connected to this server; check the relay agent is running and \
-                         reaches the Service (GET /api/relays shows its state)"
-                    .into(),
-            })
-    }
-
     pub async fn test(&self) -> Result<TestReport, SourceError> {
         match self {
             Source::Ldap(c) => Ok(c.test_connection().await?),
             Source::Csv(c) => Ok(c.test_connection().await?),
-            Source::Relay {
-                hub,
-                relay_id,
-                kind,
-                config,
-                password,
-            } => {
-                let relay_err = |reason: String| SourceError::Relay {
-                    relay: relay_id.clone(),
-                    reason,
-                };
-                let conn = Self::relay_connection(hub, relay_id)?;
-                let args = vec![Self::relay_args(kind, config, password)];
-                let v = tokio::time::timeout(
-                    std::time::Duration::from_secs(60),
-                    hub.invoke(&conn, RELAY_TEST_METHOD, args),
-                )
-                .await
-                .map_err(|_| relay_err("the connection test did not finish within 60 s".into()))?
-                .map_err(|e| relay_err(e.to_string()))?;
-                serde_json::from_value(v)
-                    .map_err(|e| relay_err(format!("unexpected test report: {e}")))
-            }
+            Source::Relay(r) => r.test().await,
         }
     }
 
@@ -214,43 +169,75 @@ impl Source {
         match self {
             Source::Ldap(c) => Ok(c.import(object_type, mode, tx).await?),
             Source::Csv(c) => Ok(c.import(object_type, mode, tx).await?),
-            Source::Relay {
-                hub,
-                relay_id,
-                kind,
-                config,
-                password,
-            } => {
-                let relay_err = |reason: String| SourceError::Relay {
-                    relay: relay_id.clone(),
-                    reason,
-                };
-                let conn = Self::relay_connection(hub, relay_id)?;
-                let args = vec![
-                    Self::relay_args(kind, config, password),
-                    json!(object_type),
-                    serde_json::to_value(mode).map_err(|e| relay_err(e.to_string()))?,
-                ];
-                let mut stream = hub
-                    .invoke_stream(&conn, RELAY_IMPORT_METHOD, args, 2)
-                    .await
-                    .map_err(|e| relay_err(e.to_string()))?;
-                loop {
-                    match stream.next().await.map_err(|e| relay_err(e.to_string()))? {
-                        Some(StreamEvent::Item(v)) => {
-                            let page: Page = serde_json::from_value(v)
-                                .map_err(|e| relay_err(format!("malformed page: {e}")))?;
-                            tx.send(page).await.map_err(|_| ConnectorError::Cancelled)?;
-                        }
-                        Some(StreamEvent::Completed(v)) => {
-                            return serde_json::from_value(v)
-                                .map_err(|e| relay_err(format!("malformed summary: {e}")));
-                        }
-                        None => {
-                            return Err(relay_err("the stream ended without a completion".into()))
-                        }
-                    }
+            Source::Relay(r) => r.import(object_type, mode, tx).await,
+        }
+    }
+}
+
+impl RelaySource {
+    fn err(&self, reason: impl Into<String>) -> SourceError {
+        SourceError::Relay {
+            relay: self.relay_id.clone(),
+            reason: reason.into(),
+        }
+    }
+
+    /// The relay's hub connection on this server.
+    fn connection(&self) -> Result<String, SourceError> {
+        self.hub
+            .connections_of(&self.relay_id)
+            .into_iter()
+            .next()
+            .ok_or_else(|| {
+                self.err(
+                    "not connected to this server; check the relay agent is running and \
+                     reaches the Service (GET /api/relays shows its state)",
+                )
+            })
+    }
+
+    async fn test(&self) -> Result<TestReport, SourceError> {
+        let conn = self.connection()?;
+        let v = tokio::time::timeout(
+            std::time::Duration::from_secs(60),
+            self.hub
+                .invoke(&conn, RELAY_TEST_METHOD, vec![self.connector.clone()]),
+        )
+        .await
+        .map_err(|_| self.err("the connection test did not finish within 60 s"))?
+        .map_err(|e| self.err(e.to_string()))?;
+        serde_json::from_value(v).map_err(|e| self.err(format!("unexpected test report: {e}")))
+    }
+
+    async fn import(
+        &self,
+        object_type: &str,
+        mode: &ImportMode,
+        tx: Sender<Page>,
+    ) -> Result<ImportSummary, SourceError> {
+        let conn = self.connection()?;
+        let args = vec![
+            self.connector.clone(),
+            json!(object_type),
+            serde_json::to_value(mode).map_err(|e| self.err(e.to_string()))?,
+        ];
+        let mut stream = self
+            .hub
+            .invoke_stream(&conn, RELAY_IMPORT_METHOD, args, 2)
+            .await
+            .map_err(|e| self.err(e.to_string()))?;
+        loop {
+            match stream.next().await.map_err(|e| self.err(e.to_string()))? {
+                Some(StreamEvent::Item(v)) => {
+                    let page: Page = serde_json::from_value(v)
+                        .map_err(|e| self.err(format!("malformed page: {e}")))?;
+                    tx.send(page).await.map_err(|_| ConnectorError::Cancelled)?;
                 }
+                Some(StreamEvent::Completed(v)) => {
+                    return serde_json::from_value(v)
+                        .map_err(|e| self.err(format!("malformed summary: {e}")));
+                }
+                None => return Err(self.err("the stream ended without a completion")),
             }
         }
     }
