@@ -6,7 +6,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -35,72 +35,45 @@ fn relay_bin() -> PathBuf {
     path
 }
 
-/// The relay process; killed by pid if the test ends without stopping it.
+/// The relay process (`run --config`), stopped by pid.
 struct Relay {
-    child: Option<Child>,
-    log: PathBuf,
+    proc: Proc,
 }
 
 impl Relay {
-    fn start(bin: &Path, config: &Path, log: PathBuf) -> Relay {
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(bin)
-            .arg("run")
-            .arg("--config")
-            .arg(config)
-            .args(["--retry-base-ms", "100", "--retry-cap-ms", "1000"])
-            // Debug level: a password logged anywhere in the relay would show up here.
-            .env("RUST_LOG", "debug")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("start identitymesh-relay run");
+    fn start(bin: &Path, config: &Path, log_dir: PathBuf) -> Relay {
+        let config = config.to_str().unwrap();
+        let args = [
+            "run",
+            "--config",
+            config,
+            "--retry-base-ms",
+            "100",
+            "--retry-cap-ms",
+            "1000",
+        ];
+        // Debug level: a password logged anywhere in the relay would show up here.
+        let env = [
+            ("RUST_LOG", "debug".to_string()),
+            ("NO_COLOR", "1".to_string()),
+        ];
         Relay {
-            child: Some(child),
-            log,
+            proc: Proc::spawn_bin(bin, &args, &env, &log_dir),
         }
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.proc.output()
     }
 
     /// SIGTERM to our child's pid, and wait for a clean exit.
     fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
-        let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-        assert_eq!(rc, 0, "SIGTERM to the relay");
-        let deadline = Instant::now() + Duration::from_secs(15);
-        let status = loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                break st;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("the relay did not stop on SIGTERM; log:\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
+        let status = self.proc.terminate(Duration::from_secs(15));
         assert!(
             status.success(),
             "relay exit {status}; log:\n{}",
             self.log()
         );
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        if let Some(c) = self.child.as_mut() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
     }
 }
 
@@ -187,7 +160,7 @@ async fn ldap_import_through_a_real_relay() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(relay_dir.join("ca.pem").is_file(), "enroll stores the CA");
-    let mut relay = Relay::start(&relay_bin, &relay_config, relay_dir.join("relay.log"));
+    let mut relay = Relay::start(&relay_bin, &relay_config, relay_dir.join("relay-logs"));
     wait_relay_state(&s, &relay_id, "Connected", &relay).await;
 
     // A connector bound to the relay; the bind password is a server-side secret.

@@ -26,10 +26,15 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(args: &[&str], env: &[(&str, String)], log_dir: &Path) -> Proc {
+        Self::spawn_bin(Path::new(BIN), args, env, log_dir)
+    }
+
+    /// Like [`Proc::spawn`], for another of the workspace's binaries (the relay).
+    pub fn spawn_bin(bin: &Path, args: &[&str], env: &[(&str, String)], log_dir: &Path) -> Proc {
         std::fs::create_dir_all(log_dir).unwrap();
         let stdout = log_dir.join(format!("stdout-{}.txt", free_port()));
         let stderr = log_dir.join(format!("stderr-{}.txt", free_port()));
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(bin);
         cmd.args(args)
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&stdout).unwrap())
