@@ -4,6 +4,9 @@ use clap::{Parser, Subcommand};
 use identitymesh_server::app::{self, Mode};
 use identitymesh_server::config::{self, FlagOverrides};
 
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "identitymesh-server",

@@ -248,3 +248,103 @@ async fn an_interval_schedule_runs_the_connector_by_itself() {
     assert_eq!(st, 204);
     s.stop().await;
 }
+
+#[tokio::test]
+async fn changed_rules_compose_the_objects_already_imported() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Standalone::start(dir.path()).await;
+    let drop = dir.path().join("drop");
+    std::fs::create_dir_all(&drop).unwrap();
+    std::fs::write(
+        drop.join("staff.csv"),
+        "id,name,title\n1,Ann,clerk\n2,Bob,chef\n3,Cem,pilot\n",
+    )
+    .unwrap();
+    let config = json!({"folder": drop, "object_type": "row", "anchor_column": "id"});
+    let (st, c) = s
+        .post(
+            "/api/connectors",
+            json!({"name": "staff", "kind": "csv", "config": config}),
+        )
+        .await;
+    assert_eq!(st, 201, "{c}");
+    let id = c["id"].as_str().unwrap().to_string();
+    let titles = || async {
+        let ids = s.get("/api/identities?limit=100").await;
+        let mut t: Vec<(String, Value)> = ids["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| {
+                (
+                    i["display_name"].as_str().unwrap().to_string(),
+                    i["attributes"]["title"].clone(),
+                )
+            })
+            .collect();
+        t.sort_by(|a, b| a.0.cmp(&b.0));
+        t
+    };
+    let with_rules = |expression: &str| {
+        json!({"name": "staff", "kind": "csv", "config": config, "rules": {"precedence": 10, "object_types": {"row": {
+            "flows": [{"target": "title", "expression": expression}],
+            "display_name": "name"}}}})
+    };
+
+    // Imported without rules: nothing to compose, no identities.
+    let run = s.run(&id, "full").await;
+    assert_eq!(run["counts"]["added"], 3, "{run}");
+    assert!(titles().await.is_empty());
+
+    // Rules added later: the unchanged objects are composed by the next run.
+    let (st, b) = s
+        .put(&format!("/api/connectors/{id}"), with_rules("title"))
+        .await;
+    assert_eq!(st, 200, "{b}");
+    let run = s.run(&id, "full").await;
+    assert_eq!(
+        (run["status"].clone(), run["counts"]["unchanged"].clone()),
+        (json!("succeeded"), json!(3)),
+        "{run}"
+    );
+    assert_eq!(
+        titles().await,
+        vec![
+            ("Ann".into(), json!(["clerk"])),
+            ("Bob".into(), json!(["chef"])),
+            ("Cem".into(), json!(["pilot"]))
+        ]
+    );
+
+    // A changed flow rewrites every identity.
+    s.put(&format!("/api/connectors/{id}"), with_rules("upper(title)"))
+        .await;
+    s.run(&id, "full").await;
+    let upper: Vec<Value> = titles().await.into_iter().map(|(_, t)| t).collect();
+    assert_eq!(upper, vec![json!(["CLERK"]), json!(["CHEF"]), json!(["PILOT"])]);
+
+    // Same rules, same data: nothing is composed again (no new identity audit entries).
+    let identity_audits = || async {
+        s.get("/api/audit?limit=1000")
+            .await
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|a| a["action"].as_str().unwrap().starts_with("identity."))
+            .count()
+    };
+    let before = identity_audits().await;
+    s.run(&id, "full").await;
+    assert_eq!(identity_audits().await, before);
+
+    // Rules taken away: the linked objects are composed again and their identities go.
+    s.put(
+        &format!("/api/connectors/{id}"),
+        json!({"name": "staff", "kind": "csv", "config": config}),
+    )
+    .await;
+    let run = s.run(&id, "full").await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert!(titles().await.is_empty());
+    s.stop().await;
+}

@@ -54,6 +54,7 @@ async fn main() -> anyhow::Result<()> {
                 .collect(),
             watermark: Some((k + 1).to_string()),
             seen_in_run: None,
+            compose: true,
         };
         store.commit_import_batch(&token, &batch, now_ms()).await?;
     }

@@ -47,6 +47,7 @@ fn batch(connector: &str, n: usize, start: usize, watermark: &str) -> ImportBatc
             .collect(),
         watermark: Some(watermark.into()),
         seen_in_run: None,
+        compose: true,
     }
 }
 
@@ -914,6 +915,7 @@ async fn a_full_import_marks_unseen_objects_of_its_type_deleted() {
                 }],
                 watermark: None,
                 seen_in_run: Some(run1.clone()),
+                compose: true,
             };
             s.commit_import_batch(&t, &groups, 1).await.unwrap();
             assert_eq!(
@@ -1211,6 +1213,152 @@ async fn compose_writes_identities_links_and_clears_marks() {
                 .iter()
                 .any(|e| e.target == late_target));
             assert_eq!(composes(&s.journal().await.unwrap()), before);
+        })
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn unruled_imports_mark_only_linked_objects_and_new_rules_mark_all() {
+    run(|s| {
+        Box::pin(async move {
+            let conn = unique("conn");
+            let t = promoted(&s).await;
+            let unruled = |n, tag: &str| {
+                let mut b = batch(&conn, n, 0, "1");
+                b.compose = false;
+                for o in &mut b.objects {
+                    o.attributes_json = format!(r#"{{"cn":["{tag}"]}}"#);
+                }
+                b
+            };
+            let out = s
+                .commit_import_batch(&t, &unruled(3, "a"), 10)
+                .await
+                .unwrap();
+            assert_eq!((out.added, out.updated), (3, 0));
+            assert!(s.dirty_objects(&conn, 100).await.unwrap().is_empty());
+
+            let id = unique("idn");
+            s.commit_compose(
+                &t,
+                &[
+                    ComposeWrite::PutIdentity {
+                        identity: identity(&id, "Linked", 10),
+                        keys: Vec::new(),
+                    },
+                    ComposeWrite::PutLink(LinkRow {
+                        connector_id: conn.clone(),
+                        anchor: "uid=1,ou=people".into(),
+                        identity_id: id.clone(),
+                        precedence: 1,
+                        contribution_json: "{}".into(),
+                    }),
+                ],
+                11,
+            )
+            .await
+            .unwrap();
+            // All three change; only the linked one has a contribution to take back.
+            let out = s
+                .commit_import_batch(&t, &unruled(3, "b"), 12)
+                .await
+                .unwrap();
+            assert_eq!((out.added, out.updated), (0, 3));
+            let dirty = s.dirty_objects(&conn, 100).await.unwrap();
+            assert_eq!(
+                dirty.iter().map(|o| o.anchor.as_str()).collect::<Vec<_>>(),
+                vec!["uid=1,ou=people"]
+            );
+            s.commit_compose(
+                &t,
+                &[ComposeWrite::Composed {
+                    connector_id: conn.clone(),
+                    anchor: dirty[0].anchor.clone(),
+                    rev: dirty[0].rev,
+                }],
+                13,
+            )
+            .await
+            .unwrap();
+
+            // Changed rules: linked objects, and every object of a ruled type, are marked.
+            assert_eq!(s.mark_for_recompose(&t, &conn, &[]).await.unwrap(), 1);
+            assert_eq!(s.mark_for_recompose(&t, &conn, &[]).await.unwrap(), 0);
+            let person = vec!["person".to_string()];
+            assert_eq!(s.mark_for_recompose(&t, &conn, &person).await.unwrap(), 2);
+            assert_eq!(s.dirty_objects(&conn, 100).await.unwrap().len(), 3);
+
+            promoted(&s).await;
+            let r = s.mark_for_recompose(&t, &conn, &person).await;
+            assert!(matches!(r, Err(StoreError::Fenced { .. })), "{r:?}");
+        })
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn objects_without_rules_or_links_are_settled_in_bulk() {
+    run(|s| {
+        Box::pin(async move {
+            let conn = unique("conn");
+            let t = promoted(&s).await;
+            s.commit_import_batch(&t, &batch(&conn, 5, 0, "1"), 10)
+                .await
+                .unwrap();
+            let linked = "uid=4,ou=people";
+            let id = unique("idn");
+            s.commit_compose(
+                &t,
+                &[
+                    ComposeWrite::PutIdentity {
+                        identity: identity(&id, "Linked", 10),
+                        keys: Vec::new(),
+                    },
+                    ComposeWrite::PutLink(LinkRow {
+                        connector_id: conn.clone(),
+                        anchor: linked.into(),
+                        identity_id: id.clone(),
+                        precedence: 1,
+                        contribution_json: "{}".into(),
+                    }),
+                ],
+                11,
+            )
+            .await
+            .unwrap();
+            let person = vec!["person".to_string()];
+            // A ruled type is the composer's: nothing settled.
+            assert_eq!(s.settle_unruled(&t, &conn, &person, 100).await.unwrap(), 0);
+            assert_eq!(s.dirty_objects(&conn, 100).await.unwrap().len(), 5);
+            // Unruled: at most `limit` per call, and never the linked object.
+            assert_eq!(s.settle_unruled(&t, &conn, &[], 3).await.unwrap(), 3);
+            assert_eq!(s.settle_unruled(&t, &conn, &[], 3).await.unwrap(), 1);
+            assert_eq!(s.settle_unruled(&t, &conn, &[], 3).await.unwrap(), 0);
+            let left = s.dirty_objects(&conn, 100).await.unwrap();
+            assert_eq!(
+                left.iter().map(|o| o.anchor.as_str()).collect::<Vec<_>>(),
+                vec![linked]
+            );
+
+            // Tombstones of unlinked objects go; the linked one waits for the composer.
+            s.finish_full_import(&t, &conn, "person", &unique("run"), 12)
+                .await
+                .unwrap();
+            assert_eq!(s.settle_unruled(&t, &conn, &[], 100).await.unwrap(), 4);
+            assert_eq!(s.count_objects(&conn).await.unwrap(), 1);
+            let left = s.dirty_objects(&conn, 100).await.unwrap();
+            assert_eq!(left.len(), 1);
+            assert!(left[0].deleted && left[0].anchor == linked);
+
+            // Fenced: a stale token settles nothing.
+            s.commit_import_batch(&t, &batch(&conn, 2, 10, "2"), 13)
+                .await
+                .unwrap();
+            promoted(&s).await;
+            let r = s.settle_unruled(&t, &conn, &[], 100).await;
+            assert!(matches!(r, Err(StoreError::Fenced { .. })), "{r:?}");
+            assert_eq!(s.dirty_objects(&conn, 100).await.unwrap().len(), 3);
         })
     })
     .await;

@@ -139,6 +139,10 @@ pub struct ImportBatch {
     pub watermark: Option<String>,
     /// The full-import run these objects were seen in (deletion detection), if any.
     pub seen_in_run: Option<String>,
+    /// Whether the composer has rules for these objects. When not, a new or changed object is
+    /// marked for it only if it is linked to an identity (whose contribution must then go),
+    /// so an import-only connector leaves nothing to compose.
+    pub compose: bool,
 }
 
 /// What a committed batch did: new objects, changed ones (marked for the composer), and ones
@@ -437,6 +441,24 @@ pub trait Store: Send + Sync + 'static {
         connector: &str,
         limit: i64,
     ) -> Result<Vec<DirtyObject>, StoreError>;
+    /// Marks for the composer every object of the connector it must see again after the rules
+    /// changed: those of the types `ruled_types` lists and those linked to an identity. Fenced.
+    async fn mark_for_recompose(
+        &self,
+        token: &FenceToken,
+        connector: &str,
+        ruled_types: &[String],
+    ) -> Result<u64, StoreError>;
+    /// Marks composed, at most `limit` per call, the connector's changed objects the composer
+    /// has nothing to do for: of a type `ruled_types` does not list and linked to no identity.
+    /// Fenced. Returns how many; the caller repeats until none is left.
+    async fn settle_unruled(
+        &self,
+        token: &FenceToken,
+        connector: &str,
+        ruled_types: &[String],
+        limit: i64,
+    ) -> Result<u64, StoreError>;
     async fn link(&self, connector: &str, anchor: &str) -> Result<Option<LinkRow>, StoreError>;
     async fn links_of_identity(&self, identity_id: &str) -> Result<Vec<LinkRow>, StoreError>;
     /// Identities whose join key `attr` has the (lower-cased) value.

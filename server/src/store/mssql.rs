@@ -49,8 +49,10 @@ pub mod sql {
         "INSERT INTO engine_state (id, holder, epoch, last_tick) VALUES (1, @P1, @P2, @P3)";
     pub const OLD_OBJECT: &str = "SELECT object_type, attributes_json, deleted FROM cs_objects WHERE connector_id = @P1 AND anchor = @P2";
     /// A changed object: marked for the composer at a new revision, undeleted if it was gone.
-    pub const UPDATE_OBJECT: &str = "UPDATE cs_objects SET object_type = @P3, attributes_json = @P4, updated_at = @P5, dirty = 1, deleted = 0, seen_run = COALESCE(@P6, seen_run), rev = rev + 1 WHERE connector_id = @P1 AND anchor = @P2";
-    pub const INSERT_OBJECT: &str = "INSERT INTO cs_objects (connector_id, anchor, object_type, attributes_json, updated_at, dirty, deleted, seen_run, rev) VALUES (@P1, @P2, @P3, @P4, @P5, 1, 0, @P6, 1)";
+    /// @P7: the batch's `compose`; without it only a linked object is marked (see ImportBatch).
+    pub const UPDATE_OBJECT: &str = "UPDATE cs_objects SET object_type = @P3, attributes_json = @P4, updated_at = @P5, dirty = CASE WHEN @P7 = 1 OR EXISTS (SELECT 1 FROM identity_links l WHERE l.connector_id = @P1 AND l.anchor = @P2) THEN 1 ELSE 0 END, deleted = 0, seen_run = COALESCE(@P6, seen_run), rev = rev + 1 WHERE connector_id = @P1 AND anchor = @P2";
+    /// A new object has no link (links go with their object's tombstone): marked as @P7 says.
+    pub const INSERT_OBJECT: &str = "INSERT INTO cs_objects (connector_id, anchor, object_type, attributes_json, updated_at, dirty, deleted, seen_run, rev) VALUES (@P1, @P2, @P3, @P4, @P5, @P7, 0, @P6, 1)";
     /// An unchanged object seen by a full import: only the run that saw it is recorded.
     pub const SEEN_OBJECT: &str =
         "UPDATE cs_objects SET seen_run = @P3 WHERE connector_id = @P1 AND anchor = @P2";
@@ -121,6 +123,12 @@ pub mod sql {
     pub const RUNS: &str = "SELECT TOP (@P2) id, connector_id, instance, epoch, run_mode, trigger_kind, status, started_at, finished_at, added, updated, unchanged, deleted, failed, error, errors_json FROM runs WHERE (@P1 IS NULL OR connector_id = @P1) ORDER BY started_at DESC, id";
 
     pub const DIRTY_OBJECTS: &str = "SELECT TOP (@P2) anchor, object_type, attributes_json, deleted, rev FROM cs_objects WHERE connector_id = @P1 AND dirty = 1 ORDER BY updated_at, anchor";
+    /// @P1 connector, @P2 the ruled object types as a JSON array, @P3 the limit.
+    /// @P1 connector, @P2 the ruled object types as a JSON array.
+    pub const MARK_FOR_RECOMPOSE: &str = "UPDATE cs_objects SET dirty = 1 WHERE connector_id = @P1 AND dirty = 0 AND (object_type IN (SELECT value FROM OPENJSON(@P2)) OR EXISTS (SELECT 1 FROM identity_links l WHERE l.connector_id = cs_objects.connector_id AND l.anchor = cs_objects.anchor))";
+    pub const DROP_UNRULED_TOMBSTONES: &str = "DELETE FROM cs_objects WHERE connector_id = @P1 AND anchor IN (SELECT TOP (@P3) o.anchor FROM cs_objects o WHERE o.connector_id = @P1 AND o.dirty = 1 AND o.deleted = 1 AND o.object_type NOT IN (SELECT value FROM OPENJSON(@P2)) AND NOT EXISTS (SELECT 1 FROM identity_links l WHERE l.connector_id = o.connector_id AND l.anchor = o.anchor))";
+    /// As DROP_UNRULED_TOMBSTONES, for the objects that remain.
+    pub const SETTLE_UNRULED: &str = "UPDATE cs_objects SET dirty = 0 WHERE connector_id = @P1 AND anchor IN (SELECT TOP (@P3) o.anchor FROM cs_objects o WHERE o.connector_id = @P1 AND o.dirty = 1 AND o.object_type NOT IN (SELECT value FROM OPENJSON(@P2)) AND NOT EXISTS (SELECT 1 FROM identity_links l WHERE l.connector_id = o.connector_id AND l.anchor = o.anchor))";
     pub const LINK: &str = "SELECT connector_id, anchor, identity_id, precedence, contribution_json FROM identity_links WHERE connector_id = @P1 AND anchor = @P2";
     pub const LINKS_OF_IDENTITY: &str = "SELECT connector_id, anchor, identity_id, precedence, contribution_json FROM identity_links WHERE identity_id = @P1 ORDER BY precedence, connector_id";
     pub const IDENTITIES_BY_KEY: &str = "SELECT TOP (16) identity_id FROM identity_keys WHERE attr = @P1 AND value = @P2 ORDER BY identity_id";
@@ -217,6 +225,9 @@ pub mod sql {
         RUN,
         RUNS,
         DIRTY_OBJECTS,
+        MARK_FOR_RECOMPOSE,
+        DROP_UNRULED_TOMBSTONES,
+        SETTLE_UNRULED,
         LINK,
         LINKS_OF_IDENTITY,
         IDENTITIES_BY_KEY,
@@ -756,13 +767,14 @@ impl Store for MssqlStore {
                     &[&batch.connector.as_str(), &o.anchor.as_str()],
                 )
                 .await?;
-                let params: [&dyn tiberius::ToSql; 6] = [
+                let params: [&dyn tiberius::ToSql; 7] = [
                     &batch.connector.as_str(),
                     &o.anchor.as_str(),
                     &o.object_type.as_str(),
                     &o.attributes_json.as_str(),
                     &now_ms,
                     &batch.seen_in_run.as_deref(),
+                    &batch.compose,
                 ];
                 let Some(old) = old.first() else {
                     Self::exec(&mut conn, sql::INSERT_OBJECT, &params).await?;
@@ -1286,6 +1298,61 @@ impl Store for MssqlStore {
             })
         })
         .await
+    }
+
+    async fn mark_for_recompose(
+        &self,
+        token: &FenceToken,
+        connector: &str,
+        ruled_types: &[String],
+    ) -> Result<u64, StoreError> {
+        let ruled = serde_json::to_string(ruled_types).unwrap_or_else(|_| "[]".into());
+        let mut conn = self.begin().await?;
+        let r = async {
+            Self::check_fence(&mut conn, token).await?;
+            let n = Self::exec(
+                &mut conn,
+                sql::MARK_FOR_RECOMPOSE,
+                &[&connector, &ruled.as_str()],
+            )
+            .await?;
+            Self::exec(
+                &mut conn,
+                sql::JOURNAL,
+                &[&"compose", &token.epoch, &token.instance.as_str(), &now_ms()],
+            )
+            .await?;
+            Ok(n)
+        }
+        .await;
+        self.finish(conn, r).await
+    }
+
+    async fn settle_unruled(
+        &self,
+        token: &FenceToken,
+        connector: &str,
+        ruled_types: &[String],
+        limit: i64,
+    ) -> Result<u64, StoreError> {
+        let ruled = serde_json::to_string(ruled_types).unwrap_or_else(|_| "[]".into());
+        let mut conn = self.begin().await?;
+        let r = async {
+            Self::check_fence(&mut conn, token).await?;
+            // As `Composed` does: a deleted object goes, any other loses its mark.
+            let params: [&dyn tiberius::ToSql; 3] = [&connector, &ruled.as_str(), &limit];
+            let mut n = Self::exec(&mut conn, sql::DROP_UNRULED_TOMBSTONES, &params).await?;
+            n += Self::exec(&mut conn, sql::SETTLE_UNRULED, &params).await?;
+            Self::exec(
+                &mut conn,
+                sql::JOURNAL,
+                &[&"compose", &token.epoch, &token.instance.as_str(), &now_ms()],
+            )
+            .await?;
+            Ok(n)
+        }
+        .await;
+        self.finish(conn, r).await
     }
 
     async fn link(&self, connector: &str, anchor: &str) -> Result<Option<LinkRow>, StoreError> {

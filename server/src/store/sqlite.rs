@@ -321,34 +321,44 @@ impl Store for SqliteStore {
         Self::check_fence(&mut tx, token).await?;
         // A handful of statements per batch, not a few per object: every statement is a round
         // trip to SQLite's worker thread, and those trips, not SQLite, bound the import rate.
-        let mut existing: HashMap<String, (String, String, bool)> = HashMap::new();
+        // Stored object type, attributes, deleted, linked to an identity.
+        let mut existing: HashMap<String, (String, String, bool, bool)> = HashMap::new();
         for chunk in batch.objects.chunks(ROWS_PER_STATEMENT) {
             let mut q = Builder::new(
-                "SELECT anchor, object_type, attributes_json, deleted FROM cs_objects WHERE connector_id = ",
+                "SELECT c.anchor, c.object_type, c.attributes_json, c.deleted, l.anchor IS NOT NULL \
+                 FROM cs_objects c LEFT JOIN identity_links l \
+                 ON l.connector_id = c.connector_id AND l.anchor = c.anchor WHERE c.connector_id = ",
             );
-            q.push_bind(&batch.connector).push(" AND anchor IN ");
+            q.push_bind(&batch.connector).push(" AND c.anchor IN ");
             push_in(&mut q, chunk.iter().map(|o| &o.anchor));
             for r in q.build().fetch_all(&mut *tx).await? {
                 existing.insert(
                     r.try_get(0)?,
-                    (r.try_get(1)?, r.try_get(2)?, r.try_get::<i64, _>(3)? != 0),
+                    (
+                        r.try_get(1)?,
+                        r.try_get(2)?,
+                        r.try_get::<i64, _>(3)? != 0,
+                        r.try_get::<i64, _>(4)? != 0,
+                    ),
                 );
             }
         }
         let mut out = BatchOutcome::default();
-        let mut writes = Vec::new();
+        // Each written object with its composer mark (see `ImportBatch::compose`); a new object
+        // has no link (links go with their object's tombstone).
+        let mut writes: Vec<(&CsObject, bool)> = Vec::new();
         let mut unchanged = Vec::new();
         for o in &batch.objects {
             match existing.get(&o.anchor) {
                 None => {
                     out.added += 1;
-                    writes.push(o);
+                    writes.push((o, batch.compose));
                 }
-                Some((ot, attrs, deleted))
+                Some((ot, attrs, deleted, linked))
                     if *ot != o.object_type || *attrs != o.attributes_json || *deleted =>
                 {
                     out.updated += 1;
-                    writes.push(o);
+                    writes.push((o, batch.compose || *linked));
                 }
                 Some(_) => {
                     out.unchanged += 1;
@@ -360,19 +370,20 @@ impl Store for SqliteStore {
             let mut q = Builder::new(
                 "INSERT INTO cs_objects (connector_id, anchor, object_type, attributes_json, updated_at, dirty, deleted, seen_run, rev) ",
             );
-            q.push_values(chunk, |mut row, o| {
+            q.push_values(chunk, |mut row, (o, dirty)| {
                 row.push_bind(&batch.connector)
                     .push_bind(&o.anchor)
                     .push_bind(&o.object_type)
                     .push_bind(&o.attributes_json)
                     .push_bind(now_ms)
-                    .push("1, 0")
+                    .push(if *dirty { "1" } else { "0" })
+                    .push("0")
                     .push_bind(&batch.seen_in_run)
                     .push("1");
             });
             q.push(
                 " ON CONFLICT (connector_id, anchor) DO UPDATE SET object_type = excluded.object_type, \
-                 attributes_json = excluded.attributes_json, updated_at = excluded.updated_at, dirty = 1, \
+                 attributes_json = excluded.attributes_json, updated_at = excluded.updated_at, dirty = excluded.dirty, \
                  deleted = 0, seen_run = COALESCE(excluded.seen_run, cs_objects.seen_run), rev = cs_objects.rev + 1",
             );
             q.build().execute(&mut *tx).await?;
@@ -913,6 +924,64 @@ impl Store for SqliteStore {
                 })
             })
             .collect()
+    }
+
+    async fn mark_for_recompose(
+        &self,
+        token: &FenceToken,
+        connector: &str,
+        ruled_types: &[String],
+    ) -> Result<u64, StoreError> {
+        let ruled = serde_json::to_string(ruled_types).unwrap_or_else(|_| "[]".into());
+        let (_slot, mut tx) = self.begin_locked().await?;
+        Self::check_fence(&mut tx, token).await?;
+        let n = sqlx::query(
+            "UPDATE cs_objects SET dirty = 1 WHERE connector_id = ?1 AND dirty = 0 \
+             AND (object_type IN (SELECT value FROM json_each(?2)) \
+             OR EXISTS (SELECT 1 FROM identity_links l WHERE l.connector_id = cs_objects.connector_id AND l.anchor = cs_objects.anchor))",
+        )
+        .bind(connector)
+        .bind(&ruled)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        Self::journal_insert(&mut tx, "compose", token.epoch, &token.instance, now_ms()).await?;
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    async fn settle_unruled(
+        &self,
+        token: &FenceToken,
+        connector: &str,
+        ruled_types: &[String],
+        limit: i64,
+    ) -> Result<u64, StoreError> {
+        let ruled = serde_json::to_string(ruled_types).unwrap_or_else(|_| "[]".into());
+        let (_slot, mut tx) = self.begin_locked().await?;
+        Self::check_fence(&mut tx, token).await?;
+        // As `Composed` does: a deleted object goes, any other loses its mark.
+        let mut n = 0;
+        for head in [
+            "DELETE FROM cs_objects WHERE rowid IN (SELECT o.rowid FROM cs_objects o WHERE o.deleted = 1 AND ",
+            "UPDATE cs_objects SET dirty = 0 WHERE rowid IN (SELECT o.rowid FROM cs_objects o WHERE ",
+        ] {
+            n += sqlx::query(&format!(
+                "{head}o.connector_id = ?1 AND o.dirty = 1 \
+                 AND o.object_type NOT IN (SELECT value FROM json_each(?2)) \
+                 AND NOT EXISTS (SELECT 1 FROM identity_links l WHERE l.connector_id = o.connector_id AND l.anchor = o.anchor) \
+                 LIMIT ?3)"
+            ))
+            .bind(connector)
+            .bind(&ruled)
+            .bind(limit)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        }
+        Self::journal_insert(&mut tx, "compose", token.epoch, &token.instance, now_ms()).await?;
+        tx.commit().await?;
+        Ok(n)
     }
 
     async fn link(&self, connector: &str, anchor: &str) -> Result<Option<LinkRow>, StoreError> {

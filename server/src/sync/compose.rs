@@ -20,6 +20,9 @@ use crate::store::{
 
 /// Objects composed per transaction.
 pub const CHUNK: i64 = 500;
+/// Objects marked composed per transaction when nothing is to be done for them: big enough to
+/// be cheap, small enough not to hold SQLite's writer for long.
+const SETTLE_CHUNK: i64 = 5000;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ComposeCounts {
@@ -177,6 +180,24 @@ pub async fn compose_pending(
     ctx: &ComposeContext<'_>,
 ) -> Result<ComposeCounts, ComposeError> {
     let mut counts = ComposeCounts::default();
+    // Objects no rule reads and no identity links to need only their mark cleared: done in
+    // the store, without loading them (an import-only connector's whole run is this case).
+    let ruled: Vec<String> = ctx.rules.object_types().map(str::to_string).collect();
+    loop {
+        let permit = engine.begin_batch().ok_or(ComposeError::NotActive)?;
+        let r = store
+            .settle_unruled(&permit.token, ctx.connector_id, &ruled, SETTLE_CHUNK)
+            .await;
+        drop(permit);
+        match r {
+            Ok(n) if (n as i64) < SETTLE_CHUNK => break,
+            Ok(_) => {}
+            Err(e) => {
+                engine.on_write_error(&e).await;
+                return Err(e.into());
+            }
+        }
+    }
     loop {
         let chunk = store.dirty_objects(ctx.connector_id, CHUNK).await?;
         if chunk.is_empty() {
@@ -313,7 +334,8 @@ async fn compose_one(
         return Ok(());
     }
     let location = format!("{}:{}", obj.object_type, obj.anchor);
-    if obj.deleted {
+    // Gone from the directory, or no longer read by any rule: the contribution goes.
+    if obj.deleted || !has_rules(ctx, &obj.object_type) {
         if let Some(l) = link {
             writes.push(ComposeWrite::DeleteLink {
                 connector_id: ctx.connector_id.to_string(),

@@ -26,6 +26,16 @@ pub const PAUSED_SETTING: &str = "sync.paused";
 const PAGE_BUFFER: usize = 2;
 const MAX_ERRORS: usize = 100;
 
+/// The setting holding a hash of the rules a connector's objects were last composed with.
+fn composed_rules_setting(connector_id: &str) -> String {
+    format!("sync.composed_rules.{connector_id}")
+}
+
+fn rules_hash(rules_json: &str) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(rules_json.as_bytes()))
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RunMode {
@@ -282,7 +292,7 @@ impl SyncEngine {
             }
         } else {
             let t = std::time::Instant::now();
-            self.import(row, mode, run, errors).await?;
+            self.import(row, rules, mode, run, errors).await?;
             tracing::info!(run = %run.id, elapsed_ms = t.elapsed().as_millis() as u64, "import phase done");
         }
         let t = std::time::Instant::now();
@@ -294,6 +304,7 @@ impl SyncEngine {
     async fn import(
         &self,
         row: &ConnectorRow,
+        rules: &super::composer::CompiledRules,
         mode: RunMode,
         run: &mut RunRow,
         errors: &mut Vec<ObjectError>,
@@ -312,7 +323,15 @@ impl SyncEngine {
             let full = import_mode == ImportMode::Full;
             let (tx, rx) = mpsc::channel::<Page>(PAGE_BUFFER);
             let read = source.import(&object_type, &import_mode, tx);
-            let write = self.write_pages(row, &object_type, full, rx, run, errors);
+            let template = ImportBatch {
+                connector: row.id.clone(),
+                object_type: object_type.clone(),
+                objects: Vec::new(),
+                watermark: None,
+                seen_in_run: full.then(|| run.id.clone()),
+                compose: rules.object_types().any(|t| t == object_type),
+            };
+            let write = self.write_pages(template, rx, run, errors);
             let (read, write) = tokio::join!(read, write);
             // A write failure (fenced, demoted) is the cause when both failed: the reader only
             // saw its channel close.
@@ -326,6 +345,7 @@ impl SyncEngine {
                     objects: Vec::new(),
                     watermark: summary.watermark.clone(),
                     seen_in_run: None,
+                    compose: false,
                 };
                 self.fenced(
                     self.store
@@ -367,6 +387,21 @@ impl SyncEngine {
         run: &mut RunRow,
         errors: &mut Vec<ObjectError>,
     ) -> Result<(), RunFailure> {
+        // Objects are marked for the composer when they change; new rules must see them all.
+        let setting = composed_rules_setting(&row.id);
+        let hash = rules_hash(&row.rules_json);
+        let recompose = self.store.setting(&setting).await?.as_deref() != Some(hash.as_str());
+        if recompose {
+            let ruled: Vec<String> = rules.object_types().map(str::to_string).collect();
+            let permit = self.engine.begin_batch().ok_or(RunFailure::NotActive)?;
+            let marked = self
+                .fenced(self.store.mark_for_recompose(&permit.token, &row.id, &ruled))
+                .await?;
+            drop(permit);
+            if marked > 0 {
+                tracing::info!(connector = %row.name, objects = marked, "rules changed: composing every object again");
+            }
+        }
         let ctx = ComposeContext {
             connector_id: &row.id,
             connector_name: &row.name,
@@ -380,6 +415,9 @@ impl SyncEngine {
                 compose::ComposeError::NotActive => RunFailure::NotActive,
                 compose::ComposeError::Store(s) => RunFailure::Store(s),
             })?;
+        if recompose {
+            self.store.set_setting(&setting, &hash).await?;
+        }
         run.failed += counts.failed as i64;
         for e in counts.errors {
             if errors.len() < MAX_ERRORS {
@@ -402,11 +440,10 @@ impl SyncEngine {
         }
     }
 
+    /// Commits each page as one fenced batch like `template` (its objects empty).
     async fn write_pages(
         &self,
-        row: &ConnectorRow,
-        object_type: &str,
-        full: bool,
+        template: ImportBatch,
         mut rx: mpsc::Receiver<Page>,
         run: &mut RunRow,
         errors: &mut Vec<ObjectError>,
@@ -425,19 +462,16 @@ impl SyncEngine {
                 continue;
             }
             let batch = ImportBatch {
-                connector: row.id.clone(),
-                object_type: object_type.to_string(),
                 objects: page
                     .objects
-                    .iter()
+                    .into_iter()
                     .map(|o| CsObject {
-                        anchor: o.anchor.clone(),
-                        object_type: o.object_type.clone(),
                         attributes_json: o.attributes_json(),
+                        anchor: o.anchor,
+                        object_type: o.object_type,
                     })
                     .collect(),
-                watermark: None,
-                seen_in_run: full.then(|| run.id.clone()),
+                ..template.clone()
             };
             let permit = self.engine.begin_batch().ok_or(RunFailure::NotActive)?;
             let out = self
