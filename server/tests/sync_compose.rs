@@ -321,7 +321,10 @@ async fn changed_rules_compose_the_objects_already_imported() {
         .await;
     s.run(&id, "full").await;
     let upper: Vec<Value> = titles().await.into_iter().map(|(_, t)| t).collect();
-    assert_eq!(upper, vec![json!(["CLERK"]), json!(["CHEF"]), json!(["PILOT"])]);
+    assert_eq!(
+        upper,
+        vec![json!(["CLERK"]), json!(["CHEF"]), json!(["PILOT"])]
+    );
 
     // Same rules, same data: nothing is composed again (no new identity audit entries).
     let identity_audits = || async {

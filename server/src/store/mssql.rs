@@ -1319,7 +1319,12 @@ impl Store for MssqlStore {
             Self::exec(
                 &mut conn,
                 sql::JOURNAL,
-                &[&"compose", &token.epoch, &token.instance.as_str(), &now_ms()],
+                &[
+                    &"compose",
+                    &token.epoch,
+                    &token.instance.as_str(),
+                    &now_ms(),
+                ],
             )
             .await?;
             Ok(n)
@@ -1346,7 +1351,12 @@ impl Store for MssqlStore {
             Self::exec(
                 &mut conn,
                 sql::JOURNAL,
-                &[&"compose", &token.epoch, &token.instance.as_str(), &now_ms()],
+                &[
+                    &"compose",
+                    &token.epoch,
+                    &token.instance.as_str(),
+                    &now_ms(),
+                ],
             )
             .await?;
             Ok(n)

@@ -391,7 +391,14 @@ async fn compose_one(
             }
             match composer::decide(None, &per_rule, ctx.rules.project(&obj.object_type)) {
                 JoinDecision::Join(id) | JoinDecision::Linked(id) => id,
-                JoinDecision::Project => uuid::Uuid::new_v4().to_string(),
+                JoinDecision::Project => {
+                    // A fresh id: known absent, so nothing is looked up for it. Time-ordered
+                    // (v7), so new identities append to the id indexes instead of dirtying
+                    // pages all over them.
+                    let id = uuid::Uuid::now_v7().to_string();
+                    overlay.base.identities.insert(id.clone(), None);
+                    id
+                }
                 JoinDecision::NoMatch => return Ok(()),
                 JoinDecision::Ambiguous {
                     rule_index,

@@ -395,7 +395,10 @@ impl SyncEngine {
             let ruled: Vec<String> = rules.object_types().map(str::to_string).collect();
             let permit = self.engine.begin_batch().ok_or(RunFailure::NotActive)?;
             let marked = self
-                .fenced(self.store.mark_for_recompose(&permit.token, &row.id, &ruled))
+                .fenced(
+                    self.store
+                        .mark_for_recompose(&permit.token, &row.id, &ruled),
+                )
                 .await?;
             drop(permit);
             if marked > 0 {
