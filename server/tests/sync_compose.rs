@@ -351,3 +351,60 @@ async fn changed_rules_compose_the_objects_already_imported() {
     assert!(titles().await.is_empty());
     s.stop().await;
 }
+
+#[tokio::test]
+async fn a_connector_added_later_joins_on_an_attribute_nobody_joined_on_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Standalone::start(dir.path()).await;
+    let folder = |name: &str, file: &str, body: &str| {
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join(file), body).unwrap();
+        d
+    };
+    let staff = folder("staff", "staff.csv", "id,name,emp\n1,Ann,E-7\n2,Bob,E-9\n");
+    let (st, a) = s
+        .post(
+            "/api/connectors",
+            json!({"name": "staff", "kind": "csv",
+                   "config": {"folder": staff, "object_type": "row", "anchor_column": "id"},
+                   "rules": {"precedence": 10, "object_types": {"row": {
+                       "flows": [{"target": "employeeId", "expression": "emp"}],
+                       "display_name": "name"}}}}),
+        )
+        .await;
+    assert_eq!(st, 201, "{a}");
+    let run = s.run(a["id"].as_str().unwrap(), "full").await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+
+    // Created after the identities exist, joining on employeeId (lower-cased, as joins are).
+    let hr = folder("hr", "hr.csv", "emp,dept\ne-9,Kitchen\nE-404,Nowhere\n");
+    let (st, b) = s
+        .post(
+            "/api/connectors",
+            json!({"name": "hr", "kind": "csv",
+                   "config": {"folder": hr, "object_type": "row", "anchor_column": "emp"},
+                   "rules": {"precedence": 5, "object_types": {"row": {
+                       "join": [{"source": "emp", "identity_attribute": "employeeId"}],
+                       "project": false,
+                       "flows": [{"target": "department", "expression": "dept"}]}}}}),
+        )
+        .await;
+    assert_eq!(st, 201, "{b}");
+    let run = s.run(b["id"].as_str().unwrap(), "full").await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+
+    let ids = s.get("/api/identities?limit=100").await;
+    let items = ids["items"].as_array().unwrap();
+    assert_eq!(items.len(), 2, "HR does not project: {ids}");
+    let dept = |name: &str| {
+        items
+            .iter()
+            .find(|i| i["display_name"] == name)
+            .map(|i| i["attributes"]["department"].clone())
+            .unwrap()
+    };
+    assert_eq!(dept("Bob"), json!(["Kitchen"]), "{ids}");
+    assert_eq!(dept("Ann"), Value::Null, "{ids}");
+    s.stop().await;
+}

@@ -9,6 +9,8 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
+use tokio::sync::Mutex;
+
 use identitymesh_connectors::model::{Attributes, Value};
 use serde::{Deserialize, Serialize};
 
@@ -174,9 +176,12 @@ impl Overlay {
 const MAX_ERRORS: usize = 100;
 
 /// Composes every changed object of the connector, chunk by chunk, until none is left.
+/// `serial` is held from a chunk's first read to its commit: two connectors' runs may touch
+/// the same identity, and each chunk merges what it read.
 pub async fn compose_pending(
     store: &Arc<dyn Store>,
     engine: &Engine,
+    serial: &Mutex<()>,
     ctx: &ComposeContext<'_>,
 ) -> Result<ComposeCounts, ComposeError> {
     let mut counts = ComposeCounts::default();
@@ -199,6 +204,7 @@ pub async fn compose_pending(
         }
     }
     loop {
+        let _serial = serial.lock().await;
         let chunk = store.dirty_objects(ctx.connector_id, CHUNK).await?;
         if chunk.is_empty() {
             return Ok(counts);
@@ -216,6 +222,42 @@ pub async fn compose_pending(
                 rev: obj.rev,
             });
         }
+        let permit = engine.begin_batch().ok_or(ComposeError::NotActive)?;
+        let r = store.commit_compose(&permit.token, &writes, now_ms()).await;
+        drop(permit);
+        if let Err(e) = r {
+            engine.on_write_error(&e).await;
+            return Err(e.into());
+        }
+    }
+}
+
+/// Rewrites every identity's join keys for a new set of key attributes (a connector started
+/// joining on an attribute no one joined on before: identities written earlier were not
+/// indexed by it). Page by page under `serial`; returns how many identities.
+pub async fn reindex_keys(
+    store: &Arc<dyn Store>,
+    engine: &Engine,
+    serial: &Mutex<()>,
+    key_attributes: &BTreeSet<String>,
+) -> Result<u64, ComposeError> {
+    let mut after: Option<String> = None;
+    let mut n = 0;
+    loop {
+        let _serial = serial.lock().await;
+        let page = store.identities(None, after.as_deref(), CHUNK).await?;
+        let Some(last) = page.last() else {
+            return Ok(n);
+        };
+        after = Some(last.id.clone());
+        n += page.len() as u64;
+        let writes: Vec<ComposeWrite> = page
+            .into_iter()
+            .map(|row| ComposeWrite::PutIdentity {
+                keys: keys_of(&merged_of(&row), key_attributes),
+                identity: row,
+            })
+            .collect();
         let permit = engine.begin_batch().ok_or(ComposeError::NotActive)?;
         let r = store.commit_compose(&permit.token, &writes, now_ms()).await;
         drop(permit);

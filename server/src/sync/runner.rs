@@ -26,6 +26,9 @@ pub const PAUSED_SETTING: &str = "sync.paused";
 const PAGE_BUFFER: usize = 2;
 const MAX_ERRORS: usize = 100;
 
+/// The setting holding the identity attributes the join keys were last indexed by.
+const KEY_ATTRIBUTES_SETTING: &str = "sync.key_attributes";
+
 /// The setting holding a hash of the rules a connector's objects were last composed with.
 fn composed_rules_setting(connector_id: &str) -> String {
     format!("sync.composed_rules.{connector_id}")
@@ -87,6 +90,8 @@ pub struct SyncEngine {
     hub: Option<HubHandle>,
     /// Runs this process is executing: connector id → run id.
     active: Mutex<HashMap<String, String>>,
+    /// One composer chunk at a time across this process's runs (see `compose_pending`).
+    compose_serial: tokio::sync::Mutex<()>,
 }
 
 impl SyncEngine {
@@ -97,6 +102,7 @@ impl SyncEngine {
             secrets,
             hub,
             active: Mutex::new(HashMap::new()),
+            compose_serial: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -387,6 +393,25 @@ impl SyncEngine {
         run: &mut RunRow,
         errors: &mut Vec<ObjectError>,
     ) -> Result<(), RunFailure> {
+        // Identities are indexed by the attributes some connector joins on; a new join attribute
+        // needs the identities written before it indexed too.
+        let keys_json = serde_json::to_string(key_attributes).unwrap_or_default();
+        if self.store.setting(KEY_ATTRIBUTES_SETTING).await?.as_deref() != Some(keys_json.as_str())
+        {
+            let n = compose::reindex_keys(
+                &self.store,
+                &self.engine,
+                &self.compose_serial,
+                key_attributes,
+            )
+            .await?;
+            self.store
+                .set_setting(KEY_ATTRIBUTES_SETTING, &keys_json)
+                .await?;
+            if n > 0 {
+                tracing::info!(identities = n, attributes = %keys_json, "join attributes changed: identities indexed again");
+            }
+        }
         // Objects are marked for the composer when they change; new rules must see them all.
         let setting = composed_rules_setting(&row.id);
         let hash = rules_hash(&row.rules_json);
@@ -412,12 +437,8 @@ impl SyncEngine {
             key_attributes,
             run_id: &run.id,
         };
-        let counts = compose::compose_pending(&self.store, &self.engine, &ctx)
-            .await
-            .map_err(|e| match e {
-                compose::ComposeError::NotActive => RunFailure::NotActive,
-                compose::ComposeError::Store(s) => RunFailure::Store(s),
-            })?;
+        let counts =
+            compose::compose_pending(&self.store, &self.engine, &self.compose_serial, &ctx).await?;
         if recompose {
             self.store.set_setting(&setting, &hash).await?;
         }
@@ -489,6 +510,15 @@ impl SyncEngine {
             run.unchanged += out.unchanged as i64;
         }
         Ok(())
+    }
+}
+
+impl From<compose::ComposeError> for RunFailure {
+    fn from(e: compose::ComposeError) -> Self {
+        match e {
+            compose::ComposeError::NotActive => RunFailure::NotActive,
+            compose::ComposeError::Store(s) => RunFailure::Store(s),
+        }
     }
 }
 
