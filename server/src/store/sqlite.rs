@@ -47,17 +47,27 @@ where
     q.push(")");
 }
 
-/// Appends `(VALUES (…), (…))` for a row-value `IN`; `row` binds one item's values.
-fn push_in_rows<'q, I>(
+/// Appends `(SELECT t.rowid FROM (VALUES (…), …) v JOIN {table} t ON t.{col} = v.columnN …)`:
+/// the rows of `table` whose `columns` equal one item's values (`row` binds them), for a
+/// `rowid IN`. The row-value form `(a, b) IN (VALUES …)` says the same, but SQLite answers it
+/// with a scan of the whole table.
+fn push_rowids_matching<'q, I>(
     q: &mut Builder<'q>,
+    table: &str,
+    columns: &[&str],
     items: impl IntoIterator<Item = I>,
     mut row: impl FnMut(&mut sqlx::query_builder::Separated<'_, 'q, sqlx::Sqlite, &'static str>, I),
 ) {
-    q.push("(VALUES ");
+    q.push("(SELECT t.rowid FROM (VALUES ");
     for (n, item) in items.into_iter().enumerate() {
         q.push(if n == 0 { "(" } else { ", (" });
         row(&mut q.separated(", "), item);
         q.push(")");
+    }
+    q.push(format!(") v JOIN {table} t ON "));
+    for (i, c) in columns.iter().enumerate() {
+        let and = if i == 0 { "" } else { " AND " };
+        q.push(format!("{and}t.{c} = v.column{}", i + 1));
     }
     q.push(")");
 }
@@ -1053,13 +1063,18 @@ impl Store for SqliteStore {
     ) -> Result<Vec<(String, String, String)>, StoreError> {
         let mut out = Vec::new();
         for chunk in keys.chunks(ROWS_PER_STATEMENT) {
-            let mut q = Builder::new(
-                "SELECT attr, value, identity_id FROM identity_keys WHERE (attr, value) IN ",
+            let mut q =
+                Builder::new("SELECT attr, value, identity_id FROM identity_keys WHERE rowid IN ");
+            push_rowids_matching(
+                &mut q,
+                "identity_keys",
+                &["attr", "value"],
+                chunk,
+                |r, (a, v)| {
+                    r.push_bind(a);
+                    r.push_bind(v);
+                },
             );
-            push_in_rows(&mut q, chunk, |r, (a, v)| {
-                r.push_bind(a);
-                r.push_bind(v);
-            });
             for r in q.build().persistent(false).fetch_all(&self.pool).await? {
                 out.push((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?));
             }
@@ -1234,9 +1249,9 @@ impl Store for SqliteStore {
             let gone: Vec<&(&str, &str)> =
                 chunk.iter().filter(|k| link_state[*k].is_none()).collect();
             if !gone.is_empty() {
-                let mut q =
-                    Builder::new("DELETE FROM identity_links WHERE (connector_id, anchor) IN ");
-                push_in_rows(&mut q, gone, |r, (c, a)| {
+                let mut q = Builder::new("DELETE FROM identity_links WHERE rowid IN ");
+                let cols = ["connector_id", "anchor"];
+                push_rowids_matching(&mut q, "identity_links", &cols, gone, |r, (c, a)| {
                     r.push_bind(*c);
                     r.push_bind(*a);
                 });
@@ -1265,11 +1280,12 @@ impl Store for SqliteStore {
         // the revision the composer read, so a newer import stays marked).
         for chunk in composed.chunks(ROWS_PER_STATEMENT) {
             for head in [
-                "DELETE FROM cs_objects WHERE deleted = 1 AND (connector_id, anchor, rev) IN ",
-                "UPDATE cs_objects SET dirty = 0 WHERE (connector_id, anchor, rev) IN ",
+                "DELETE FROM cs_objects WHERE deleted = 1 AND rowid IN ",
+                "UPDATE cs_objects SET dirty = 0 WHERE rowid IN ",
             ] {
                 let mut q = Builder::new(head);
-                push_in_rows(&mut q, chunk, |r, (c, a, rev)| {
+                let cols = ["connector_id", "anchor", "rev"];
+                push_rowids_matching(&mut q, "cs_objects", &cols, chunk, |r, (c, a, rev)| {
                     r.push_bind(*c);
                     r.push_bind(*a);
                     r.push_bind(*rev);
@@ -1425,4 +1441,62 @@ fn identity_row(r: &sqlx::sqlite::SqliteRow) -> Result<IdentityRow, StoreError> 
         created_at_ms: r.try_get(3)?,
         updated_at_ms: r.try_get(4)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The batched statements find their rows through an index, not a scan of the table: a
+    /// scan per statement made every composer chunk read the whole connector space.
+    #[tokio::test]
+    async fn batched_row_matches_use_an_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("t.db")).await.unwrap();
+        store.migrate().await.unwrap();
+        let cases: [(&str, &str, &[&str]); 3] = [
+            (
+                "UPDATE cs_objects SET dirty = 0 WHERE rowid IN ",
+                "cs_objects",
+                &["connector_id", "anchor", "rev"],
+            ),
+            (
+                "DELETE FROM identity_links WHERE rowid IN ",
+                "identity_links",
+                &["connector_id", "anchor"],
+            ),
+            (
+                "SELECT attr, value, identity_id FROM identity_keys WHERE rowid IN ",
+                "identity_keys",
+                &["attr", "value"],
+            ),
+        ];
+        for (head, table, cols) in cases {
+            let mut q = Builder::new(format!("EXPLAIN QUERY PLAN {head}"));
+            push_rowids_matching(&mut q, table, cols, 0..3, |r, i| {
+                for _ in cols.iter() {
+                    r.push_bind(i);
+                }
+            });
+            let plan: Vec<String> = q
+                .build()
+                .fetch_all(&store.pool)
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get::<String, _>(3))
+                .collect();
+            assert!(
+                plan.iter()
+                    .any(|d| d.contains("USING") && d.contains("INDEX")),
+                "{head}: {plan:?}"
+            );
+            assert!(
+                !plan
+                    .iter()
+                    .any(|d| d == &format!("SCAN {table}") || d == "SCAN t"),
+                "{head}: {plan:?}"
+            );
+        }
+    }
 }
