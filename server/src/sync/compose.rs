@@ -222,13 +222,7 @@ pub async fn compose_pending(
                 rev: obj.rev,
             });
         }
-        let permit = engine.begin_batch().ok_or(ComposeError::NotActive)?;
-        let r = store.commit_compose(&permit.token, &writes, now_ms()).await;
-        drop(permit);
-        if let Err(e) = r {
-            engine.on_write_error(&e).await;
-            return Err(e.into());
-        }
+        commit(store, engine, &writes).await?;
     }
 }
 
@@ -258,14 +252,25 @@ pub async fn reindex_keys(
                 identity: row,
             })
             .collect();
-        let permit = engine.begin_batch().ok_or(ComposeError::NotActive)?;
-        let r = store.commit_compose(&permit.token, &writes, now_ms()).await;
-        drop(permit);
-        if let Err(e) = r {
-            engine.on_write_error(&e).await;
-            return Err(e.into());
-        }
+        commit(store, engine, &writes).await?;
     }
+}
+
+/// One fenced commit of composer writes; a failure is reported to the engine (it may mean this
+/// instance was fenced).
+async fn commit(
+    store: &Arc<dyn Store>,
+    engine: &Engine,
+    writes: &[ComposeWrite],
+) -> Result<(), ComposeError> {
+    let permit = engine.begin_batch().ok_or(ComposeError::NotActive)?;
+    let r = store.commit_compose(&permit.token, writes, now_ms()).await;
+    drop(permit);
+    if let Err(e) = r {
+        engine.on_write_error(&e).await;
+        return Err(e.into());
+    }
+    Ok(())
 }
 
 fn push_error(counts: &mut ComposeCounts, location: String, reason: String) {
