@@ -567,6 +567,12 @@ pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
+/// A list of names as the JSON array the object-type statements take (SQLite's `json_each`,
+/// SQL Server's `OPENJSON`), so the statement text does not vary with the list.
+fn json_list(items: &[String]) -> String {
+    serde_json::to_string(items).unwrap_or_else(|_| "[]".into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -123,9 +123,9 @@ pub mod sql {
     pub const RUNS: &str = "SELECT TOP (@P2) id, connector_id, instance, epoch, run_mode, trigger_kind, status, started_at, finished_at, added, updated, unchanged, deleted, failed, error, errors_json FROM runs WHERE (@P1 IS NULL OR connector_id = @P1) ORDER BY started_at DESC, id";
 
     pub const DIRTY_OBJECTS: &str = "SELECT TOP (@P2) anchor, object_type, attributes_json, deleted, rev FROM cs_objects WHERE connector_id = @P1 AND dirty = 1 ORDER BY updated_at, anchor";
-    /// @P1 connector, @P2 the ruled object types as a JSON array, @P3 the limit.
     /// @P1 connector, @P2 the ruled object types as a JSON array.
     pub const MARK_FOR_RECOMPOSE: &str = "UPDATE cs_objects SET dirty = 1 WHERE connector_id = @P1 AND dirty = 0 AND (object_type IN (SELECT value FROM OPENJSON(@P2)) OR EXISTS (SELECT 1 FROM identity_links l WHERE l.connector_id = cs_objects.connector_id AND l.anchor = cs_objects.anchor))";
+    /// @P1 connector, @P2 the ruled object types as a JSON array, @P3 the limit.
     pub const DROP_UNRULED_TOMBSTONES: &str = "DELETE FROM cs_objects WHERE connector_id = @P1 AND anchor IN (SELECT TOP (@P3) o.anchor FROM cs_objects o WHERE o.connector_id = @P1 AND o.dirty = 1 AND o.deleted = 1 AND o.object_type NOT IN (SELECT value FROM OPENJSON(@P2)) AND NOT EXISTS (SELECT 1 FROM identity_links l WHERE l.connector_id = o.connector_id AND l.anchor = o.anchor))";
     /// As DROP_UNRULED_TOMBSTONES, for the objects that remain.
     pub const SETTLE_UNRULED: &str = "UPDATE cs_objects SET dirty = 0 WHERE connector_id = @P1 AND anchor IN (SELECT TOP (@P3) o.anchor FROM cs_objects o WHERE o.connector_id = @P1 AND o.dirty = 1 AND o.object_type NOT IN (SELECT value FROM OPENJSON(@P2)) AND NOT EXISTS (SELECT 1 FROM identity_links l WHERE l.connector_id = o.connector_id AND l.anchor = o.anchor))";
@@ -340,6 +340,18 @@ impl MssqlStore {
             .into_first_result()
             .await
             .map_err(backend_err)
+    }
+
+    /// Appends to the ordered journal of fenced commits, inside the commit's transaction.
+    async fn journal(
+        conn: &mut Conn,
+        kind: &str,
+        epoch: i64,
+        instance: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        Self::exec(conn, sql::JOURNAL, &[&kind, &epoch, &instance, &now_ms]).await?;
+        Ok(())
     }
 
     async fn exec(
@@ -671,12 +683,7 @@ impl Store for MssqlStore {
             let now = now_ms();
             Self::exec(&mut conn, sql::SET_FENCE, &[&epoch, &instance, &now]).await?;
             Self::exec(&mut conn, sql::FENCE_OTHER_ACTIVES, &[&instance]).await?;
-            Self::exec(
-                &mut conn,
-                sql::JOURNAL,
-                &[&"promote", &epoch, &instance, &now],
-            )
-            .await?;
+            Self::journal(&mut conn, "promote", epoch, instance, now).await?;
             Ok(PromoteOutcome::Promoted)
         }
         .await;
@@ -832,12 +839,7 @@ impl Store for MssqlStore {
                     .ok_or_else(|| StoreError::Backend("no batch sequence returned".into()))?,
                 0,
             )?;
-            Self::exec(
-                &mut conn,
-                sql::JOURNAL,
-                &[&"batch", &token.epoch, &token.instance.as_str(), &now_ms],
-            )
-            .await?;
+            Self::journal(&mut conn, "batch", token.epoch, &token.instance, now_ms).await?;
             out.seq = seq as u64;
             Ok(out)
         }
@@ -997,15 +999,12 @@ impl Store for MssqlStore {
                 &[&now_ms, &connector, &object_type, &run_id],
             )
             .await?;
-            Self::exec(
+            Self::journal(
                 &mut conn,
-                sql::JOURNAL,
-                &[
-                    &"full_import_end",
-                    &token.epoch,
-                    &token.instance.as_str(),
-                    &now_ms,
-                ],
+                "full_import_end",
+                token.epoch,
+                &token.instance,
+                now_ms,
             )
             .await?;
             Ok(n)
@@ -1306,7 +1305,7 @@ impl Store for MssqlStore {
         connector: &str,
         ruled_types: &[String],
     ) -> Result<u64, StoreError> {
-        let ruled = serde_json::to_string(ruled_types).unwrap_or_else(|_| "[]".into());
+        let ruled = json_list(ruled_types);
         let mut conn = self.begin().await?;
         let r = async {
             Self::check_fence(&mut conn, token).await?;
@@ -1316,17 +1315,7 @@ impl Store for MssqlStore {
                 &[&connector, &ruled.as_str()],
             )
             .await?;
-            Self::exec(
-                &mut conn,
-                sql::JOURNAL,
-                &[
-                    &"compose",
-                    &token.epoch,
-                    &token.instance.as_str(),
-                    &now_ms(),
-                ],
-            )
-            .await?;
+            Self::journal(&mut conn, "compose", token.epoch, &token.instance, now_ms()).await?;
             Ok(n)
         }
         .await;
@@ -1340,7 +1329,7 @@ impl Store for MssqlStore {
         ruled_types: &[String],
         limit: i64,
     ) -> Result<u64, StoreError> {
-        let ruled = serde_json::to_string(ruled_types).unwrap_or_else(|_| "[]".into());
+        let ruled = json_list(ruled_types);
         let mut conn = self.begin().await?;
         let r = async {
             Self::check_fence(&mut conn, token).await?;
@@ -1348,17 +1337,7 @@ impl Store for MssqlStore {
             let params: [&dyn tiberius::ToSql; 3] = [&connector, &ruled.as_str(), &limit];
             let mut n = Self::exec(&mut conn, sql::DROP_UNRULED_TOMBSTONES, &params).await?;
             n += Self::exec(&mut conn, sql::SETTLE_UNRULED, &params).await?;
-            Self::exec(
-                &mut conn,
-                sql::JOURNAL,
-                &[
-                    &"compose",
-                    &token.epoch,
-                    &token.instance.as_str(),
-                    &now_ms(),
-                ],
-            )
-            .await?;
+            Self::journal(&mut conn, "compose", token.epoch, &token.instance, now_ms()).await?;
             Ok(n)
         }
         .await;
@@ -1423,12 +1402,7 @@ impl Store for MssqlStore {
             for w in writes {
                 Self::compose_write(&mut conn, w).await?;
             }
-            Self::exec(
-                &mut conn,
-                sql::JOURNAL,
-                &[&"compose", &token.epoch, &token.instance.as_str(), &now_ms],
-            )
-            .await?;
+            Self::journal(&mut conn, "compose", token.epoch, &token.instance, now_ms).await?;
             Ok(())
         }
         .await;

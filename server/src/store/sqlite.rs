@@ -29,10 +29,15 @@ type Tx<'a> = sqlx::Transaction<'a, sqlx::Sqlite>;
 /// Rows per multi-row statement: 9 parameters a row stays far below SQLite's 32,766.
 const ROWS_PER_STATEMENT: usize = 500;
 
-/// Multi-row statements are built per batch and run unprepared-and-uncached
-/// (`persistent(false)`): each distinct row count would otherwise stay in every connection's
-/// statement cache, hundreds of KiB apiece.
 type Builder<'q> = sqlx::QueryBuilder<'q, sqlx::Sqlite>;
+
+/// A built multi-row statement, kept out of the connection's statement cache: each distinct
+/// row count would otherwise stay in every connection's cache, hundreds of KiB apiece.
+fn build_once<'b, 'args>(
+    q: &'b mut Builder<'args>,
+) -> sqlx::query::Query<'b, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'args>> {
+    q.build().persistent(false)
+}
 
 /// Appends `(?, ?, …)`, one bound value per item: the list of an `IN`.
 fn push_in<'q, T>(q: &mut Builder<'q>, items: impl IntoIterator<Item = T>)
@@ -344,7 +349,7 @@ impl Store for SqliteStore {
             );
             q.push_bind(&batch.connector).push(" AND c.anchor IN ");
             push_in(&mut q, chunk.iter().map(|o| &o.anchor));
-            for r in q.build().persistent(false).fetch_all(&mut *tx).await? {
+            for r in build_once(&mut q).fetch_all(&mut *tx).await? {
                 existing.insert(
                     r.try_get(0)?,
                     (
@@ -399,7 +404,7 @@ impl Store for SqliteStore {
                  attributes_json = excluded.attributes_json, updated_at = excluded.updated_at, dirty = excluded.dirty, \
                  deleted = 0, seen_run = COALESCE(excluded.seen_run, cs_objects.seen_run), rev = cs_objects.rev + 1",
             );
-            q.build().persistent(false).execute(&mut *tx).await?;
+            build_once(&mut q).execute(&mut *tx).await?;
         }
         if batch.seen_in_run.is_some() {
             for chunk in unchanged.chunks(ROWS_PER_STATEMENT) {
@@ -409,7 +414,7 @@ impl Store for SqliteStore {
                     .push_bind(&batch.connector)
                     .push(" AND anchor IN ");
                 push_in(&mut q, chunk.iter().map(|o| &o.anchor));
-                q.build().persistent(false).execute(&mut *tx).await?;
+                build_once(&mut q).execute(&mut *tx).await?;
             }
         }
         if let Some(w) = &batch.watermark {
@@ -945,7 +950,7 @@ impl Store for SqliteStore {
         connector: &str,
         ruled_types: &[String],
     ) -> Result<u64, StoreError> {
-        let ruled = serde_json::to_string(ruled_types).unwrap_or_else(|_| "[]".into());
+        let ruled = json_list(ruled_types);
         let (_slot, mut tx) = self.begin_locked().await?;
         Self::check_fence(&mut tx, token).await?;
         let n = sqlx::query(
@@ -970,7 +975,7 @@ impl Store for SqliteStore {
         ruled_types: &[String],
         limit: i64,
     ) -> Result<u64, StoreError> {
-        let ruled = serde_json::to_string(ruled_types).unwrap_or_else(|_| "[]".into());
+        let ruled = json_list(ruled_types);
         let (_slot, mut tx) = self.begin_locked().await?;
         Self::check_fence(&mut tx, token).await?;
         // As `Composed` does: a deleted object goes, any other loses its mark.
@@ -1050,7 +1055,7 @@ impl Store for SqliteStore {
             let mut q = Builder::new(format!("{LINK_COLUMNS} WHERE connector_id = "));
             q.push_bind(connector).push(" AND anchor IN ");
             push_in(&mut q, chunk);
-            for r in q.build().persistent(false).fetch_all(&self.pool).await? {
+            for r in build_once(&mut q).fetch_all(&self.pool).await? {
                 out.push(link_row(&r)?);
             }
         }
@@ -1075,7 +1080,7 @@ impl Store for SqliteStore {
                     r.push_bind(v);
                 },
             );
-            for r in q.build().persistent(false).fetch_all(&self.pool).await? {
+            for r in build_once(&mut q).fetch_all(&self.pool).await? {
                 out.push((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?));
             }
         }
@@ -1094,7 +1099,7 @@ impl Store for SqliteStore {
             ] {
                 let mut q = Builder::new(head);
                 push_in(&mut q, chunk);
-                for r in q.build().persistent(false).fetch_all(&self.pool).await? {
+                for r in build_once(&mut q).fetch_all(&self.pool).await? {
                     if is_links {
                         links.push(link_row(&r)?);
                     } else {
@@ -1201,7 +1206,7 @@ impl Store for SqliteStore {
         for chunk in identities.chunks(ROWS_PER_STATEMENT) {
             let mut q = Builder::new("DELETE FROM identity_keys WHERE identity_id IN ");
             push_in(&mut q, chunk.iter().copied());
-            q.build().persistent(false).execute(&mut *tx).await?;
+            build_once(&mut q).execute(&mut *tx).await?;
             let deleted: Vec<&str> = chunk
                 .iter()
                 .copied()
@@ -1210,7 +1215,7 @@ impl Store for SqliteStore {
             if !deleted.is_empty() {
                 let mut q = Builder::new("DELETE FROM identities WHERE id IN ");
                 push_in(&mut q, deleted);
-                q.build().persistent(false).execute(&mut *tx).await?;
+                build_once(&mut q).execute(&mut *tx).await?;
             }
             let puts: Vec<(&IdentityRow, &Vec<(String, String)>)> =
                 chunk.iter().filter_map(|id| identity_state[*id]).collect();
@@ -1231,7 +1236,7 @@ impl Store for SqliteStore {
                 " ON CONFLICT (id) DO UPDATE SET display_name = excluded.display_name, \
                  attributes_json = excluded.attributes_json, updated_at = excluded.updated_at",
             );
-            q.build().persistent(false).execute(&mut *tx).await?;
+            build_once(&mut q).execute(&mut *tx).await?;
             let keys: Vec<(&str, &(String, String))> = puts
                 .iter()
                 .flat_map(|(i, ks)| ks.iter().map(move |k| (i.id.as_str(), k)))
@@ -1242,7 +1247,7 @@ impl Store for SqliteStore {
                 q.push_values(kc, |mut row, (id, (attr, value))| {
                     row.push_bind(attr).push_bind(value).push_bind(*id);
                 });
-                q.build().persistent(false).execute(&mut *tx).await?;
+                build_once(&mut q).execute(&mut *tx).await?;
             }
         }
         for chunk in links.chunks(ROWS_PER_STATEMENT) {
@@ -1255,7 +1260,7 @@ impl Store for SqliteStore {
                     r.push_bind(*c);
                     r.push_bind(*a);
                 });
-                q.build().persistent(false).execute(&mut *tx).await?;
+                build_once(&mut q).execute(&mut *tx).await?;
             }
             let puts: Vec<&LinkRow> = chunk.iter().filter_map(|k| link_state[k]).collect();
             if !puts.is_empty() {
@@ -1273,7 +1278,7 @@ impl Store for SqliteStore {
                     " ON CONFLICT (connector_id, anchor) DO UPDATE SET identity_id = excluded.identity_id, \
                      precedence = excluded.precedence, contribution_json = excluded.contribution_json",
                 );
-                q.build().persistent(false).execute(&mut *tx).await?;
+                build_once(&mut q).execute(&mut *tx).await?;
             }
         }
         // Composed: a deleted object at that revision goes; any other loses its mark (only at
@@ -1290,7 +1295,7 @@ impl Store for SqliteStore {
                     r.push_bind(*a);
                     r.push_bind(*rev);
                 });
-                q.build().persistent(false).execute(&mut *tx).await?;
+                build_once(&mut q).execute(&mut *tx).await?;
             }
         }
         for chunk in audits.chunks(ROWS_PER_STATEMENT) {
@@ -1302,7 +1307,7 @@ impl Store for SqliteStore {
                     .push_bind(&e.target)
                     .push_bind(&e.detail);
             });
-            q.build().persistent(false).execute(&mut *tx).await?;
+            build_once(&mut q).execute(&mut *tx).await?;
         }
         Self::journal_insert(&mut tx, "compose", token.epoch, &token.instance, now_ms).await?;
         tx.commit().await?;
