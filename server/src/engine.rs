@@ -173,6 +173,16 @@ impl Engine {
         }
     }
 
+    /// Passes an engine write's result through, reacting to a failure as
+    /// [`Self::on_write_error`] does. Call it after dropping the write's permit where possible:
+    /// a demotion waits for permits.
+    pub async fn reported<T>(&self, r: Result<T, StoreError>) -> Result<T, StoreError> {
+        if let Err(e) = &r {
+            self.on_write_error(e).await;
+        }
+        r
+    }
+
     async fn beat(&self) {
         let st = self.status();
         let hb = Heartbeat {

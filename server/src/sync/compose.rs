@@ -109,7 +109,7 @@ impl Prefetch {
             .collect();
         let mut wanted = BTreeSet::new();
         for o in chunk {
-            if o.deleted || links.contains_key(&o.anchor) || !has_rules(ctx, &o.object_type) {
+            if o.deleted || links.contains_key(&o.anchor) || !ctx.rules.has(&o.object_type) {
                 continue;
             }
             if let Ok(stored) = serde_json::from_str::<StoredObject>(&o.attributes_json) {
@@ -151,10 +151,6 @@ impl Prefetch {
     }
 }
 
-fn has_rules(ctx: &ComposeContext<'_>, object_type: &str) -> bool {
-    ctx.rules.object_types().any(|t| t == object_type)
-}
-
 impl Overlay {
     fn put(&mut self, id: &str, state: Option<IdentityState>, keys: Vec<(String, String)>) {
         for old in self.keys_of.remove(id).unwrap_or_default() {
@@ -194,13 +190,9 @@ pub async fn compose_pending(
             .settle_unruled(&permit.token, ctx.connector_id, &ruled, SETTLE_CHUNK)
             .await;
         drop(permit);
-        match r {
-            Ok(n) if (n as i64) < SETTLE_CHUNK => break,
-            Ok(_) => {}
-            Err(e) => {
-                engine.on_write_error(&e).await;
-                return Err(e.into());
-            }
+        let settled = engine.reported(r).await?;
+        if (settled as i64) < SETTLE_CHUNK {
+            break;
         }
     }
     loop {
@@ -266,10 +258,7 @@ async fn commit(
     let permit = engine.begin_batch().ok_or(ComposeError::NotActive)?;
     let r = store.commit_compose(&permit.token, writes, now_ms()).await;
     drop(permit);
-    if let Err(e) = r {
-        engine.on_write_error(&e).await;
-        return Err(e.into());
-    }
+    engine.reported(r).await?;
     Ok(())
 }
 
@@ -376,13 +365,13 @@ async fn compose_one(
 ) -> Result<(), StoreError> {
     // Every anchor of the chunk was prefetched: absent means not linked.
     let link = overlay.base.links.get(&obj.anchor).cloned();
-    if link.is_none() && !has_rules(ctx, &obj.object_type) {
+    if link.is_none() && !ctx.rules.has(&obj.object_type) {
         // Nothing to join or supply, and no contribution to remove.
         return Ok(());
     }
     let location = format!("{}:{}", obj.object_type, obj.anchor);
     // Gone from the directory, or no longer read by any rule: the contribution goes.
-    if obj.deleted || !has_rules(ctx, &obj.object_type) {
+    if obj.deleted || !ctx.rules.has(&obj.object_type) {
         if let Some(l) = link {
             writes.push(ComposeWrite::DeleteLink {
                 connector_id: ctx.connector_id.to_string(),

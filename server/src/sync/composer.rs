@@ -235,6 +235,11 @@ impl CompiledRules {
         self.object_types.keys().map(String::as_str)
     }
 
+    /// Whether this object type has rules (the composer reads its objects).
+    pub fn has(&self, object_type: &str) -> bool {
+        self.object_types.contains_key(object_type)
+    }
+
     /// Whether an unmatched object of this type creates a new identity. False for object
     /// types without rules: those never become identities.
     pub fn project(&self, object_type: &str) -> bool {

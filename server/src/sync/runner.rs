@@ -335,7 +335,7 @@ impl SyncEngine {
                 objects: Vec::new(),
                 watermark: None,
                 seen_in_run: full.then(|| run.id.clone()),
-                compose: rules.object_types().any(|t| t == object_type),
+                compose: rules.has(&object_type),
             };
             let write = self.write_pages(template, rx, run, errors);
             let (read, write) = tokio::join!(read, write);
@@ -455,13 +455,7 @@ impl SyncEngine {
         &self,
         f: impl std::future::Future<Output = Result<T, StoreError>>,
     ) -> Result<T, RunFailure> {
-        match f.await {
-            Ok(v) => Ok(v),
-            Err(e) => {
-                self.engine.on_write_error(&e).await;
-                Err(e.into())
-            }
-        }
+        Ok(self.engine.reported(f.await).await?)
     }
 
     /// Commits each page as one fenced batch like `template` (its objects empty).
