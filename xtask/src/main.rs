@@ -15,6 +15,9 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("sqlite3", "sqlite3"),
     ("slapd", "slapd"),
     ("ldapsearch", "ldap-utils"),
+    // The Keycloak fixture (crates/test-support): fetched with mvn, unpacked with unzip.
+    ("mvn", "maven"),
+    ("unzip", "unzip"),
 ];
 
 /// Folders (relative to the workspace root) whose npm dependencies the tests need; `npm ci` (or

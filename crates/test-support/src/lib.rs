@@ -1,0 +1,6 @@
+//! Fixtures for tests and benches that need real third-party systems on loopback.
+//!
+//! - [`keycloak`]: a Keycloak server fetched from Maven Central, started per test with its own
+//!   data, and a small admin REST client (realms, LDAP user federation, sync, counts).
+
+pub mod keycloak;
