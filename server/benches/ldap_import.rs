@@ -2,9 +2,11 @@
 //! standalone server process into its embedded SQLite store, driven through the Admin API.
 //!
 //!     cargo bench -p identitymesh-server --bench ldap_import -- [--entries 100000] [--reps 3]
-//!         [--sizes 10000,100000] [--variants import,compose] [--keep]
+//!         [--sizes 10000,100000] [--variants import,compose] [--peers keycloak|none] [--no-peer]
+//!         [--keycloak-heap "-Xms64m -Xmx512m"] [--keep]
 //!
-//! Environment equivalents: `BENCH_ENTRIES`, `BENCH_REPS`, `BENCH_SIZES`, `BENCH_VARIANTS`.
+//! Environment equivalents: `BENCH_ENTRIES`, `BENCH_REPS`, `BENCH_SIZES`, `BENCH_VARIANTS`,
+//! `BENCH_PEERS`, `BENCH_KEYCLOAK_HEAP`.
 //! `--entries N` alone measures N/10 and N (the small size is for the memory comparison);
 //! `--sizes` lists the people counts explicitly. Each size has `N` people plus `N/10 + 1`
 //! groups (the fixture's generator); "objects" below counts both, as the run does.
@@ -22,6 +24,11 @@
 //! - the server's peak RSS (VmHWM from /proc, read just before it is stopped; one process per
 //!   rep, so it covers that rep's full and delta runs).
 //!
+//!
+//! Then, per size, the peer (on by default; `--peers none` or `--no-peer` skips it): Keycloak's
+//! LDAP user federation syncing the same slapd and entries, its objects/s, its peak memory and
+//! our import+compose objects/s over its; see `ldap_import/keycloak_peer.rs`.
+//!
 //! Everything listens on 127.0.0.1, every process is stopped by pid, temp dirs are removed.
 
 use std::fmt::Write as _;
@@ -34,6 +41,9 @@ use identitymesh_connectors::testing::{
     generate_people, Slapd, GROUPS_BASE, PEOPLE_BASE, ROOT_DN, ROOT_PASSWORD,
 };
 use serde_json::{json, Value};
+
+#[path = "ldap_import/keycloak_peer.rs"]
+mod keycloak_peer;
 
 const BIN: &str = env!("CARGO_BIN_EXE_identitymesh-server");
 /// Same page size as the fixture's connector config, so ldapsearch pages alike.
@@ -73,6 +83,8 @@ struct Settings {
     variants: Vec<Variant>,
     keep: bool,
     run_timeout: Duration,
+    /// Run the Keycloak peer per size.
+    keycloak: bool,
 }
 
 fn settings() -> Settings {
@@ -119,6 +131,7 @@ fn settings() -> Settings {
         variants,
         keep: std::env::args().any(|a| a == "--keep"),
         run_timeout,
+        keycloak: keycloak_peer::enabled(),
     }
 }
 
@@ -752,10 +765,11 @@ async fn main() {
         .map(|n| n.get())
         .unwrap_or(0);
     println!(
-        "ldap_import: sizes {:?} people, {} rep(s), variants {:?}; {cpus} CPU(s), load {} at start",
+        "ldap_import: sizes {:?} people, {} rep(s), variants {:?}, peer {}; {cpus} CPU(s), load {} at start",
         s.sizes,
         s.reps,
         s.variants.iter().map(|v| v.name()).collect::<Vec<_>>(),
+        if s.keycloak { "keycloak" } else { "none" },
         loadavg()
     );
     println!("server binary: {BIN}");
@@ -765,6 +779,7 @@ async fn main() {
         .tempdir()
         .unwrap();
     let mut results = Vec::new();
+    let mut peers = Vec::new();
     for &n in &s.sizes {
         let t0 = Instant::now();
         let generated = generate_people(n, 42);
@@ -836,12 +851,16 @@ async fn main() {
                 reps,
             });
         }
+        if s.keycloak {
+            peers.push(keycloak_peer::run(&dir, &size_dir, &s, &results).await);
+        }
         slapd.stop();
         if !s.keep {
             let _ = std::fs::remove_dir_all(&size_dir);
         }
     }
     report(&results, &s);
+    keycloak_peer::report(&peers, &results, &s);
     println!("load at end: {}", loadavg());
     if s.keep {
         println!("kept: {}", root.keep().display());
