@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use super::{io, Admin, Distribution, KeycloakError};
 
+const JAVA_OPTS_APPEND: &str = "--add-opens=java.base/java.lang=ALL-UNNAMED";
+
 /// How a Keycloak instance is started.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -138,6 +140,9 @@ impl Keycloak {
         }
         cmd.env("JAVA_HOME", dist.java_home())
             .env("JAVA_OPTS_KC_HEAP", &self.options.heap)
+            // kc.sh does not open java.lang, which JBoss Threads' thread-local reset needs on
+            // Java 24+: without it executor threads die with IllegalAccessError (Java 25 here).
+            .env("JAVA_OPTS_APPEND", JAVA_OPTS_APPEND)
             .env("KC_BOOTSTRAP_ADMIN_USERNAME", &self.options.admin_username)
             .env("KC_BOOTSTRAP_ADMIN_PASSWORD", &self.options.admin_password)
             .current_dir(&self.dir)
