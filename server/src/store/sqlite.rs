@@ -22,6 +22,43 @@ pub struct SqliteStore {
     /// without it a promotion can starve behind an import that re-takes the lock the moment it
     /// commits; with it the promotion waits for one batch at most.
     writers: tokio::sync::Mutex<()>,
+    /// Copies committed WAL frames into the database file off the writers' path (see
+    /// [`checkpoint_in_background`]); stopped when the store goes.
+    checkpointer: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        self.checkpointer.abort();
+    }
+}
+
+/// How often the background checkpointer copies the WAL into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
+/// WAL pages after which a commit checkpoints by itself: only if the background checkpointer
+/// falls behind (SQLite's default, 1,000 pages, makes every few import pages wait for one).
+const AUTOCHECKPOINT_PAGES: &str = "16384";
+
+/// SQLite's automatic checkpoint runs inside the commit that crosses the threshold, so the
+/// writer waits for the copy and its fsync. A PASSIVE checkpoint from another connection never
+/// blocks the writer or readers, so the copy overlaps the next transaction's work instead.
+fn checkpoint_in_background(pool: SqlitePool) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if pool.is_closed() {
+                return;
+            }
+            if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                .execute(&pool)
+                .await
+            {
+                tracing::debug!(error = %e, "background WAL checkpoint failed; the next one retries");
+            }
+        }
+    })
 }
 
 type Tx<'a> = sqlx::Transaction<'a, sqlx::Sqlite>;
@@ -92,6 +129,7 @@ impl SqliteStore {
             // FULL: a committed batch survives a crash of the host, not only of the process.
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(30))
+            .pragma("wal_autocheckpoint", AUTOCHECKPOINT_PAGES)
             .foreign_keys(true);
         // Two instances opening a new file at once race to switch it to WAL, and SQLite answers
         // that switch with SQLITE_BUSY without consulting the busy timeout: retry for a while.
@@ -105,10 +143,12 @@ impl SqliteStore {
                 .await;
             match r {
                 Ok(pool) => {
+                    let checkpointer = checkpoint_in_background(pool.clone());
                     return Ok(Self {
                         pool,
                         writers: tokio::sync::Mutex::new(()),
-                    })
+                        checkpointer,
+                    });
                 }
                 Err(sqlx::Error::Database(e))
                     if e.message().contains("database is locked")

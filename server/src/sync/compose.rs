@@ -36,6 +36,19 @@ pub struct ComposeCounts {
     pub errors: Vec<ObjectError>,
 }
 
+impl ComposeCounts {
+    /// Adds another pass's counts (errors up to the cap).
+    pub fn add(&mut self, other: ComposeCounts) {
+        self.created += other.created;
+        self.updated += other.updated;
+        self.deleted += other.deleted;
+        self.unchanged += other.unchanged;
+        self.failed += other.failed;
+        let room = MAX_ERRORS.saturating_sub(self.errors.len());
+        self.errors.extend(other.errors.into_iter().take(room));
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ObjectError {
     pub location: String,
@@ -49,6 +62,26 @@ struct StoredObject {
     dn: Option<String>,
     #[serde(default)]
     attributes: Attributes,
+}
+
+/// A chunk object's stored attributes, parsed once for the join-key prefetch and the compose.
+enum Parsed {
+    /// Deleted, or of a type no rule reads: its attributes are not needed.
+    Skipped,
+    Object(StoredObject),
+    Unreadable(String),
+}
+
+impl Parsed {
+    fn of(obj: &DirtyObject, rules: &CompiledRules) -> Parsed {
+        if obj.deleted || !rules.has(&obj.object_type) {
+            return Parsed::Skipped;
+        }
+        match serde_json::from_str(&obj.attributes_json) {
+            Ok(s) => Parsed::Object(s),
+            Err(e) => Parsed::Unreadable(e.to_string()),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +132,7 @@ impl Prefetch {
         store: &Arc<dyn Store>,
         ctx: &ComposeContext<'_>,
         chunk: &[DirtyObject],
+        parsed: &[Parsed],
     ) -> Result<Prefetch, StoreError> {
         let anchors: Vec<String> = chunk.iter().map(|o| o.anchor.clone()).collect();
         let links: HashMap<String, LinkRow> = store
@@ -108,11 +142,11 @@ impl Prefetch {
             .map(|l| (l.anchor.clone(), l))
             .collect();
         let mut wanted = BTreeSet::new();
-        for o in chunk {
-            if o.deleted || links.contains_key(&o.anchor) || !ctx.rules.has(&o.object_type) {
+        for (o, p) in chunk.iter().zip(parsed) {
+            if links.contains_key(&o.anchor) {
                 continue;
             }
-            if let Ok(stored) = serde_json::from_str::<StoredObject>(&o.attributes_json) {
+            if let Parsed::Object(stored) = p {
                 wanted.extend(ctx.rules.join_keys(
                     &o.object_type,
                     &stored.attributes,
@@ -171,18 +205,14 @@ impl Overlay {
 
 const MAX_ERRORS: usize = 100;
 
-/// Composes every changed object of the connector, chunk by chunk, until none is left.
-/// `serial` is held from a chunk's first read to its commit: two connectors' runs may touch
-/// the same identity, and each chunk merges what it read.
-pub async fn compose_pending(
+/// Clears the marks of the connector's objects that no rule reads and no identity links to:
+/// they need nothing else, so it is done in the store without loading them (an import-only
+/// connector's whole run is this case).
+pub async fn settle_unruled(
     store: &Arc<dyn Store>,
     engine: &Engine,
-    serial: &Mutex<()>,
     ctx: &ComposeContext<'_>,
-) -> Result<ComposeCounts, ComposeError> {
-    let mut counts = ComposeCounts::default();
-    // Objects no rule reads and no identity links to need only their mark cleared: done in
-    // the store, without loading them (an import-only connector's whole run is this case).
+) -> Result<(), ComposeError> {
     let ruled: Vec<String> = ctx.rules.object_types().map(str::to_string).collect();
     loop {
         let permit = engine.begin_batch().ok_or(ComposeError::NotActive)?;
@@ -192,22 +222,45 @@ pub async fn compose_pending(
         drop(permit);
         let settled = engine.reported(r).await?;
         if (settled as i64) < SETTLE_CHUNK {
-            break;
+            return Ok(());
         }
     }
+}
+
+/// Composes every changed object of the connector that a rule reads or an identity links to,
+/// chunk by chunk, until none is left (see [`settle_unruled`] for the rest).
+/// `serial` is held from a chunk's first read to its commit: two connectors' runs may touch
+/// the same identity, and each chunk merges what it read.
+pub async fn compose_pending(
+    store: &Arc<dyn Store>,
+    engine: &Engine,
+    serial: &Mutex<()>,
+    ctx: &ComposeContext<'_>,
+) -> Result<ComposeCounts, ComposeError> {
+    let mut counts = ComposeCounts::default();
     loop {
         let _serial = serial.lock().await;
         let chunk = store.dirty_objects(ctx.connector_id, CHUNK).await?;
         if chunk.is_empty() {
             return Ok(counts);
         }
+        let parsed: Vec<Parsed> = chunk.iter().map(|o| Parsed::of(o, ctx.rules)).collect();
         let mut overlay = Overlay {
-            base: Prefetch::load(store, ctx, &chunk).await?,
+            base: Prefetch::load(store, ctx, &chunk, &parsed).await?,
             ..Overlay::default()
         };
         let mut writes = Vec::new();
-        for obj in &chunk {
-            compose_one(store, ctx, obj, &mut overlay, &mut writes, &mut counts).await?;
+        for (obj, parsed) in chunk.iter().zip(parsed) {
+            compose_one(
+                store,
+                ctx,
+                obj,
+                parsed,
+                &mut overlay,
+                &mut writes,
+                &mut counts,
+            )
+            .await?;
             writes.push(ComposeWrite::Composed {
                 connector_id: ctx.connector_id.to_string(),
                 anchor: obj.anchor.clone(),
@@ -359,6 +412,7 @@ async fn compose_one(
     store: &Arc<dyn Store>,
     ctx: &ComposeContext<'_>,
     obj: &DirtyObject,
+    parsed: Parsed,
     overlay: &mut Overlay,
     writes: &mut Vec<ComposeWrite>,
     counts: &mut ComposeCounts,
@@ -391,9 +445,9 @@ async fn compose_one(
         }
         return Ok(());
     }
-    let stored: StoredObject = match serde_json::from_str(&obj.attributes_json) {
-        Ok(s) => s,
-        Err(e) => {
+    let stored = match parsed {
+        Parsed::Object(s) => s,
+        Parsed::Unreadable(e) => {
             push_error(
                 counts,
                 location,
@@ -401,6 +455,8 @@ async fn compose_one(
             );
             return Ok(());
         }
+        // Deleted and unruled objects returned above.
+        Parsed::Skipped => return Ok(()),
     };
     let dn = stored.dn.as_deref();
     let identity_id = match &link {

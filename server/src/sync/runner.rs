@@ -1,15 +1,16 @@
 //! Connector runs: import every object type page by page, each page one fenced batch, the
-//! watermark committed only after the whole read; then compose. One run per connector at a
+//! watermark committed only after the whole read; the composer follows the committed pages. One run per connector at a
 //! time across the cluster (the store refuses a second), and none while the engine is paused
 //! or this instance is not active.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use identitymesh_connectors::model::{ImportMode, Page};
 use identitymesh_signalr::hub::HubHandle;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 use super::compose::{self, ComposeContext, ObjectError};
 use super::composer::ConnectorRules;
@@ -296,15 +297,85 @@ impl SyncEngine {
                 self.sweep_unseen(&permit.token, row, &object_type, run)
                     .await?;
             }
-        } else {
-            let t = std::time::Instant::now();
-            self.import(row, rules, mode, run, errors).await?;
-            tracing::info!(run = %run.id, elapsed_ms = t.elapsed().as_millis() as u64, "import phase done");
         }
+        let recomposed = self.prepare_compose(row, rules, key_attributes).await?;
+        let run_id = run.id.clone();
+        let ctx = ComposeContext {
+            connector_id: &row.id,
+            connector_name: &row.name,
+            rules,
+            key_attributes,
+            run_id: &run_id,
+        };
         let t = std::time::Instant::now();
-        let r = self.compose(row, rules, key_attributes, run, errors).await;
-        tracing::info!(run = %run.id, elapsed_ms = t.elapsed().as_millis() as u64, "compose phase done");
-        r
+        let counts = if mode == RunMode::Clear {
+            self.compose_pending(&ctx, true).await?
+        } else if rules.object_types().next().is_none() {
+            // Nothing to compose while importing: only links left by earlier rules.
+            self.import(row, rules, mode, run, errors, None).await?;
+            self.compose_pending(&ctx, true).await?
+        } else {
+            // The composer follows the import page by page, so its work overlaps the directory
+            // read instead of starting after it. Safe at any point: an object marked at a newer
+            // revision than the one composed stays marked.
+            let imported = AtomicBool::new(false);
+            let wake = Notify::new();
+            let import = async {
+                let r = self
+                    .import(row, rules, mode, run, errors, Some(&wake))
+                    .await;
+                imported.store(true, Ordering::SeqCst);
+                wake.notify_one();
+                r
+            };
+            let (imported_r, composed) =
+                tokio::join!(import, self.compose_following(&ctx, &imported, &wake));
+            imported_r?;
+            composed?
+        };
+        tracing::info!(run = %run.id, elapsed_ms = t.elapsed().as_millis() as u64, "import and compose done");
+        if let Some((setting, hash)) = recomposed {
+            self.store.set_setting(&setting, &hash).await?;
+        }
+        run.failed += counts.failed as i64;
+        for e in counts.errors {
+            if errors.len() < MAX_ERRORS {
+                errors.push(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Composes what the import has committed each time it commits a page, and once more after
+    /// it ends (`imported`), so nothing committed before the end is left marked.
+    async fn compose_following(
+        &self,
+        ctx: &ComposeContext<'_>,
+        imported: &AtomicBool,
+        wake: &Notify,
+    ) -> Result<compose::ComposeCounts, RunFailure> {
+        let mut counts = compose::ComposeCounts::default();
+        loop {
+            let last = imported.load(Ordering::SeqCst);
+            counts.add(self.compose_pending(ctx, last).await?);
+            if last {
+                return Ok(counts);
+            }
+            wake.notified().await;
+        }
+    }
+
+    /// One pass of the composer; `settle` also clears the marks nothing reads, a write
+    /// transaction of its own, so only the last pass of a run does it.
+    async fn compose_pending(
+        &self,
+        ctx: &ComposeContext<'_>,
+        settle: bool,
+    ) -> Result<compose::ComposeCounts, RunFailure> {
+        if settle {
+            compose::settle_unruled(&self.store, &self.engine, ctx).await?;
+        }
+        Ok(compose::compose_pending(&self.store, &self.engine, &self.compose_serial, ctx).await?)
     }
 
     async fn import(
@@ -314,6 +385,7 @@ impl SyncEngine {
         mode: RunMode,
         run: &mut RunRow,
         errors: &mut Vec<ObjectError>,
+        committed: Option<&Notify>,
     ) -> Result<(), RunFailure> {
         let (source, cfg) = Source::build(row, &self.secrets, self.hub.as_ref()).await?;
         for object_type in cfg.object_types() {
@@ -337,7 +409,7 @@ impl SyncEngine {
                 seen_in_run: full.then(|| run.id.clone()),
                 compose: rules.has(&object_type),
             };
-            let write = self.write_pages(template, rx, run, errors);
+            let write = self.write_pages(template, rx, run, errors, committed);
             let (read, write) = tokio::join!(read, write);
             // A write failure (fenced, demoted) is the cause when both failed: the reader only
             // saw its channel close.
@@ -385,14 +457,15 @@ impl SyncEngine {
         Ok(())
     }
 
-    async fn compose(
+    /// Before a run composes: identities indexed by every join attribute, and every object
+    /// marked again when the rules changed since its objects were composed. Returns the rules
+    /// setting to record once the run has composed everything.
+    async fn prepare_compose(
         &self,
         row: &ConnectorRow,
         rules: &super::composer::CompiledRules,
         key_attributes: &BTreeSet<String>,
-        run: &mut RunRow,
-        errors: &mut Vec<ObjectError>,
-    ) -> Result<(), RunFailure> {
+    ) -> Result<Option<(String, String)>, RunFailure> {
         // Identities are indexed by the attributes some connector joins on; a new join attribute
         // needs the identities written before it indexed too.
         let keys_json = serde_json::to_string(key_attributes).unwrap_or_default();
@@ -415,40 +488,22 @@ impl SyncEngine {
         // Objects are marked for the composer when they change; new rules must see them all.
         let setting = composed_rules_setting(&row.id);
         let hash = rules_hash(&row.rules_json);
-        let recompose = self.store.setting(&setting).await?.as_deref() != Some(hash.as_str());
-        if recompose {
-            let ruled: Vec<String> = rules.object_types().map(str::to_string).collect();
-            let permit = self.engine.begin_batch().ok_or(RunFailure::NotActive)?;
-            let marked = self
-                .fenced(
-                    self.store
-                        .mark_for_recompose(&permit.token, &row.id, &ruled),
-                )
-                .await?;
-            drop(permit);
-            if marked > 0 {
-                tracing::info!(connector = %row.name, objects = marked, "rules changed: composing every object again");
-            }
+        if self.store.setting(&setting).await?.as_deref() == Some(hash.as_str()) {
+            return Ok(None);
         }
-        let ctx = ComposeContext {
-            connector_id: &row.id,
-            connector_name: &row.name,
-            rules,
-            key_attributes,
-            run_id: &run.id,
-        };
-        let counts =
-            compose::compose_pending(&self.store, &self.engine, &self.compose_serial, &ctx).await?;
-        if recompose {
-            self.store.set_setting(&setting, &hash).await?;
+        let ruled: Vec<String> = rules.object_types().map(str::to_string).collect();
+        let permit = self.engine.begin_batch().ok_or(RunFailure::NotActive)?;
+        let marked = self
+            .fenced(
+                self.store
+                    .mark_for_recompose(&permit.token, &row.id, &ruled),
+            )
+            .await?;
+        drop(permit);
+        if marked > 0 {
+            tracing::info!(connector = %row.name, objects = marked, "rules changed: composing every object again");
         }
-        run.failed += counts.failed as i64;
-        for e in counts.errors {
-            if errors.len() < MAX_ERRORS {
-                errors.push(e);
-            }
-        }
-        Ok(())
+        Ok(Some((setting, hash)))
     }
 
     async fn fenced<T>(
@@ -465,6 +520,7 @@ impl SyncEngine {
         mut rx: mpsc::Receiver<Page>,
         run: &mut RunRow,
         errors: &mut Vec<ObjectError>,
+        committed: Option<&Notify>,
     ) -> Result<(), RunFailure> {
         while let Some(page) = rx.recv().await {
             for r in &page.rejected {
@@ -499,6 +555,9 @@ impl SyncEngine {
                 )
                 .await?;
             drop(permit);
+            if let Some(n) = committed {
+                n.notify_one();
+            }
             run.added += out.added as i64;
             run.updated += out.updated as i64;
             run.unchanged += out.unchanged as i64;
