@@ -243,9 +243,10 @@ struct InvokeRequest {
     reply: Option<Reply>,
 }
 
-/// Commands to a connection task. Boxed payloads keep the channel's slot array small.
+/// Commands to a connection task. They travel boxed: tokio's channel allocates a block of 32
+/// slots with the channel, so every idle connection pays 32 × the slot size.
 enum Command {
-    Invoke(Box<InvokeRequest>),
+    Invoke(InvokeRequest),
     /// A pre-serialized frame (Completion of a client invocation).
     Frame(String),
 }
@@ -288,7 +289,7 @@ fn now_ms() -> u64 {
 
 struct ConnEntry {
     meta: Arc<ConnMeta>,
-    commands: mpsc::Sender<Command>,
+    commands: mpsc::Sender<Box<Command>>,
     close: Option<oneshot::Sender<CloseRequest>>,
 }
 
@@ -433,7 +434,7 @@ impl HubHandle {
         self.shared.accepting.load(Ordering::SeqCst)
     }
 
-    fn commands(&self, connection_id: &str) -> Result<mpsc::Sender<Command>, InvokeError> {
+    fn commands(&self, connection_id: &str) -> Result<mpsc::Sender<Box<Command>>, InvokeError> {
         self.shared
             .lock()
             .conns
@@ -451,7 +452,7 @@ impl HubHandle {
     ) -> Result<Value, InvokeError> {
         let tx = self.commands(connection_id)?;
         let (reply, rx) = oneshot::channel();
-        tx.send(Command::Invoke(Box::new(InvokeRequest {
+        tx.send(Box::new(Command::Invoke(InvokeRequest {
             target: target.to_owned(),
             args,
             reply: Some(Reply::Single(reply)),
@@ -472,7 +473,7 @@ impl HubHandle {
     ) -> Result<InvocationStream, InvokeError> {
         let tx = self.commands(connection_id)?;
         let (items, rx) = mpsc::channel(buffer.max(1));
-        tx.send(Command::Invoke(Box::new(InvokeRequest {
+        tx.send(Box::new(Command::Invoke(InvokeRequest {
             target: target.to_owned(),
             args,
             reply: Some(Reply::Stream(items)),
@@ -490,7 +491,7 @@ impl HubHandle {
         args: Vec<Value>,
     ) -> Result<(), InvokeError> {
         let tx = self.commands(connection_id)?;
-        tx.send(Command::Invoke(Box::new(InvokeRequest {
+        tx.send(Box::new(Command::Invoke(InvokeRequest {
             target: target.to_owned(),
             args,
             reply: None,
@@ -849,7 +850,7 @@ enum Flow {
 enum Event {
     Close(CloseRequest),
     Socket(Option<Result<Message, axum::Error>>),
-    Command(Command),
+    Command(Box<Command>),
     Timer { timed_out: bool },
 }
 
@@ -954,8 +955,8 @@ impl Conn {
         &mut self,
         st: &HubState<B>,
         leftover: Vec<String>,
-        cmd_tx: mpsc::Sender<Command>,
-        mut cmd_rx: mpsc::Receiver<Command>,
+        cmd_tx: mpsc::Sender<Box<Command>>,
+        mut cmd_rx: mpsc::Receiver<Box<Command>>,
         mut close_rx: oneshot::Receiver<CloseRequest>,
     ) -> String {
         for frame in leftover {
@@ -985,7 +986,7 @@ impl Conn {
         &mut self,
         st: &HubState<B>,
         event: Event,
-        cmd_tx: &mpsc::Sender<Command>,
+        cmd_tx: &mpsc::Sender<Box<Command>>,
     ) -> Flow {
         match event {
             Event::Close(req) => {
@@ -1042,7 +1043,7 @@ impl Conn {
         &mut self,
         st: &HubState<B>,
         data: &[u8],
-        cmd_tx: &mpsc::Sender<Command>,
+        cmd_tx: &mpsc::Sender<Box<Command>>,
     ) -> Flow {
         // Split first (cheap, borrows data), then act: acting needs &mut self.
         let mut frames = Vec::new();
@@ -1060,15 +1061,15 @@ impl Conn {
         Flow::Continue
     }
 
-    async fn on_command(&mut self, cmd: Command) -> Result<(), String> {
-        match cmd {
+    async fn on_command(&mut self, cmd: Box<Command>) -> Result<(), String> {
+        match *cmd {
             Command::Frame(f) => self.send_text(f).await,
             Command::Invoke(req) => {
                 let InvokeRequest {
                     target,
                     args,
                     reply,
-                } = *req;
+                } = req;
                 let invocation_id = match reply {
                     Some(r) => {
                         self.next_invocation += 1;
@@ -1117,7 +1118,7 @@ impl Conn {
         &mut self,
         st: &HubState<B>,
         frame: &[u8],
-        cmd_tx: &mpsc::Sender<Command>,
+        cmd_tx: &mpsc::Sender<Box<Command>>,
     ) -> Flow {
         let msg = match HubMessage::parse(frame) {
             Ok(m) => m,
@@ -1183,7 +1184,7 @@ impl Conn {
                             },
                         }
                         .to_frame();
-                        let _ = tx.send(Command::Frame(frame)).await;
+                        let _ = tx.send(Box::new(Command::Frame(frame))).await;
                     }
                 });
             }
