@@ -326,8 +326,13 @@ impl Connector {
         }))
     }
 
-    /// `POST <hub>/negotiate?negotiateVersion=1` → the connection token.
-    async fn negotiate(&self, stream: MaybeTls) -> Result<NegotiateResponse, ConnectError> {
+    /// `POST <hub>/negotiate?negotiateVersion=1` → the connection token, and the stream back
+    /// when the server kept it open, so the WebSocket upgrade reuses it (one TCP and TLS
+    /// handshake per attempt instead of two, on both sides).
+    async fn negotiate(
+        &self,
+        stream: MaybeTls,
+    ) -> Result<(NegotiateResponse, Option<MaybeTls>), ConnectError> {
         let ep = &self.settings.endpoint;
         let proto = |detail: String| ConnectError::Protocol {
             stage: "negotiate",
@@ -337,7 +342,7 @@ impl Connector {
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
                 .await
                 .map_err(|e| proto(e.to_string()))?;
-        let conn_task = tokio::spawn(conn);
+        let conn_task = tokio::spawn(conn.without_shutdown());
         let req = hyper::Request::post(format!("{}/negotiate?negotiateVersion=1", ep.path))
             .header(hyper::header::HOST, ep.authority())
             .header(
@@ -353,19 +358,40 @@ impl Connector {
             .await
             .map_err(|e| proto(e.to_string()))?;
         let status = resp.status().as_u16();
+        let closing = resp
+            .headers()
+            .get(hyper::header::CONNECTION)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.to_ascii_lowercase().contains("close"));
         // Bound what we read: a negotiate body is tiny.
         let body = http_body_util::Limited::new(resp.into_body(), 64 * 1024)
             .collect()
             .await
             .map_err(|e| proto(e.to_string()))?
             .to_bytes();
-        conn_task.abort();
+        // With the sender gone and the response read, the connection task ends and hands the
+        // stream back. Anything unexpected (close, unread bytes, a slow finish): new stream.
+        drop(sender);
+        let mut reused = None;
+        if status == 200 && !closing {
+            let abort = conn_task.abort_handle();
+            match tokio::time::timeout(Duration::from_secs(1), conn_task).await {
+                Ok(Ok(Ok(parts))) if parts.read_buf.is_empty() => {
+                    reused = Some(parts.io.into_inner());
+                }
+                Ok(_) => {}
+                Err(_) => abort.abort(),
+            }
+        } else {
+            conn_task.abort();
+        }
         let text = String::from_utf8_lossy(&body)
             .chars()
             .take(300)
             .collect::<String>();
         match status {
             200 => serde_json::from_slice::<NegotiateResponse>(&body)
+                .map(|neg| (neg, reused))
                 .map_err(|e| proto(format!("invalid negotiate response: {e}"))),
             401 | 403 => Err(ConnectError::Unauthorized { status, body: text }),
             503 => Err(ConnectError::Unavailable { body: text }),
@@ -396,7 +422,7 @@ impl Connector {
         let t = self.settings.connect_timeout;
         let addrs = self.resolve().await?;
         let (stream, addr) = self.open_any(&addrs).await?;
-        let neg = timed("negotiate", t, self.negotiate(stream)).await?;
+        let (neg, reused) = timed("negotiate", t, self.negotiate(stream)).await?;
         let token = neg
             .connection_token
             .clone()
@@ -414,8 +440,12 @@ impl Connector {
                 detail: "the server offers no WebSockets transport".into(),
             });
         }
-        // Same address as negotiate: the token lives in that server process.
-        let stream = timed("TCP/TLS connect", t, self.open(addr)).await?;
+        // Same connection, or at least the same address as negotiate: the token lives in that
+        // server process.
+        let stream = match reused {
+            Some(s) => s,
+            None => timed("TCP/TLS connect", t, self.open(addr)).await?,
+        };
         let scheme = if ep.tls { "wss" } else { "ws" };
         let url = format!(
             "{scheme}://{}{}?id={}",

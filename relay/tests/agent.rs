@@ -288,6 +288,21 @@ async fn revoked_relay_is_disconnected_and_keeps_retrying_slowly() {
 }
 
 #[tokio::test]
+async fn negotiate_and_websocket_share_one_tls_connection() {
+    let pki = Pki::new();
+    let backend = Arc::new(TestBackend::default());
+    let server = TlsServer::start(0, &pki, backend, HubConfig::default());
+    let connected = Connector::new(Arc::new(settings(&server, &pki, "token-r1")))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    wait_until("listed", T, || server.handle.connection_count() == 1).await;
+    assert_eq!(server.accepted.load(Ordering::SeqCst), 1);
+    drop(connected);
+}
+
+#[tokio::test]
 async fn clear_errors_for_untrusted_certificates_and_bad_credentials() {
     let pki = Pki::new();
     let other = Pki::new();

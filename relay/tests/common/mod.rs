@@ -112,6 +112,8 @@ impl HubBackend for TestBackend {
 pub struct TlsServer {
     pub addr: SocketAddr,
     pub handle: HubHandle,
+    /// TLS connections accepted so far.
+    pub accepted: Arc<AtomicUsize>,
     runtime: Option<tokio::runtime::Runtime>,
 }
 
@@ -126,6 +128,8 @@ impl TlsServer {
         let listener = bind_retry(port);
         let addr = listener.local_addr().unwrap();
         let acceptor = tokio_rustls::TlsAcceptor::from(pki.server_config());
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
         rt.spawn(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             loop {
@@ -134,10 +138,12 @@ impl TlsServer {
                 };
                 let acceptor = acceptor.clone();
                 let app = app.clone();
+                let counter = counter.clone();
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
                     };
+                    counter.fetch_add(1, Ordering::SeqCst);
                     let svc = hyper_util::service::TowerToHyperService::new(app);
                     let _ = hyper_util::server::conn::auto::Builder::new(
                         hyper_util::rt::TokioExecutor::new(),
@@ -150,6 +156,7 @@ impl TlsServer {
         TlsServer {
             addr,
             handle,
+            accepted,
             runtime: Some(rt),
         }
     }
