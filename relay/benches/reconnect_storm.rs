@@ -1,10 +1,13 @@
 //! Reconnect-storm benchmark: N relays (default 1,000) against one hub on this machine.
 //!
-//!     cargo bench -p identitymesh-relay --bench reconnect_storm -- --relays 1000 [--plain] [--down-ms 3000]
+//!     cargo bench -p identitymesh-relay --bench reconnect_storm -- --relays 1000 [--plain] [--down-ms 3000] [--mimalloc]
 //!
 //! The hub runs in a child process (this binary with `--hub-child`), so its RSS is the hub's
-//! alone and killing it is a real crash. Figures printed:
-//! - hub RSS per idle connection ((RSS with N idle relays − RSS before) / N),
+//! alone and killing it is a real crash. Both processes raise their soft RLIMIT_NOFILE to the
+//! hard limit (each relay holds one socket on each side). Figures printed:
+//! - hub RSS per idle connection ((RSS with N idle relays − RSS before) / N), on glibc malloc
+//!   or with `--mimalloc` on the server binary's allocator, and with glibc the heap in use
+//!   per connection (what connections hold, without fragmentation),
 //! - after SIGKILL and restart: time from "hub ready" until each relay is connected again
 //!   (p50 / p99 / max), and the peak rate of connection attempts per second (relay side, in a
 //!   sliding 1 s window) and of completed connects per second (hub side).
@@ -21,13 +24,72 @@ use identitymesh_signalr::hub::{
     router, AuthError, ConnectionInfo, HubBackend, HubConfig, InvocationContext, RelayIdentity,
 };
 use serde_json::Value;
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::HashMap;
 use std::io::{BufRead as _, Write as _};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// glibc malloc, or with `--mimalloc` (env `BENCH_MIMALLOC` in the hub child) mimalloc, which
+/// the server binary uses (server/src/main.rs). Decided on the first allocation, before any
+/// memory exists, so nothing is ever freed by the other allocator.
+struct HubAlloc;
+
+static ALLOC_MODE: AtomicU8 = AtomicU8::new(0);
+
+fn use_mimalloc() -> bool {
+    let mut mode = ALLOC_MODE.load(Ordering::Relaxed);
+    if mode == 0 {
+        // SAFETY: getenv only reads the environment and does not allocate.
+        let mi = unsafe { !libc::getenv(c"BENCH_MIMALLOC".as_ptr()).is_null() };
+        mode = if mi { 2 } else { 1 };
+        ALLOC_MODE.store(mode, Ordering::Relaxed);
+    }
+    mode == 2
+}
+
+// SAFETY: forwards to one allocator for the whole life of the process.
+unsafe impl GlobalAlloc for HubAlloc {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        if use_mimalloc() {
+            mimalloc::MiMalloc.alloc(l)
+        } else {
+            System.alloc(l)
+        }
+    }
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        if use_mimalloc() {
+            mimalloc::MiMalloc.alloc_zeroed(l)
+        } else {
+            System.alloc_zeroed(l)
+        }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        if use_mimalloc() {
+            mimalloc::MiMalloc.dealloc(p, l)
+        } else {
+            System.dealloc(p, l)
+        }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        if use_mimalloc() {
+            mimalloc::MiMalloc.realloc(p, l, new)
+        } else {
+            System.realloc(p, l, new)
+        }
+    }
+}
+
+#[global_allocator]
+static ALLOC: HubAlloc = HubAlloc;
+
+extern "C" {
+    // mimalloc's own API (linked through the mimalloc crate): return freed pages to the OS.
+    fn mi_collect(force: bool);
+}
 
 const HOST: &str = "hub.test";
 
@@ -135,11 +197,26 @@ fn hub_child(port: u16, tls_dir: Option<PathBuf>) {
         for line in std::io::stdin().lines() {
             let Ok(line) = line else { break };
             if line.trim() == "TRIM" {
-                #[cfg(all(target_os = "linux", target_env = "gnu"))]
-                unsafe {
-                    libc::malloc_trim(0);
+                // SAFETY: both only walk the allocator's own free lists.
+                if use_mimalloc() {
+                    unsafe { mi_collect(true) };
+                } else {
+                    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+                    unsafe {
+                        libc::malloc_trim(0);
+                    }
                 }
-                let _ = trim_tx.send("TRIMMED 0".to_string());
+                // glibc's bytes in use: the live heap, without fragmentation (0 on mimalloc).
+                #[cfg(all(target_os = "linux", target_env = "gnu"))]
+                let in_use = if use_mimalloc() {
+                    0
+                } else {
+                    // SAFETY: mallinfo2 only reads the allocator's statistics.
+                    unsafe { libc::mallinfo2() }.uordblks
+                };
+                #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+                let in_use = 0;
+                let _ = trim_tx.send(format!("TRIMMED {in_use}"));
             }
         }
     });
@@ -205,6 +282,8 @@ fn hub_child(port: u16, tls_dir: Option<PathBuf>) {
 struct HubEvents {
     ready_ms: Option<u64>,
     trimmed: bool,
+    /// Heap bytes in use, as the last TRIM reported them.
+    heap_in_use: u64,
     /// relay → connect times (unix ms), in order.
     connects: HashMap<String, Vec<u64>>,
 }
@@ -216,10 +295,23 @@ struct HubProcess {
 
 impl HubProcess {
     fn start(port: u16, tls_dir: Option<&PathBuf>) -> HubProcess {
-        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        // Experiments: BENCH_HUB_WRAP runs the hub under a wrapper (e.g. valgrind).
+        let wrap = std::env::var("BENCH_HUB_WRAP").unwrap_or_default();
+        let mut wrap = wrap.split_whitespace();
+        let mut cmd = match wrap.next() {
+            Some(prog) => {
+                let mut c = Command::new(prog);
+                c.args(wrap).arg(std::env::current_exe().unwrap());
+                c
+            }
+            None => Command::new(std::env::current_exe().unwrap()),
+        };
         cmd.arg("--hub-child").arg(port.to_string());
         if let Some(d) = tls_dir {
             cmd.arg("--tls-dir").arg(d);
+        }
+        if has_flag("--mimalloc") {
+            cmd.env("BENCH_MIMALLOC", "1");
         }
         let mut child = cmd
             .stdin(Stdio::piped())
@@ -235,8 +327,10 @@ impl HubProcess {
                 let Ok(line) = line else { break };
                 let mut parts = line.split_whitespace();
                 match (parts.next(), parts.next(), parts.next()) {
-                    (Some("TRIMMED"), _, _) => {
-                        ev.lock().unwrap().trimmed = true;
+                    (Some("TRIMMED"), n, _) => {
+                        let mut ev = ev.lock().unwrap();
+                        ev.trimmed = true;
+                        ev.heap_in_use = n.and_then(|n| n.parse().ok()).unwrap_or(0);
                     }
                     (Some("READY"), Some(t), None) => {
                         ev.lock().unwrap().ready_ms = t.parse().ok();
@@ -264,7 +358,7 @@ impl HubProcess {
             if let Some(t) = self.events.lock().unwrap().ready_ms {
                 return t;
             }
-            assert!(start.elapsed() < Duration::from_secs(30), "hub never ready");
+            assert!(start.elapsed() < Duration::from_secs(60), "hub never ready");
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -370,6 +464,7 @@ fn main() {
     std::thread::sleep(Duration::from_millis(300));
     hub.trim();
     let rss_before = rss_kib(hub.child.id());
+    let heap_before = hub.events.lock().unwrap().heap_in_use;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -407,16 +502,29 @@ fn main() {
     }
     println!("initial connect of {n} relays: {:?}", t0.elapsed());
     // Let allocations settle, then measure idle memory.
-    std::thread::sleep(Duration::from_secs(3));
+    std::thread::sleep(Duration::from_secs(
+        std::env::var("BENCH_IDLE_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(3),
+    ));
     let rss_after = rss_kib(hub.child.id());
     hub.trim();
     let rss_trimmed = rss_kib(hub.child.id());
+    let heap_after = hub.events.lock().unwrap().heap_in_use;
     let per = |after: u64| (after.saturating_sub(rss_before) as f64 * 1024.0) / n as f64 / 1000.0;
     println!(
-        "hub RSS: {rss_before} KiB before, {rss_after} KiB with {n} idle relays → {:.1} KB per connection; after malloc_trim {rss_trimmed} KiB → {:.1} KB per connection (target < 20 KB)",
+        "hub RSS ({}): {rss_before} KiB before, {rss_after} KiB with {n} idle relays → {:.1} KB per connection; after trim {rss_trimmed} KiB → {:.1} KB per connection (target < 16 KB)",
+        if has_flag("--mimalloc") { "mimalloc" } else { "glibc malloc" },
         per(rss_after),
         per(rss_trimmed)
     );
+    if heap_after > 0 {
+        println!(
+            "hub heap in use (glibc mallinfo2): {:.1} KB per connection",
+            heap_after.saturating_sub(heap_before) as f64 / n as f64 / 1000.0
+        );
+    }
 
     // Sample relay-side attempt counters every 20 ms to get attempts per second.
     let sample = {
