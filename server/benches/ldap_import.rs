@@ -20,7 +20,8 @@
 //! - `ldapsearch` reading the same entries (the connector's two searches, same filters, scopes,
 //!   attributes and page size, over LDAPS) with the server idle; the ratio connector/ldapsearch;
 //! - 1% of the people get a new `mail` with one `ldapmodify` (timed apart from the run), then a
-//!   delta run, whose counts must show exactly those updates;
+//!   delta run, whose counts must show exactly those updates; then 10% (other people) likewise:
+//!   a delta's time should follow the change, not the directory;
 //! - the server's peak RSS (VmHWM from /proc, read just before it is stopped; one process per
 //!   rep, so it covers that rep's full and delta runs).
 //!
@@ -40,6 +41,7 @@ use std::time::{Duration, Instant};
 use identitymesh_connectors::testing::{
     generate_people, Slapd, GROUPS_BASE, PEOPLE_BASE, ROOT_DN, ROOT_PASSWORD,
 };
+use identitymesh_test_support::procfs;
 use serde_json::{json, Value};
 
 #[path = "ldap_import/keycloak_peer.rs"]
@@ -182,17 +184,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find(|l| l.starts_with(field))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
 }
 
 fn loadavg() -> String {
@@ -367,9 +358,14 @@ impl Server {
         }
     }
 
+    /// User + system CPU seconds so far (from /proc); read before [`Server::stop`].
+    fn cpu_s(&self) -> f64 {
+        procfs::cpu_seconds(self.pid()).unwrap_or(f64::NAN)
+    }
+
     /// Peak RSS (VmHWM) in KiB; read before [`Server::stop`].
     fn peak_rss_kib(&self) -> u64 {
-        proc_status_kib(self.pid(), "VmHWM:").unwrap_or(0)
+        procfs::status_kib(self.pid(), "VmHWM:").unwrap_or(0)
     }
 
     /// SIGTERM, SIGKILL after 60 s; returns whether the exit was clean.
@@ -505,13 +501,42 @@ struct Rep {
     full_wall: f64,
     full_own: f64,
     ldapsearch: f64,
-    modify: f64,
-    modified: usize,
-    delta_wall: f64,
-    delta_own: f64,
-    delta_unchanged: i64,
+    /// One per entry of [`DELTA_PERCENTS`].
+    deltas: Vec<Delta>,
     peak_rss_kib: u64,
+    /// The server's user + system CPU over the rep: on a shared machine it moves less than
+    /// wall time does.
+    cpu_s: f64,
     load: String,
+}
+
+/// A delta run after `modified` people changed.
+#[derive(Debug, Clone)]
+struct Delta {
+    modified: usize,
+    /// `ldapmodify`'s time, apart from the run.
+    modify: f64,
+    wall: f64,
+    own: f64,
+    unchanged: i64,
+}
+
+/// The share of the people each rep modifies before a delta run, in order.
+const DELTA_PERCENTS: [usize; 2] = [1, 10];
+
+/// Every `100 / percent`-th person, from an offset that keeps the sets apart and away from the
+/// awkward DNs at the start (1%: 50, 150, …; 10%: 55, 65, …).
+fn people_to_modify(
+    people: &[identitymesh_connectors::testing::GeneratedEntry],
+    percent: usize,
+) -> Vec<String> {
+    let step = 100 / percent;
+    people
+        .iter()
+        .skip(50 + (step / 2) % 50)
+        .step_by(step)
+        .map(|p| p.dn.clone())
+        .collect()
 }
 
 impl Rep {
@@ -528,8 +553,8 @@ struct Directory<'a> {
     ca_file: &'a Path,
     people: usize,
     groups: usize,
-    /// DNs of the 1% of people each rep modifies.
-    to_modify: &'a [String],
+    /// DNs of the people each rep modifies, one list per entry of [`DELTA_PERCENTS`].
+    to_modify: &'a [Vec<String>],
 }
 
 fn run_own_secs(run: &Value) -> f64 {
@@ -595,10 +620,51 @@ async fn one_rep(
         "ldapsearch read a different number of entries"
     );
 
-    // 1% of the people change (timed apart), then a delta.
-    let tag = format!("{}r{rep}", variant.name().replace('+', ""));
-    let modify = ldapmodify(&d.slapd.ldaps_url(), d.ca_file, d.to_modify, &tag, work);
-    let (delta, delta_wall) = server.run(&id, "delta", s.run_timeout).await;
+    let mut deltas = Vec::new();
+    for (percent, dns) in DELTA_PERCENTS.iter().zip(d.to_modify) {
+        deltas.push(
+            delta_after(
+                &server,
+                d,
+                &id,
+                dns,
+                &format!("{}p{percent}r{rep}", variant.name().replace('+', "")),
+                work,
+                s,
+            )
+            .await,
+        );
+    }
+
+    let peak_rss_kib = server.peak_rss_kib();
+    let cpu_s = server.cpu_s();
+    let clean = server.stop();
+    assert!(clean, "server did not stop cleanly; {}", server.output());
+    Rep {
+        objects,
+        full_wall: full_wall.as_secs_f64(),
+        full_own: run_own_secs(&full),
+        ldapsearch,
+        deltas,
+        peak_rss_kib,
+        cpu_s,
+        load: format!("{load_before} → {}", loadavg()),
+    }
+}
+
+/// Gives `dns` a new `mail` (timed apart), then runs a delta, whose counts must show exactly
+/// those updates.
+async fn delta_after(
+    server: &Server,
+    d: &Directory<'_>,
+    connector: &str,
+    dns: &[String],
+    tag: &str,
+    work: &Path,
+    s: &Settings,
+) -> Delta {
+    let modify = ldapmodify(&d.slapd.ldaps_url(), d.ca_file, dns, tag, work);
+    let (delta, wall) = server.run(connector, "delta", s.run_timeout).await;
     assert_eq!(
         delta["status"],
         "succeeded",
@@ -607,34 +673,24 @@ async fn one_rep(
     );
     assert_eq!(
         count(&delta, "updated"),
-        d.to_modify.len() as i64,
+        dns.len() as i64,
         "delta run: every modified person, and only those, is updated: {delta}"
     );
     for c in ["added", "deleted", "failed"] {
         assert_eq!(count(&delta, c), 0, "delta run {c}: {delta}");
     }
     // At-least-once: the boundary entry of each object type may be read again, no more.
-    let delta_unchanged = count(&delta, "unchanged");
+    let unchanged = count(&delta, "unchanged");
     assert!(
-        (0..=2).contains(&delta_unchanged),
+        (0..=2).contains(&unchanged),
         "delta run read more than the changed entries: {delta}"
     );
-
-    let peak_rss_kib = server.peak_rss_kib();
-    let clean = server.stop();
-    assert!(clean, "server did not stop cleanly; {}", server.output());
-    Rep {
-        objects,
-        full_wall: full_wall.as_secs_f64(),
-        full_own: run_own_secs(&full),
-        ldapsearch,
+    Delta {
+        modified: dns.len(),
         modify,
-        modified: d.to_modify.len(),
-        delta_wall: delta_wall.as_secs_f64(),
-        delta_own: run_own_secs(&delta),
-        delta_unchanged,
-        peak_rss_kib,
-        load: format!("{load_before} → {}", loadavg()),
+        wall: wall.as_secs_f64(),
+        own: run_own_secs(&delta),
+        unchanged,
     }
 }
 
@@ -688,7 +744,7 @@ fn report(results: &[Result_], s: &Settings) {
         "full run-own s",
         "ldapsearch s",
         "ratio conn/ldapsrch",
-        "delta wall s",
+        "delta 1% wall s",
         "peak RSS MiB"
     );
     for r in results {
@@ -703,7 +759,7 @@ fn report(results: &[Result_], s: &Settings) {
             fmt_stat(col(&|x| x.full_own), 2),
             fmt_stat(col(&|x| x.ldapsearch), 2),
             fmt_stat(col(&Rep::ratio), 2),
-            fmt_stat(col(&|x| x.delta_wall), 2),
+            fmt_stat(col(&|x| x.deltas[0].wall), 2),
             fmt_stat(col(&|x| mib(x.peak_rss_kib)), 1),
         );
     }
@@ -711,13 +767,34 @@ fn report(results: &[Result_], s: &Settings) {
     for r in results {
         let col = |f: &dyn Fn(&Rep) -> f64| stats(r.reps.iter().map(f).collect());
         println!(
-            "{:>8} people, {:<15} delta after {} modified: wall {} s, run-own {} s; ldapmodify {} s",
+            "{:>8} people, {:<15} server CPU over the rep (full + deltas): {} s",
             r.people,
             r.variant.name(),
-            r.reps[0].modified,
-            fmt_stat(col(&|x| x.delta_wall), 3),
-            fmt_stat(col(&|x| x.delta_own), 3),
-            fmt_stat(col(&|x| x.modify), 3),
+            fmt_stat(col(&|x| x.cpu_s), 2),
+        );
+        for (i, percent) in DELTA_PERCENTS.iter().enumerate() {
+            let modified = r.reps[0].deltas[i].modified;
+            println!(
+                "{:>8} people, {:<15} delta after {percent}% ({modified}) modified: wall {} s, run-own {} s, {} ms per changed entry; ldapmodify {} s",
+                r.people,
+                r.variant.name(),
+                fmt_stat(col(&|x| x.deltas[i].wall), 3),
+                fmt_stat(col(&|x| x.deltas[i].own), 3),
+                fmt_stat(col(&|x| 1000.0 * x.deltas[i].wall / modified as f64), 3),
+                fmt_stat(col(&|x| x.deltas[i].modify), 3),
+            );
+        }
+        // Proportional to the change: 10× the entries take about 10× as long (a delta that
+        // read the whole directory would take about as long at both).
+        let last = DELTA_PERCENTS.len() - 1;
+        println!(
+            "{:>8} people, {:<15} delta {}% / {}% wall: {}× for {}× the changed entries",
+            r.people,
+            r.variant.name(),
+            DELTA_PERCENTS[last],
+            DELTA_PERCENTS[0],
+            fmt_stat(col(&|x| x.deltas[last].wall / x.deltas[0].wall), 2),
+            r.reps[0].deltas[last].modified as f64 / r.reps[0].deltas[0].modified as f64,
         );
     }
 
@@ -792,13 +869,9 @@ async fn main() {
         let load_s = t1.elapsed().as_secs_f64();
         let ca_file = size_dir.join("ca.pem");
         std::fs::write(&ca_file, slapd.ca_pem()).unwrap();
-        // Every 100th person, away from the awkward DNs at the start.
-        let to_modify: Vec<String> = generated
-            .people
+        let to_modify: Vec<Vec<String>> = DELTA_PERCENTS
             .iter()
-            .skip(50)
-            .step_by(100)
-            .map(|p| p.dn.clone())
+            .map(|&p| people_to_modify(&generated.people, p))
             .collect();
         let (people, groups) = (generated.people.len(), generated.groups.len());
         drop(generated);
@@ -820,8 +893,7 @@ async fn main() {
                 let r = one_rep(&dir, variant, rep, &work, &s).await;
                 println!(
                     "{n:>7} {:<15} rep {rep}: full {} objects in {:.2} s wall ({:.2} s run-own) = {:.0} objects/s; \
-                     ldapsearch {:.2} s (ratio {:.2}); ldapmodify {} in {:.2} s; delta {:.3} s wall ({:.3} s run-own, \
-                     {} updated, {} unchanged); peak RSS {:.1} MiB; load {}",
+                     ldapsearch {:.2} s (ratio {:.2}); {}; peak RSS {:.1} MiB; server CPU {:.2} s; load {}",
                     variant.name(),
                     r.objects,
                     r.full_wall,
@@ -829,13 +901,16 @@ async fn main() {
                     r.objects_per_s(),
                     r.ldapsearch,
                     r.ratio(),
-                    r.modified,
-                    r.modify,
-                    r.delta_wall,
-                    r.delta_own,
-                    r.modified,
-                    r.delta_unchanged,
+                    r.deltas
+                        .iter()
+                        .map(|x| format!(
+                            "ldapmodify {} in {:.2} s, delta {:.3} s wall ({:.3} s run-own, {} updated, {} unchanged)",
+                            x.modified, x.modify, x.wall, x.own, x.modified, x.unchanged
+                        ))
+                        .collect::<Vec<_>>()
+                        .join("; "),
                     mib(r.peak_rss_kib),
+                    r.cpu_s,
                     r.load,
                 );
                 if s.keep {

@@ -2,5 +2,7 @@
 //!
 //! - [`keycloak`]: a Keycloak server fetched from Maven Central, started per test with its own
 //!   data, and a small admin REST client (realms, LDAP user federation, sync, counts).
+//! - [`procfs`]: memory and CPU figures of a process, for benches.
 
 pub mod keycloak;
+pub mod procfs;

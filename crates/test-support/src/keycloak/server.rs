@@ -227,24 +227,24 @@ impl Keycloak {
     /// The java process: kc.sh's child (or kc.sh itself after it exec'ed java).
     pub fn java_pid(&self) -> Option<u32> {
         let sh = self.pid()?;
-        if comm(sh).as_deref() == Some("java") {
+        if crate::procfs::comm(sh).as_deref() == Some("java") {
             return Some(sh);
         }
         let children = std::fs::read_to_string(format!("/proc/{sh}/task/{sh}/children")).ok()?;
         children
             .split_whitespace()
             .filter_map(|c| c.parse().ok())
-            .find(|&c| comm(c).as_deref() == Some("java"))
+            .find(|&c| crate::procfs::comm(c).as_deref() == Some("java"))
     }
 
     /// Peak resident memory of the java process in KiB (VmHWM), since start or since the last
     /// [`Keycloak::reset_peak_rss`].
     pub fn peak_rss_kib(&self) -> Option<u64> {
-        proc_status_kib(self.java_pid()?, "VmHWM:")
+        crate::procfs::status_kib(self.java_pid()?, "VmHWM:")
     }
 
     pub fn rss_kib(&self) -> Option<u64> {
-        proc_status_kib(self.java_pid()?, "VmRSS:")
+        crate::procfs::status_kib(self.java_pid()?, "VmRSS:")
     }
 
     /// Resets the java process's VmHWM to its current RSS (`clear_refs` 5), so the next
@@ -301,21 +301,4 @@ impl Drop for Keycloak {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-fn comm(pid: u32) -> Option<String> {
-    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .ok()
-        .map(|s| s.trim().to_string())
-}
-
-fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find(|l| l.starts_with(field))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
 }
