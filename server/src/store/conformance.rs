@@ -459,18 +459,7 @@ async fn empty_connector_space(s: &Arc<dyn Store>, t: &FenceToken, conn: &str) {
     s.finish_full_import(t, conn, "person", &unique("run"), 5)
         .await
         .unwrap();
-    let writes: Vec<ComposeWrite> = s
-        .dirty_objects(conn, 1000)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|o| ComposeWrite::Composed {
-            connector_id: conn.into(),
-            anchor: o.anchor,
-            rev: o.rev,
-        })
-        .collect();
-    s.commit_compose(t, &writes, 6).await.unwrap();
+    compose_all(s, t, conn).await;
     assert_eq!(s.count_objects(conn).await.unwrap(), 0);
 }
 

@@ -2302,12 +2302,8 @@ mod tests {
             &none,
         );
         assert_eq!((out.added, out.updated, out.unchanged), (2, 1, 0));
-        let merges: Vec<&String> = sent
-            .iter()
-            .filter(|q| q.starts_with("MERGE cs_objects"))
-            .collect();
         assert_eq!(
-            merges,
+            object_merges(&sent),
             vec![&multi::WRITE_OBJECTS.sql(2), &multi::WRITE_OBJECTS.sql(1)]
         );
         let stored_reads = sent
@@ -2321,14 +2317,17 @@ mod tests {
         let mut upper = object(1, "b");
         upper.anchor = upper.anchor.to_uppercase();
         let (sent, _) = import(&page(vec![object(1, "a"), upper]), &none);
-        let merges: Vec<&String> = sent
-            .iter()
-            .filter(|q| q.starts_with("MERGE cs_objects"))
-            .collect();
         assert_eq!(
-            merges,
+            object_merges(&sent),
             vec![&multi::WRITE_OBJECTS.sql(1), &multi::WRITE_OBJECTS.sql(1)]
         );
+    }
+
+    /// The connector-space MERGEs among the statements sent.
+    fn object_merges(sent: &[String]) -> Vec<&String> {
+        sent.iter()
+            .filter(|q| q.starts_with("MERGE cs_objects"))
+            .collect()
     }
 
     fn fence_only(q: &str, _: &[tiberius::ColumnData<'_>]) -> Vec<Vec<Row>> {
