@@ -12,6 +12,7 @@
 //! one node must listen on different ports**. The namespaces have no default route: traffic can
 //! only go to loopback or to these addresses.
 
+pub mod chaos;
 pub mod cluster;
 pub mod controlplane;
 pub mod error;
