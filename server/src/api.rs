@@ -686,7 +686,8 @@ mod tests {
 
     async fn app() -> (tempfile::TempDir, Router, TestIssuer) {
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("im.db")).await.unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(SqliteStore::open(&dir.path().join("im.db")).await.unwrap());
         store.migrate().await.unwrap();
         let issuer = TestIssuer::new();
         let jwks = dir.path().join("jwks.json");
@@ -695,18 +696,23 @@ mod tests {
             .await
             .unwrap();
         let engine = Engine::new(
-            Arc::new(store),
+            store.clone(),
             "t".into(),
             "h".into(),
             "1".into(),
             EngineConfig::default(),
         );
+        // A real sync engine, so a request a permission must not reach is refused by its
+        // handler, not stopped by a missing engine.
+        let secrets =
+            crate::secrets::Secrets::new(store, identitymesh_keyring::KeyRing::generate());
+        let sync = crate::sync::runner::SyncEngine::new(engine.clone(), secrets, None);
         let st = AppState {
             engine,
             auth,
             licence_file: None,
             hub: None,
-            sync: None,
+            sync: Some(sync),
         };
         (dir, router(st), issuer)
     }
@@ -721,6 +727,19 @@ mod tests {
         path: &str,
         token: Option<&str>,
     ) -> (StatusCode, String) {
+        let body = (method == "post")
+            .then(|| format!("{{\"name\":\"relay-{}\"}}", uuid::Uuid::new_v4().simple()));
+        call_with(app, method, path, token, body).await
+    }
+
+    /// A request with `body` as JSON (none: no body).
+    async fn call_with(
+        app: &Router,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<String>,
+    ) -> (StatusCode, String) {
         let path = path.replace("{id}", "0123");
         let mut req = Request::builder()
             .method(method.to_uppercase().as_str())
@@ -728,14 +747,12 @@ mod tests {
         if let Some(t) = token {
             req = req.header("authorization", format!("Bearer {t}"));
         }
-        let body = if method == "post" {
-            req = req.header("content-type", "application/json");
-            Body::from(format!(
-                "{{\"name\":\"relay-{}\"}}",
-                uuid::Uuid::new_v4().simple()
-            ))
-        } else {
-            Body::empty()
+        let body = match body {
+            Some(b) => {
+                req = req.header("content-type", "application/json");
+                Body::from(b)
+            }
+            None => Body::empty(),
         };
         let res = app.clone().oneshot(req.body(body).unwrap()).await.unwrap();
         let status = res.status();
@@ -778,6 +795,41 @@ mod tests {
                     assert_eq!(status, 403, "{} with {}", r.path, p.as_str());
                 }
             }
+        }
+    }
+
+    /// Requests a permission admits by route but must not reach what they name: (method, path,
+    /// body, the caller's only permission, expected status, a phrase the refusal must say).
+    const ABUSE_CASES: &[(&str, &str, &str, &str, u16, &str)] = &[
+        // Deleting a connector's objects is connectors.write's, not a run mode of
+        // schedules.manage.
+        (
+            "post",
+            "/api/connectors/{id}/runs",
+            r#"{"mode":"clear"}"#,
+            "schedules.manage",
+            422,
+            "/api/connectors/{id}/clear",
+        ),
+    ];
+
+    #[tokio::test]
+    async fn abuse_cases_are_refused() {
+        let (_d, app, issuer) = app().await;
+        for (method, path, body, permission, want, phrase) in ABUSE_CASES {
+            let token = issuer.token(&[permission], 300);
+            let (status, detail) =
+                call_with(&app, method, path, Some(&token), Some(body.to_string())).await;
+            assert_eq!(
+                status.as_u16(),
+                *want,
+                "{method} {path} {body} with {permission}: {detail}"
+            );
+            let phrase = phrase.replace("{id}", "0123");
+            assert!(
+                detail.contains(&phrase),
+                "{method} {path} {body}: the refusal should say {phrase:?}: {detail}"
+            );
         }
     }
 

@@ -377,6 +377,17 @@ async fn start_run(
             )
         })?,
     };
+    // Starting runs needs only schedules.manage; a clear deletes the connector's objects and
+    // their identity contributions, so it stays behind connectors.write on its own route.
+    if mode == RunMode::Clear {
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "mode \"clear\" is not a run mode: clearing deletes the connector's objects; \
+                 use POST /api/connectors/{id}/clear, which needs connectors.write"
+            ),
+        ));
+    }
     let (run, _task) = sync(&st)?
         .start(&id, mode, "manual")
         .await

@@ -167,6 +167,20 @@ async fn hr_csv_and_ldap_compose_by_precedence() {
     // A connector with objects cannot be deleted; cleared, it can, and its contributions go.
     let r = s.delete(&format!("/api/connectors/{hr}")).await;
     assert_eq!(r.0, 409, "{}", r.1);
+    // Clearing is not a run mode (runs need only schedules.manage): refused, nothing deleted.
+    let staged = s.connector_space(&hr).await.len();
+    let (st, refused) = s
+        .post(
+            &format!("/api/connectors/{hr}/runs"),
+            json!({"mode": "clear"}),
+        )
+        .await;
+    assert_eq!(st, 422, "{refused}");
+    assert!(
+        refused["detail"].as_str().unwrap_or("").contains("/clear"),
+        "{refused}"
+    );
+    assert_eq!(s.connector_space(&hr).await.len(), staged);
     let (st, clear) = s
         .post(&format!("/api/connectors/{hr}/clear"), json!({}))
         .await;
