@@ -19,7 +19,7 @@ use encoding_rs::Encoding;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::Sender;
 
-use crate::error::{ConfigProblem, ConnectorError, TestReport};
+use crate::error::{excerpt, ConfigProblem, ConnectorError, TestReport};
 use crate::model::{Attributes, ConnectorObject, ImportMode, ImportSummary, Page, Rejected, Value};
 
 /// Objects per page.
@@ -286,17 +286,21 @@ impl CsvConnector {
         let mut unique = HashSet::new();
         if let Some(dup) = columns.iter().find(|c| !unique.insert(c.as_str())) {
             return Err(file_err(format!(
-                "the header names column \"{dup}\" twice; column names must be unique"
+                "the header names column \"{}\" twice; column names must be unique",
+                excerpt(dup)
             )));
         }
         let anchor_idx = columns
             .iter()
             .position(|c| c == &self.cfg.anchor_column)
             .ok_or_else(|| {
+                // Never the header row itself: a folder pointed at the wrong files would carry
+                // their first line into the run record.
                 file_err(format!(
-                    "there is no anchor column \"{}\"; the header has: {}; fix anchor_column or the file",
+                    "there is no anchor column \"{}\"; the header has {} column(s), the first \"{}\"; fix anchor_column or the file",
                     self.cfg.anchor_column,
-                    columns.join(", ")
+                    columns.len(),
+                    excerpt(&columns[0])
                 ))
             })?;
 
@@ -342,7 +346,7 @@ impl CsvConnector {
                     location,
                     format!(
                         "column \"{}\" holds bytes that are not valid {}; fix the file or set encoding",
-                        columns[i],
+                        excerpt(&columns[i]),
                         self.encoding.name()
                     ),
                 );
@@ -359,7 +363,10 @@ impl CsvConnector {
             if let Some(first) = st.seen.get(&anchor) {
                 st.reject(
                     location,
-                    format!("duplicate anchor \"{anchor}\" (first seen at {first}); the row was skipped"),
+                    format!(
+                        "duplicate anchor \"{}\" (first seen at {first}); the row was skipped",
+                        excerpt(&anchor)
+                    ),
                 );
                 continue;
             }

@@ -26,6 +26,26 @@ impl std::fmt::Display for ConfigProblem {
     }
 }
 
+/// Characters of source data one error message may quote: enough to recognise a column
+/// name, too few to carry a token or key that a misconfigured source happened to read.
+pub const EXCERPT_CHARS: usize = 12;
+
+/// A short, escaped excerpt of source data for an error message: at most [`EXCERPT_CHARS`]
+/// characters, control and quote characters escaped, `…` where it was cut. Error messages end
+/// up in run records, per-object errors and Events, which more people can read than the
+/// source.
+pub fn excerpt(s: &str) -> String {
+    let mut out: String = s
+        .chars()
+        .take(EXCERPT_CHARS)
+        .flat_map(char::escape_debug)
+        .collect();
+    if s.chars().nth(EXCERPT_CHARS).is_some() {
+        out.push('…');
+    }
+    out
+}
+
 fn join_problems(problems: &[ConfigProblem]) -> String {
     problems
         .iter()
@@ -120,5 +140,23 @@ impl TestReport {
             name: name.into(),
             detail: detail.into(),
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn excerpts_are_short_and_escaped() {
+        assert_eq!(excerpt("mail"), "mail");
+        assert_eq!(excerpt(""), "");
+        let token = "imt_4f9c2b7e1d8a6f3c0b5e9d2a7c4f1b8e";
+        let e = excerpt(token);
+        assert_eq!(e, "imt_4f9c2b7e…");
+        assert!(!e.contains(&token[EXCERPT_CHARS..]));
+        assert_eq!(excerpt("a\"b\nc"), "a\\\"b\\nc");
+        // Counted in characters, not bytes: never cut inside one.
+        assert_eq!(excerpt("Größe日本語のカラム名です"), "Größe日本語のカラム…");
     }
 }

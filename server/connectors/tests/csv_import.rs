@@ -204,9 +204,22 @@ async fn whole_file_problems_and_a_missing_folder_are_errors() {
     std::fs::write(dir.path().join("a.csv"), "key,cn\n1,A\n").expect("write");
     let e = run(config(dir.path())).await.unwrap_err();
     assert!(
-        e.to_string().contains("no anchor column \"id\"") && e.to_string().contains("key, cn"),
+        e.to_string().contains("no anchor column \"id\"")
+            && e.to_string().contains("2 column(s), the first \"key\""),
         "{e}"
     );
+
+    // A folder pointed at files that are not CSV drops (a token file, a key ring): their first
+    // line never reaches the error, which run records and Events carry.
+    let secret = "imt_0d9f8a7b6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f";
+    std::fs::write(dir.path().join("a.csv"), format!("{secret}\n")).expect("write");
+    let e = run(config(dir.path())).await.unwrap_err().to_string();
+    assert!(!e.contains(secret), "{e}");
+    assert!(!e.contains(&secret[12..]), "more than an excerpt: {e}");
+    assert!(e.contains("imt_0d9f8a7b…"), "{e}");
+    std::fs::write(dir.path().join("a.csv"), format!("id,{secret},{secret}\n")).expect("write");
+    let e = run(config(dir.path())).await.unwrap_err().to_string();
+    assert!(e.contains("twice") && !e.contains(&secret[12..]), "{e}");
 
     std::fs::write(dir.path().join("a.csv"), "").expect("write");
     let e = run(config(dir.path())).await.unwrap_err();
