@@ -833,6 +833,131 @@ mod tests {
         }
     }
 
+    /// A TCP listener that keeps every byte it is sent (an LDAP simple bind carries its
+    /// password in the clear over `ldap://`) and then hangs up.
+    async fn recorder() -> (u16, Arc<std::sync::Mutex<Vec<u8>>>) {
+        use tokio::io::AsyncReadExt as _;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let keep = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = l.accept().await {
+                let mut buf = vec![0u8; 4096];
+                if let Ok(Ok(n)) =
+                    tokio::time::timeout(std::time::Duration::from_secs(2), c.read(&mut buf)).await
+                {
+                    keep.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            }
+        });
+        (port, seen)
+    }
+
+    fn ldap_connector(port: u16, filter: &str) -> String {
+        serde_json::json!({
+            "name": "corp", "kind": "ldap",
+            "config": {"url": format!("ldap://127.0.0.1:{port}"), "allow_plain": true, "timeout_ms": 2000,
+                       "bind_dn": "cn=sync,dc=x", "bind_password_ref": "bind",
+                       "object_types": {"people": {"base_dn": "dc=x", "filter": filter}}}
+        })
+        .to_string()
+    }
+
+    /// `connectors.write` alone cannot send a stored secret anywhere new: not by pointing a
+    /// connector at another host, not with a new connector naming the secret; a test call only
+    /// ever binds to where the secret was entrusted.
+    #[tokio::test]
+    async fn a_stored_secret_goes_only_where_it_was_entrusted() {
+        let (_d, app, issuer) = app().await;
+        let admin = issuer.token(&Permission::ALL.map(|p| p.as_str()), 300);
+        let editor = issuer.token(&["connectors.write"], 300);
+        let password = "pw-entrusted-9f3k";
+        let (st, body) = call_with(
+            &app,
+            "put",
+            "/api/secrets/bind",
+            Some(&admin),
+            Some(format!(r#"{{"value":"{password}"}}"#)),
+        )
+        .await;
+        assert_eq!(st, 200, "{body}");
+        let (legit, legit_seen) = recorder().await;
+        let (evil, evil_seen) = recorder().await;
+        let (st, body) = call_with(
+            &app,
+            "post",
+            "/api/connectors",
+            Some(&admin),
+            Some(ldap_connector(legit, "(objectClass=*)")),
+        )
+        .await;
+        assert_eq!(st, 201, "{body}");
+        let id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let path = format!("/api/connectors/{id}");
+
+        // Pointed at another host by an editor: refused, and the stored config stays.
+        let (st, body) = call_with(
+            &app,
+            "put",
+            &path,
+            Some(&editor),
+            Some(ldap_connector(evil, "(objectClass=*)")),
+        )
+        .await;
+        assert_eq!(st, 403, "{body}");
+        assert!(body.contains("secrets.write"), "{body}");
+        // A new connector naming the secret, by an editor: refused too.
+        let (st, body) = call_with(
+            &app,
+            "post",
+            "/api/connectors",
+            Some(&editor),
+            Some(ldap_connector(evil, "(objectClass=*)").replace("\"corp\"", "\"corp2\"")),
+        )
+        .await;
+        assert_eq!(st, 403, "{body}");
+        // An edit that leaves the destination alone is the editor's to make.
+        let (st, body) = call_with(
+            &app,
+            "put",
+            &path,
+            Some(&editor),
+            Some(ldap_connector(legit, "(objectClass=person)")),
+        )
+        .await;
+        assert_eq!(st, 200, "{body}");
+        // Testing binds to the entrusted endpoint only.
+        let (st, body) =
+            call_with(&app, "post", &format!("{path}/test"), Some(&editor), None).await;
+        assert_eq!(st, 200, "{body}");
+        let contains = |seen: &Arc<std::sync::Mutex<Vec<u8>>>| {
+            let b = seen.lock().unwrap();
+            b.windows(password.len()).any(|w| w == password.as_bytes())
+        };
+        assert!(
+            contains(&legit_seen),
+            "the entrusted endpoint got the bind (so this test can see one)"
+        );
+        assert!(
+            evil_seen.lock().unwrap().is_empty(),
+            "nothing may reach a host an editor chose"
+        );
+        // Someone who may write secrets may move it.
+        let (st, body) = call_with(
+            &app,
+            "put",
+            &path,
+            Some(&admin),
+            Some(ldap_connector(evil, "(objectClass=person)")),
+        )
+        .await;
+        assert_eq!(st, 200, "{body}");
+    }
+
     #[tokio::test]
     async fn openapi_matches_the_routes() {
         let (_d, app, issuer) = app().await;

@@ -12,12 +12,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value as Json_};
 
 use crate::api::{audit_action, rfc3339, store_problem, AppState, Caller};
+use crate::auth::{Permission, Principal};
 use crate::problem::{JsonBody, Problem};
 use crate::store::{now_ms, ConnectorRow, RunRow, ScheduleRow, StoreError};
 use crate::sync::composer::ConnectorRules;
 use crate::sync::runner::{RunError, RunMode, SyncEngine};
 use crate::sync::schedule;
-use crate::sync::source::{Source, SourceConfig};
+use crate::sync::source::{entrusts_secret, Source, SourceConfig};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -228,12 +229,47 @@ fn conflict_or(e: StoreError) -> Problem {
     }
 }
 
+/// Refuses a save that would send a stored secret somewhere it was not entrusted to, unless
+/// the caller may also write secrets (see [`entrusts_secret`]).
+fn check_entrusted(
+    who: &Principal,
+    kind: &str,
+    old: Option<&ConnectorRow>,
+    config_json: &str,
+    relay_id: Option<&str>,
+) -> Result<(), Problem> {
+    if who.permissions.contains(&Permission::SecretsWrite) {
+        return Ok(());
+    }
+    let destination = |kind: &str, json: &str, relay: Option<&str>| {
+        SourceConfig::parse(kind, json)
+            .ok()
+            .and_then(|c| c.secret_destination(relay))
+    };
+    let new = destination(kind, config_json, relay_id);
+    let old = old.and_then(|o| destination(&o.kind, &o.config_json, o.relay_id.as_deref()));
+    if !entrusts_secret(old.as_ref(), new.as_ref()) {
+        return Ok(());
+    }
+    let secret = new.map(|n| n.secret_ref).unwrap_or_default();
+    Err(Problem::new(
+        StatusCode::FORBIDDEN,
+        format!(
+            "this save would send the stored secret {secret:?} to a destination it was not entrusted to \
+             (a new connector, or a changed url, bind_dn, bind_password_ref or relay_id): that needs \
+             secrets.write as well as connectors.write; ask someone who has it to save the connector, \
+             or save it without bind_password_ref"
+        ),
+    ))
+}
+
 async fn create_connector(
     State(st): State<AppState>,
     Caller(who): Caller,
     JsonBody(b): JsonBody<ConnectorBody>,
 ) -> Result<Response, Problem> {
     let (config_json, rules_json) = validate(&st, &b).await?;
+    check_entrusted(&who, &b.kind, None, &config_json, b.relay_id.as_deref())?;
     let now = now_ms();
     let row = ConnectorRow {
         id: uuid::Uuid::new_v4().simple().to_string(),
@@ -276,6 +312,13 @@ async fn update_connector(
             vec![format!("kind: was {:?}", old.kind)],
         ));
     }
+    check_entrusted(
+        &who,
+        &b.kind,
+        Some(&old),
+        &config_json,
+        b.relay_id.as_deref(),
+    )?;
     let row = ConnectorRow {
         name: b.name.trim().to_string(),
         config_json,

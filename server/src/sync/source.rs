@@ -88,6 +88,39 @@ impl SourceConfig {
             SourceConfig::Csv(_) => None,
         }
     }
+
+    /// Where this config would send its stored secret (None: it uses none). A relay-bound
+    /// connector's secret goes to that relay, then to the URL.
+    pub fn secret_destination(&self, relay_id: Option<&str>) -> Option<SecretDestination> {
+        match self {
+            SourceConfig::Ldap(c) => c.bind_password_ref.as_ref().map(|r| SecretDestination {
+                secret_ref: r.clone(),
+                url: c.url.trim().to_ascii_lowercase(),
+                bind_dn: c.bind_dn.clone(),
+                relay_id: relay_id.map(str::to_string),
+            }),
+            SourceConfig::Csv(_) => None,
+        }
+    }
+}
+
+/// The parts of a connector that decide who receives its stored secret: the secret, the URL
+/// (scheme, host and port: a plain `ldap://` sends a simple bind's password in the clear), the
+/// DN it binds as, and the relay that runs the read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretDestination {
+    pub secret_ref: String,
+    pub url: String,
+    pub bind_dn: Option<String>,
+    pub relay_id: Option<String>,
+}
+
+/// Whether saving a connector entrusts a stored secret to a destination it was not entrusted
+/// to before (`old` None: a new connector). Such a save needs `secrets.write` besides
+/// `connectors.write`: otherwise whoever may edit connectors could point one at a host of
+/// their choosing and have the server send it the password.
+pub fn entrusts_secret(old: Option<&SecretDestination>, new: Option<&SecretDestination>) -> bool {
+    new.is_some_and(|n| old != Some(n))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -240,5 +273,60 @@ impl RelaySource {
                 None => return Err(self.err("the stream ended without a completion")),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod entrust_tests {
+    use super::*;
+
+    fn dest(url: &str, dn: &str, secret: &str, relay: Option<&str>) -> SecretDestination {
+        SecretDestination {
+            secret_ref: secret.into(),
+            url: url.into(),
+            bind_dn: Some(dn.into()),
+            relay_id: relay.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn a_secret_moves_only_with_secrets_write() {
+        let a = dest("ldaps://dc1:636", "cn=sync", "bind", None);
+        // Unchanged destination (a rules or filter edit): connectors.write is enough.
+        assert!(!entrusts_secret(Some(&a), Some(&a.clone())));
+        // No secret at all: nothing to entrust, before or after.
+        assert!(!entrusts_secret(None, None));
+        assert!(!entrusts_secret(Some(&a), None));
+        // New connector naming a secret; each part of the destination changing.
+        assert!(entrusts_secret(None, Some(&a)));
+        for changed in [
+            dest("ldaps://evil:636", "cn=sync", "bind", None),
+            dest("ldaps://dc1:6360", "cn=sync", "bind", None),
+            dest("ldap://dc1:636", "cn=sync", "bind", None),
+            dest("ldaps://dc1:636", "cn=admin", "bind", None),
+            dest("ldaps://dc1:636", "cn=sync", "other-secret", None),
+            dest("ldaps://dc1:636", "cn=sync", "bind", Some("relay-x")),
+        ] {
+            assert!(entrusts_secret(Some(&a), Some(&changed)), "{changed:?}");
+        }
+    }
+
+    #[test]
+    fn destination_comes_from_the_ldap_config() {
+        let cfg = SourceConfig::parse(
+            "ldap",
+            r#"{"url":"LDAPS://DC1.contoso.local:636","bind_dn":"cn=sync","bind_password_ref":"bind",
+                "object_types":{"people":{"base_dn":"dc=x","filter":"(objectClass=*)"}}}"#,
+        )
+        .unwrap();
+        let d = cfg.secret_destination(Some("r1")).unwrap();
+        assert_eq!(d.url, "ldaps://dc1.contoso.local:636");
+        assert_eq!(d.relay_id.as_deref(), Some("r1"));
+        let csv = SourceConfig::parse(
+            "csv",
+            r#"{"folder":"/x","object_type":"p","anchor_column":"id"}"#,
+        )
+        .unwrap();
+        assert_eq!(csv.secret_destination(None), None);
     }
 }
