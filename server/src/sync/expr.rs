@@ -1023,3 +1023,52 @@ mod tests {
         assert!(parsed > 500, "only {parsed} inputs parsed");
     }
 }
+
+/// Property tests with shrinking, in the ordinary test run (bounded cases), beside the seeded
+/// random tests above.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn expr() -> impl Strategy<Value = Expr> {
+        let leaf = prop_oneof![
+            "\\PC{0,12}".prop_map(Expr::Text),
+            (0u64..1_000_000).prop_map(Expr::Integer),
+            "[a-zA-Z][a-zA-Z0-9;-]{0,10}".prop_map(Expr::Attribute),
+            Just(Expr::Dn),
+        ];
+        leaf.prop_recursive(4, 32, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 1..4).prop_map(Expr::Concat),
+                proptest::collection::vec(inner.clone(), 1..4).prop_map(Expr::Coalesce),
+                inner.clone().prop_map(|e| Expr::Lower(Box::new(e))),
+                inner.clone().prop_map(|e| Expr::Upper(Box::new(e))),
+                inner.clone().prop_map(|e| Expr::Trim(Box::new(e))),
+                (inner, 0usize..50, proptest::option::of(0usize..50)).prop_map(
+                    |(e, start, length)| Expr::Substring {
+                        input: Box::new(e),
+                        start,
+                        length,
+                    }
+                ),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_text_never_panics(src in "\\PC{0,80}") {
+            let _ = parse(&src);
+        }
+
+        #[test]
+        fn canonical_form_round_trips(e in expr()) {
+            let src = e.to_string();
+            let back = parse(&src).map_err(|err| TestCaseError::fail(format!("{src:?}: {err}")))?;
+            prop_assert_eq!(back, e, "{}", src);
+        }
+    }
+}
