@@ -13,9 +13,10 @@
 //! - [`db_stall`]: a process holding SQLite's write lock (`BEGIN IMMEDIATE`) for a while.
 //! - [`disk_full`]: a small tmpfs mounted by the test, filled to ENOSPC and freed.
 //!
-//! Not built yet: the campaign itself. Nothing here starts a cluster or runs faults. The next
-//! step wires these into the harness: a runner that executes [`Schedule::events`] against a
-//! [`crate::Cluster`] running the operator, a two-pod server, a relay and slapd (resolving
+//! Nothing here starts a cluster or runs faults. A first, small campaign (operator and two
+//! server pods; no relay or slapd, so no convergence check) is `tests/tests/chaos_campaign.rs`.
+//! Still to build: the full campaign that wires these into the harness: a runner that
+//! executes [`Schedule::events`] against a [`crate::Cluster`] running the operator, a two-pod server, a relay and slapd (resolving
 //! node roles at injection time and recording `FaultInjected`/`FaultHealed`/`FaultFailed`),
 //! plus recording tasks — an Admin API writer through the Service, an EndpointSlice watch, a
 //! role poller of each instance, a fence-journal reader — then heal, settle, final import,

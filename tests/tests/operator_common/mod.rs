@@ -324,6 +324,43 @@ pub async fn https_get(
     path: &str,
     timeout: Duration,
 ) -> Result<(u16, String), String> {
+    https_request(addr, sni, ca_pem, "GET", path, None, None, timeout).await
+}
+
+/// Joins the chunks of a `Transfer-Encoding: chunked` body.
+fn dechunk(body: &str) -> Result<String, String> {
+    let mut out = String::new();
+    let mut rest = body;
+    loop {
+        let (size, after) = rest
+            .split_once("\r\n")
+            .ok_or_else(|| format!("truncated chunked body {body:?}"))?;
+        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|e| format!("chunk size {size:?}: {e}"))?;
+        if size == 0 {
+            return Ok(out);
+        }
+        let chunk = after
+            .get(..size)
+            .ok_or_else(|| format!("truncated chunk in {body:?}"))?;
+        out.push_str(chunk);
+        rest = after.get(size..).unwrap_or("").trim_start_matches("\r\n");
+    }
+}
+
+/// One HTTPS request (HTTP/1.1, `Connection: close`) verified against the cluster CA for
+/// `sni`, with an optional bearer token and JSON body; returns the status and the body.
+#[allow(clippy::too_many_arguments)]
+pub async fn https_request(
+    addr: SocketAddr,
+    sni: &str,
+    ca_pem: &str,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    json_body: Option<&str>,
+    timeout: Duration,
+) -> Result<(u16, String), String> {
     let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -334,6 +371,19 @@ pub async fn https_get(
     let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
     let name =
         rustls::pki_types::ServerName::try_from(sni.to_string()).map_err(|e| e.to_string())?;
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n");
+    if let Some(t) = bearer {
+        head.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    let body = json_body.unwrap_or("");
+    if json_body.is_some() {
+        head.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    head.push_str("\r\n");
+    head.push_str(body);
     let fut = async {
         let tcp = tokio::net::TcpStream::connect(addr)
             .await
@@ -342,11 +392,9 @@ pub async fn https_get(
             .connect(name, tcp)
             .await
             .map_err(|e| format!("tls: {e}"))?;
-        tls.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .map_err(|e| format!("write: {e}"))?;
+        tls.write_all(head.as_bytes())
+            .await
+            .map_err(|e| format!("write: {e}"))?;
         let mut buf = Vec::new();
         // A peer that closes without close_notify still gave us the whole response.
         if let Err(e) = tls.read_to_end(&mut buf).await {
@@ -360,10 +408,16 @@ pub async fn https_get(
             .nth(1)
             .and_then(|c| c.parse().ok())
             .ok_or_else(|| format!("bad response {text:?}"))?;
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
+        let (headers, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let chunked = headers.lines().any(|l| {
+            l.to_ascii_lowercase()
+                .starts_with("transfer-encoding: chunked")
+        });
+        let body = if chunked {
+            dechunk(body)?
+        } else {
+            body.to_string()
+        };
         Ok((code, body))
     };
     tokio::time::timeout(timeout, fut)
@@ -383,6 +437,10 @@ pub struct EnvOptions {
     /// Deployment) and run the local operator process with the chart's ServiceAccount token,
     /// instead of `kubectl apply -f crds/` and admin credentials.
     pub helm: bool,
+    /// Extra environment for the server processes (e.g. a bootstrap admin token file, which
+    /// the operator's pods do not get): the harness runs a wrapper script that sets it and
+    /// execs the server, so the pod's own spec stays what the operator built.
+    pub server_env: Vec<(String, String)>,
 }
 
 impl Default for EnvOptions {
@@ -391,6 +449,7 @@ impl Default for EnvOptions {
             windows_nodes: 3,
             unhealthy_after_seconds: UNHEALTHY_AFTER_SECONDS,
             helm: false,
+            server_env: Vec::new(),
         }
     }
 }
@@ -418,6 +477,31 @@ fn token_kubeconfig(admin: &Path, token: &str, out: &Path) {
         "current-context": "harness",
     });
     std::fs::write(out, doc.to_string()).expect("write the operator kubeconfig");
+}
+
+/// A `/bin/sh` script in `dir` that exports `env` and execs `server` with its arguments (exec,
+/// so the pod's process is the server itself and a kill by pid hits it).
+fn server_wrapper(dir: &Path, server: &Path, env: &[(String, String)]) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    // Single quotes around every value; a quote inside one is closed, escaped and reopened.
+    let quote = |v: &str| format!("'{}'", v.replace('\'', "'\\''"));
+    let mut text = String::from("#!/bin/sh\n");
+    for (k, v) in env {
+        assert!(
+            !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            "environment variable name {k:?}"
+        );
+        text.push_str(&format!("export {k}={}\n", quote(v)));
+    }
+    text.push_str(&format!(
+        "exec {} \"$@\"\n",
+        quote(server.to_str().expect("utf-8 path"))
+    ));
+    let path = dir.join("identitymesh-server.sh");
+    std::fs::write(&path, text).expect("write the server wrapper");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+        .expect("make the server wrapper executable");
+    path
 }
 
 /// A harness with the operator running and one IdentityMeshCluster created.
@@ -524,14 +608,6 @@ impl Env {
     /// installs the CRD with kubectl, creates the namespace and Secrets, starts the operator
     /// and creates the IdentityMeshCluster.
     pub async fn start(opts: EnvOptions) -> Env {
-        let server = workspace_bin("identitymesh-server");
-        let cluster = Cluster::start(
-            ClusterOptions::windows(opts.windows_nodes).image(SERVER_IMAGE, &server),
-        )
-        .await
-        .unwrap_or_else(|e| {
-            panic!("start harness (run `cargo xtask tools` if tools are missing): {e}")
-        });
         let dir = std::env::temp_dir()
             .join("identitymesh-operator-e2e")
             .join(format!(
@@ -541,6 +617,17 @@ impl Env {
             ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("test dir");
+        let mut server = workspace_bin("identitymesh-server");
+        if !opts.server_env.is_empty() {
+            server = server_wrapper(&dir, &server, &opts.server_env);
+        }
+        let cluster = Cluster::start(
+            ClusterOptions::windows(opts.windows_nodes).image(SERVER_IMAGE, &server),
+        )
+        .await
+        .unwrap_or_else(|e| {
+            panic!("start harness (run `cargo xtask tools` if tools are missing): {e}")
+        });
         let db = dir.join("im.db");
         let ns = "identitymesh".to_string();
         let client = cluster.client();
