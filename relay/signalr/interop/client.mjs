@@ -40,6 +40,10 @@ connection.keepAliveIntervalInMilliseconds = 1000;
 
 // Client result: the server invokes Echo and awaits this return value.
 connection.on("Echo", (value) => value);
+// After the reconnect the server echoes once more (proving it lists and can invoke the new
+// connection) and then sends Finish; the client stays connected until then, since stopping
+// earlier would let the test miss the connection between two of its polls.
+const finished = new Promise((resolve) => connection.on("Finish", resolve));
 
 const reconnected = new Promise((resolve) => {
   connection.onreconnecting((err) => console.log(`RECONNECTING ${err ? err.message : ""}`));
@@ -74,6 +78,7 @@ await reconnected;
 const again = await connection.invoke("Add", 20, 22);
 if (again !== 42) fail(`Add after reconnect returned ${JSON.stringify(again)}`);
 console.log("INVOKE_AFTER_RECONNECT_OK");
+await finished;
 await connection.stop();
 console.log("DONE");
 process.exit(0);

@@ -128,13 +128,36 @@ async fn official_signalr_client_interop() {
     next_line("RECONNECTING").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let server = TestServer::start(port, backend.clone(), config);
-    next_line("RECONNECTED").await;
-    // The client sees the handshake answer a moment before the hub lists the connection.
+    let line = next_line("RECONNECTED").await;
+    let reconnected_id = line["RECONNECTED ".len()..].trim().to_owned();
+    assert_ne!(
+        reconnected_id, connection_id,
+        "a reconnect negotiates a new id"
+    );
+    // The client sees the handshake answer a moment before the hub lists the connection. It
+    // stays open until Finish below, so the hub must list it (and only it) by then.
     let listed_by = tokio::time::Instant::now() + Duration::from_secs(5);
     while server.handle.connection_count() != 1 && tokio::time::Instant::now() < listed_by {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(server.handle.connection_count(), 1);
+    let listed = server.handle.connections();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0].connection_id, reconnected_id);
+    let echoed = tokio::time::timeout(
+        Duration::from_secs(10),
+        server
+            .handle
+            .invoke(&reconnected_id, "Echo", vec![json!({"after": "reconnect"})]),
+    )
+    .await
+    .expect("Echo after reconnect timed out")
+    .expect("Echo after reconnect failed");
+    assert_eq!(echoed, json!({"after": "reconnect"}));
+    server
+        .handle
+        .send(&reconnected_id, "Finish", vec![])
+        .await
+        .expect("send Finish");
     next_line("INVOKE_AFTER_RECONNECT_OK").await;
     next_line("DONE").await;
     let status = tokio::time::timeout(Duration::from_secs(10), child.0.wait())
