@@ -59,6 +59,10 @@ pub enum Error {
     Toml(#[from] toml::ser::Error),
     #[error("{0}")]
     Invalid(String),
+    /// A status or metadata write lost an optimistic-concurrency race (409): someone wrote the
+    /// cluster after this reconcile read it. The reconcile is recomputed from a fresh read.
+    #[error("IdentityMeshCluster {0} changed since it was read; recomputing")]
+    Conflict(String),
 }
 
 impl Error {
@@ -73,6 +77,7 @@ impl Error {
             Error::Cert(_) => "Certificate",
             Error::Toml(_) => "Config",
             Error::Invalid(_) => "Invalid",
+            Error::Conflict(_) => "Conflict",
         }
     }
 }
@@ -124,7 +129,17 @@ pub async fn reconcile(
     let api: Api<IdentityMeshCluster> = Api::namespaced(ctx.client.clone(), &ns);
     finalizer(&api, FINALIZER, imc, |ev| async {
         match ev {
-            FinalizerEvent::Apply(imc) => Reconciler::new(imc, ctx.clone()).apply().await,
+            FinalizerEvent::Apply(imc) => {
+                // A lost write race is recomputed at once from a fresh read (a few times; a
+                // cluster that keeps changing under us falls back to the error requeue).
+                let mut attempt = 0;
+                loop {
+                    match Reconciler::new(imc.clone(), ctx.clone()).apply().await {
+                        Err(Error::Conflict(_)) if attempt < 2 => attempt += 1,
+                        r => break r,
+                    }
+                }
+            }
             FinalizerEvent::Cleanup(imc) => Reconciler::new(imc, ctx.clone()).cleanup().await,
         }
     })
@@ -185,6 +200,9 @@ struct Reconciler {
     now: Timestamp,
     /// Writes done this reconcile (for logs; tests count requests at the API instead).
     writes: usize,
+    /// resourceVersion of the cluster object this reconcile builds on: every write of its status
+    /// or annotations is conditional on it, so a stale read can never overwrite a newer intent.
+    rv: Option<String>,
 }
 
 /// Findings of the secret/certificate steps, turned into conditions.
@@ -200,12 +218,27 @@ impl Reconciler {
     fn new(imc: Arc<IdentityMeshCluster>, ctx: Arc<Context>) -> Self {
         let names = Names::of(&imc);
         Self {
+            now: Timestamp::now(),
+            rv: imc.metadata.resource_version.clone(),
             imc,
             ctx,
             names,
-            now: Timestamp::now(),
             writes: 0,
         }
+    }
+
+    /// Replace the (possibly cached, possibly stale) object with a consistent read from the
+    /// apiserver. The watch cache can lag our own last status write by a requeue, and the Service
+    /// selector and every cutover decision follow status: deciding from a stale copy could swing
+    /// the selector back or restart a finished cutover.
+    async fn refresh(&mut self) -> Result<(), Error> {
+        let live = self
+            .api::<IdentityMeshCluster>()
+            .get(&self.names.cluster)
+            .await?;
+        self.rv = live.metadata.resource_version.clone();
+        self.imc = Arc::new(live);
+        Ok(())
     }
 
     fn api<K>(&self) -> Api<K>
@@ -282,6 +315,7 @@ impl Reconciler {
     // -----------------------------------------------------------------------------------------
 
     async fn apply(mut self) -> Result<ReconcileAction, Error> {
+        self.refresh().await?;
         let imc = self.imc.clone();
         let old_status = imc.status.clone().unwrap_or_default();
         let mut st = old_status.clone();
@@ -1494,34 +1528,59 @@ impl Reconciler {
         self.write_status(new).await
     }
 
+    /// Replace status, conditional on the resourceVersion this reconcile read (409 when anyone
+    /// wrote the object since: the reconcile is recomputed from a fresh read instead).
     async fn write_status(&mut self, st: &IdentityMeshClusterStatus) -> Result<(), Error> {
         let api: Api<IdentityMeshCluster> = self.api();
-        let body = serde_json::json!({
-            "apiVersion": "identitymesh.io/v1alpha1",
-            "kind": "IdentityMeshCluster",
-            "status": st,
-        });
-        api.patch_status(
-            &self.names.cluster,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&body),
-        )
-        .await?;
+        let mut obj = (*self.imc).clone();
+        obj.status = Some(st.clone());
+        obj.metadata.resource_version = self.rv.clone();
+        obj.metadata.managed_fields = None;
+        let pp = PostParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..Default::default()
+        };
+        let written = api
+            .replace_status(&self.names.cluster, &pp, &obj)
+            .await
+            .map_err(|e| self.conflict(e))?;
         self.writes += 1;
+        self.adopt(written);
         Ok(())
     }
 
+    /// Remove the switchover request, conditional on the resourceVersion read (a request
+    /// written meanwhile is not lost).
     async fn clear_switchover_annotation(&mut self) -> Result<(), Error> {
         let api: Api<IdentityMeshCluster> = self.api();
-        let patch = serde_json::json!({"metadata": {"annotations": {ANNOTATION_SWITCHOVER: null}}});
-        api.patch(
-            &self.names.cluster,
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await?;
+        let patch = serde_json::json!({"metadata": {
+            "resourceVersion": self.rv,
+            "annotations": {ANNOTATION_SWITCHOVER: null},
+        }});
+        let written = api
+            .patch(
+                &self.names.cluster,
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+            .map_err(|e| self.conflict(e))?;
         self.writes += 1;
+        self.adopt(written);
         Ok(())
+    }
+
+    /// Our own write is the newest version: later writes this reconcile build on it.
+    fn adopt(&mut self, written: IdentityMeshCluster) {
+        self.rv = written.metadata.resource_version.clone();
+        self.imc = Arc::new(written);
+    }
+
+    fn conflict(&self, e: kube::Error) -> Error {
+        match e {
+            kube::Error::Api(s) if s.code == 409 => Error::Conflict(self.names.cluster.clone()),
+            e => e.into(),
+        }
     }
 }
 

@@ -22,6 +22,10 @@ struct Store {
     objects: BTreeMap<(String, String, String), Value>,
     writes: Vec<String>,
     next_uid: u64,
+    /// Every selector the client Service was written with, in order.
+    selectors: Vec<String>,
+    /// Every status written to the cluster, in order.
+    statuses: Vec<Value>,
 }
 
 type Shared = Arc<Mutex<Store>>;
@@ -73,6 +77,27 @@ fn label_match(obj: &Value, selector: &str) -> bool {
             None => !labels[req].is_null(),
         }
     })
+}
+
+/// A write carrying a resourceVersion that is no longer the stored one (the apiserver's
+/// optimistic-concurrency precondition).
+fn stale_write(s: &Store, key: &(String, String, String), body: &Value) -> bool {
+    let Some(want) = body["metadata"]["resourceVersion"].as_str() else {
+        return false;
+    };
+    s.objects
+        .get(key)
+        .is_some_and(|o| o["metadata"]["resourceVersion"].as_str() != Some(want))
+}
+
+/// History the stale-read tests check: client Service selectors and cluster statuses.
+fn record(s: &mut Store, res: &str, name: &str, sub: Option<&str>, o: &Value) {
+    if res == "services" && name == "im" {
+        s.selectors.push(selector_of(o));
+    }
+    if res == "identitymeshclusters" && sub == Some("status") {
+        s.statuses.push(o["status"].clone());
+    }
 }
 
 fn handle(
@@ -135,6 +160,26 @@ fn handle(
             }
             s.objects.insert(key(&n), o.clone());
             (201, o)
+        }
+        ("PATCH" | "PUT", Some(n)) if stale_write(&s, &key(&n), &body) => {
+            (409, status_json(409, "Conflict"))
+        }
+        ("PUT", Some(n)) => {
+            let Some(mut o) = s.objects.get(&key(&n)).cloned() else {
+                return (404, status_json(404, "NotFound"));
+            };
+            if sub.as_deref() == Some("status") {
+                o["status"] = body["status"].clone();
+            } else {
+                let status = o["status"].clone();
+                o = body.clone();
+                o["status"] = status;
+            }
+            s.next_uid += 1;
+            o["metadata"]["resourceVersion"] = json!(s.next_uid.to_string());
+            record(&mut s, &res, &n, sub.as_deref(), &o);
+            s.objects.insert(key(&n), o.clone());
+            (200, o)
         }
         ("PATCH", Some(n)) => {
             let existing = s.objects.get(&key(&n)).cloned();
@@ -200,6 +245,9 @@ fn handle(
             } else {
                 merge(&mut o, &body);
             }
+            s.next_uid += 1;
+            o["metadata"]["resourceVersion"] = json!(s.next_uid.to_string());
+            record(&mut s, &res, &n, sub.as_deref(), &o);
             // A deleting object whose last finalizer is gone disappears.
             let gone = !o["metadata"]["deletionTimestamp"].is_null()
                 && o["metadata"]["finalizers"]
@@ -272,6 +320,9 @@ struct Servers {
     /// Per pod: what /internal/v1/canary answers (default: no canary connector).
     canary: BTreeMap<String, Fake<CanaryReport>>,
     relay_calls: Vec<String>,
+    /// Runs once, inside the first promote, on the API store (a concurrent writer).
+    #[allow(clippy::type_complexity)]
+    on_first_promote: Option<Box<dyn FnOnce(&mut Store) + Send>>,
     /// (pod, wait)
     canary_calls: Vec<(String, Duration)>,
 }
@@ -338,6 +389,9 @@ impl InstanceApi for FakePods {
                 .and_then(|o| o["status"]["cutover"]["epoch"].as_i64())
         });
         s.intent_at_promote.push((epoch, intent));
+        if let (Some(f), Some(api)) = (s.on_first_promote.take(), s.api.clone()) {
+            f(&mut api.lock().expect("store"));
+        }
         let holds = s.holder.as_deref() == Some(t.pod.as_str()) && s.sql_epoch == epoch;
         let r = if epoch > s.sql_epoch || holds {
             s.sql_epoch = epoch;
@@ -1479,5 +1533,115 @@ async fn relays_are_asked_of_the_new_active_after_a_switchover() {
             .last()
             .map(String::as_str),
         Some("im-b")
+    );
+}
+
+// ------------------------------------------------------------------------------- stale reads
+
+/// The watch cache can hand reconcile an object older than the operator's own last status
+/// write. Deciding from it must not swing the selector back, wipe or replace the cutover
+/// intent, or lower the epoch.
+#[tokio::test]
+async fn a_stale_cached_object_never_regresses_the_selector_or_the_cutover_intent() {
+    let h = Harness::new(true);
+    h.converge().await;
+    let stale = h.cluster(); // active im-a, epoch 1, no cutover
+                             // A ghost active row keeps the switchover open in Verifying (after the swing).
+    h.pods.0.lock().expect("p").extra_rows = vec![InstanceRow {
+        instance: "im-ghost".into(),
+        role: "active".into(),
+        epoch: 1,
+        host: None,
+        version: None,
+    }];
+    request_switchover(&h);
+    for _ in 0..3 {
+        h.reconcile().await;
+    }
+    let c = h.status().cutover.expect("cutover open");
+    assert_eq!(
+        (c.step, c.epoch),
+        (crate::crd::CutoverStep::Verifying, 2),
+        "{c:?}"
+    );
+    let swung_at = {
+        let mut s = h.store.lock().expect("store");
+        s.statuses.clear();
+        let sel = s.selectors.clone();
+        assert_eq!(sel.last().map(String::as_str), Some("im-b"), "{sel:?}");
+        sel.len()
+    };
+
+    // Requeues deliver the stale copy, before and after the cutover finishes.
+    for _ in 0..2 {
+        reconcile(Arc::new(stale.clone()), h.ctx.clone())
+            .await
+            .expect("reconcile");
+    }
+    h.pods.0.lock().expect("p").extra_rows.clear();
+    for _ in 0..3 {
+        reconcile(Arc::new(stale.clone()), h.ctx.clone())
+            .await
+            .expect("reconcile");
+    }
+
+    let s = h.store.lock().expect("store");
+    assert!(
+        s.selectors[swung_at..].iter().all(|x| x == "im-b"),
+        "the selector went back: {:?}",
+        s.selectors
+    );
+    for st in &s.statuses {
+        assert!(st["epoch"].as_i64() >= Some(2), "epoch went back: {st}");
+        let cut = &st["cutover"];
+        assert!(
+            cut.is_null() || (cut["kind"] == "Switchover" && cut["epoch"] == 2),
+            "cutover intent replaced: {cut}"
+        );
+    }
+    drop(s);
+    let st = h.status();
+    assert_eq!(st.active_pod.as_deref(), Some("im-b"));
+    assert_eq!(st.epoch, 2);
+    let lt = st.last_transition.expect("transition");
+    assert_eq!((lt.kind, lt.epoch), (CutoverKind::Switchover, 2));
+    let calls = h.pods.0.lock().expect("p").calls.clone();
+    assert!(
+        !calls
+            .iter()
+            .any(|c| c.starts_with("promote") && !c.ends_with(" 2") && c != "promote im-a 1"),
+        "no cutover was restarted from the stale copy: {calls:?}"
+    );
+}
+
+/// Someone else writes the cluster between this reconcile's read and its status write: the
+/// write is refused (409) and recomputed from the newer object instead of overwriting it.
+#[tokio::test]
+async fn a_status_write_that_lost_a_race_is_recomputed_not_forced() {
+    let h = Harness::new(true);
+    // While the first promote runs, another writer records a higher epoch.
+    h.pods.0.lock().expect("p").on_first_promote = Some(Box::new(|s: &mut Store| {
+        let o = s
+            .objects
+            .get_mut(&("identitymeshclusters".into(), "prod".into(), "im".into()))
+            .expect("imc");
+        o["status"]["epoch"] = json!(9);
+        o["metadata"]["resourceVersion"] = json!("999999");
+    }));
+    h.converge().await;
+    // (Epoch 9 issued elsewhere means im-a's epoch 1 is stale: the operator moves on from 9.)
+    let st = h.status();
+    assert!(
+        st.epoch >= 9,
+        "the other writer's epoch was overwritten: {st:?}"
+    );
+    let statuses = h.store.lock().expect("store").statuses.clone();
+    let epochs: Vec<i64> = statuses
+        .iter()
+        .filter_map(|s| s["epoch"].as_i64())
+        .collect();
+    assert!(
+        epochs.windows(2).all(|w| w[0] <= w[1]),
+        "status.epoch went back: {epochs:?}"
     );
 }
