@@ -95,6 +95,24 @@ pub fn admission_cases() -> Vec<AdmissionCase> {
             false,
         ),
         c(
+            "cutover-timeout-zero",
+            json!({"spec": {"cutoverTimeoutSeconds": 0}}),
+            "should be greater than or equal to 10",
+            false,
+        ),
+        c(
+            "cutover-timeout-huge",
+            json!({"spec": {"cutoverTimeoutSeconds": 86400}}),
+            "should be less than or equal to 3600",
+            false,
+        ),
+        c(
+            "cutover-timeout-within-drain",
+            json!({"spec": {"cutoverTimeoutSeconds": 30, "drainTimeoutSeconds": 30}}),
+            "cutoverTimeoutSeconds must be greater than drainTimeoutSeconds",
+            true,
+        ),
+        c(
             "bad-policy",
             json!({"spec": {"failover": {"policy": "Sometimes"}}}),
             "Unsupported value: \"Sometimes\"",

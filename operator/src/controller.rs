@@ -110,6 +110,11 @@ impl Context {
     }
 }
 
+/// The outcome of the last switchover request (accepted, rejected, refused during a cutover).
+pub const SWITCHOVER_CONDITION: &str = "SwitchoverRequest";
+/// Set while a cutover overruns spec.cutoverTimeoutSeconds, False once that cutover ended.
+pub const STALLED_CONDITION: &str = "CutoverStalled";
+
 /// Requeue while a cutover runs, and the steady-state poll of the pods' roles (reads only).
 const CUTOVER_REQUEUE: Duration = Duration::from_millis(500);
 const STEADY_REQUEUE: Duration = Duration::from_secs(2);
@@ -379,16 +384,15 @@ impl Reconciler {
         // Cutover: resume the persisted one, or plan.
         let mut plan_phase: Option<(Phase, String)> = None;
         let request = imc.annotations().get(ANNOTATION_SWITCHOVER).cloned();
-        if st.cutover.is_some() {
-            if request.is_some() {
-                self.clear_switchover_annotation().await?;
-                self.event(
-                    EventType::Warning,
-                    "SwitchoverIgnored",
-                    "Switchover",
-                    "a cutover is already in progress; request dropped".into(),
-                )
-                .await;
+        if let Some(c) = st.cutover.clone() {
+            if let Some(req) = &request {
+                // Refused, not queued: what "standby" names changes when the running cutover
+                // finishes, so running it later could undo the cutover the user just saw start.
+                let msg = cutover::switchover_refused_during(&c, req);
+                self.record_request(&mut st, "False", "CutoverInProgress", &msg)
+                    .await?;
+                self.event(EventType::Warning, "SwitchoverRefused", "Switchover", msg)
+                    .await;
             }
         } else if instance_api.is_none() {
             // Without the CA the pods cannot be asked anything: make no role decisions blind.
@@ -426,6 +430,23 @@ impl Reconciler {
                         ),
                     )
                     .await;
+                    if let Some(req) = &request {
+                        let msg = format!(
+                            "switchover request {ANNOTATION_SWITCHOVER}={req} accepted: {} → {} with epoch {}",
+                            display(&c.from),
+                            c.target,
+                            c.epoch
+                        );
+                        set_condition(
+                            &mut st.conditions,
+                            SWITCHOVER_CONDITION,
+                            "True",
+                            "Accepted",
+                            &msg,
+                            gen,
+                            self.now,
+                        );
+                    }
                     st.cutover = Some(c);
                     // Intent first: written before anything acts on it.
                     self.write_status(&st).await?;
@@ -480,14 +501,14 @@ impl Reconciler {
                     plan_phase = Some((Phase::FailoverRequired, msg));
                 }
                 Plan::RejectSwitchover { reason } => {
-                    self.event(
-                        EventType::Warning,
-                        "SwitchoverRejected",
-                        "Switchover",
-                        reason,
-                    )
-                    .await;
-                    self.clear_switchover_annotation().await?;
+                    let msg = format!(
+                        "switchover request {ANNOTATION_SWITCHOVER}={} rejected: {reason}",
+                        request.as_deref().unwrap_or_default()
+                    );
+                    self.record_request(&mut st, "False", "Rejected", &msg)
+                        .await?;
+                    self.event(EventType::Warning, "SwitchoverRejected", "Switchover", msg)
+                        .await;
                 }
                 Plan::Wait { reason } => {
                     if !reason.is_empty() {
@@ -1039,12 +1060,25 @@ impl Reconciler {
                 target_healthy: view(&c.target).is_some_and(|v| health(v).is_healthy())
                     || result == StepResult::Promoted,
                 from_promotable: view(&c.from).is_some_and(is_promotable),
+                stall_after: Duration::from_secs(u64::from(self.imc.spec.cutover_timeout_seconds)),
             };
             match advance(&c, &result, &cx) {
                 Outcome::Stay => break,
                 Outcome::Update(n) => {
                     st.epoch = st.epoch.max(n.epoch);
                     st.phase = Some(phase_of(n.kind));
+                    let newly_stalled = n.stalled != c.stalled;
+                    st.cutover = Some(n.clone());
+                    if let Some(msg) = self.set_stall_condition(st).filter(|_| newly_stalled) {
+                        self.event_about(
+                            Some(&c.target),
+                            EventType::Warning,
+                            "CutoverStalled",
+                            n.kind.as_str(),
+                            msg,
+                        )
+                        .await;
+                    }
                     self.event_about(
                         Some(&n.target),
                         EventType::Normal,
@@ -1097,18 +1131,14 @@ impl Reconciler {
             started: c.started.clone(),
             finished: Some(Time(end)),
             duration_seconds: Some(secs),
-            outcome: Some(if verified {
-                "Succeeded".into()
-            } else {
-                "VerificationFailed".into()
-            }),
+            outcome: Some(cutover::outcome(&c, verified).into()),
             epoch: c.epoch,
         });
         self.ctx.metrics.cutover_finished(c.kind.as_str(), secs);
-        let (t, reason) = if verified {
-            (EventType::Normal, "CutoverSucceeded")
-        } else {
-            (EventType::Warning, "CutoverVerificationFailed")
+        let (t, reason) = match cutover::outcome(&c, verified) {
+            "Succeeded" => (EventType::Normal, "CutoverSucceeded"),
+            "RolledBack" => (EventType::Warning, "CutoverRolledBack"),
+            _ => (EventType::Warning, "CutoverVerificationFailed"),
         };
         self.event_about(
             Some(&c.target),
@@ -1474,7 +1504,10 @@ impl Reconciler {
             }
         }
 
+        self.set_stall_condition(st);
+
         // Phase and Ready.
+        let c = &mut st.conditions;
         let standby_ok = st
             .standby_pod
             .as_deref()
@@ -1515,6 +1548,28 @@ impl Reconciler {
             ),
         };
         set_condition(c, "Ready", rs, reason, &msg, gen, now);
+    }
+
+    /// CutoverStalled from the running cutover (or the end of a stalled one); returns the
+    /// message when it is set True (for the Event).
+    fn set_stall_condition(&self, st: &mut IdentityMeshClusterStatus) -> Option<String> {
+        let was_stalled = observe::get_condition(&st.conditions, STALLED_CONDITION)
+            .is_some_and(|x| x.status == "True");
+        let (status, msg, reason) = cutover::stall_condition(
+            st.cutover.as_ref(),
+            st.last_transition.as_ref().map(|t| (t, was_stalled)),
+            self.imc.spec.cutover_timeout_seconds,
+        )?;
+        set_condition(
+            &mut st.conditions,
+            STALLED_CONDITION,
+            status,
+            reason,
+            &msg,
+            self.imc.metadata.generation,
+            self.now,
+        );
+        (status == "True").then_some(msg)
     }
 
     async fn write_status_if_changed(
@@ -1568,6 +1623,29 @@ impl Reconciler {
         self.writes += 1;
         self.adopt(written);
         Ok(())
+    }
+
+    /// The answer to a switchover request goes to status before the request is removed, so a
+    /// request is never consumed without a trace (a failed write leaves it for the next try).
+    async fn record_request(
+        &mut self,
+        st: &mut IdentityMeshClusterStatus,
+        status: &str,
+        reason: &str,
+        msg: &str,
+    ) -> Result<(), Error> {
+        let gen = self.imc.metadata.generation;
+        set_condition(
+            &mut st.conditions,
+            SWITCHOVER_CONDITION,
+            status,
+            reason,
+            msg,
+            gen,
+            self.now,
+        );
+        self.write_status(st).await?;
+        self.clear_switchover_annotation().await
     }
 
     /// Our own write is the newest version: later writes this reconcile build on it.

@@ -41,6 +41,7 @@ pub const KIND: &str = "IdentityMeshCluster";
         .message("metadata.name must be a DNS label of at most 40 characters starting with a letter: Pods <name>-a/-b and Services <name>, <name>-pods are derived from it"),
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.cutoverTimeoutSeconds) || !has(self.drainTimeoutSeconds) || self.cutoverTimeoutSeconds > self.drainTimeoutSeconds").message("cutoverTimeoutSeconds must be greater than drainTimeoutSeconds: the cutover bound includes the demote step, which may use the whole drain bound"))]
 pub struct IdentityMeshClusterSpec {
     /// Server version; also the image tag.
     #[schemars(length(min = 1, max = 128), pattern(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$"))]
@@ -98,6 +99,13 @@ pub struct IdentityMeshClusterSpec {
     #[schemars(range(min = 1, max = 600))]
     pub drain_timeout_seconds: u32,
 
+    /// How long a cutover may take until its target serves (from its start, so the drain is
+    /// included); past it the cutover is reported `CutoverStalled` and rolled back to the old
+    /// active when that can take the role back (10–3600 s, more than drainTimeoutSeconds).
+    #[serde(default = "default_cutover_timeout_seconds")]
+    #[schemars(range(min = 10, max = 3600))]
+    pub cutover_timeout_seconds: u32,
+
     /// Stop reconciling (no pod changes, no cutovers) until set back to false.
     #[serde(default)]
     pub paused: bool,
@@ -105,6 +113,12 @@ pub struct IdentityMeshClusterSpec {
 
 fn default_drain_timeout_seconds() -> u32 {
     10
+}
+
+/// A minute: a healthy promote takes well under a second and the default drain 10 s, and the
+/// outage runs while a promote is stuck (the old active is already demoted).
+fn default_cutover_timeout_seconds() -> u32 {
+    60
 }
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -555,6 +569,22 @@ pub struct CutoverIntent {
     /// When verification passed (the outage is over), before any replacement.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verified: Option<Time>,
+    /// Set when the cutover overran spec.cutoverTimeoutSeconds before its target served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stalled: Option<StallRecord>,
+}
+
+/// A cutover that overran its bound, and what the operator did about it.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StallRecord {
+    pub at: Time,
+    /// The step it was stuck in and the pod that could not be made active.
+    pub step: CutoverStep,
+    pub target: String,
+    /// The role went back to the old active (with a new epoch); otherwise the operator keeps
+    /// trying the target.
+    pub rolled_back: bool,
 }
 
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -686,6 +716,7 @@ mod tests {
             "self.metadata.name.size() <= 40",
             "self == oldSelf",
             "has(self.azureKeyVault)",
+            "self.cutoverTimeoutSeconds > self.drainTimeoutSeconds",
         ] {
             assert!(
                 rs.iter().any(|r| r.contains(needle)),
@@ -714,6 +745,7 @@ mod tests {
         assert_eq!(spec.failover.policy, FailoverPolicy::Automatic);
         assert_eq!(spec.failover.unhealthy_after_seconds, 10);
         assert_eq!(spec.drain_timeout_seconds, 10);
+        assert_eq!(spec.cutover_timeout_seconds, 60);
         assert_eq!(spec.service.port, 443);
         assert_eq!(
             spec.secret_provider.type_,

@@ -16,7 +16,7 @@ use std::time::Duration;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
-use crate::crd::{CutoverIntent, CutoverKind, CutoverStep, FailoverPolicy, Role};
+use crate::crd::{CutoverIntent, CutoverKind, CutoverStep, FailoverPolicy, Role, StallRecord};
 
 /// How long verification may take before the cutover is closed as VerificationFailed.
 pub const VERIFY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -205,6 +205,8 @@ pub struct StepContext {
     pub target_healthy: bool,
     /// The `from` pod can be promoted (healthy, standby role): a rollback target.
     pub from_promotable: bool,
+    /// spec.cutoverTimeoutSeconds: how long from the start the target may take to serve.
+    pub stall_after: Duration,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -255,6 +257,156 @@ fn needs_replacement(c: &CutoverIntent) -> bool {
 
 /// The pure transition: current intent × step result → what to persist next.
 pub fn advance(c: &CutoverIntent, result: &StepResult, cx: &StepContext) -> Outcome {
+    match advance_step(c, result, cx) {
+        Outcome::Stay if failing_before_service(c.step, result) => {
+            stall(c, cx).map_or(Outcome::Stay, Outcome::Update)
+        }
+        other => other,
+    }
+}
+
+/// The step's action failed and the target does not serve yet: the results a cutover can get
+/// stuck on. (Demoting is bounded by the drain timeout, Verifying by VERIFY_TIMEOUT, and
+/// Replacing runs after service is back.)
+fn failing_before_service(step: CutoverStep, r: &StepResult) -> bool {
+    matches!(
+        (step, r),
+        (CutoverStep::Promoting, StepResult::PromoteFailed)
+            | (CutoverStep::Swinging, StepResult::SwingFailed)
+    )
+}
+
+/// A cutover that has not made its target serve within `stall_after` of its start, and is not
+/// moving: what to record instead of waiting forever (None: nothing new to record).
+///
+/// The old active was demoted (or is lost) and requests are failing while this lasts, so the
+/// most sensible end state is the one that serves soonest:
+/// - the old active, if it is a healthy standby: it was serving moments ago, and promote on it
+///   with epoch + 1 fences whatever the target may have taken (a promote whose answer was lost
+///   may have committed); the Service still selects it before the swing, so no write is needed
+///   for traffic to return;
+/// - otherwise (a failover from a lost pod, the initial promotion, or an old active that is not
+///   up) there is nothing better than the target: keep trying it, and report.
+///
+/// A rollback is never rolled back again (no ping-pong between two pods that both fail to take
+/// the role); a kept-trying stall still rolls back if the old active becomes promotable later.
+fn stall(c: &CutoverIntent, cx: &StepContext) -> Option<CutoverIntent> {
+    if !older_than(c.started.0, cx.now, cx.stall_after) {
+        return None;
+    }
+    let rolled_back = c.stalled.as_ref().is_some_and(|s| s.rolled_back);
+    let can_roll_back =
+        !rolled_back && !c.from.is_empty() && c.from != c.target && cx.from_promotable;
+    if can_roll_back {
+        let mut n = roll_back(c, cx.now);
+        n.reason = format!(
+            "{} {} → {} did not finish within {}s (stuck in {:?}); restoring {}",
+            c.kind.as_str(),
+            c.from,
+            c.target,
+            cx.stall_after.as_secs(),
+            c.step,
+            c.from
+        );
+        n.stalled = Some(StallRecord {
+            at: Time(cx.now),
+            step: c.step,
+            target: c.target.clone(),
+            rolled_back: true,
+        });
+        return Some(n);
+    }
+    if c.stalled.is_some() {
+        return None;
+    }
+    Some(CutoverIntent {
+        stalled: Some(StallRecord {
+            at: Time(cx.now),
+            step: c.step,
+            target: c.target.clone(),
+            rolled_back: false,
+        }),
+        ..c.clone()
+    })
+}
+
+/// How a finished cutover is recorded in status.lastTransition.outcome.
+pub fn outcome(c: &CutoverIntent, verified: bool) -> &'static str {
+    match (verified, c.stalled.as_ref().is_some_and(|s| s.rolled_back)) {
+        (true, false) => "Succeeded",
+        (true, true) => "RolledBack",
+        (false, _) => "VerificationFailed",
+    }
+}
+
+/// The CutoverStalled condition as (status, reason, message): True while a stalled cutover runs,
+/// False once it has ended (from `last`, when the condition was True before: `was_stalled`).
+/// None: leave it as it is (no stall has happened).
+pub fn stall_condition(
+    running: Option<&CutoverIntent>,
+    last: Option<(&crate::crd::TransitionRecord, bool)>,
+    bound_secs: u32,
+) -> Option<(&'static str, String, &'static str)> {
+    if let Some(c) = running {
+        let s = c.stalled.as_ref()?;
+        let msg = if s.rolled_back {
+            format!(
+                "{} to {} did not finish within cutoverTimeoutSeconds={bound_secs} (stuck in {:?}); rolling back: promoting {} again with epoch {}",
+                c.kind.as_str(),
+                s.target,
+                s.step,
+                c.target,
+                c.epoch
+            )
+        } else {
+            format!(
+                "{} {} → {} did not finish within cutoverTimeoutSeconds={bound_secs} (stuck in {:?}); {} cannot take the role back (not a healthy standby): still trying {} with epoch {}",
+                c.kind.as_str(),
+                if c.from.is_empty() { "(none)" } else { &c.from },
+                c.target,
+                s.step,
+                if c.from.is_empty() { "no previous active" } else { &c.from },
+                c.target,
+                c.epoch
+            )
+        };
+        let reason = if s.rolled_back {
+            "RollingBack"
+        } else {
+            "StillTrying"
+        };
+        return Some(("True", msg, reason));
+    }
+    match last {
+        Some((t, true)) => Some((
+            "False",
+            format!(
+                "the stalled cutover ended: {} → {} epoch {}, outcome {}",
+                if t.from.is_empty() { "(none)" } else { &t.from },
+                t.to,
+                t.epoch,
+                t.outcome.as_deref().unwrap_or("unknown")
+            ),
+            "CutoverEnded",
+        )),
+        _ => None,
+    }
+}
+
+/// Why a switchover request that arrives while a cutover runs is refused (status and Event).
+pub fn switchover_refused_during(c: &CutoverIntent, request: &str) -> String {
+    format!(
+        "switchover request {}={request} refused: {} {} → {} (epoch {}) is in progress, step {:?}; request again once it has finished",
+        crate::builders::ANNOTATION_SWITCHOVER,
+        c.kind.as_str(),
+        if c.from.is_empty() { "(none)" } else { &c.from },
+        c.target,
+        c.epoch,
+        c.step
+    )
+}
+
+fn advance_step(c: &CutoverIntent, result: &StepResult, cx: &StepContext) -> Outcome {
     let now = cx.now;
     let in_step_for = |d: Duration| older_than(c.step_started.0, now, d);
     // A target that stays unreachable before it is verified: give the role to the other pod if
@@ -407,6 +559,7 @@ fn intent(
         started: Time(now),
         step_started: Time(now),
         verified: None,
+        stalled: None,
     }
 }
 

@@ -320,6 +320,8 @@ struct Servers {
     /// Per pod: what /internal/v1/canary answers (default: no canary connector).
     canary: BTreeMap<String, Fake<CanaryReport>>,
     relay_calls: Vec<String>,
+    /// Pods whose promote fails with a transport error (e.g. SQL unreachable from that pod).
+    promote_fails: Vec<String>,
     /// Runs once, inside the first promote, on the API store (a concurrent writer).
     #[allow(clippy::type_complexity)]
     on_first_promote: Option<Box<dyn FnOnce(&mut Store) + Send>>,
@@ -393,7 +395,12 @@ impl InstanceApi for FakePods {
             f(&mut api.lock().expect("store"));
         }
         let holds = s.holder.as_deref() == Some(t.pod.as_str()) && s.sql_epoch == epoch;
-        let r = if epoch > s.sql_epoch || holds {
+        let r = if s.promote_fails.contains(&t.pod) {
+            Err(PodClientError::Transport {
+                pod: t.pod.clone(),
+                detail: "promote timed out".into(),
+            })
+        } else if epoch > s.sql_epoch || holds {
             s.sql_epoch = epoch;
             s.holder = Some(t.pod.clone());
             s.roles.insert(t.pod.clone(), (Role::Active, epoch));
@@ -1644,4 +1651,95 @@ async fn a_status_write_that_lost_a_race_is_recomputed_not_forced() {
         epochs.windows(2).all(|w| w[0] <= w[1]),
         "status.epoch went back: {epochs:?}"
     );
+}
+
+// ------------------------------------------------------------------------------- stalls
+
+/// The standby stays healthy but its promote keeps failing after the old active was demoted:
+/// past spec.cutoverTimeoutSeconds the cutover is reported stalled and the role goes back to
+/// the old active with a new epoch. A switchover request meanwhile is refused, in status.
+#[tokio::test]
+async fn a_stalled_switchover_is_reported_and_rolled_back_to_the_old_active() {
+    let h = Harness::new(true);
+    edit_cluster(&h, |o| o["spec"]["cutoverTimeoutSeconds"] = json!(1));
+    h.converge().await;
+    h.pods.0.lock().expect("p").promote_fails = vec!["im-b".into()];
+    h.pods.0.lock().expect("p").calls.clear();
+    request_switchover(&h);
+    h.reconcile().await;
+    let c = h.status().cutover.expect("cutover running");
+    assert_eq!(c.step, crate::crd::CutoverStep::Promoting);
+    assert!(c.stalled.is_none());
+
+    // Another request while it runs: refused with the reason in status, not silently dropped.
+    request_switchover(&h);
+    h.reconcile().await;
+    let r = condition_of(&h, "SwitchoverRequest");
+    assert_eq!(
+        (r.status.as_str(), r.reason.as_str()),
+        ("False", "CutoverInProgress")
+    );
+    assert!(
+        r.message.contains("refused") && r.message.contains("Switchover im-a → im-b"),
+        "{}",
+        r.message
+    );
+    assert!(!h
+        .cluster()
+        .annotations()
+        .contains_key(ANNOTATION_SWITCHOVER));
+    assert_eq!(events_with_reason(&h, "SwitchoverRefused").len(), 1);
+    assert_eq!(
+        h.status().cutover.map(|c| (c.target, c.epoch)),
+        Some(("im-b".to_string(), 2)),
+        "the running cutover is untouched"
+    );
+
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    h.converge().await;
+    let st = h.status();
+    assert_eq!(st.active_pod.as_deref(), Some("im-a"), "{st:?}");
+    assert_eq!(
+        st.epoch, 3,
+        "the rollback outbids the epoch the target may hold"
+    );
+    let lt = st.last_transition.as_ref().expect("transition");
+    assert_eq!(
+        (lt.to.as_str(), lt.epoch, lt.outcome.as_deref()),
+        ("im-a", 3, Some("RolledBack"))
+    );
+    let calls = h.pods.0.lock().expect("p").calls.clone();
+    assert_eq!(calls.first().map(String::as_str), Some("demote im-a"));
+    assert_eq!(
+        calls.last().map(String::as_str),
+        Some("promote im-a 3"),
+        "{calls:?}"
+    );
+    // Stalled while it ran (True in a written status), resolved once it ended.
+    let was_true = h.store.lock().expect("store").statuses.iter().any(|s| {
+        s["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["type"] == "CutoverStalled" && c["status"] == "True")
+    });
+    assert!(was_true, "CutoverStalled was never True in status");
+    let c = condition_of(&h, "CutoverStalled");
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("False", "CutoverEnded")
+    );
+    assert!(c.message.contains("RolledBack"), "{}", c.message);
+    let ev = events_with_reason(&h, "CutoverStalled");
+    assert_eq!(ev.len(), 1, "one event for the stall");
+    assert_eq!(ev[0]["type"], "Warning");
+    let note = ev[0]["note"].as_str().unwrap_or_default();
+    assert!(
+        note.contains("cutoverTimeoutSeconds=1") && note.contains("promoting im-a again"),
+        "{note}"
+    );
+    assert_eq!(events_with_reason(&h, "CutoverRolledBack").len(), 1);
+    // Traffic never went to the pod that could not be promoted.
+    let sel = h.store.lock().expect("store").selectors.clone();
+    assert!(!sel.iter().any(|s| s == "im-b"), "{sel:?}");
 }

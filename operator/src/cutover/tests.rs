@@ -79,11 +79,15 @@ fn mk(kind: CutoverKind, step: CutoverStep) -> CutoverIntent {
         started: Time(ts(0)),
         step_started: Time(ts(0)),
         verified: None,
+        stalled: None,
     }
 }
 
-/// Elapsed times that cross each bound: fresh, past drain (10s), past target-lost, past verify.
-const ELAPSED: [i64; 4] = [0, 11, 31, 61];
+/// Elapsed times that cross each bound: fresh, past drain (10s), past target-lost, past the
+/// stall bound, past verify.
+const ELAPSED: [i64; 5] = [0, 11, 31, 46, 61];
+/// spec.cutoverTimeoutSeconds in the exhaustive test (between target-lost and verify).
+const STALL_AFTER: u64 = 45;
 
 #[test]
 fn exhaustive_transition_invariants() {
@@ -101,6 +105,7 @@ fn exhaustive_transition_invariants() {
                                 drain_timeout: Duration::from_secs(10),
                                 target_healthy,
                                 from_promotable,
+                                stall_after: Duration::from_secs(STALL_AFTER),
                             };
                             let out = advance(&c, &r, &cx);
                             let label = format!("{kind:?} {step:?} {r:?} th={target_healthy} fp={from_promotable} t+{el}");
@@ -126,10 +131,25 @@ fn exhaustive_transition_invariants() {
                                         n.started, c.started,
                                         "{label}: start time is fixed"
                                     );
-                                    assert_eq!(
-                                        n.step_started.0, cx.now,
-                                        "{label}: step clock restarts"
-                                    );
+                                    let stalled_now = n.stalled != c.stalled;
+                                    if stalled_now {
+                                        assert!(
+                                            el >= STALL_AFTER as i64
+                                                && matches!(
+                                                    step,
+                                                    CutoverStep::Promoting | CutoverStep::Swinging
+                                                ),
+                                            "{label}: a stall only past the bound, before service"
+                                        );
+                                    }
+                                    let rolled_back =
+                                        n.stalled.as_ref().is_some_and(|s| s.rolled_back);
+                                    if !stalled_now || rolled_back {
+                                        assert_eq!(
+                                            n.step_started.0, cx.now,
+                                            "{label}: step clock restarts"
+                                        );
+                                    }
                                     if n.from != c.from {
                                         // Only a rollback swaps roles, and it needs a new epoch.
                                         assert_eq!(
@@ -143,7 +163,10 @@ fn exhaustive_transition_invariants() {
                                             "{label}: rollback takes a new epoch"
                                         );
                                         assert_eq!(n.step, CutoverStep::Promoting, "{label}");
-                                        assert!(from_promotable && !target_healthy, "{label}");
+                                        assert!(
+                                            from_promotable && (!target_healthy || rolled_back),
+                                            "{label}"
+                                        );
                                     }
                                     if n.step == CutoverStep::Replacing {
                                         assert_eq!(
@@ -152,7 +175,7 @@ fn exhaustive_transition_invariants() {
                                             "{label}: only failovers replace"
                                         );
                                     }
-                                    if n.step == CutoverStep::Swinging {
+                                    if n.step == CutoverStep::Swinging && c.step != n.step {
                                         assert_eq!(
                                             r,
                                             StepResult::Promoted,
@@ -184,7 +207,7 @@ fn exhaustive_transition_invariants() {
             }
         }
     }
-    assert_eq!(cases, 4 * 5 * 14 * 2 * 2 * 4);
+    assert_eq!(cases, 4 * 5 * 14 * 2 * 2 * 5);
 }
 
 /// The expected path for each result, at the moment the result arrives (healthy target).
@@ -196,6 +219,7 @@ fn transition_table() {
         drain_timeout: Duration::from_secs(10),
         target_healthy: true,
         from_promotable: true,
+        stall_after: Duration::from_secs(3600),
     };
     let step_of = |o: Outcome| match o {
         Outcome::Stay => "stay".to_string(),
@@ -364,6 +388,7 @@ fn lost_target_rolls_back_with_new_epoch_when_the_other_can_serve() {
         drain_timeout: Duration::from_secs(10),
         target_healthy: false,
         from_promotable: true,
+        stall_after: Duration::from_secs(60),
     };
     match advance(
         &mk(CutoverKind::Switchover, CutoverStep::Promoting),
@@ -414,6 +439,7 @@ fn failover_onto_itself_does_not_replace() {
         drain_timeout: Duration::from_secs(10),
         target_healthy: true,
         from_promotable: false,
+        stall_after: Duration::from_secs(60),
     };
     assert!(matches!(
         advance(&c, &StepResult::Verified, &cx),
@@ -900,6 +926,7 @@ fn reconcile(
             drain_timeout: Duration::from_secs(10),
             target_healthy: t.up && t.reachable,
             from_promotable,
+            stall_after: Duration::from_secs(60),
         };
         match advance(&c, &result, &cx) {
             Outcome::Stay => return,
@@ -1058,4 +1085,174 @@ fn plan_lost_role_needs_no_readiness() {
         ),
         o => panic!("{o:?}"),
     }
+}
+
+// ------------------------------------------------------------------------------- stalls
+
+fn stall_cx(el: i64, target_healthy: bool, from_promotable: bool) -> StepContext {
+    StepContext {
+        now: ts(el),
+        drain_timeout: Duration::from_secs(10),
+        target_healthy,
+        from_promotable,
+        stall_after: Duration::from_secs(60),
+    }
+}
+
+#[test]
+fn a_stuck_promote_waits_until_the_bound() {
+    let c = mk(CutoverKind::Switchover, CutoverStep::Promoting);
+    assert_eq!(
+        advance(&c, &StepResult::PromoteFailed, &stall_cx(59, true, true)),
+        Outcome::Stay
+    );
+}
+
+#[test]
+fn a_stalled_cutover_rolls_back_to_a_healthy_old_active_with_a_new_epoch() {
+    for (step, r) in [
+        (CutoverStep::Promoting, StepResult::PromoteFailed),
+        (CutoverStep::Swinging, StepResult::SwingFailed),
+    ] {
+        for kind in [
+            CutoverKind::Switchover,
+            CutoverKind::Upgrade,
+            CutoverKind::Failover,
+        ] {
+            let c = mk(kind, step);
+            let Outcome::Update(n) = advance(&c, &r, &stall_cx(60, true, true)) else {
+                panic!("{kind:?} {step:?}: expected a rollback");
+            };
+            assert_eq!(
+                (n.from.as_str(), n.target.as_str(), n.epoch, n.step),
+                ("im-b", "im-a", 8, CutoverStep::Promoting),
+                "{kind:?} {step:?}"
+            );
+            let s = n.stalled.as_ref().expect("stall recorded");
+            assert_eq!(
+                (s.step, s.target.as_str(), s.rolled_back),
+                (step, "im-b", true)
+            );
+            assert_eq!(n.started, c.started, "the cutover's clock keeps running");
+            // The rollback stalls too: never rolled back again, no rewrite either.
+            assert_eq!(
+                advance(&n, &StepResult::PromoteFailed, &stall_cx(200, true, true)),
+                Outcome::Stay
+            );
+            assert_eq!(outcome(&n, true), "RolledBack");
+            assert_eq!(outcome(&c, true), "Succeeded");
+        }
+    }
+}
+
+#[test]
+fn a_stalled_cutover_without_a_fallback_keeps_trying_and_reports() {
+    // Initial promotion (no old active), or an old active that cannot take the role back.
+    for (kind, from_promotable) in [
+        (CutoverKind::Initial, true),
+        (CutoverKind::Switchover, false),
+        (CutoverKind::Failover, false),
+    ] {
+        let c = mk(kind, CutoverStep::Promoting);
+        let Outcome::Update(n) = advance(
+            &c,
+            &StepResult::PromoteFailed,
+            &stall_cx(61, true, from_promotable),
+        ) else {
+            panic!("{kind:?}: expected the stall to be recorded");
+        };
+        assert_eq!(
+            (n.target.as_str(), n.epoch, n.step),
+            ("im-b", 7, CutoverStep::Promoting),
+            "{kind:?}: same target, same epoch"
+        );
+        assert!(n.stalled.as_ref().is_some_and(|s| !s.rolled_back));
+        // Recorded once: later failures change nothing.
+        assert_eq!(
+            advance(&n, &StepResult::PromoteFailed, &stall_cx(90, true, false)),
+            Outcome::Stay
+        );
+        // A promote that finally works moves on as usual.
+        assert!(matches!(
+            advance(&n, &StepResult::Promoted, &stall_cx(95, true, false)),
+            Outcome::Update(m) if m.step == CutoverStep::Swinging
+        ));
+        if kind != CutoverKind::Initial {
+            // The old active comes back as a healthy standby: now the role goes back to it.
+            let Outcome::Update(m) =
+                advance(&n, &StepResult::PromoteFailed, &stall_cx(95, true, true))
+            else {
+                panic!("{kind:?}: expected a rollback");
+            };
+            assert_eq!((m.target.as_str(), m.epoch), ("im-a", 8));
+        }
+    }
+}
+
+#[test]
+fn steps_that_are_bounded_otherwise_do_not_stall() {
+    for (step, r) in [
+        (CutoverStep::Demoting, StepResult::DemoteFailed),
+        (CutoverStep::Verifying, StepResult::NotYetVerified),
+        (CutoverStep::Replacing, StepResult::ReplacePending),
+    ] {
+        let c = mk(CutoverKind::Failover, step);
+        if let Outcome::Update(n) = advance(&c, &r, &stall_cx(61, true, true)) {
+            assert!(n.stalled.is_none(), "{step:?}: {n:?}");
+        }
+    }
+}
+
+#[test]
+fn stall_condition_says_what_happens_and_clears_once_the_cutover_ended() {
+    let c = mk(CutoverKind::Switchover, CutoverStep::Promoting);
+    assert_eq!(stall_condition(Some(&c), None, 60), None, "not stalled");
+    let Outcome::Update(back) = advance(&c, &StepResult::PromoteFailed, &stall_cx(60, true, true))
+    else {
+        panic!("rollback");
+    };
+    let (status, msg, reason) = stall_condition(Some(&back), None, 60).expect("condition");
+    assert_eq!((status, reason), ("True", "RollingBack"));
+    assert!(
+        msg.contains("Switchover to im-b did not finish within cutoverTimeoutSeconds=60")
+            && msg.contains("stuck in Promoting")
+            && msg.contains("promoting im-a again with epoch 8"),
+        "{msg}"
+    );
+    let Outcome::Update(kept) = advance(&c, &StepResult::PromoteFailed, &stall_cx(60, true, false))
+    else {
+        panic!("kept");
+    };
+    let (_, msg, reason) = stall_condition(Some(&kept), None, 60).expect("condition");
+    assert_eq!(reason, "StillTrying");
+    assert!(
+        msg.contains("im-a cannot take the role back")
+            && msg.contains("still trying im-b with epoch 7"),
+        "{msg}"
+    );
+    let t = crate::crd::TransitionRecord {
+        kind: CutoverKind::Switchover,
+        from: "im-b".into(),
+        to: "im-a".into(),
+        reason: "r".into(),
+        started: Time(ts(0)),
+        finished: Some(Time(ts(62))),
+        duration_seconds: Some(62.0),
+        outcome: Some("RolledBack".into()),
+        epoch: 8,
+    };
+    let (status, msg, reason) = stall_condition(None, Some((&t, true)), 60).expect("ended");
+    assert_eq!((status, reason), ("False", "CutoverEnded"));
+    assert!(msg.contains("outcome RolledBack"), "{msg}");
+    assert_eq!(stall_condition(None, Some((&t, false)), 60), None);
+}
+
+#[test]
+fn a_request_during_a_cutover_is_refused_with_what_runs() {
+    let c = mk(CutoverKind::Failover, CutoverStep::Verifying);
+    let m = switchover_refused_during(&c, "standby");
+    assert_eq!(
+        m,
+        "switchover request identitymesh.io/switchover=standby refused: Failover im-a → im-b (epoch 7) is in progress, step Verifying; request again once it has finished"
+    );
 }
