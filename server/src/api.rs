@@ -355,6 +355,7 @@ async fn ready(State(st): State<AppState>) -> Response {
 #[derive(Serialize)]
 struct InstanceView {
     instance: String,
+    incarnation: String,
     host: String,
     role: Role,
     epoch: i64,
@@ -385,6 +386,7 @@ async fn instance_rows(st: &AppState) -> Result<Response, Problem> {
         .into_iter()
         .map(|r| InstanceView {
             instance: r.instance,
+            incarnation: r.incarnation,
             host: r.host,
             role: r.role,
             epoch: r.epoch,
@@ -595,6 +597,8 @@ async fn openapi() -> Json<serde_json::Value> {
 #[derive(Serialize)]
 struct InternalStatus {
     instance: String,
+    /// This process's part of the fence holder: a recreated pod of the same name differs.
+    incarnation: String,
     role: Role,
     epoch: i64,
     version: String,
@@ -604,6 +608,7 @@ async fn internal_status(State(st): State<AppState>) -> Json<InternalStatus> {
     let s = st.engine.status();
     Json(InternalStatus {
         instance: st.engine.instance().into(),
+        incarnation: st.engine.incarnation().into(),
         role: s.role,
         epoch: s.epoch,
         version: st.engine.version().into(),

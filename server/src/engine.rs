@@ -33,6 +33,8 @@ pub struct DemoteOutcome {
 pub struct Engine {
     store: Arc<dyn Store>,
     instance: String,
+    /// Random per process: with the name, the fence holder (see `store::fencing`).
+    incarnation: String,
     host: String,
     version: String,
     started_at_ms: i64,
@@ -65,6 +67,7 @@ impl Engine {
         Arc::new(Self {
             store,
             instance,
+            incarnation: uuid::Uuid::new_v4().simple().to_string(),
             host,
             version,
             started_at_ms: now_ms(),
@@ -77,6 +80,16 @@ impl Engine {
 
     pub fn instance(&self) -> &str {
         &self.instance
+    }
+    pub fn incarnation(&self) -> &str {
+        &self.incarnation
+    }
+    fn token(&self, epoch: i64) -> FenceToken {
+        FenceToken {
+            instance: self.instance.clone(),
+            incarnation: self.incarnation.clone(),
+            epoch,
+        }
     }
     pub fn version(&self) -> &str {
         &self.version
@@ -91,7 +104,7 @@ impl Engine {
     /// Becomes active with `epoch` iff the store accepts it (greater than stored, or already ours).
     pub async fn promote(&self, epoch: i64, actor: &str) -> Result<RoleStatus, StoreError> {
         let _t = self.transitions.lock().await;
-        let outcome = self.store.promote(&self.instance, epoch).await?;
+        let outcome = self.store.promote(&self.token(epoch)).await?;
         let st = RoleStatus {
             role: Role::Active,
             epoch,
@@ -147,12 +160,22 @@ impl Engine {
         let guard = self.work.clone().try_read_owned().ok()?;
         // Re-check: a demotion may have started between the two reads.
         (self.status() == st).then(|| BatchPermit {
-            token: FenceToken {
-                instance: self.instance.clone(),
-                epoch: st.epoch,
-            },
+            token: self.token(st.epoch),
             _guard: guard,
         })
+    }
+
+    /// Awaits one engine write made under `permit`, releases the permit, then reports a
+    /// failure: the demotion a fence error starts waits for permits, this one included, so
+    /// reporting while holding it would stall the demotion for the whole drain bound.
+    pub async fn commit<T>(
+        &self,
+        permit: BatchPermit,
+        write: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let r = write.await;
+        drop(permit);
+        self.reported(r).await
     }
 
     /// Reacts to a store error from an engine write: a fence means another instance holds a
@@ -164,6 +187,12 @@ impl Engine {
             own,
         } = err
         {
+            if !fence_error_demotes(self.status(), *stored) {
+                // A write under an older epoch of this same process, refused because the
+                // process was promoted again meanwhile: it is still the holder.
+                tracing::info!(instance = %self.instance, own_epoch = own, stored_epoch = stored, "a write under an older epoch of this instance was refused; still active");
+                return;
+            }
             tracing::error!(
                 instance = %self.instance, own_epoch = own, stored_epoch = stored, holder = %holder,
                 "fenced: another instance holds a newer epoch; demoting to standby"
@@ -187,6 +216,7 @@ impl Engine {
         let st = self.status();
         let hb = Heartbeat {
             instance: self.instance.clone(),
+            incarnation: self.incarnation.clone(),
             host: self.host.clone(),
             role: st.role,
             epoch: st.epoch,
@@ -253,12 +283,20 @@ impl Engine {
     }
 }
 
+/// Whether a fence error seen by an instance in `status` means it lost the fence. Epochs are
+/// unique to one holder, so a stored epoch equal to the one this instance is active with means
+/// this process holds it (the refused write carried an older epoch of its own).
+fn fence_error_demotes(status: RoleStatus, stored_epoch: i64) -> bool {
+    !(status.role == Role::Active && status.epoch == stored_epoch)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::store::sqlite::SqliteStore;
 
-    async fn pair() -> (tempfile::TempDir, Arc<Engine>, Arc<Engine>) {
+    /// Two engines on one database, each with its own connection pool (as two processes).
+    async fn two(names: [&str; 2]) -> (tempfile::TempDir, Arc<Engine>, Arc<Engine>) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("im.db");
         let mk = |name: &str, s: Arc<dyn Store>| {
@@ -277,7 +315,114 @@ mod tests {
         let sa: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).await.unwrap());
         sa.migrate().await.unwrap();
         let sb: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).await.unwrap());
-        (dir, mk("a", sa), mk("b", sb))
+        (dir, mk(names[0], sa), mk(names[1], sb))
+    }
+
+    async fn pair() -> (tempfile::TempDir, Arc<Engine>, Arc<Engine>) {
+        two(["a", "b"]).await
+    }
+
+    async fn demote_entries(e: &Engine) -> Vec<serde_json::Value> {
+        let log = e.store().audit(100).await.unwrap();
+        log.iter()
+            .filter(|a| a.action == "demote")
+            .map(|a| serde_json::from_str(&a.detail).unwrap())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_fenced_write_releases_its_permit_before_the_demotion_drains() {
+        let (_d, a, b) = pair().await;
+        a.promote(1, "test").await.unwrap();
+        let permit = a.begin_batch().unwrap();
+        let token = permit.token.clone();
+        b.promote(2, "test").await.unwrap();
+        let r = a
+            .commit(permit, a.store().engine_tick(&token, now_ms()))
+            .await;
+        assert!(
+            matches!(r, Err(StoreError::Fenced { stored: 2, .. })),
+            "{r:?}"
+        );
+        assert_eq!(a.status().role, Role::Standby);
+        let demotes = demote_entries(&a).await;
+        assert_eq!(demotes.len(), 1, "{demotes:?}");
+        // Reporting while still holding the permit made the demotion wait for it: drained false.
+        assert_eq!(
+            demotes[0]["drained"],
+            serde_json::json!(true),
+            "{demotes:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_write_under_an_older_epoch_of_this_process_does_not_demote_it() {
+        let (_d, a, _b) = pair().await;
+        a.promote(1, "test").await.unwrap();
+        let old = a.begin_batch().unwrap();
+        let token = old.token.clone();
+        // Promoted again (an operator retry with a greater epoch) while a write is in flight.
+        a.promote(2, "test").await.unwrap();
+        let r = a.commit(old, a.store().engine_tick(&token, now_ms())).await;
+        assert!(
+            matches!(r, Err(StoreError::Fenced { stored: 2, .. })),
+            "{r:?}"
+        );
+        assert_eq!(
+            a.status(),
+            RoleStatus {
+                role: Role::Active,
+                epoch: 2
+            }
+        );
+        let permit = a.begin_batch().expect("still active");
+        assert_eq!(permit.token.epoch, 2);
+    }
+
+    #[tokio::test]
+    async fn same_name_other_incarnation_cannot_share_an_epoch() {
+        // A recreated pod `im-b` and its predecessor still running on a cut-off node.
+        let (_d, old, new) = two(["im-b", "im-b"]).await;
+        assert_ne!(old.incarnation(), new.incarnation());
+        old.promote(3, "operator").await.unwrap();
+        // The operator retries promote(3) after a lost response, but reaches the new pod.
+        let e = new.promote(3, "operator").await.unwrap_err();
+        assert!(matches!(e, StoreError::StaleEpoch { stored: 3, .. }), "{e}");
+        assert_eq!(new.status().role, Role::Standby);
+        // Exactly one of them commits a fenced write at epoch 3.
+        let mut committed = 0;
+        for e in [&old, &new] {
+            if e.store().engine_tick(&e.token(3), now_ms()).await.is_ok() {
+                committed += 1;
+            }
+        }
+        assert_eq!(committed, 1);
+        // The new incarnation takes a greater epoch; from then on only it writes.
+        new.promote(4, "operator").await.unwrap();
+        assert!(old
+            .store()
+            .engine_tick(&old.token(3), now_ms())
+            .await
+            .is_err());
+        new.store()
+            .engine_tick(&new.token(4), now_ms())
+            .await
+            .unwrap();
+        // One registry row per process: the new one active, its predecessor fenced.
+        let rows = new.store().instances(0).await.unwrap();
+        let role_of = |inc: &str| rows.iter().find(|r| r.incarnation == inc).map(|r| r.role);
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        assert_eq!(role_of(new.incarnation()), Some(Role::Active), "{rows:?}");
+        assert_eq!(role_of(old.incarnation()), Some(Role::Fenced), "{rows:?}");
+    }
+
+    #[test]
+    fn a_fence_error_demotes_unless_this_instance_is_active_with_the_stored_epoch() {
+        let st = |role, epoch| RoleStatus { role, epoch };
+        assert!(!fence_error_demotes(st(Role::Active, 5), 5));
+        assert!(fence_error_demotes(st(Role::Active, 5), 6));
+        assert!(fence_error_demotes(st(Role::Active, 5), 4));
+        assert!(fence_error_demotes(st(Role::Standby, 5), 5));
     }
 
     #[tokio::test]

@@ -9,13 +9,15 @@ use common::*;
 
 struct Instance {
     proc: Proc,
+    data: std::path::PathBuf,
     public: String,
     internal: String,
 }
 
 fn start(name: &str, dir: &Path, db: &Path, pki: &Pki, token_file: &Path) -> Instance {
     let (pp, ip) = (free_port(), free_port());
-    let cfg = dir.join(format!("{name}.toml"));
+    // Per process, not per name: a test may run two processes with one name (a recreated pod).
+    let cfg = dir.join(format!("{name}-{pp}.toml"));
     std::fs::write(
         &cfg,
         format!(
@@ -24,8 +26,9 @@ fn start(name: &str, dir: &Path, db: &Path, pki: &Pki, token_file: &Path) -> Ins
         ),
     )
     .unwrap();
+    let data = dir.join(format!("{name}-{pp}"));
     let env = [
-        ("IM_DATA_DIR", dir.join(name).display().to_string()),
+        ("IM_DATA_DIR", data.display().to_string()),
         (
             "IM_DATABASE__CONNECTION_STRING",
             format!("sqlite://{}", db.display()),
@@ -41,6 +44,7 @@ fn start(name: &str, dir: &Path, db: &Path, pki: &Pki, token_file: &Path) -> Ins
     ];
     Instance {
         proc: Proc::spawn(&["run", "--config", cfg.to_str().unwrap()], &env, dir),
+        data,
         public: format!("https://localhost:{pp}"),
         internal: format!("https://localhost:{ip}"),
     }
@@ -194,7 +198,8 @@ async fn promotion_fences_the_old_active() {
         let p: serde_json::Value = r.json().await.unwrap();
         assert!(p["detail"].as_str().unwrap().contains("not greater"), "{p}");
         assert_eq!(p["stored_epoch"], 2, "{p}");
-        assert_eq!(p["holder"], "im-b", "{p}");
+        let holder = p["holder"].as_str().unwrap_or("");
+        assert!(holder.starts_with("im-b (incarnation "), "{p}");
     }
     assert_eq!(status(&op, &a).await["role"], "standby");
 
@@ -220,9 +225,68 @@ async fn promotion_fences_the_old_active() {
     );
 
     // The log names why A stepped down.
-    let log = log_text(&dir.path().join("im-a"));
+    let log = log_text(&a.data);
     assert!(log.contains("fenced"), "{log}");
     assert!(!log.contains(token), "token leaked to the log");
+}
+
+/// A recreated pod and its predecessor (still running on a cut-off node) share the name `im-b`:
+/// a retried promote of the same epoch reaching the new process is refused, so the two never
+/// hold one epoch; the new process takes a greater one and the old one is fenced.
+#[tokio::test]
+async fn a_recreated_pod_of_the_same_name_needs_a_greater_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(&dir.path().join("pki"));
+    let db = dir.path().join("shared.db");
+    let token = "imb_managed-test-token";
+    let token_file = dir.path().join("admin.token");
+    std::fs::write(&token_file, token).unwrap();
+    let old = start("im-b", dir.path(), &db, &pki, &token_file);
+    let new = start("im-b", dir.path(), &db, &pki, &token_file);
+    let op = mtls_client(&pki);
+    wait_up(&op, &format!("{}/health/live", old.public), &old.proc).await;
+    wait_up(&op, &format!("{}/health/live", new.public), &new.proc).await;
+    let (so, sn) = (status(&op, &old).await, status(&op, &new).await);
+    assert_eq!(
+        (so["instance"].clone(), sn["instance"].clone()),
+        ("im-b".into(), "im-b".into())
+    );
+    let inc = |s: &serde_json::Value| s["incarnation"].as_str().unwrap_or("").to_string();
+    assert!(!inc(&so).is_empty() && inc(&so) != inc(&sn), "{so} {sn}");
+
+    assert_eq!(promote(&op, &old, 1).await.status(), 200);
+    let r = promote(&op, &new, 1).await;
+    assert_eq!(r.status(), 409, "same epoch, other incarnation");
+    let p: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(p["stored_epoch"], 1, "{p}");
+    assert!(
+        p["holder"].as_str().unwrap_or("").contains(&inc(&so)),
+        "{p}"
+    );
+    assert_eq!(status(&op, &new).await["role"], "standby");
+    assert_eq!(status(&op, &old).await["role"], "active");
+
+    // The operator's answer to the 409: stored_epoch + 1.
+    assert_eq!(promote(&op, &new, 2).await.status(), 200);
+    eventually(
+        Duration::from_secs(5),
+        "the old process fences itself",
+        || async { status(&op, &old).await["role"] == "standby" },
+    )
+    .await;
+    let rows: Vec<serde_json::Value> = get_json(
+        &op,
+        &format!("{}/internal/v1/instances", new.internal),
+        None,
+    )
+    .await;
+    let act: Vec<_> = rows.iter().filter(|r| r["role"] == "active").collect();
+    assert_eq!(act.len(), 1, "{rows:?}");
+    assert_eq!(
+        act[0]["incarnation"].as_str(),
+        Some(inc(&sn).as_str()),
+        "{rows:?}"
+    );
 }
 
 #[tokio::test]

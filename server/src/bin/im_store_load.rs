@@ -32,8 +32,12 @@ async fn main() -> anyhow::Result<()> {
     store.migrate().await?;
     let instance = format!("load-{}", std::process::id());
     let epoch = store.fence().await?.epoch + 1;
-    store.promote(&instance, epoch).await?;
-    let token = FenceToken { instance, epoch };
+    let token = FenceToken {
+        incarnation: instance.clone(),
+        instance,
+        epoch,
+    };
+    store.promote(&token).await?;
     let start: usize = store
         .watermark(&connector, "person")
         .await?

@@ -34,6 +34,15 @@ async fn run(suite: Suite) {
     }
 }
 
+/// The token of the process `instance` names (one incarnation per name in these tests).
+fn tok(instance: &str, epoch: i64) -> FenceToken {
+    FenceToken {
+        instance: instance.into(),
+        incarnation: format!("{instance}/1"),
+        epoch,
+    }
+}
+
 fn batch(connector: &str, n: usize, start: usize, watermark: &str) -> ImportBatch {
     ImportBatch {
         connector: connector.into(),
@@ -70,28 +79,83 @@ async fn promote_requires_a_greater_epoch_and_is_idempotent() {
             let (a, b) = (unique("a"), unique("b"));
             let e = s.fence().await.unwrap().epoch;
             assert_eq!(
-                s.promote(&a, e + 1).await.unwrap(),
+                s.promote(&tok(&a, e + 1)).await.unwrap(),
                 PromoteOutcome::Promoted
             );
             assert_eq!(
-                s.promote(&a, e + 1).await.unwrap(),
+                s.promote(&tok(&a, e + 1)).await.unwrap(),
                 PromoteOutcome::AlreadyHeld
             );
             // Same epoch by another instance, or a smaller one: refused.
             assert!(matches!(
-                s.promote(&b, e + 1).await,
+                s.promote(&tok(&b, e + 1)).await,
                 Err(StoreError::StaleEpoch { stored, .. }) if stored == e + 1
             ));
             assert!(matches!(
-                s.promote(&b, e).await,
+                s.promote(&tok(&b, e)).await,
                 Err(StoreError::StaleEpoch { .. })
             ));
             assert_eq!(
-                s.promote(&b, e + 2).await.unwrap(),
+                s.promote(&tok(&b, e + 2)).await.unwrap(),
                 PromoteOutcome::Promoted
             );
             let f = s.fence().await.unwrap();
             assert_eq!((f.epoch, f.holder), (e + 2, b));
+        })
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_epoch_belongs_to_one_incarnation_of_a_name() {
+    run(|s| {
+        Box::pin(async move {
+            let (name, conn) = (unique("im-b"), unique("conn"));
+            let e = s.fence().await.unwrap().epoch;
+            let old = FenceToken {
+                incarnation: "old".into(),
+                ..tok(&name, e + 1)
+            };
+            let new = FenceToken {
+                incarnation: "new".into(),
+                ..old.clone()
+            };
+            assert_eq!(s.promote(&old).await.unwrap(), PromoteOutcome::Promoted);
+            // A retry of the same epoch reaching the recreated process is refused.
+            assert!(matches!(
+                s.promote(&new).await,
+                Err(StoreError::StaleEpoch { stored, .. }) if stored == e + 1
+            ));
+            let f = s.fence().await.unwrap();
+            assert_eq!(
+                (f.holder.as_str(), f.holder_incarnation.as_str()),
+                (name.as_str(), "old")
+            );
+            let mut committed = 0;
+            for t in [&old, &new] {
+                if s.commit_import_batch(t, &batch(&conn, 1, 0, "w"), 1)
+                    .await
+                    .is_ok()
+                {
+                    committed += 1;
+                }
+            }
+            assert_eq!(
+                committed,
+                1,
+                "exactly one process commits at epoch {}",
+                e + 1
+            );
+            let newer = FenceToken {
+                epoch: e + 2,
+                ..new.clone()
+            };
+            assert_eq!(s.promote(&newer).await.unwrap(), PromoteOutcome::Promoted);
+            assert!(matches!(
+                s.engine_tick(&old, 2).await,
+                Err(StoreError::Fenced { .. })
+            ));
+            s.engine_tick(&newer, 2).await.unwrap();
         })
     })
     .await;
@@ -103,16 +167,13 @@ async fn stale_writers_are_fenced_and_nothing_commits() {
         Box::pin(async move {
             let (a, b, conn) = (unique("a"), unique("b"), unique("conn"));
             let e = s.fence().await.unwrap().epoch;
-            s.promote(&a, e + 1).await.unwrap();
-            let ta = FenceToken {
-                instance: a.clone(),
-                epoch: e + 1,
-            };
+            s.promote(&tok(&a, e + 1)).await.unwrap();
+            let ta = tok(&a, e + 1);
             s.engine_tick(&ta, 1).await.unwrap();
             s.commit_import_batch(&ta, &batch(&conn, 3, 0, "w1"), 1)
                 .await
                 .unwrap();
-            s.promote(&b, e + 2).await.unwrap();
+            s.promote(&tok(&b, e + 2)).await.unwrap();
             assert!(matches!(
                 s.engine_tick(&ta, 2).await,
                 Err(StoreError::Fenced { .. })
@@ -132,10 +193,7 @@ async fn stale_writers_are_fenced_and_nothing_commits() {
                 s.watermark(&conn, "person").await.unwrap().as_deref(),
                 Some("w1")
             );
-            let tb = FenceToken {
-                instance: b,
-                epoch: e + 2,
-            };
+            let tb = tok(&b, e + 2);
             s.commit_import_batch(&tb, &batch(&conn, 5, 100, "w2"), 3)
                 .await
                 .unwrap();
@@ -151,11 +209,8 @@ async fn batches_upsert_objects_by_anchor() {
         Box::pin(async move {
             let (a, conn) = (unique("a"), unique("conn"));
             let e = s.fence().await.unwrap().epoch;
-            s.promote(&a, e + 1).await.unwrap();
-            let t = FenceToken {
-                instance: a,
-                epoch: e + 1,
-            };
+            s.promote(&tok(&a, e + 1)).await.unwrap();
+            let t = tok(&a, e + 1);
             s.commit_import_batch(&t, &batch(&conn, 10, 0, "1"), 1)
                 .await
                 .unwrap();
@@ -181,6 +236,7 @@ async fn registry_never_shows_two_actives() {
             let e = s.fence().await.unwrap().epoch;
             let hb = |instance: &str, role, epoch, now| Heartbeat {
                 instance: instance.into(),
+                incarnation: tok(instance, epoch).incarnation,
                 host: "host".into(),
                 role,
                 epoch,
@@ -189,10 +245,10 @@ async fn registry_never_shows_two_actives() {
                 now_ms: now,
             };
             let t0 = now_ms();
-            s.promote(&a, e + 1).await.unwrap();
+            s.promote(&tok(&a, e + 1)).await.unwrap();
             s.heartbeat(&hb(&a, Role::Active, e + 1, t0)).await.unwrap();
             s.heartbeat(&hb(&b, Role::Standby, 0, t0)).await.unwrap();
-            s.promote(&b, e + 2).await.unwrap();
+            s.promote(&tok(&b, e + 2)).await.unwrap();
             s.heartbeat(&hb(&b, Role::Active, e + 2, t0 + 1))
                 .await
                 .unwrap();
@@ -260,11 +316,8 @@ async fn a_promotion_never_lands_inside_a_fenced_commit() {
         Box::pin(async move {
             let (a, b, conn) = (unique("a"), unique("b"), unique("conn"));
             let e = s.fence().await.unwrap().epoch;
-            s.promote(&a, e + 1).await.unwrap();
-            let ta = FenceToken {
-                instance: a,
-                epoch: e + 1,
-            };
+            s.promote(&tok(&a, e + 1)).await.unwrap();
+            let ta = tok(&a, e + 1);
             let writer = {
                 let s = s.clone();
                 let conn = conn.clone();
@@ -287,7 +340,7 @@ async fn a_promotion_never_lands_inside_a_fenced_commit() {
                 })
             };
             tokio::time::sleep(std::time::Duration::from_millis(150)).await;
-            s.promote(&b, e + 2).await.unwrap();
+            s.promote(&tok(&b, e + 2)).await.unwrap();
             let outcomes = writer.await.unwrap();
             assert_eq!(
                 outcomes.last(),
@@ -381,8 +434,9 @@ async fn relays_register_connect_and_revoke() {
 async fn promoted(s: &Arc<dyn Store>) -> FenceToken {
     let instance = unique("inst");
     let epoch = s.fence().await.unwrap().epoch + 1;
-    s.promote(&instance, epoch).await.unwrap();
-    FenceToken { instance, epoch }
+    let t = tok(&instance, epoch);
+    s.promote(&t).await.unwrap();
+    t
 }
 
 fn connector(id: &str, name: &str) -> ConnectorRow {

@@ -60,6 +60,21 @@ pub const SQLITE: &[Migration] = &[
             "CREATE INDEX identities_name ON identities (display_name)",
         ],
     },
+    Migration {
+        version: 3,
+        name: "fence incarnation",
+        statements: &[
+            // '' never matches a running process (incarnations are random), so after the upgrade
+            // the next promotion needs a greater epoch, as after any restart.
+            "ALTER TABLE fence ADD COLUMN holder_incarnation TEXT NOT NULL DEFAULT ''",
+            // One registry row per process: two processes of one name (a recreated pod and its
+            // cut-off predecessor) each show their own role instead of overwriting each other.
+            "CREATE TABLE engine_instances_v3 (instance TEXT NOT NULL, incarnation TEXT NOT NULL, host TEXT NOT NULL, role TEXT NOT NULL, epoch INTEGER NOT NULL, version TEXT NOT NULL, started_at INTEGER NOT NULL, last_heartbeat INTEGER NOT NULL, PRIMARY KEY (instance, incarnation))",
+            "INSERT INTO engine_instances_v3 (instance, incarnation, host, role, epoch, version, started_at, last_heartbeat) SELECT instance, '', host, role, epoch, version, started_at, last_heartbeat FROM engine_instances",
+            "DROP TABLE engine_instances",
+            "ALTER TABLE engine_instances_v3 RENAME TO engine_instances",
+        ],
+    },
 ];
 
 pub const MSSQL: &[Migration] = &[
@@ -113,6 +128,17 @@ pub const MSSQL: &[Migration] = &[
             "CREATE TABLE identity_keys (attr NVARCHAR(128) NOT NULL, value NVARCHAR(400) NOT NULL, identity_id NVARCHAR(64) NOT NULL, PRIMARY KEY NONCLUSTERED (attr, value, identity_id))",
             "CREATE INDEX identity_keys_identity ON identity_keys (identity_id)",
             "CREATE INDEX identities_name ON identities (display_name)",
+        ],
+    },
+    Migration {
+        version: 3,
+        name: "fence incarnation",
+        statements: &[
+            "ALTER TABLE fence ADD holder_incarnation NVARCHAR(64) NOT NULL DEFAULT N''",
+            "CREATE TABLE engine_instances_v3 (instance NVARCHAR(256) NOT NULL, incarnation NVARCHAR(64) NOT NULL, host NVARCHAR(256) NOT NULL, role NVARCHAR(16) NOT NULL, epoch BIGINT NOT NULL, version NVARCHAR(64) NOT NULL, started_at BIGINT NOT NULL, last_heartbeat BIGINT NOT NULL, PRIMARY KEY (instance, incarnation))",
+            "INSERT INTO engine_instances_v3 (instance, incarnation, host, role, epoch, version, started_at, last_heartbeat) SELECT instance, N'', host, role, epoch, version, started_at, last_heartbeat FROM engine_instances",
+            "DROP TABLE engine_instances",
+            "EXEC sp_rename N'engine_instances_v3', N'engine_instances'",
         ],
     },
 ];

@@ -8,6 +8,7 @@
 use async_trait::async_trait;
 use serde::Serialize;
 
+pub mod fencing;
 pub mod migrations;
 pub mod mssql;
 pub mod sqlite;
@@ -52,10 +53,13 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
-/// What an instance claims when it writes: its name and the epoch it was promoted with.
+/// What an instance claims when it writes (or asks to be promoted): its name, the incarnation
+/// of its process, and the epoch. See [`fencing`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FenceToken {
     pub instance: String,
+    /// Random per process start: tells a recreated pod from its predecessor of the same name.
+    pub incarnation: String,
     pub epoch: i64,
 }
 
@@ -63,6 +67,18 @@ pub struct FenceToken {
 pub struct Fence {
     pub epoch: i64,
     pub holder: String,
+    pub holder_incarnation: String,
+}
+
+impl Fence {
+    /// The holder as error messages name it.
+    pub fn holder_label(&self) -> String {
+        if self.holder_incarnation.is_empty() {
+            self.holder.clone()
+        } else {
+            format!("{} (incarnation {})", self.holder, self.holder_incarnation)
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +119,7 @@ impl Role {
 #[derive(Debug, Clone)]
 pub struct Heartbeat {
     pub instance: String,
+    pub incarnation: String,
     pub host: String,
     pub role: Role,
     pub epoch: i64,
@@ -114,6 +131,7 @@ pub struct Heartbeat {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct InstanceRow {
     pub instance: String,
+    pub incarnation: String,
     pub host: String,
     pub role: Role,
     pub epoch: i64,
@@ -331,8 +349,9 @@ pub trait Store: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), StoreError>;
 
     async fn fence(&self) -> Result<Fence, StoreError>;
-    /// Moves the stored epoch to `epoch` iff it is greater, or is already held by `instance`.
-    async fn promote(&self, instance: &str, epoch: i64) -> Result<PromoteOutcome, StoreError>;
+    /// Moves the stored epoch to `claim.epoch` iff it is greater, or is already held by this very
+    /// process (name and incarnation); see [`fencing::promote`].
+    async fn promote(&self, claim: &FenceToken) -> Result<PromoteOutcome, StoreError>;
 
     /// Upserts the instance's registry row. A row claiming `active` whose epoch is no longer the
     /// stored one is written as `fenced`, and the call returns [`StoreError::Fenced`].

@@ -34,19 +34,17 @@ pub mod sql {
     pub const RECORD_MIGRATION: &str =
         "INSERT INTO schema_migrations (version, name, applied_at) VALUES (@P1, @P2, @P3)";
     pub const PING: &str = "SELECT 1";
-    pub const FENCE: &str = "SELECT epoch, holder FROM fence WHERE id = 1";
+    pub const FENCE: &str = "SELECT epoch, holder, holder_incarnation FROM fence WHERE id = 1";
     pub const FENCE_LOCKED: &str =
-        "SELECT epoch, holder FROM fence WITH (UPDLOCK, HOLDLOCK) WHERE id = 1";
-    pub const SET_FENCE: &str =
-        "UPDATE fence SET epoch = @P1, holder = @P2, updated_at = @P3 WHERE id = 1";
-    pub const FENCE_OTHER_ACTIVES: &str =
-        "UPDATE engine_instances SET role = N'fenced' WHERE role = N'active' AND instance <> @P1";
+        "SELECT epoch, holder, holder_incarnation FROM fence WITH (UPDLOCK, HOLDLOCK) WHERE id = 1";
+    pub const SET_FENCE: &str = "UPDATE fence SET epoch = @P1, holder = @P2, holder_incarnation = @P3, updated_at = @P4 WHERE id = 1";
+    pub const FENCE_OTHER_ACTIVES: &str = "UPDATE engine_instances SET role = N'fenced' WHERE role = N'active' AND NOT (instance = @P1 AND incarnation = @P2)";
     pub const JOURNAL: &str =
         "INSERT INTO fence_journal (kind, epoch, instance, at) VALUES (@P1, @P2, @P3, @P4)";
     pub const READ_JOURNAL: &str = "SELECT kind, epoch FROM fence_journal ORDER BY seq";
-    pub const UPDATE_INSTANCE: &str = "UPDATE engine_instances SET host = @P2, role = @P3, epoch = @P4, version = @P5, started_at = @P6, last_heartbeat = @P7 WHERE instance = @P1";
-    pub const INSERT_INSTANCE: &str = "INSERT INTO engine_instances (instance, host, role, epoch, version, started_at, last_heartbeat) VALUES (@P1, @P2, @P3, @P4, @P5, @P6, @P7)";
-    pub const INSTANCES: &str = "SELECT instance, host, role, epoch, version, started_at, last_heartbeat FROM engine_instances WHERE last_heartbeat >= @P1 ORDER BY instance";
+    pub const UPDATE_INSTANCE: &str = "UPDATE engine_instances SET host = @P2, role = @P3, epoch = @P4, version = @P5, started_at = @P6, last_heartbeat = @P7 WHERE instance = @P1 AND incarnation = @P8";
+    pub const INSERT_INSTANCE: &str = "INSERT INTO engine_instances (instance, host, role, epoch, version, started_at, last_heartbeat, incarnation) VALUES (@P1, @P2, @P3, @P4, @P5, @P6, @P7, @P8)";
+    pub const INSTANCES: &str = "SELECT instance, host, role, epoch, version, started_at, last_heartbeat, incarnation FROM engine_instances WHERE last_heartbeat >= @P1 ORDER BY instance, started_at";
     pub const UPDATE_ENGINE_STATE: &str =
         "UPDATE engine_state SET holder = @P1, epoch = @P2, last_tick = @P3 WHERE id = 1";
     pub const INSERT_ENGINE_STATE: &str =
@@ -628,15 +626,7 @@ impl MssqlStore {
     }
 
     async fn check_fence(w: &mut dyn Wire, token: &FenceToken) -> Result<(), StoreError> {
-        let fence = Self::fence_locked(w).await?;
-        if fence.epoch != token.epoch || fence.holder != token.instance {
-            return Err(StoreError::Fenced {
-                stored: fence.epoch,
-                holder: fence.holder,
-                own: token.epoch,
-            });
-        }
-        Ok(())
+        fencing::check(&Self::fence_locked(w).await?, token)
     }
 
     /// `commit_import_batch` inside its transaction: the fence check, the stored state of the
@@ -1140,6 +1130,7 @@ fn fence_from(row: Option<&Row>) -> Result<Fence, StoreError> {
     Ok(Fence {
         epoch: col(row, 0)?,
         holder: text(row, 1)?,
+        holder_incarnation: text(row, 2)?,
     })
 }
 
@@ -1203,25 +1194,30 @@ impl Store for MssqlStore {
         fence_from(rows.first())
     }
 
-    async fn promote(&self, instance: &str, epoch: i64) -> Result<PromoteOutcome, StoreError> {
+    async fn promote(&self, claim: &FenceToken) -> Result<PromoteOutcome, StoreError> {
         let mut conn = self.begin().await?;
         let r = async {
             let fence = Self::fence_locked(&mut conn).await?;
-            if epoch == fence.epoch && fence.holder == instance {
-                return Ok(PromoteOutcome::AlreadyHeld);
-            }
-            if epoch <= fence.epoch {
-                return Err(StoreError::StaleEpoch {
-                    requested: epoch,
-                    stored: fence.epoch,
-                    holder: fence.holder,
-                });
+            let outcome = fencing::promote(&fence, claim)?;
+            if outcome == PromoteOutcome::AlreadyHeld {
+                return Ok(outcome);
             }
             let now = now_ms();
-            Self::exec(&mut conn, sql::SET_FENCE, &[&epoch, &instance, &now]).await?;
-            Self::exec(&mut conn, sql::FENCE_OTHER_ACTIVES, &[&instance]).await?;
-            Self::journal(&mut conn, "promote", epoch, instance, now).await?;
-            Ok(PromoteOutcome::Promoted)
+            let (instance, incarnation) = (claim.instance.as_str(), claim.incarnation.as_str());
+            Self::exec(
+                &mut conn,
+                sql::SET_FENCE,
+                &[&claim.epoch, &instance, &incarnation, &now],
+            )
+            .await?;
+            Self::exec(
+                &mut conn,
+                sql::FENCE_OTHER_ACTIVES,
+                &[&instance, &incarnation],
+            )
+            .await?;
+            Self::journal(&mut conn, "promote", claim.epoch, instance, now).await?;
+            Ok(outcome)
         }
         .await;
         self.finish(conn, r).await
@@ -1231,9 +1227,8 @@ impl Store for MssqlStore {
         let mut conn = self.begin().await?;
         let r = async {
             let fence = Self::fence_locked(&mut conn).await?;
-            let stale =
-                hb.role == Role::Active && (fence.epoch != hb.epoch || fence.holder != hb.instance);
-            let role = if stale { Role::Fenced } else { hb.role };
+            let role = fencing::heartbeat_role(&fence, hb);
+            let stale = role != hb.role;
             Self::upsert(
                 &mut conn,
                 sql::UPDATE_INSTANCE,
@@ -1246,6 +1241,7 @@ impl Store for MssqlStore {
                     &hb.version.as_str(),
                     &hb.started_at_ms,
                     &hb.now_ms,
+                    &hb.incarnation.as_str(),
                 ],
             )
             .await?;
@@ -1256,7 +1252,7 @@ impl Store for MssqlStore {
         if stale {
             return Err(StoreError::Fenced {
                 stored: fence.epoch,
-                holder: fence.holder,
+                holder: fence.holder_label(),
                 own: hb.epoch,
             });
         }
@@ -1273,6 +1269,7 @@ impl Store for MssqlStore {
                 version: text(r, 4)?,
                 started_at_ms: col(r, 5)?,
                 last_heartbeat_ms: col(r, 6)?,
+                incarnation: text(r, 7)?,
             })
         })
         .await
@@ -2130,6 +2127,7 @@ mod tests {
     fn token() -> FenceToken {
         FenceToken {
             instance: "im-a".into(),
+            incarnation: "p1".into(),
             epoch: 7,
         }
     }
@@ -2140,6 +2138,7 @@ mod tests {
         row(vec![
             tiberius::ColumnData::I64(Some(t.epoch)),
             string(&t.instance),
+            string(&t.incarnation),
         ])
     }
 

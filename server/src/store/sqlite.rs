@@ -170,26 +170,13 @@ impl SqliteStore {
     }
 
     async fn read_fence(tx: &mut Tx<'_>) -> Result<Fence, StoreError> {
-        let row = sqlx::query("SELECT epoch, holder FROM fence WHERE id = 1")
-            .fetch_one(&mut **tx)
-            .await?;
-        Ok(Fence {
-            epoch: row.try_get(0)?,
-            holder: row.try_get(1)?,
-        })
+        let row = sqlx::query(FENCE_SELECT).fetch_one(&mut **tx).await?;
+        fence_row(&row)
     }
 
     /// Reads the fence under the write lock and refuses a token that no longer holds it.
     async fn check_fence(tx: &mut Tx<'_>, token: &FenceToken) -> Result<(), StoreError> {
-        let fence = Self::read_fence(tx).await?;
-        if fence.epoch != token.epoch || fence.holder != token.instance {
-            return Err(StoreError::Fenced {
-                stored: fence.epoch,
-                holder: fence.holder,
-                own: token.epoch,
-            });
-        }
-        Ok(())
+        fencing::check(&Self::read_fence(tx).await?, token)
     }
 
     async fn journal_insert(
@@ -256,61 +243,54 @@ impl Store for SqliteStore {
     }
 
     async fn fence(&self) -> Result<Fence, StoreError> {
-        let row = sqlx::query("SELECT epoch, holder FROM fence WHERE id = 1")
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(Fence {
-            epoch: row.try_get(0)?,
-            holder: row.try_get(1)?,
-        })
+        let row = sqlx::query(FENCE_SELECT).fetch_one(&self.pool).await?;
+        fence_row(&row)
     }
 
-    async fn promote(&self, instance: &str, epoch: i64) -> Result<PromoteOutcome, StoreError> {
+    async fn promote(&self, claim: &FenceToken) -> Result<PromoteOutcome, StoreError> {
         let (_slot, mut tx) = self.begin_locked().await?;
         let fence = Self::read_fence(&mut tx).await?;
-        if epoch == fence.epoch && fence.holder == instance {
-            return Ok(PromoteOutcome::AlreadyHeld);
-        }
-        if epoch <= fence.epoch {
-            return Err(StoreError::StaleEpoch {
-                requested: epoch,
-                stored: fence.epoch,
-                holder: fence.holder,
-            });
+        let outcome = fencing::promote(&fence, claim)?;
+        if outcome == PromoteOutcome::AlreadyHeld {
+            return Ok(outcome);
         }
         let now = now_ms();
-        sqlx::query("UPDATE fence SET epoch = ?, holder = ?, updated_at = ? WHERE id = 1")
-            .bind(epoch)
-            .bind(instance)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        // The registry must never show two actives: whoever claimed active before is fenced now.
         sqlx::query(
-            "UPDATE engine_instances SET role = 'fenced' WHERE role = 'active' AND instance <> ?",
+            "UPDATE fence SET epoch = ?, holder = ?, holder_incarnation = ?, updated_at = ? WHERE id = 1",
         )
-        .bind(instance)
+        .bind(claim.epoch)
+        .bind(&claim.instance)
+        .bind(&claim.incarnation)
+        .bind(now)
         .execute(&mut *tx)
         .await?;
-        Self::journal_insert(&mut tx, "promote", epoch, instance, now).await?;
+        // The registry must never show two actives: whoever claimed active before is fenced now.
+        sqlx::query(
+            "UPDATE engine_instances SET role = 'fenced' WHERE role = 'active' \
+             AND NOT (instance = ? AND incarnation = ?)",
+        )
+        .bind(&claim.instance)
+        .bind(&claim.incarnation)
+        .execute(&mut *tx)
+        .await?;
+        Self::journal_insert(&mut tx, "promote", claim.epoch, &claim.instance, now).await?;
         tx.commit().await?;
-        Ok(PromoteOutcome::Promoted)
+        Ok(outcome)
     }
 
     async fn heartbeat(&self, hb: &Heartbeat) -> Result<(), StoreError> {
         let (_slot, mut tx) = self.begin_locked().await?;
         let fence = Self::read_fence(&mut tx).await?;
-        let stale =
-            hb.role == Role::Active && (fence.epoch != hb.epoch || fence.holder != hb.instance);
-        let role = if stale { Role::Fenced } else { hb.role };
+        let role = fencing::heartbeat_role(&fence, hb);
+        let stale = role != hb.role;
         sqlx::query(
-            "INSERT INTO engine_instances (instance, host, role, epoch, version, started_at, last_heartbeat) \
-             VALUES (?, ?, ?, ?, ?, ?, ?) \
-             ON CONFLICT (instance) DO UPDATE SET host = excluded.host, role = excluded.role, \
-             epoch = excluded.epoch, version = excluded.version, started_at = excluded.started_at, \
-             last_heartbeat = excluded.last_heartbeat",
+            "INSERT INTO engine_instances (instance, incarnation, host, role, epoch, version, started_at, last_heartbeat) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (instance, incarnation) DO UPDATE SET host = excluded.host, role = excluded.role, epoch = excluded.epoch, version = excluded.version, \
+             started_at = excluded.started_at, last_heartbeat = excluded.last_heartbeat",
         )
         .bind(&hb.instance)
+        .bind(&hb.incarnation)
         .bind(&hb.host)
         .bind(role.as_str())
         .bind(hb.epoch)
@@ -323,7 +303,7 @@ impl Store for SqliteStore {
         if stale {
             return Err(StoreError::Fenced {
                 stored: fence.epoch,
-                holder: fence.holder,
+                holder: fence.holder_label(),
                 own: hb.epoch,
             });
         }
@@ -332,8 +312,8 @@ impl Store for SqliteStore {
 
     async fn instances(&self, alive_since_ms: i64) -> Result<Vec<InstanceRow>, StoreError> {
         let rows = sqlx::query(
-            "SELECT instance, host, role, epoch, version, started_at, last_heartbeat \
-             FROM engine_instances WHERE last_heartbeat >= ? ORDER BY instance",
+            "SELECT instance, host, role, epoch, version, started_at, last_heartbeat, incarnation \
+             FROM engine_instances WHERE last_heartbeat >= ? ORDER BY instance, started_at",
         )
         .bind(alive_since_ms)
         .fetch_all(&self.pool)
@@ -348,6 +328,7 @@ impl Store for SqliteStore {
                     version: r.try_get(4)?,
                     started_at_ms: r.try_get(5)?,
                     last_heartbeat_ms: r.try_get(6)?,
+                    incarnation: r.try_get(7)?,
                 })
             })
             .collect()
@@ -1400,6 +1381,16 @@ impl Store for SqliteStore {
 
 const RELAY_COLUMNS: &str = "SELECT id, name, created_at, revoked_at, last_seen, version, connected_instance, connected_since FROM relays";
 
+const FENCE_SELECT: &str = "SELECT epoch, holder, holder_incarnation FROM fence WHERE id = 1";
+
+fn fence_row(r: &sqlx::sqlite::SqliteRow) -> Result<Fence, StoreError> {
+    Ok(Fence {
+        epoch: r.try_get(0)?,
+        holder: r.try_get(1)?,
+        holder_incarnation: r.try_get(2)?,
+    })
+}
+
 fn relay_row(r: &sqlx::sqlite::SqliteRow) -> Result<RelayRow, StoreError> {
     Ok(RelayRow {
         id: r.try_get(0)?,
@@ -1543,5 +1534,69 @@ mod tests {
                 "{head}: {plan:?}"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod upgrade_tests {
+    use super::*;
+
+    /// A database at schema version 2 (fence and registry without incarnations) upgrades in
+    /// place: its rows survive and the old holder never matches a running process.
+    #[tokio::test]
+    async fn version_2_upgrades_to_incarnations_keeping_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("im.db")).await.unwrap();
+        sqlx::query("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)")
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        for m in SQLITE.iter().filter(|m| m.version <= 2) {
+            for stmt in m.statements {
+                sqlx::query(stmt).execute(&store.pool).await.unwrap();
+            }
+            sqlx::query("INSERT INTO schema_migrations VALUES (?, ?, 0)")
+                .bind(m.version as i64)
+                .bind(m.name)
+                .execute(&store.pool)
+                .await
+                .unwrap();
+        }
+        sqlx::query("UPDATE fence SET epoch = 9, holder = 'im-a' WHERE id = 1")
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO engine_instances VALUES ('im-a', 'h', 'active', 9, '1', 1, ?)")
+            .bind(now_ms())
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!(store.migrate().await.unwrap(), vec![3]);
+        let f = store.fence().await.unwrap();
+        assert_eq!(
+            (f.epoch, f.holder.as_str(), f.holder_incarnation.as_str()),
+            (9, "im-a", "")
+        );
+        let rows = store.instances(0).await.unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            (rows[0].instance.as_str(), rows[0].incarnation.as_str()),
+            ("im-a", "")
+        );
+        // The process that held epoch 9 before the upgrade is gone: a new one needs epoch 10.
+        let claim = FenceToken {
+            instance: "im-a".into(),
+            incarnation: "p1".into(),
+            epoch: 9,
+        };
+        assert!(matches!(
+            store.promote(&claim).await,
+            Err(StoreError::StaleEpoch { stored: 9, .. })
+        ));
+        let claim = FenceToken { epoch: 10, ..claim };
+        assert_eq!(
+            store.promote(&claim).await.unwrap(),
+            PromoteOutcome::Promoted
+        );
     }
 }

@@ -216,11 +216,9 @@ pub async fn settle_unruled(
     let ruled: Vec<String> = ctx.rules.object_types().map(str::to_string).collect();
     loop {
         let permit = engine.begin_batch().ok_or(ComposeError::NotActive)?;
-        let r = store
-            .settle_unruled(&permit.token, ctx.connector_id, &ruled, SETTLE_CHUNK)
-            .await;
-        drop(permit);
-        let settled = engine.reported(r).await?;
+        let token = permit.token.clone();
+        let settle = store.settle_unruled(&token, ctx.connector_id, &ruled, SETTLE_CHUNK);
+        let settled = engine.commit(permit, settle).await?;
         if (settled as i64) < SETTLE_CHUNK {
             return Ok(());
         }
@@ -309,9 +307,9 @@ async fn commit(
     writes: &[ComposeWrite],
 ) -> Result<(), ComposeError> {
     let permit = engine.begin_batch().ok_or(ComposeError::NotActive)?;
-    let r = store.commit_compose(&permit.token, writes, now_ms()).await;
-    drop(permit);
-    engine.reported(r).await?;
+    let token = permit.token.clone();
+    let write = store.commit_compose(&token, writes, now_ms());
+    engine.commit(permit, write).await?;
     Ok(())
 }
 

@@ -292,10 +292,8 @@ impl SyncEngine {
             let cfg = super::source::SourceConfig::parse(&row.kind, &row.config_json)
                 .map_err(|e| SourceError::Invalid(e.join("; ")))?;
             for object_type in cfg.object_types() {
-                let permit = self.engine.begin_batch().ok_or(RunFailure::NotActive)?;
                 // No object was seen by this run, so every one is marked deleted.
-                self.sweep_unseen(&permit.token, row, &object_type, run)
-                    .await?;
+                self.sweep_unseen(row, &object_type, run).await?;
             }
         }
         let recomposed = self.prepare_compose(row, rules, key_attributes).await?;
@@ -415,7 +413,6 @@ impl SyncEngine {
             // saw its channel close.
             write?;
             let summary = read?;
-            let permit = self.engine.begin_batch().ok_or(RunFailure::NotActive)?;
             if summary.watermark.is_some() {
                 let batch = ImportBatch {
                     connector: row.id.clone(),
@@ -425,15 +422,14 @@ impl SyncEngine {
                     seen_in_run: None,
                     compose: false,
                 };
-                self.fenced(
-                    self.store
-                        .commit_import_batch(&permit.token, &batch, now_ms()),
-                )
+                let batch = &batch;
+                self.fenced(|t| async move {
+                    self.store.commit_import_batch(&t, batch, now_ms()).await
+                })
                 .await?;
             }
             if full {
-                self.sweep_unseen(&permit.token, row, &object_type, run)
-                    .await?;
+                self.sweep_unseen(row, &object_type, run).await?;
             }
         }
         Ok(())
@@ -442,16 +438,17 @@ impl SyncEngine {
     /// Marks the objects of this type the run did not see as deleted (fenced).
     async fn sweep_unseen(
         &self,
-        token: &crate::store::FenceToken,
         row: &ConnectorRow,
         object_type: &str,
         run: &mut RunRow,
     ) -> Result<(), RunFailure> {
+        let run_id = run.id.as_str();
         let gone = self
-            .fenced(
+            .fenced(|t| async move {
                 self.store
-                    .finish_full_import(token, &row.id, object_type, &run.id, now_ms()),
-            )
+                    .finish_full_import(&t, &row.id, object_type, run_id, now_ms())
+                    .await
+            })
             .await?;
         run.deleted += gone as i64;
         Ok(())
@@ -492,25 +489,28 @@ impl SyncEngine {
             return Ok(None);
         }
         let ruled: Vec<String> = rules.object_types().map(str::to_string).collect();
-        let permit = self.engine.begin_batch().ok_or(RunFailure::NotActive)?;
+        let ruled = &ruled;
         let marked = self
-            .fenced(
-                self.store
-                    .mark_for_recompose(&permit.token, &row.id, &ruled),
-            )
+            .fenced(|t| async move { self.store.mark_for_recompose(&t, &row.id, ruled).await })
             .await?;
-        drop(permit);
         if marked > 0 {
             tracing::info!(connector = %row.name, objects = marked, "rules changed: composing every object again");
         }
         Ok(Some((setting, hash)))
     }
 
-    async fn fenced<T>(
+    /// One fenced write under a fresh permit, reported to the engine after the permit is
+    /// released (see [`crate::engine::Engine::commit`]).
+    async fn fenced<T, F>(
         &self,
-        f: impl std::future::Future<Output = Result<T, StoreError>>,
-    ) -> Result<T, RunFailure> {
-        Ok(self.engine.reported(f.await).await?)
+        write: impl FnOnce(crate::store::FenceToken) -> F,
+    ) -> Result<T, RunFailure>
+    where
+        F: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        let permit = self.engine.begin_batch().ok_or(RunFailure::NotActive)?;
+        let write = write(permit.token.clone());
+        Ok(self.engine.commit(permit, write).await?)
     }
 
     /// Commits each page as one fenced batch like `template` (its objects empty).
@@ -547,14 +547,12 @@ impl SyncEngine {
                     .collect(),
                 ..template.clone()
             };
-            let permit = self.engine.begin_batch().ok_or(RunFailure::NotActive)?;
+            let batch = &batch;
             let out = self
                 .fenced(
-                    self.store
-                        .commit_import_batch(&permit.token, &batch, now_ms()),
+                    |t| async move { self.store.commit_import_batch(&t, batch, now_ms()).await },
                 )
                 .await?;
-            drop(permit);
             if let Some(n) = committed {
                 n.notify_one();
             }
