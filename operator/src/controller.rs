@@ -91,6 +91,8 @@ pub struct Context {
     /// First time each pod (ns/name) was seen unhealthy; in memory only (a restart re-learns it
     /// from pod/node condition times or one threshold later).
     unhealthy_seen: Mutex<HashMap<String, Timestamp>>,
+    /// Canary runs in flight, off the reconcile path.
+    canaries: canary::CanaryJobs,
 }
 
 impl Context {
@@ -106,6 +108,7 @@ impl Context {
             metrics,
             instances,
             unhealthy_seen: Mutex::new(HashMap::new()),
+            canaries: canary::CanaryJobs::default(),
         }
     }
 }
@@ -246,6 +249,11 @@ impl Reconciler {
         Ok(())
     }
 
+    /// Key of this cluster in the Context's per-cluster maps.
+    fn cluster_key(&self) -> String {
+        format!("{}/{}", self.names.namespace, self.names.cluster)
+    }
+
     fn api<K>(&self) -> Api<K>
     where
         K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>,
@@ -327,6 +335,8 @@ impl Reconciler {
         let gen = imc.metadata.generation;
 
         if imc.spec.paused {
+            // No sync runs on a paused cluster's behalf either.
+            self.ctx.canaries.drop_cluster(&self.cluster_key());
             st.phase = Some(Phase::Paused);
             set_condition(
                 &mut st.conditions,
@@ -531,7 +541,7 @@ impl Reconciler {
         let pods_result = self.ensure_pods(&world).await;
 
         // Post-cutover checks against the active, once any cutover is recorded in status.
-        let checks = self.post_checks(&st, &world, instance_api.as_deref()).await;
+        let checks = self.post_checks(&st, &world, instance_api.as_ref()).await;
 
         // Status.
         st.observed_generation = gen;
@@ -579,6 +589,7 @@ impl Reconciler {
     }
 
     async fn cleanup(self) -> Result<ReconcileAction, Error> {
+        self.ctx.canaries.drop_cluster(&self.cluster_key());
         // Owner references garbage-collect every child. Demote the active first so its engine
         // stops at a batch boundary instead of being killed mid-run.
         if let Some(active) = self.imc.status.as_ref().and_then(|s| s.active_pod.clone()) {
@@ -1296,7 +1307,7 @@ impl Reconciler {
         &self,
         st: &IdentityMeshClusterStatus,
         world: &World,
-        api: Option<&dyn InstanceApi>,
+        api: Option<&Arc<dyn InstanceApi>>,
     ) -> Checks {
         let running = st.cutover.is_some();
         let active = st.active_pod.as_deref();
@@ -1323,15 +1334,29 @@ impl Reconciler {
             current,
             Timestamp::now(),
         ) {
-            CanaryPlan::Keep => None,
-            CanaryPlan::Set(v) => Some(v),
+            plan @ (CanaryPlan::Keep | CanaryPlan::Set(_)) => {
+                // Not due (or a cutover runs): an unanswered canary covers nothing any more.
+                self.ctx
+                    .canaries
+                    .poll(&self.cluster_key(), None, || None, CANARY_WAIT);
+                match plan {
+                    CanaryPlan::Set(v) => Some(v),
+                    _ => None,
+                }
+            }
             CanaryPlan::Run { pod, key } => {
-                let r = match (api, world.target(&pod)) {
-                    (Some(api), Some(t)) => api.canary(&t, CANARY_WAIT).await,
-                    _ => Err(PodClientError::Transport {
-                        pod: pod.clone(),
-                        detail: "no pod IP or no mTLS client".into(),
-                    }),
+                let start = || Some((api?.clone(), world.target(&pod)?));
+                let Some(r) = self.ctx.canaries.poll(
+                    &self.cluster_key(),
+                    Some((&key, &pod)),
+                    start,
+                    CANARY_WAIT,
+                ) else {
+                    // Running: the condition stays as it is until it answers.
+                    return Checks {
+                        relays,
+                        canary: None,
+                    };
                 };
                 if let Err(e) = &r {
                     tracing::warn!(pod, error = %e, "canary sync could not run");
@@ -1709,5 +1734,6 @@ fn display(pod: &str) -> &str {
     }
 }
 
+mod canary;
 #[cfg(test)]
 mod tests;

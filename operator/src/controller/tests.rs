@@ -327,6 +327,19 @@ struct Servers {
     on_first_promote: Option<Box<dyn FnOnce(&mut Store) + Send>>,
     /// (pod, wait)
     canary_calls: Vec<(String, Duration)>,
+    /// Hanging canary requests given up by the operator (their futures dropped unanswered).
+    canary_abandoned: usize,
+}
+
+/// Counts a hanging request abandoned by its caller.
+struct Abandoned(Arc<Mutex<Servers>>);
+
+impl Drop for Abandoned {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.0.lock() {
+            s.canary_abandoned += 1;
+        }
+    }
 }
 
 /// A configured answer of a fake pod.
@@ -335,6 +348,8 @@ enum Fake<T> {
     Ok(T),
     Http(u16),
     Unreachable,
+    /// Never answers (a canary whose runs take their whole wait, a hung pod).
+    Hang,
 }
 
 impl<T: Clone + Default> Fake<T> {
@@ -347,7 +362,7 @@ impl<T: Clone + Default> Fake<T> {
                 status: *status,
                 detail: r#"{"title":"fake"}"#.into(),
             }),
-            Some(Fake::Unreachable) => Err(PodClientError::Transport {
+            Some(Fake::Unreachable) | Some(Fake::Hang) => Err(PodClientError::Transport {
                 pod: pod.into(),
                 detail: "connection refused".into(),
             }),
@@ -452,6 +467,14 @@ impl InstanceApi for FakePods {
         s.canary_calls.push((t.pod.clone(), wait));
         // Like the server: only the active runs the canary.
         let active = s.roles.get(&t.pod).is_some_and(|r| r.0 == Role::Active);
+        if active && matches!(s.canary.get(&t.pod), Some(Fake::Hang)) {
+            let guard = Abandoned(self.0.clone());
+            return Box::pin(async move {
+                futures::future::pending::<()>().await;
+                drop(guard);
+                unreachable!()
+            });
+        }
         let r = if active {
             Fake::answer(&t.pod, s.canary.get(&t.pod))
         } else {
@@ -587,9 +610,22 @@ impl Harness {
     }
 
     async fn reconcile(&self) -> ReconcileAction {
-        reconcile(Arc::new(self.cluster()), self.ctx.clone())
+        let a = reconcile(Arc::new(self.cluster()), self.ctx.clone())
             .await
-            .expect("reconcile")
+            .expect("reconcile");
+        self.let_canaries_answer().await;
+        a
+    }
+
+    /// Give canary tasks started by the last reconcile the chance to answer before the next
+    /// one (the fakes answer at once unless told to hang).
+    async fn let_canaries_answer(&self) {
+        for _ in 0..50 {
+            if self.ctx.canaries.all_answered() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
     }
 
     /// The kubelet's part: pods run, get an IP, a node, and are Ready.
@@ -1417,13 +1453,16 @@ async fn canary_that_cannot_reach_the_new_active_is_retried_until_it_answers() {
     );
     let calls = h.pods.0.lock().expect("p").canary_calls.len();
     assert!(calls >= 1);
-    // Retried (within the window) without rewriting status or repeating the event.
+    // Retried (within the window) without rewriting status or repeating the event. A retry
+    // takes two reconciles: one collects the last answer, the next starts another attempt.
     h.take_writes();
+    h.reconcile().await;
     h.reconcile().await;
     assert_eq!(h.pods.0.lock().expect("p").canary_calls.len(), calls + 1);
     assert_eq!(h.take_writes(), Vec::<String>::new());
     assert_eq!(events_with_reason(&h, "CanaryNotRun").len(), 1);
-    // It answers now: timed out this time; recorded, and not run again.
+    // It answers now: timed out this time; recorded, and not run again. (The first reconcile
+    // collects the attempt made before it answered.)
     h.pods.0.lock().expect("p").canary.insert(
         "im-b".into(),
         Fake::Ok(canary_report(
@@ -1431,7 +1470,9 @@ async fn canary_that_cannot_reach_the_new_active_is_retried_until_it_answers() {
             &[("hr-canary", "running", None)],
         )),
     );
-    h.reconcile().await;
+    for _ in 0..3 {
+        h.reconcile().await;
+    }
     let c = condition_of(&h, "CanarySync");
     assert_eq!(
         (c.status.as_str(), c.reason.as_str()),
@@ -1742,4 +1783,107 @@ async fn a_stalled_switchover_is_reported_and_rolled_back_to_the_old_active() {
     // Traffic never went to the pod that could not be promoted.
     let sel = h.store.lock().expect("store").selectors.clone();
     assert!(!sel.iter().any(|s| s == "im-b"), "{sel:?}");
+}
+
+// ------------------------------------------------------------------------------- canary task
+
+/// A reconcile that must come back promptly (the canary may take its whole 20 s wait).
+async fn reconcile_promptly(h: &Harness) {
+    tokio::time::timeout(Duration::from_secs(5), h.reconcile())
+        .await
+        .expect("reconcile blocked (on the canary?)");
+}
+
+fn hang_canary_on(h: &Harness, pod: &str) {
+    h.pods
+        .0
+        .lock()
+        .expect("p")
+        .canary
+        .insert(pod.into(), Fake::Hang);
+}
+
+/// The canary after a switchover takes its time; meanwhile the new active dies and the
+/// failover starts on the next reconcile, and the unanswered canary is given up.
+#[tokio::test]
+async fn a_running_canary_does_not_hold_up_failure_detection() {
+    let h = Harness::new(true);
+    h.converge().await;
+    hang_canary_on(&h, "im-b");
+    request_switchover(&h);
+    for _ in 0..4 {
+        reconcile_promptly(&h).await;
+        h.kubelet();
+    }
+    let st = h.status();
+    assert_eq!(st.active_pod.as_deref(), Some("im-b"));
+    assert!(st.cutover.is_none());
+    assert_eq!(h.pods.0.lock().expect("p").canary_calls.len(), 1);
+    assert_eq!(
+        condition_of(&h, "CanarySync").reason,
+        "CanaryPending",
+        "no answer yet: the condition is left alone"
+    );
+
+    // kill -9 of the new active: it restarts as a standby.
+    h.pods
+        .0
+        .lock()
+        .expect("p")
+        .roles
+        .insert("im-b".into(), (Role::Standby, 0));
+    reconcile_promptly(&h).await;
+    let st = h.status();
+    let moved = st
+        .cutover
+        .as_ref()
+        .map(|c| (c.kind, c.target.clone()))
+        .or_else(|| st.last_transition.as_ref().map(|t| (t.kind, t.to.clone())));
+    assert_eq!(
+        moved,
+        Some((CutoverKind::Failover, "im-a".to_string())),
+        "{st:?}"
+    );
+    assert_eq!(
+        h.pods.0.lock().expect("p").canary_abandoned,
+        1,
+        "the unanswered canary of the previous transition is dropped"
+    );
+}
+
+/// spec.paused: the canary of the last cutover is dropped and not started while paused.
+#[tokio::test]
+async fn a_paused_cluster_runs_no_canary() {
+    let h = Harness::new(true);
+    h.converge().await;
+    hang_canary_on(&h, "im-b");
+    request_switchover(&h);
+    for _ in 0..4 {
+        reconcile_promptly(&h).await;
+        h.kubelet();
+    }
+    assert_eq!(h.pods.0.lock().expect("p").canary_calls.len(), 1);
+    edit_cluster(&h, |o| o["spec"]["paused"] = json!(true));
+    for _ in 0..3 {
+        reconcile_promptly(&h).await;
+    }
+    {
+        let p = h.pods.0.lock().expect("p");
+        assert_eq!(p.canary_abandoned, 1, "the running canary is dropped");
+        assert_eq!(p.canary_calls.len(), 1, "none started while paused");
+    }
+    // Resumed: the canary the last cutover is owed runs again.
+    h.pods.0.lock().expect("p").canary.insert(
+        "im-b".into(),
+        Fake::Ok(canary_report(
+            Some(true),
+            &[("hr-canary", "succeeded", None)],
+        )),
+    );
+    edit_cluster(&h, |o| o["spec"]["paused"] = json!(false));
+    for _ in 0..3 {
+        reconcile_promptly(&h).await;
+    }
+    assert_eq!(h.pods.0.lock().expect("p").canary_calls.len(), 2);
+    assert_eq!(condition_of(&h, "CanarySync").reason, "CanarySucceeded");
 }
