@@ -150,6 +150,12 @@ pub fn admission_cases() -> Vec<AdmissionCase> {
             "metadata.name must be a DNS label of at most 40 characters starting with a letter",
             true,
         ),
+        c(
+            "name-ending-in-pods",
+            json!({"metadata": {"name": "im-pods"}}),
+            "metadata.name must not end in -pods",
+            true,
+        ),
         c("bad-version", json!({"spec": {"version": "1.0 beta"}}), "spec.version in body should match", false),
         c(
             "bad-port",

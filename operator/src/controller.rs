@@ -2,7 +2,7 @@
 //! state machine. Read the world → validate → build desired objects → server-side apply what
 //! differs (hash annotation) → run the cutover step → write status last, and only if changed.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,7 +27,7 @@ use crate::builders::secret::{
 };
 use crate::builders::service::{build_client_service, build_headless_service};
 use crate::builders::{
-    hash_of, Names, ANNOTATION_SWITCHOVER, FIELD_MANAGER, FINALIZER, LABEL_CLUSTER,
+    foreign_owner, hash_of, Names, ANNOTATION_SWITCHOVER, FIELD_MANAGER, FINALIZER, LABEL_CLUSTER,
 };
 use crate::certs::{self, CertAndKey};
 use crate::checks::{
@@ -115,6 +115,8 @@ impl Context {
 
 /// The outcome of the last switchover request (accepted, rejected, refused during a cutover).
 pub const SWITCHOVER_CONDITION: &str = "SwitchoverRequest";
+/// True while an object under one of our derived names belongs to someone else.
+pub const CONFLICT_CONDITION: &str = "Conflict";
 /// Set while a cutover overruns spec.cutoverTimeoutSeconds, False once that cutover ended.
 pub const STALLED_CONDITION: &str = "CutoverStalled";
 
@@ -211,6 +213,9 @@ struct Reconciler {
     /// resourceVersion of the cluster object this reconcile builds on: every write of its status
     /// or annotations is conditional on it, so a stale read can never overwrite a newer intent.
     rv: Option<String>,
+    /// Objects under our derived names that belong to someone else ("Kind/name" → message),
+    /// left alone and reported as the Conflict condition.
+    conflicts: BTreeMap<String, String>,
 }
 
 /// Findings of the secret/certificate steps, turned into conditions.
@@ -232,7 +237,22 @@ impl Reconciler {
             ctx,
             names,
             writes: 0,
+            conflicts: BTreeMap::new(),
         }
+    }
+
+    /// True (and a conflict noted) when `live` is not this cluster's: the caller leaves it
+    /// alone instead of two controllers rewriting it.
+    fn owned_elsewhere<K: Resource<DynamicType = ()>>(&mut self, live: &K) -> bool {
+        let Some(owner) = foreign_owner(live.meta(), &self.imc) else {
+            return false;
+        };
+        let (kind, name) = (K::kind(&()), live.name_any());
+        self.conflicts.insert(
+            format!("{kind}/{name}"),
+            format!("{kind} {name} already exists and belongs to {owner}: left alone (delete or rename it, or give this cluster another name)"),
+        );
+        true
     }
 
     /// Replace the (possibly cached, possibly stale) object with a consistent read from the
@@ -311,6 +331,9 @@ impl Reconciler {
         let name = obj.meta().name.clone().unwrap_or_default();
         let api: Api<K> = self.api();
         if let Some(live) = api.get_opt(&name).await? {
+            if self.owned_elsewhere(&live) {
+                return Ok(false);
+            }
             if hash_of(live.meta()).is_some() && hash_of(live.meta()) == hash_of(obj.meta()) {
                 return Ok(false);
             }
@@ -573,6 +596,7 @@ impl Reconciler {
                 self.now,
             ),
         }
+        self.report_conflicts(&mut st).await;
         self.write_status_if_changed(&old_status, &st).await?;
         pods_result?;
 
@@ -642,6 +666,9 @@ impl Reconciler {
             .map(|s| &s.selector)
             == svc.spec.as_ref().map(|s| &s.selector);
         if let Some(live) = &live {
+            if self.owned_elsewhere(live) {
+                return Ok(false);
+            }
             if selector_ok
                 && hash_of(&live.metadata).is_some()
                 && hash_of(&live.metadata) == hash_of(&svc.metadata)
@@ -658,6 +685,36 @@ impl Reconciler {
             .await?;
         self.writes += 1;
         Ok(true)
+    }
+
+    /// The Conflict condition (removed when there is none), and a Warning Event when its message
+    /// changes.
+    async fn report_conflicts(&self, st: &mut IdentityMeshClusterStatus) {
+        if self.conflicts.is_empty() {
+            observe::remove_condition(&mut st.conditions, CONFLICT_CONDITION);
+            return;
+        }
+        let msg = self
+            .conflicts
+            .values()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("; ");
+        let known = observe::get_condition(&st.conditions, CONFLICT_CONDITION)
+            .is_some_and(|c| c.status == "True" && c.message == msg);
+        if !known {
+            self.event(EventType::Warning, "Conflict", "Validate", msg.clone())
+                .await;
+        }
+        set_condition(
+            &mut st.conditions,
+            CONFLICT_CONDITION,
+            "True",
+            "ObjectOwnedElsewhere",
+            &msg,
+            self.imc.metadata.generation,
+            self.now,
+        );
     }
 
     /// A Warning event when a problem appears or changes (not on every reconcile: steady state,
@@ -746,6 +803,9 @@ impl Reconciler {
         let api: Api<Secret> = self.api();
         let name = self.names.ca_secret();
         if let Some(s) = api.get_opt(&name).await? {
+            if self.owned_elsewhere(&s) {
+                return Ok(None);
+            }
             return Ok(
                 match ca_from_secret(&s)
                     .filter(|ca| certs::inspect(&ca.cert_pem).is_ok_and(|i| i.is_ca))
@@ -806,6 +866,9 @@ impl Reconciler {
         let name = self.names.operator_tls_secret();
         let api: Api<Secret> = self.api();
         let live = api.get_opt(&name).await?;
+        if live.as_ref().is_some_and(|l| self.owned_elsewhere(l)) {
+            return Ok(());
+        }
         let existing = live.as_ref().and_then(|s| secret_str(s, "tls.crt"));
         let ca_info = certs::inspect(&ca.cert_pem)?;
         let wanted = certs::serving_dns_names(&self.names, &self.imc.spec.tls.dns_names);
@@ -866,6 +929,7 @@ impl Reconciler {
         let api: Api<Secret> = self.api();
         let name = self.names.keyring_secret();
         match api.get_opt(&name).await? {
+            Some(s) if self.owned_elsewhere(&s) => {}
             Some(s) => {
                 // Never regenerated: a new key ring would orphan every stored secret.
                 let problem = match secret_str(&s, KEYRING_KEY) {
@@ -905,14 +969,17 @@ impl Reconciler {
 
     // ----------------------------------------------------------------------------- pods
 
-    async fn observe(&self, api: Option<&dyn InstanceApi>) -> Result<World, Error> {
+    async fn observe(&mut self, api: Option<&dyn InstanceApi>) -> Result<World, Error> {
         let pods: Api<Pod> = self.api();
         let list = pods
             .list(&ListParams::default().labels(&format!("{LABEL_CLUSTER}={}", self.names.cluster)))
             .await?;
         let mut by_name: HashMap<String, Pod> = HashMap::new();
         for p in list.items {
-            by_name.insert(p.name_any(), p);
+            // Our labels on someone else's pod do not make it a server of this cluster.
+            if !self.owned_elsewhere(&p) {
+                by_name.insert(p.name_any(), p);
+            }
         }
         let nodes: Api<Node> = Api::all(self.ctx.client.clone());
         let mut views = Vec::new();
@@ -1023,7 +1090,12 @@ impl Reconciler {
                             )
                             .await;
                         }
-                        Err(kube::Error::Api(e)) if e.code == 409 => {}
+                        Err(kube::Error::Api(e)) if e.code == 409 => {
+                            // Not one of ours (else observe would have listed it)?
+                            if let Some(p) = api.get_opt(&name).await? {
+                                self.owned_elsewhere(&p);
+                            }
+                        }
                         Err(e) => return Err(e.into()),
                     }
                 }
@@ -1202,6 +1274,13 @@ impl Reconciler {
                 _ => StepResult::PromoteFailed,
             },
             Action::Swing { pod } => match self.ensure_client_service(Some(&pod)).await {
+                Ok(_)
+                    if self
+                        .conflicts
+                        .contains_key(&format!("Service/{}", self.names.client_service())) =>
+                {
+                    StepResult::SwingFailed
+                }
                 Ok(_) => StepResult::Swung,
                 Err(e) => {
                     tracing::warn!(error = %e, "swinging the Service failed");

@@ -39,6 +39,8 @@ pub const KIND: &str = "IdentityMeshCluster";
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = Rule::new("self.metadata.name.size() <= 40 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')")
         .message("metadata.name must be a DNS label of at most 40 characters starting with a letter: Pods <name>-a/-b and Services <name>, <name>-pods are derived from it"),
+    validation = Rule::new("!self.metadata.name.endsWith('-pods')")
+        .message("metadata.name must not end in -pods: <name>-pods is the headless Service of the cluster named <name>, so this cluster's client Service would collide with it"),
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.cutoverTimeoutSeconds) || !has(self.drainTimeoutSeconds) || self.cutoverTimeoutSeconds > self.drainTimeoutSeconds").message("cutoverTimeoutSeconds must be greater than drainTimeoutSeconds: the cutover bound includes the demote step, which may use the whole drain bound"))]
@@ -717,6 +719,7 @@ mod tests {
             "self == oldSelf",
             "has(self.azureKeyVault)",
             "self.cutoverTimeoutSeconds > self.drainTimeoutSeconds",
+            "!self.metadata.name.endsWith('-pods')",
         ] {
             assert!(
                 rs.iter().any(|r| r.contains(needle)),

@@ -142,6 +142,35 @@ pub fn owner_ref(imc: &IdentityMeshCluster) -> Option<OwnerReference> {
     imc.controller_owner_ref(&())
 }
 
+/// Who holds an existing object the operator would write under one of its derived names, when
+/// it is not this cluster (None: ours, write it). An object without our owner reference is left
+/// alone even if it carries our labels: it is another cluster's, a user's, or orphaned on
+/// purpose (`--cascade=orphan`); taking it over would have two writers fighting over it.
+pub fn foreign_owner(live: &ObjectMeta, imc: &IdentityMeshCluster) -> Option<String> {
+    let ours = imc.metadata.uid.as_deref();
+    let refs = live.owner_references.as_deref().unwrap_or_default();
+    if refs.iter().any(|r| Some(r.uid.as_str()) == ours) {
+        return None;
+    }
+    let owner = refs
+        .iter()
+        .find(|r| r.controller == Some(true))
+        .or(refs.first());
+    Some(match owner {
+        Some(o) => format!("{} {}", o.kind, o.name),
+        None => match live
+            .managed_fields
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .find_map(|m| m.manager.as_deref())
+        {
+            Some(m) => format!("no owner (written by {m})"),
+            None => "no owner".to_string(),
+        },
+    })
+}
+
 pub(crate) fn meta(imc: &IdentityMeshCluster, names: &Names, name: String) -> ObjectMeta {
     ObjectMeta {
         name: Some(name),
@@ -286,6 +315,85 @@ mod tests {
         let mut m = ObjectMeta::default();
         stamp_hash(&mut m, a.clone());
         assert_eq!(hash_of(&m), Some(a.as_str()));
+    }
+
+    #[test]
+    fn objects_owned_elsewhere_are_foreign() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry;
+        let imc = test_support::cluster("im", "prod");
+        let mine = meta(&imc, &Names::of(&imc), "im-pods".into());
+        assert_eq!(foreign_owner(&mine, &imc), None);
+        let other = test_support::cluster("im-pods", "prod");
+        let mut other = other.clone();
+        other.metadata.uid = Some("uid-other".into());
+        let theirs = meta(&other, &Names::of(&other), "im-pods".into());
+        assert_eq!(
+            foreign_owner(&theirs, &imc).as_deref(),
+            Some("IdentityMeshCluster im-pods")
+        );
+        let user = ObjectMeta {
+            name: Some("im-keyring".into()),
+            managed_fields: Some(vec![ManagedFieldsEntry {
+                manager: Some("kubectl-create".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        };
+        assert_eq!(
+            foreign_owner(&user, &imc).as_deref(),
+            Some("no owner (written by kubectl-create)")
+        );
+        // Our labels alone do not make it ours.
+        let orphan = ObjectMeta {
+            labels: mine.labels.clone(),
+            ..Default::default()
+        };
+        assert_eq!(foreign_owner(&orphan, &imc).as_deref(), Some("no owner"));
+    }
+
+    /// With the admission rule (no cluster name ends in -pods), two clusters in one namespace
+    /// never derive the same name for objects of one kind.
+    #[test]
+    fn derived_names_of_two_clusters_never_collide() {
+        let names = [
+            "im",
+            "im-a",
+            "im-b",
+            "im-ca",
+            "im-tls",
+            "im-config",
+            "im-keyring",
+            "x",
+            "im-pod",
+            "ims",
+        ];
+        let derived = |c: &str| {
+            let n = Names::new(c, "prod");
+            let [a, b] = n.pods();
+            vec![
+                ("Service", n.client_service()),
+                ("Service", n.headless_service()),
+                ("Pod", a),
+                ("Pod", b),
+                ("ConfigMap", n.config_map()),
+                ("ConfigMap", n.ca_config_map()),
+                ("Secret", n.ca_secret()),
+                ("Secret", n.operator_tls_secret()),
+                ("Secret", n.keyring_secret()),
+            ]
+        };
+        for x in names {
+            for y in names.iter().filter(|y| **y != x) {
+                for d in derived(x) {
+                    assert!(!derived(y).contains(&d), "{x} and {y} both derive {d:?}");
+                }
+            }
+        }
+        // What the rule prevents:
+        assert_eq!(
+            Names::new("im-pods", "prod").client_service(),
+            Names::new("im", "prod").headless_service()
+        );
     }
 
     #[test]

@@ -1887,3 +1887,100 @@ async fn a_paused_cluster_runs_no_canary() {
     assert_eq!(h.pods.0.lock().expect("p").canary_calls.len(), 2);
     assert_eq!(condition_of(&h, "CanarySync").reason, "CanarySucceeded");
 }
+
+// ------------------------------------------------------------------------------- ownership
+
+/// Objects under this cluster's derived names that belong to someone else (another cluster's
+/// Service, a user's Secret) are reported and left alone, not taken over.
+#[tokio::test]
+async fn objects_owned_elsewhere_are_reported_and_left_alone() {
+    let h = Harness::new(true);
+    let theirs = json!({"apiVersion":"v1","kind":"Service","metadata":{"name":"im-pods","namespace":"prod",
+        "resourceVersion":"5",
+        "ownerReferences":[{"apiVersion":"identitymesh.io/v1alpha1","kind":"IdentityMeshCluster",
+            "name":"im-pods","uid":"uid-other","controller":true}]},
+        "spec":{"selector":{"identitymesh.io/instance":"im-pods-a"},"ports":[{"port":443}]}});
+    let users = json!({"apiVersion":"v1","kind":"Secret","metadata":{"name":"im-keyring","namespace":"prod",
+        "resourceVersion":"6",
+        "managedFields":[{"manager":"kubectl-create","operation":"Update"}]},
+        "data":{"keyring.json":"e30="}});
+    put(&h.store, "services", "prod", theirs.clone());
+    put(&h.store, "secrets", "prod", users.clone());
+    for _ in 0..4 {
+        h.reconcile().await;
+        h.kubelet();
+    }
+    assert_eq!(
+        h.get("services", "im-pods"),
+        Some(theirs),
+        "their Service untouched"
+    );
+    assert_eq!(
+        h.get("secrets", "im-keyring"),
+        Some(users),
+        "the user's Secret untouched"
+    );
+    let c = condition_of(&h, "Conflict");
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("True", "ObjectOwnedElsewhere")
+    );
+    assert!(
+        c.message.contains(
+            "Service im-pods already exists and belongs to IdentityMeshCluster im-pods: left alone"
+        ) && c.message.contains(
+            "Secret im-keyring already exists and belongs to no owner (written by kubectl-create)"
+        ),
+        "{}",
+        c.message
+    );
+    let ev = events_with_reason(&h, "Conflict");
+    assert_eq!(ev.len(), 1, "one event, not one per reconcile");
+    assert_eq!(ev[0]["type"], "Warning");
+
+    // Once they are gone, the operator creates its own and the condition goes away.
+    {
+        let mut s = h.store.lock().expect("store");
+        s.objects
+            .remove(&("services".into(), "prod".into(), "im-pods".into()));
+        s.objects
+            .remove(&("secrets".into(), "prod".into(), "im-keyring".into()));
+    }
+    h.converge().await;
+    assert!(observe::get_condition(&h.status().conditions, "Conflict").is_none());
+    assert_eq!(
+        h.get("services", "im-pods").expect("headless")["metadata"]["ownerReferences"][0]["uid"],
+        "uid-1234"
+    );
+}
+
+/// A pod under our name and with our labels that another owner holds is not adopted.
+#[tokio::test]
+async fn a_foreign_pod_with_our_name_is_not_adopted() {
+    let h = Harness::new(true);
+    let pod = json!({"apiVersion":"v1","kind":"Pod","metadata":{"name":"im-a","namespace":"prod",
+        "resourceVersion":"7",
+        "labels":{"identitymesh.io/cluster":"im","identitymesh.io/instance":"im-a"},
+        "ownerReferences":[{"apiVersion":"apps/v1","kind":"ReplicaSet","name":"web-5d8f","uid":"uid-rs","controller":true}]},
+        "spec":{"nodeName":"node-1","containers":[{"name":"web","image":"nginx"}]},
+        "status":{"phase":"Running","podIP":"10.1.0.9",
+            "conditions":[{"type":"Ready","status":"True","lastTransitionTime":"2026-01-01T00:00:00Z"}]}});
+    put(&h.store, "pods", "prod", pod.clone());
+    for _ in 0..4 {
+        h.reconcile().await;
+        h.kubelet();
+    }
+    assert_eq!(h.get("pods", "im-a"), Some(pod), "untouched");
+    let calls = h.pods.0.lock().expect("p").calls.clone();
+    assert!(
+        !calls.iter().any(|c| c.contains("im-a")),
+        "the foreign pod is never promoted: {calls:?}"
+    );
+    let c = condition_of(&h, "Conflict");
+    assert!(
+        c.message
+            .contains("Pod im-a already exists and belongs to ReplicaSet web-5d8f"),
+        "{}",
+        c.message
+    );
+}
