@@ -422,3 +422,44 @@ async fn a_connector_added_later_joins_on_an_attribute_nobody_joined_on_before()
     assert_eq!(dept("Ann"), Value::Null, "{ids}");
     s.stop().await;
 }
+
+/// A connector whose configuration no longer names an object type it has objects of can still
+/// be cleared, and then deleted: the clear sweeps every type in its connector space.
+#[tokio::test]
+async fn clear_sweeps_object_types_the_configuration_no_longer_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Standalone::start(dir.path()).await;
+    let drop = dir.path().join("drop");
+    std::fs::create_dir_all(&drop).unwrap();
+    std::fs::write(drop.join("a.csv"), "id,name\n1,One\n2,Two\n").unwrap();
+    let (st, c) = s
+        .post(
+            "/api/connectors",
+            json!({"name": "retyped", "kind": "csv",
+                   "config": {"folder": drop, "object_type": "row", "anchor_column": "id"}}),
+        )
+        .await;
+    assert_eq!(st, 201, "{c}");
+    let id = c["id"].as_str().unwrap().to_string();
+    assert_eq!(s.run(&id, "full").await["status"], "succeeded");
+    assert_eq!(s.connector_space(&id).await.len(), 2);
+    let (st, c) = s
+        .put(
+            &format!("/api/connectors/{id}"),
+            json!({"name": "retyped", "kind": "csv",
+                   "config": {"folder": drop, "object_type": "item", "anchor_column": "id"}}),
+        )
+        .await;
+    assert_eq!(st, 200, "{c}");
+    assert_eq!(s.delete(&format!("/api/connectors/{id}")).await.0, 409);
+    let (st, clear) = s
+        .post(&format!("/api/connectors/{id}/clear"), json!({}))
+        .await;
+    assert_eq!(st, 202, "{clear}");
+    let done = s.wait_run(clear["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["counts"]["deleted"], 2, "{done}");
+    let r = s.delete(&format!("/api/connectors/{id}")).await;
+    assert_eq!(r.0, 204, "{}", r.1);
+    s.stop().await;
+}

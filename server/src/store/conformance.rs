@@ -162,6 +162,63 @@ async fn an_epoch_belongs_to_one_incarnation_of_a_name() {
 }
 
 #[tokio::test]
+async fn a_connector_with_a_current_run_is_not_deleted_and_a_deleted_one_does_not_run() {
+    run(|s| {
+        Box::pin(async move {
+            let t = promoted(&s).await;
+            let id = unique("c");
+            s.put_connector(&connector(&id, &unique("name")))
+                .await
+                .unwrap();
+            let r = new_run(&unique("run"), &id, 1);
+            s.start_run(&t, &r).await.unwrap();
+            let err = s.delete_connector(&id).await.unwrap_err();
+            assert!(
+                matches!(&err, StoreError::Conflict(m) if m.contains(&r.id)),
+                "{err}"
+            );
+            // A run left running by an older epoch does not block it: its writes are fenced.
+            let t2 = promoted(&s).await;
+            assert!(s.delete_connector(&id).await.unwrap());
+            let err = s
+                .start_run(&t2, &new_run(&unique("run"), &id, 2))
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&err, StoreError::Conflict(m) if m.contains("deleted")),
+                "{err}"
+            );
+        })
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn object_types_of_lists_every_type_with_objects() {
+    run(|s| {
+        Box::pin(async move {
+            let t = promoted(&s).await;
+            let conn = unique("conn");
+            assert!(s.object_types_of(&conn).await.unwrap().is_empty());
+            s.commit_import_batch(&t, &batch(&conn, 2, 0, "w"), 1)
+                .await
+                .unwrap();
+            let mut groups = batch(&conn, 1, 10, "w");
+            groups.object_type = "group".into();
+            for o in &mut groups.objects {
+                o.object_type = "group".into();
+            }
+            s.commit_import_batch(&t, &groups, 2).await.unwrap();
+            assert_eq!(
+                s.object_types_of(&conn).await.unwrap(),
+                vec!["group".to_string(), "person".to_string()]
+            );
+        })
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn stale_writers_are_fenced_and_nothing_commits() {
     run(|s| {
         Box::pin(async move {
@@ -752,6 +809,11 @@ async fn runs_start_once_per_connector_and_are_fenced() {
     run(|s| {
         Box::pin(async move {
             let (conn, other) = (unique("conn"), unique("conn"));
+            for c in [&conn, &other] {
+                s.put_connector(&connector(c, &unique("name")))
+                    .await
+                    .unwrap();
+            }
             let ta = promoted(&s).await;
             let r1 = new_run(&unique("run"), &conn, 100);
             s.start_run(&ta, &r1).await.unwrap();

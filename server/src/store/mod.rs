@@ -338,6 +338,19 @@ pub async fn audit(store: &dyn Store, entry: AuditEntry) {
     }
 }
 
+/// Why a connector with a run of the current epoch cannot be deleted yet.
+fn running_conflict(connector: &str, run: &str) -> String {
+    format!(
+        "connector {connector} has a run in progress (run {run}); wait for it to finish, or pause \
+         the sync engine and wait, then delete the connector"
+    )
+}
+
+/// Why a run of a connector deleted after the run was requested does not start.
+fn deleted_conflict(connector: &str) -> String {
+    format!("connector {connector} was deleted; nothing to run")
+}
+
 /// The store every backend implements; the conformance suite in `conformance.rs` runs against each.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -427,8 +440,12 @@ pub trait Store: Send + Sync + 'static {
     async fn connector(&self, id: &str) -> Result<Option<ConnectorRow>, StoreError>;
     async fn connectors(&self) -> Result<Vec<ConnectorRow>, StoreError>;
     /// Deletes the connector with its schedules and watermarks. A connector that still has
-    /// objects in its connector space is a Conflict (its contributions would be orphaned).
+    /// objects in its connector space, or a run under the current epoch, is a Conflict (its
+    /// contributions would be orphaned; a running import would write objects after it).
     async fn delete_connector(&self, id: &str) -> Result<bool, StoreError>;
+    /// The object types the connector has objects of (deleted-marked ones included), whatever
+    /// its configuration says today: what a clear must sweep.
+    async fn object_types_of(&self, connector: &str) -> Result<Vec<String>, StoreError>;
 
     async fn put_schedule(&self, s: &ScheduleRow) -> Result<(), StoreError>;
     async fn schedules(&self) -> Result<Vec<ScheduleRow>, StoreError>;
@@ -446,7 +463,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Records a run as started, fenced. Runs of this connector left `running` by an older epoch
     /// are marked `abandoned`; one still running under the current epoch is a Conflict, so a
-    /// connector runs once at a time across the cluster.
+    /// connector runs once at a time across the cluster. A connector deleted meanwhile is a
+    /// Conflict too.
     async fn start_run(&self, token: &FenceToken, run: &RunRow) -> Result<(), StoreError>;
     /// Stores the run's end state (only while it is still `running`).
     async fn finish_run(&self, run: &RunRow) -> Result<(), StoreError>;

@@ -88,6 +88,10 @@ pub mod sql {
     pub const DELETE_CONNECTOR_SCHEDULES: &str = "DELETE FROM schedules WHERE connector_id = @P1";
     pub const DELETE_CONNECTOR_WATERMARKS: &str = "DELETE FROM watermarks WHERE connector_id = @P1";
     pub const DELETE_CONNECTOR: &str = "DELETE FROM connectors WHERE id = @P1";
+    pub const CURRENT_EPOCH_RUN: &str = "SELECT TOP (1) id FROM runs WHERE connector_id = @P1 AND status = N'running' AND epoch >= (SELECT epoch FROM fence WHERE id = 1)";
+    pub const CONNECTOR_EXISTS: &str = "SELECT 1 FROM connectors WHERE id = @P1";
+    pub const OBJECT_TYPES_OF: &str =
+        "SELECT DISTINCT object_type FROM cs_objects WHERE connector_id = @P1 ORDER BY object_type";
 
     pub const UPDATE_SCHEDULE: &str = "UPDATE schedules WITH (UPDLOCK, SERIALIZABLE) SET connector_id = @P2, kind = @P3, spec = @P4, run_mode = @P5, enabled = @P6, next_run = @P7 WHERE id = @P1";
     pub const INSERT_SCHEDULE: &str = "INSERT INTO schedules (id, connector_id, kind, spec, run_mode, enabled, next_run, created_at) VALUES (@P1, @P2, @P3, @P4, @P5, @P6, @P7, @P8)";
@@ -178,6 +182,9 @@ pub mod sql {
         CONNECTORS,
         CONNECTOR_OBJECTS,
         DELETE_CONNECTOR_SCHEDULES,
+        CURRENT_EPOCH_RUN,
+        CONNECTOR_EXISTS,
+        OBJECT_TYPES_OF,
         DELETE_CONNECTOR_WATERMARKS,
         DELETE_CONNECTOR,
         UPDATE_SCHEDULE,
@@ -1527,12 +1534,25 @@ impl Store for MssqlStore {
                      (POST /api/connectors/{id}/clear) so its identity contributions are removed"
                 )));
             }
+            let running = Self::rows(&mut conn, sql::CURRENT_EPOCH_RUN, &[&id])
+                .await?
+                .first()
+                .map(|r| text(r, 0))
+                .transpose()?;
+            if let Some(run) = running {
+                return Err(StoreError::Conflict(running_conflict(id, &run)));
+            }
             Self::exec(&mut conn, sql::DELETE_CONNECTOR_SCHEDULES, &[&id]).await?;
             Self::exec(&mut conn, sql::DELETE_CONNECTOR_WATERMARKS, &[&id]).await?;
             Self::exec(&mut conn, sql::DELETE_CONNECTOR, &[&id]).await
         }
         .await;
         Ok(self.finish(conn, r).await? > 0)
+    }
+
+    async fn object_types_of(&self, connector: &str) -> Result<Vec<String>, StoreError> {
+        self.read(sql::OBJECT_TYPES_OF, &[&connector], |r| text(r, 0))
+            .await
     }
 
     async fn put_schedule(&self, s: &ScheduleRow) -> Result<(), StoreError> {
@@ -1681,6 +1701,13 @@ impl Store for MssqlStore {
                     "connector {} is already running (run {other}); wait for it to finish",
                     run.connector_id
                 )));
+            }
+            let connector = run.connector_id.as_str();
+            if Self::rows(&mut conn, sql::CONNECTOR_EXISTS, &[&connector])
+                .await?
+                .is_empty()
+            {
+                return Err(StoreError::Conflict(deleted_conflict(connector)));
             }
             Self::exec(
                 &mut conn,

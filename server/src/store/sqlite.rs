@@ -716,6 +716,18 @@ impl Store for SqliteStore {
                  (POST /api/connectors/{id}/clear) so its identity contributions are removed"
             )));
         }
+        // Runs of older epochs are abandoned (their writes are fenced); one of the current
+        // epoch may still commit objects.
+        let running: Option<String> = sqlx::query_scalar(
+            "SELECT id FROM runs WHERE connector_id = ? AND status = 'running' \
+             AND epoch >= (SELECT epoch FROM fence WHERE id = 1) LIMIT 1",
+        )
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(run) = running {
+            return Err(StoreError::Conflict(running_conflict(id, &run)));
+        }
         for stmt in [
             "DELETE FROM schedules WHERE connector_id = ?",
             "DELETE FROM watermarks WHERE connector_id = ?",
@@ -729,6 +741,15 @@ impl Store for SqliteStore {
             .rows_affected();
         tx.commit().await?;
         Ok(n > 0)
+    }
+
+    async fn object_types_of(&self, connector: &str) -> Result<Vec<String>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT DISTINCT object_type FROM cs_objects WHERE connector_id = ? ORDER BY object_type",
+        )
+        .bind(connector)
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     async fn put_schedule(&self, s: &ScheduleRow) -> Result<(), StoreError> {
@@ -879,6 +900,13 @@ impl Store for SqliteStore {
                 "connector {} is already running (run {other}); wait for it to finish",
                 run.connector_id
             )));
+        }
+        let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM connectors WHERE id = ?")
+            .bind(&run.connector_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if exists.is_none() {
+            return Err(StoreError::Conflict(deleted_conflict(&run.connector_id)));
         }
         sqlx::query(
             "INSERT INTO runs (id, connector_id, instance, epoch, status, started_at, run_mode, trigger_kind) \

@@ -291,7 +291,11 @@ impl SyncEngine {
         if mode == RunMode::Clear {
             let cfg = super::source::SourceConfig::parse(&row.kind, &row.config_json)
                 .map_err(|e| SourceError::Invalid(e.join("; ")))?;
-            for object_type in cfg.object_types() {
+            // Every type the connector has objects of, not only the configured ones: a type
+            // removed from the configuration still holds objects that block the delete.
+            let mut types: BTreeSet<String> = cfg.object_types().into_iter().collect();
+            types.extend(self.store.object_types_of(&row.id).await?);
+            for object_type in types {
                 // No object was seen by this run, so every one is marked deleted.
                 self.sweep_unseen(row, &object_type, run).await?;
             }
