@@ -144,8 +144,23 @@ pub async fn run(
 /// The configured database; a standalone install defaults to SQLite in its data directory.
 fn backend(mode: Mode, cfg: &Config) -> anyhow::Result<Backend> {
     Ok(match &cfg.database.connection_string {
-        Some(cs) if !cs.trim().is_empty() => store::parse_connection_string(cs)
-            .context("database.connection_string (IM_DATABASE__CONNECTION_STRING)")?,
+        Some(cs) if !cs.trim().is_empty() => {
+            let b = store::parse_connection_string(cs)
+                .context("database.connection_string (IM_DATABASE__CONNECTION_STRING)")?;
+            if mode == Mode::Managed
+                && matches!(b, Backend::Sqlite(_))
+                && !cfg.database.sqlite_single_host
+            {
+                bail!(
+                    "database.connection_string is a sqlite:// database, which managed mode refuses: pods on \
+                     different nodes cannot share a SQLite file safely (its locks do not cross hosts), so \
+                     two instances could both write. Use SQL Server, or for development with every \
+                     instance on one host set database.sqlite_single_host = true \
+                     (IM_DATABASE__SQLITE_SINGLE_HOST=true)"
+                );
+            }
+            b
+        }
         _ if mode == Mode::Managed => bail!(
             "database.connection_string is required in managed mode; both pods must share one database \
              (set IM_DATABASE__CONNECTION_STRING from the database Secret)"
@@ -324,5 +339,49 @@ pub async fn wait_for_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{load, FlagOverrides};
+
+    fn cfg(env: &[(&str, &str)]) -> Config {
+        let env: Vec<(String, String)> = [("IM_DATA_DIR", "/var/lib/im")]
+            .iter()
+            .chain(env)
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        load(None, env, &FlagOverrides::default()).unwrap()
+    }
+
+    #[test]
+    fn managed_mode_refuses_sqlite_unless_every_instance_is_on_one_host() {
+        let cs = (
+            "IM_DATABASE__CONNECTION_STRING",
+            "sqlite:///var/lib/im/im.db",
+        );
+        let e = backend(Mode::Managed, &cfg(&[cs])).unwrap_err().to_string();
+        assert!(
+            e.contains("sqlite_single_host") && e.contains("SQL Server"),
+            "{e}"
+        );
+        let ok = backend(
+            Mode::Managed,
+            &cfg(&[cs, ("IM_DATABASE__SQLITE_SINGLE_HOST", "true")]),
+        )
+        .unwrap();
+        assert!(matches!(ok, Backend::Sqlite(_)));
+        // Standalone is one host by definition.
+        assert!(matches!(
+            backend(Mode::Standalone, &cfg(&[cs])).unwrap(),
+            Backend::Sqlite(_)
+        ));
+        let mssql = (
+            "IM_DATABASE__CONNECTION_STRING",
+            "Server=tcp:db,1433;Database=im;User Id=im;Password=x",
+        );
+        assert!(backend(Mode::Managed, &cfg(&[mssql])).is_ok());
     }
 }

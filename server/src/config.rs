@@ -107,6 +107,11 @@ pub struct DatabaseConfig {
     /// How long to keep retrying an unreachable database at start before giving up.
     #[serde(default = "default_connect_timeout", deserialize_with = "flexible_u64")]
     pub connect_timeout_ms: u64,
+    /// Development only: lets managed mode use a `sqlite://` database, asserting that every
+    /// instance runs on this one host. SQLite's WAL locks do not cross hosts, so two pods on
+    /// two nodes sharing the file would both write.
+    #[serde(default, deserialize_with = "flexible_bool")]
+    pub sqlite_single_host: bool,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -199,6 +204,7 @@ impl Default for DatabaseConfig {
         Self {
             connection_string: None,
             connect_timeout_ms: default_connect_timeout(),
+            sqlite_single_host: false,
         }
     }
 }

@@ -33,6 +33,8 @@ fn start(name: &str, dir: &Path, db: &Path, pki: &Pki, token_file: &Path) -> Ins
             "IM_DATABASE__CONNECTION_STRING",
             format!("sqlite://{}", db.display()),
         ),
+        // Both processes run on this host, so the shared SQLite file's locks hold.
+        ("IM_DATABASE__SQLITE_SINGLE_HOST", "true".into()),
         ("IM_TLS__CERT_FILE", pki.cert.display().to_string()),
         ("IM_TLS__KEY_FILE", pki.key.display().to_string()),
         ("IM_TLS__CLIENT_CA_FILE", pki.ca.display().to_string()),

@@ -1288,6 +1288,10 @@ async fn build_launch(
             "KUBERNETES_SERVICE_PORT".into(),
             ctx.apiserver_port.to_string(),
         ),
+        // Every node of this harness is a namespace on one host with one filesystem, so the
+        // tests' shared SQLite file is safe; a real cluster needs SQL Server (the server refuses
+        // sqlite:// in managed mode without this).
+        ("IM_DATABASE__SQLITE_SINGLE_HOST".into(), "true".into()),
     ];
     if let Ok(v) = std::env::var("RUST_LOG") {
         env.push(("RUST_LOG".into(), v));
