@@ -171,7 +171,7 @@ async fn a_connector_with_a_current_run_is_not_deleted_and_a_deleted_one_does_no
                 .await
                 .unwrap();
             let r = new_run(&unique("run"), &id, 1);
-            s.start_run(&t, &r).await.unwrap();
+            s.start_run(&t, &r, None).await.unwrap();
             let err = s.delete_connector(&id).await.unwrap_err();
             assert!(
                 matches!(&err, StoreError::Conflict(m) if m.contains(&r.id)),
@@ -181,7 +181,7 @@ async fn a_connector_with_a_current_run_is_not_deleted_and_a_deleted_one_does_no
             let t2 = promoted(&s).await;
             assert!(s.delete_connector(&id).await.unwrap());
             let err = s
-                .start_run(&t2, &new_run(&unique("run"), &id, 2))
+                .start_run(&t2, &new_run(&unique("run"), &id, 2), None)
                 .await
                 .unwrap_err();
             assert!(
@@ -697,7 +697,13 @@ async fn schedules_round_trip() {
             sa2.next_run_ms = Some(5);
             sa2.created_at_ms = 99;
             s.put_schedule(&sa2).await.unwrap();
-            s.set_schedule_next_run(&b, 2_000).await.unwrap();
+            let t = promoted(&s).await;
+            s.set_schedule_next_run(&t, &b, 2_000).await.unwrap();
+            // A stale token moves nothing.
+            let stale = promoted(&s).await;
+            let err = s.set_schedule_next_run(&t, &b, 9_000).await.unwrap_err();
+            assert!(matches!(err, StoreError::Fenced { .. }), "{err}");
+            let t = stale;
             let rows = mine(s.schedules().await.unwrap());
             assert_eq!(
                 rows,
@@ -719,7 +725,7 @@ async fn schedules_round_trip() {
             assert_eq!(rows.len(), 1);
             assert_eq!(rows[0].id, b);
             // A missing schedule's next run: nothing happens.
-            s.set_schedule_next_run(&a, 1).await.unwrap();
+            s.set_schedule_next_run(&t, &a, 1).await.unwrap();
             assert_eq!(mine(s.schedules().await.unwrap()).len(), 1);
         })
     })
@@ -738,6 +744,24 @@ async fn settings_round_trip() {
             assert_eq!(s.setting(&name).await.unwrap().as_deref(), Some(""));
             s.set_setting(&name, "two").await.unwrap();
             assert_eq!(s.setting(&name).await.unwrap().as_deref(), Some("two"));
+        })
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn engine_settings_are_fenced() {
+    run(|s| {
+        Box::pin(async move {
+            let name = unique("sync.composed_rules");
+            let old = promoted(&s).await;
+            s.set_engine_setting(&old, &name, "r1").await.unwrap();
+            let new = promoted(&s).await;
+            let err = s.set_engine_setting(&old, &name, "r2").await.unwrap_err();
+            assert!(matches!(err, StoreError::Fenced { .. }), "{err}");
+            assert_eq!(s.setting(&name).await.unwrap().as_deref(), Some("r1"));
+            s.set_engine_setting(&new, &name, "r3").await.unwrap();
+            assert_eq!(s.setting(&name).await.unwrap().as_deref(), Some("r3"));
         })
     })
     .await;
@@ -816,7 +840,7 @@ async fn runs_start_once_per_connector_and_are_fenced() {
             }
             let ta = promoted(&s).await;
             let r1 = new_run(&unique("run"), &conn, 100);
-            s.start_run(&ta, &r1).await.unwrap();
+            s.start_run(&ta, &r1, None).await.unwrap();
             let got = s.run(&r1.id).await.unwrap().unwrap();
             assert_eq!(
                 got,
@@ -830,7 +854,7 @@ async fn runs_start_once_per_connector_and_are_fenced() {
 
             // Same connector, same epoch, still running: refused, nothing recorded.
             let r2 = new_run(&unique("run"), &conn, 150);
-            let dup = s.start_run(&ta, &r2).await;
+            let dup = s.start_run(&ta, &r2, None).await;
             assert!(
                 matches!(&dup, Err(StoreError::Conflict(m)) if m.contains(&r1.id)),
                 "{dup:?}"
@@ -838,12 +862,12 @@ async fn runs_start_once_per_connector_and_are_fenced() {
             assert_eq!(s.run(&r2.id).await.unwrap(), None);
             // Another connector runs independently.
             let ro = new_run(&unique("run"), &other, 160);
-            s.start_run(&ta, &ro).await.unwrap();
+            s.start_run(&ta, &ro, None).await.unwrap();
 
             // A newer promotion fences the old token's start.
             let tb = promoted(&s).await;
             let r3 = new_run(&unique("run"), &conn, 200);
-            let fenced = s.start_run(&ta, &r3).await;
+            let fenced = s.start_run(&ta, &r3, None).await;
             assert!(
                 matches!(fenced, Err(StoreError::Fenced { .. })),
                 "{fenced:?}"
@@ -852,7 +876,7 @@ async fn runs_start_once_per_connector_and_are_fenced() {
             assert_eq!(s.run(&r1.id).await.unwrap().unwrap().status, "running");
 
             // The new epoch's start abandons the older epoch's running run.
-            s.start_run(&tb, &r3).await.unwrap();
+            s.start_run(&tb, &r3, None).await.unwrap();
             let old = s.run(&r1.id).await.unwrap().unwrap();
             assert_eq!(old.status, "abandoned");
             assert_eq!(old.finished_at_ms, Some(200));
@@ -909,7 +933,7 @@ async fn runs_start_once_per_connector_and_are_fenced() {
                 .windows(2)
                 .all(|w| w[0].started_at_ms >= w[1].started_at_ms));
             // The finished run no longer blocks a new one.
-            s.start_run(&tb, &new_run(&unique("run"), &conn, 400))
+            s.start_run(&tb, &new_run(&unique("run"), &conn, 400), None)
                 .await
                 .unwrap();
         })

@@ -338,6 +338,13 @@ pub async fn audit(store: &dyn Store, entry: AuditEntry) {
     }
 }
 
+/// A schedule's next due time, written with the run it started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScheduleAdvance {
+    pub schedule_id: String,
+    pub next_run_ms: i64,
+}
+
 /// Why a connector with a run of the current epoch cannot be deleted yet.
 fn running_conflict(connector: &str, run: &str) -> String {
     format!(
@@ -416,6 +423,9 @@ pub trait Store: Send + Sync + 'static {
     async fn relay_by_token_hash(&self, token_hash: &str) -> Result<Option<RelayRow>, StoreError>;
     /// Marks the relay revoked; false when there is no such relay.
     async fn revoke_relay(&self, id: &str, now_ms: i64) -> Result<bool, StoreError>;
+    // Relay rows are not fenced: they record where a relay's socket is, a fact about the
+    // process that holds it (a stale active does hold it until it closes its sockets), and
+    // `relay_disconnected` only clears the row its own instance wrote.
     async fn relay_connected(
         &self,
         id: &str,
@@ -450,10 +460,27 @@ pub trait Store: Send + Sync + 'static {
     async fn put_schedule(&self, s: &ScheduleRow) -> Result<(), StoreError>;
     async fn schedules(&self) -> Result<Vec<ScheduleRow>, StoreError>;
     async fn delete_schedule(&self, id: &str) -> Result<bool, StoreError>;
-    async fn set_schedule_next_run(&self, id: &str, next_run_ms: i64) -> Result<(), StoreError>;
+    /// Fenced: a stale active's scheduler must not move a schedule on (its run would be lost).
+    async fn set_schedule_next_run(
+        &self,
+        token: &FenceToken,
+        id: &str,
+        next_run_ms: i64,
+    ) -> Result<(), StoreError>;
 
     async fn setting(&self, name: &str) -> Result<Option<String>, StoreError>;
+    /// Administrator settings (pause, for one). Not fenced: an API write is a user's intent and
+    /// holds whichever instance served it.
     async fn set_setting(&self, name: &str, value: &str) -> Result<(), StoreError>;
+    /// A setting the engine keeps about the state it wrote (which rules the connector space
+    /// is composed with, which attributes identities are indexed by), fenced: a stale active
+    /// recording it could make the new active skip work it never did.
+    async fn set_engine_setting(
+        &self,
+        token: &FenceToken,
+        name: &str,
+        value: &str,
+    ) -> Result<(), StoreError>;
 
     async fn put_secret(&self, s: &SecretRow) -> Result<(), StoreError>;
     async fn secret(&self, name: &str) -> Result<Option<SecretRow>, StoreError>;
@@ -464,9 +491,17 @@ pub trait Store: Send + Sync + 'static {
     /// Records a run as started, fenced. Runs of this connector left `running` by an older epoch
     /// are marked `abandoned`; one still running under the current epoch is a Conflict, so a
     /// connector runs once at a time across the cluster. A connector deleted meanwhile is a
-    /// Conflict too.
-    async fn start_run(&self, token: &FenceToken, run: &RunRow) -> Result<(), StoreError>;
-    /// Stores the run's end state (only while it is still `running`).
+    /// Conflict too. A scheduled run moves its schedule on in the same transaction, so a run
+    /// is never recorded without its schedule advancing, nor the schedule advanced without it.
+    async fn start_run(
+        &self,
+        token: &FenceToken,
+        run: &RunRow,
+        advance: Option<&ScheduleAdvance>,
+    ) -> Result<(), StoreError>;
+    /// Stores the run's end state (only while it is still `running`). Not fenced: it records
+    /// what happened to a run, its failure by fencing included; a run the new active already
+    /// marked `abandoned` is left as it is, and no engine state depends on it.
     async fn finish_run(&self, run: &RunRow) -> Result<(), StoreError>;
     async fn run(&self, id: &str) -> Result<Option<RunRow>, StoreError>;
     /// Newest first.
@@ -560,6 +595,7 @@ pub trait Store: Send + Sync + 'static {
         now_ms: i64,
     ) -> Result<(), StoreError>;
 
+    /// Not fenced: the audit log records what each instance did, a fenced one's demotion too.
     async fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError>;
     async fn audit(&self, limit: i64) -> Result<Vec<AuditEntry>, StoreError>;
     /// Ordered journal of fenced commits (kind, epoch), for proving commit order in tests.

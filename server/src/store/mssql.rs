@@ -1599,11 +1599,20 @@ impl Store for MssqlStore {
         Ok(n > 0)
     }
 
-    async fn set_schedule_next_run(&self, id: &str, next_run_ms: i64) -> Result<(), StoreError> {
-        let mut conn = self.take().await?;
-        Self::exec(&mut conn, sql::SET_SCHEDULE_NEXT_RUN, &[&id, &next_run_ms]).await?;
-        self.give(conn);
-        Ok(())
+    async fn set_schedule_next_run(
+        &self,
+        token: &FenceToken,
+        id: &str,
+        next_run_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.begin().await?;
+        let r = async {
+            Self::check_fence(&mut conn, token).await?;
+            Self::exec(&mut conn, sql::SET_SCHEDULE_NEXT_RUN, &[&id, &next_run_ms]).await?;
+            Ok(())
+        }
+        .await;
+        self.finish(conn, r).await
     }
 
     async fn setting(&self, name: &str) -> Result<Option<String>, StoreError> {
@@ -1622,6 +1631,27 @@ impl Store for MssqlStore {
             sql::INSERT_SETTING,
             &[&name, &value],
         )
+        .await;
+        self.finish(conn, r).await
+    }
+
+    async fn set_engine_setting(
+        &self,
+        token: &FenceToken,
+        name: &str,
+        value: &str,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.begin().await?;
+        let r = async {
+            Self::check_fence(&mut conn, token).await?;
+            Self::upsert(
+                &mut conn,
+                sql::UPDATE_SETTING,
+                sql::INSERT_SETTING,
+                &[&name, &value],
+            )
+            .await
+        }
         .await;
         self.finish(conn, r).await
     }
@@ -1681,7 +1711,12 @@ impl Store for MssqlStore {
         Ok(n > 0)
     }
 
-    async fn start_run(&self, token: &FenceToken, run: &RunRow) -> Result<(), StoreError> {
+    async fn start_run(
+        &self,
+        token: &FenceToken,
+        run: &RunRow,
+        advance: Option<&ScheduleAdvance>,
+    ) -> Result<(), StoreError> {
         let mut conn = self.begin().await?;
         let r = async {
             Self::check_fence(&mut conn, token).await?;
@@ -1723,6 +1758,15 @@ impl Store for MssqlStore {
                 ],
             )
             .await?;
+            if let Some(a) = advance {
+                let id = a.schedule_id.as_str();
+                Self::exec(
+                    &mut conn,
+                    sql::SET_SCHEDULE_NEXT_RUN,
+                    &[&id, &a.next_run_ms],
+                )
+                .await?;
+            }
             Ok(())
         }
         .await;

@@ -179,6 +179,19 @@ impl SqliteStore {
         fencing::check(&Self::read_fence(tx).await?, token)
     }
 
+    async fn advance_schedule(
+        tx: &mut Tx<'_>,
+        id: &str,
+        next_run_ms: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE schedules SET next_run = ? WHERE id = ?")
+            .bind(next_run_ms)
+            .bind(id)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
     async fn journal_insert(
         tx: &mut Tx<'_>,
         kind: &str,
@@ -803,12 +816,16 @@ impl Store for SqliteStore {
             > 0)
     }
 
-    async fn set_schedule_next_run(&self, id: &str, next_run_ms: i64) -> Result<(), StoreError> {
-        sqlx::query("UPDATE schedules SET next_run = ? WHERE id = ?")
-            .bind(next_run_ms)
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
+    async fn set_schedule_next_run(
+        &self,
+        token: &FenceToken,
+        id: &str,
+        next_run_ms: i64,
+    ) -> Result<(), StoreError> {
+        let (_slot, mut tx) = self.begin_locked().await?;
+        Self::check_fence(&mut tx, token).await?;
+        Self::advance_schedule(&mut tx, id, next_run_ms).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -829,6 +846,25 @@ impl Store for SqliteStore {
         .bind(value)
         .execute(&self.pool)
         .await?;
+        Ok(())
+    }
+
+    async fn set_engine_setting(
+        &self,
+        token: &FenceToken,
+        name: &str,
+        value: &str,
+    ) -> Result<(), StoreError> {
+        let (_slot, mut tx) = self.begin_locked().await?;
+        Self::check_fence(&mut tx, token).await?;
+        sqlx::query(
+            "INSERT INTO settings (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        )
+        .bind(name)
+        .bind(value)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -877,7 +913,12 @@ impl Store for SqliteStore {
             > 0)
     }
 
-    async fn start_run(&self, token: &FenceToken, run: &RunRow) -> Result<(), StoreError> {
+    async fn start_run(
+        &self,
+        token: &FenceToken,
+        run: &RunRow,
+        advance: Option<&ScheduleAdvance>,
+    ) -> Result<(), StoreError> {
         let (_slot, mut tx) = self.begin_locked().await?;
         Self::check_fence(&mut tx, token).await?;
         sqlx::query(
@@ -921,6 +962,9 @@ impl Store for SqliteStore {
         .bind(&run.trigger)
         .execute(&mut *tx)
         .await?;
+        if let Some(a) = advance {
+            Self::advance_schedule(&mut tx, &a.schedule_id, a.next_run_ms).await?;
+        }
         tx.commit().await?;
         Ok(())
     }

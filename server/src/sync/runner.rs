@@ -18,7 +18,8 @@ use super::source::{Source, SourceError};
 use crate::engine::Engine;
 use crate::secrets::Secrets;
 use crate::store::{
-    now_ms, AuditEntry, ConnectorRow, CsObject, ImportBatch, Role, RunRow, Store, StoreError,
+    now_ms, AuditEntry, ConnectorRow, CsObject, ImportBatch, Role, RunRow, ScheduleAdvance, Store,
+    StoreError,
 };
 
 /// The setting that pauses the engine (the runbook's drain step).
@@ -110,6 +111,9 @@ impl SyncEngine {
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
     }
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
     pub fn secrets(&self) -> &Secrets {
         &self.secrets
     }
@@ -151,6 +155,27 @@ impl SyncEngine {
         connector_id: &str,
         mode: RunMode,
         trigger: &str,
+    ) -> Result<(RunRow, tokio::task::JoinHandle<RunRow>), RunError> {
+        self.start_with(connector_id, mode, trigger, None).await
+    }
+
+    /// Moves a schedule on without a run (one skipped on purpose), fenced.
+    pub async fn advance_schedule(&self, advance: &ScheduleAdvance) -> Result<(), RunError> {
+        let permit = self.engine.begin_batch().ok_or(RunError::NotActive)?;
+        let token = permit.token.clone();
+        let write =
+            self.store
+                .set_schedule_next_run(&token, &advance.schedule_id, advance.next_run_ms);
+        Ok(self.engine.commit(permit, write).await?)
+    }
+
+    /// As [`Self::start`]; with `advance`, the schedule moves on in the run's own transaction.
+    pub async fn start_with(
+        self: &Arc<Self>,
+        connector_id: &str,
+        mode: RunMode,
+        trigger: &str,
+        advance: Option<ScheduleAdvance>,
     ) -> Result<(RunRow, tokio::task::JoinHandle<RunRow>), RunError> {
         if self.engine.status().role != Role::Active {
             return Err(RunError::NotActive);
@@ -202,7 +227,10 @@ impl SyncEngine {
             }
             m.insert(row.id.clone(), run.id.clone());
         }
-        let started = self.store.start_run(&permit.token, &run).await;
+        let started = self
+            .store
+            .start_run(&permit.token, &run, advance.as_ref())
+            .await;
         drop(permit);
         if let Err(e) = started {
             self.forget(&row.id);
@@ -337,7 +365,9 @@ impl SyncEngine {
         };
         tracing::info!(run = %run.id, elapsed_ms = t.elapsed().as_millis() as u64, "import and compose done");
         if let Some((setting, hash)) = recomposed {
-            self.store.set_setting(&setting, &hash).await?;
+            let (setting, hash) = (&setting, &hash);
+            self.fenced(|t| async move { self.store.set_engine_setting(&t, setting, hash).await })
+                .await?;
         }
         run.failed += counts.failed as i64;
         for e in counts.errors {
@@ -479,9 +509,13 @@ impl SyncEngine {
                 key_attributes,
             )
             .await?;
-            self.store
-                .set_setting(KEY_ATTRIBUTES_SETTING, &keys_json)
-                .await?;
+            let keys_json = &keys_json;
+            self.fenced(|t| async move {
+                self.store
+                    .set_engine_setting(&t, KEY_ATTRIBUTES_SETTING, keys_json)
+                    .await
+            })
+            .await?;
             if n > 0 {
                 tracing::info!(identities = n, attributes = %keys_json, "join attributes changed: identities indexed again");
             }

@@ -8,7 +8,7 @@ use chrono::{TimeZone, Utc};
 use tokio::sync::watch;
 
 use super::runner::{RunError, RunMode, SyncEngine};
-use crate::store::{now_ms, Role, ScheduleRow};
+use crate::store::{now_ms, Role, ScheduleAdvance, ScheduleRow};
 
 /// Shortest interval a schedule may have: a run every few seconds is a loop, not a schedule.
 pub const MIN_INTERVAL_MS: i64 = 10_000;
@@ -116,16 +116,13 @@ pub async fn run_loop(
     }
 }
 
-async fn tick(sync: &Arc<SyncEngine>) -> Result<(), crate::store::StoreError> {
-    let store = sync.store().clone();
-    let schedules = store.schedules().await?;
+async fn tick(sync: &Arc<SyncEngine>) -> Result<(), RunError> {
+    let schedules = sync.store().schedules().await?;
     let now = now_ms();
     let (due, unset) = due(&schedules, now);
     for s in unset {
-        if let Ok(spec) = parse(&s.kind, &s.spec) {
-            if let Some(n) = next_after(&spec, now) {
-                store.set_schedule_next_run(&s.id, n).await?;
-            }
+        if let Some(a) = advance(s, now) {
+            sync.advance_schedule(&a).await?;
         }
     }
     if due.is_empty() || sync.paused().await? {
@@ -133,27 +130,85 @@ async fn tick(sync: &Arc<SyncEngine>) -> Result<(), crate::store::StoreError> {
     }
     for s in due {
         let mode = RunMode::parse(&s.mode).unwrap_or(RunMode::Delta);
-        match sync.start(&s.connector_id, mode, "schedule").await {
+        let advance = advance(s, now);
+        match sync
+            .start_with(&s.connector_id, mode, "schedule", advance.clone())
+            .await
+        {
             Ok((run, _task)) => {
                 tracing::info!(schedule = %s.id, run = %run.id, "scheduled run started")
             }
-            Err(RunError::AlreadyRunning(m)) => {
-                tracing::info!(schedule = %s.id, "skipped: {m}")
+            Err(e) if skipped_on_purpose(&e) => {
+                tracing::info!(schedule = %s.id, "skipped: {e}");
+                if let Some(a) = &advance {
+                    sync.advance_schedule(a).await?;
+                }
             }
-            Err(e) => tracing::warn!(schedule = %s.id, error = %e, "scheduled run not started"),
-        }
-        if let Ok(spec) = parse(&s.kind, &s.spec) {
-            if let Some(n) = next_after(&spec, now) {
-                store.set_schedule_next_run(&s.id, n).await?;
+            // Not active any more, fenced, or the database failed: the run stays due, for this
+            // instance's next tick or for the new active.
+            Err(e) => {
+                tracing::warn!(schedule = %s.id, error = %e, "scheduled run not started; still due")
             }
         }
     }
     Ok(())
 }
 
+/// The schedule's next due time after `now`.
+fn advance(s: &ScheduleRow, now: i64) -> Option<ScheduleAdvance> {
+    let spec = parse(&s.kind, &s.spec).ok()?;
+    next_after(&spec, now).map(|next_run_ms| ScheduleAdvance {
+        schedule_id: s.id.clone(),
+        next_run_ms,
+    })
+}
+
+/// Whether a scheduled start that failed this way moves the schedule on: yes when this run
+/// cannot happen now anywhere (one is already running, the connector is invalid or gone); no
+/// when another instance, or this one a moment later, could start it.
+fn skipped_on_purpose(e: &RunError) -> bool {
+    match e {
+        RunError::AlreadyRunning(_) | RunError::Invalid { .. } | RunError::NotFound(_) => true,
+        RunError::NotActive | RunError::Paused | RunError::Store(_) => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::StoreError;
+
+    #[test]
+    fn only_a_start_that_cannot_happen_anywhere_moves_the_schedule_on() {
+        let cases = [
+            (RunError::AlreadyRunning("x".into()), true),
+            (
+                RunError::Invalid {
+                    id: "c".into(),
+                    reason: "r".into(),
+                },
+                true,
+            ),
+            (RunError::NotFound("c".into()), true),
+            (RunError::NotActive, false),
+            (RunError::Paused, false),
+            (
+                RunError::Store(StoreError::Fenced {
+                    stored: 2,
+                    holder: "b".into(),
+                    own: 1,
+                }),
+                false,
+            ),
+            (
+                RunError::Store(StoreError::Unavailable("down".into())),
+                false,
+            ),
+        ];
+        for (e, moves) in cases {
+            assert_eq!(skipped_on_purpose(&e), moves, "{e}");
+        }
+    }
 
     fn ms(s: &str) -> i64 {
         chrono::DateTime::parse_from_rfc3339(s)
@@ -236,5 +291,96 @@ mod tests {
             unset.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(),
             ["d"]
         );
+    }
+
+    mod cutover {
+        use super::super::*;
+        use crate::config::EngineConfig;
+        use crate::engine::Engine;
+        use crate::store::{sqlite::SqliteStore, ConnectorRow, Store};
+
+        async fn instance(path: &std::path::Path, name: &str) -> Arc<SyncEngine> {
+            let store: Arc<dyn Store> = Arc::new(SqliteStore::open(path).await.unwrap());
+            store.migrate().await.unwrap();
+            let engine = Engine::new(
+                store.clone(),
+                name.into(),
+                "host".into(),
+                "1".into(),
+                EngineConfig {
+                    heartbeat_interval_ms: 50,
+                    instance_ttl_ms: 500,
+                    drain_timeout_ms: 200,
+                },
+            );
+            let secrets =
+                crate::secrets::Secrets::new(store, identitymesh_keyring::KeyRing::generate());
+            SyncEngine::new(engine, secrets, None)
+        }
+
+        /// A schedule due while the active is being replaced: the stale active's tick (it does
+        /// not know yet that it was fenced) neither runs it nor moves it on; the new active's
+        /// tick runs it, once.
+        #[tokio::test]
+        async fn a_run_due_during_a_cutover_happens_once_on_the_new_active() {
+            let dir = tempfile::tempdir().unwrap();
+            let drop = dir.path().join("drop");
+            std::fs::create_dir_all(&drop).unwrap();
+            std::fs::write(drop.join("a.csv"), "id,name\n1,One\n").unwrap();
+            let db = dir.path().join("im.db");
+            let (a, b) = (instance(&db, "a").await, instance(&db, "b").await);
+            let store = a.store().clone();
+            store
+                .put_connector(&ConnectorRow {
+                    id: "c1".into(),
+                    name: "csv".into(),
+                    kind: "csv".into(),
+                    config_json: serde_json::json!({"folder": drop, "object_type": "row", "anchor_column": "id"}).to_string(),
+                    rules_json: r#"{"precedence":1}"#.into(),
+                    relay_id: None,
+                    is_canary: false,
+                    created_at_ms: 1,
+                    updated_at_ms: 1,
+                })
+                .await
+                .unwrap();
+            let due_at = now_ms() - 1;
+            store
+                .put_schedule(&ScheduleRow {
+                    id: "s1".into(),
+                    connector_id: "c1".into(),
+                    kind: "interval".into(),
+                    spec: "1h".into(),
+                    mode: "full".into(),
+                    enabled: true,
+                    next_run_ms: Some(due_at),
+                    created_at_ms: 1,
+                })
+                .await
+                .unwrap();
+            a.engine().promote(1, "test").await.unwrap();
+            b.engine().promote(2, "test").await.unwrap();
+            assert_eq!(
+                a.engine().status().role,
+                Role::Active,
+                "a does not know yet"
+            );
+
+            tick(&a).await.unwrap();
+            let next = |s: Vec<ScheduleRow>| s[0].next_run_ms;
+            assert_eq!(next(store.schedules().await.unwrap()), Some(due_at));
+            assert!(store.runs(Some("c1"), 10).await.unwrap().is_empty());
+            assert_eq!(a.engine().status().role, Role::Standby, "the fence told it");
+
+            tick(&b).await.unwrap();
+            let runs = store.runs(Some("c1"), 10).await.unwrap();
+            assert_eq!(runs.len(), 1, "{runs:?}");
+            assert_eq!((runs[0].instance.as_str(), runs[0].epoch), ("b", 2));
+            let moved = next(store.schedules().await.unwrap()).unwrap();
+            assert!(moved > now_ms() + 3_000_000, "moved an hour on: {moved}");
+            // Due no more: another tick starts nothing.
+            tick(&b).await.unwrap();
+            assert_eq!(store.runs(Some("c1"), 10).await.unwrap().len(), 1);
+        }
     }
 }
