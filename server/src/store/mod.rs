@@ -48,6 +48,14 @@ impl From<sqlx::Error> for StoreError {
             sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
                 StoreError::Unavailable(e.to_string())
             }
+            // SQLITE_BUSY after the busy timeout: another process holds the write lock (a
+            // stopped or hung one holds it until it resumes or dies). Retryable.
+            sqlx::Error::Database(ref d) if d.code().as_deref() == Some("5") => {
+                StoreError::Unavailable(format!(
+                    "{e}: another process has held SQLite's write lock for longer than the busy \
+                     timeout; retry"
+                ))
+            }
             other => StoreError::Backend(other.to_string()),
         }
     }

@@ -26,7 +26,10 @@ pub mod sql {
     pub const BEGIN: &str = "BEGIN TRANSACTION";
     pub const COMMIT: &str = "COMMIT TRANSACTION";
     pub const ROLLBACK: &str = "ROLLBACK TRANSACTION";
-    pub const MIGRATION_LOCK: &str = "EXEC sp_getapplock @Resource = N'identitymesh_schema', @LockMode = N'Exclusive', @LockOwner = N'Transaction', @LockTimeout = 60000";
+    /// The procedure's return value as a result set: below 0 means not granted.
+    pub const MIGRATION_LOCK: &str = "DECLARE @r INT; EXEC @r = sp_getapplock @Resource = N'identitymesh_schema', @LockMode = N'Exclusive', @LockOwner = N'Transaction', @LockTimeout = 60000; SELECT @r";
+    /// Every session waits at most this long for a lock (see `LOCK_WAIT_MS`).
+    pub const SESSION_SETUP: &str = "SET LOCK_TIMEOUT 10000";
     pub const MIGRATIONS_TABLE_EXISTS: &str =
         "SELECT COUNT(*) FROM sys.tables WHERE name = N'schema_migrations'";
     pub const CREATE_MIGRATIONS_TABLE: &str = "CREATE TABLE schema_migrations (version INT NOT NULL PRIMARY KEY, name NVARCHAR(256) NOT NULL, applied_at BIGINT NOT NULL)";
@@ -150,6 +153,7 @@ pub mod sql {
         COMMIT,
         ROLLBACK,
         MIGRATION_LOCK,
+        SESSION_SETUP,
         MIGRATIONS_TABLE_EXISTS,
         CREATE_MIGRATIONS_TABLE,
         APPLIED_MIGRATIONS,
@@ -502,13 +506,50 @@ impl Wire for Conn {
     }
 }
 
+/// How long any statement waits for a lock (`SET LOCK_TIMEOUT` on every session). Without a
+/// bound, a promotion waits behind a hung or cut-off active's fenced transaction for as long
+/// as SQL Server keeps that session (until TCP keep-alive ends it); with it, the promotion
+/// fails with a retryable error and the operator tries again.
+pub const LOCK_WAIT_MS: u64 = 10_000;
+
+/// SQL Server's "lock request time out period exceeded".
+const LOCK_TIMEOUT_ERROR: u32 = 1222;
+
 fn backend_err(e: tiberius::error::Error) -> StoreError {
     match e {
         tiberius::error::Error::Io { .. } | tiberius::error::Error::Routing { .. } => {
             StoreError::Unavailable(e.to_string())
         }
+        tiberius::error::Error::Server(t) if t.code() == LOCK_TIMEOUT_ERROR => {
+            StoreError::Unavailable(lock_wait_exceeded())
+        }
         other => StoreError::Backend(other.to_string()),
     }
+}
+
+fn lock_wait_exceeded() -> String {
+    format!(
+        "waited {} s for a database lock another transaction holds (a hung or cut-off \
+         instance's, until SQL Server ends its session); retry",
+        LOCK_WAIT_MS / 1000
+    )
+}
+
+/// `sp_getapplock`'s return value: 0 or 1 granted; -1 timeout, -2 cancelled, -3 deadlock
+/// victim, -999 a parameter or call error.
+fn applock_granted(code: i32) -> Result<(), StoreError> {
+    if code >= 0 {
+        return Ok(());
+    }
+    let why = match code {
+        -1 => "timed out after 60 s (another instance is migrating; start again)",
+        -2 => "was cancelled",
+        -3 => "was chosen as a deadlock victim (start again)",
+        _ => "failed (a call or parameter error)",
+    };
+    Err(StoreError::Migration(format!(
+        "the schema migration lock (sp_getapplock, result {code}) {why}"
+    )))
 }
 
 pub struct MssqlStore {
@@ -543,9 +584,13 @@ impl MssqlStore {
             .map_err(|e| StoreError::Unavailable(format!("{}: {e}", self.config.get_addr())))?;
         tcp.set_nodelay(true)
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        Client::connect(self.config.clone(), tcp.compat_write())
+        let mut conn = Client::connect(self.config.clone(), tcp.compat_write())
             .await
-            .map_err(backend_err)
+            .map_err(backend_err)?;
+        conn.simple_query(sql::SESSION_SETUP)
+            .await
+            .map_err(backend_err)?;
+        Ok(conn)
     }
 
     fn give(&self, conn: Conn) {
@@ -1150,7 +1195,14 @@ impl Store for MssqlStore {
     async fn migrate(&self) -> Result<Vec<u32>, StoreError> {
         let mut conn = self.begin().await?;
         let r = async {
-            Self::exec(&mut conn, sql::MIGRATION_LOCK, &[]).await?;
+            let granted: i32 = col(
+                Self::rows(&mut conn, sql::MIGRATION_LOCK, &[])
+                    .await?
+                    .first()
+                    .ok_or_else(|| StoreError::Migration("no result from sp_getapplock".into()))?,
+                0,
+            )?;
+            applock_granted(granted)?;
             let exists: i32 = col(
                 Self::rows(&mut conn, sql::MIGRATIONS_TABLE_EXISTS, &[])
                     .await?
@@ -2008,9 +2060,32 @@ mod tests {
     use sqlparser::parser::Parser;
 
     fn parse(stmt: &str) {
-        if let Err(e) = Parser::parse_sql(&MsSqlDialect {}, stmt) {
+        // sqlparser does not know `EXEC @var = proc` (a return value into a variable); the rest
+        // of such a statement is still checked.
+        let checked = stmt.replace("EXEC @r = ", "EXEC ");
+        if let Err(e) = Parser::parse_sql(&MsSqlDialect {}, &checked) {
             panic!("T-SQL does not parse: {e}\n{stmt}");
         }
+    }
+
+    #[test]
+    fn a_migration_lock_not_granted_stops_the_migration() {
+        assert!(applock_granted(0).is_ok() && applock_granted(1).is_ok());
+        for code in [-1, -2, -3, -999] {
+            let e = applock_granted(code).unwrap_err().to_string();
+            assert!(e.contains(&code.to_string()), "{e}");
+        }
+        assert!(applock_granted(-1)
+            .unwrap_err()
+            .to_string()
+            .contains("timed out"));
+    }
+
+    #[test]
+    fn a_lock_timeout_is_a_retryable_error() {
+        assert!(lock_wait_exceeded().contains("retry"));
+        assert_eq!(LOCK_WAIT_MS, 10_000);
+        assert!(sql::SESSION_SETUP.ends_with(&LOCK_WAIT_MS.to_string()));
     }
 
     #[test]
