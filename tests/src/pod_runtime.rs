@@ -656,6 +656,11 @@ async fn run_probes(
     }
 }
 
+/// How often the status is written even when nothing changed, as kubelet's status manager
+/// resyncs: someone else (the node-lifecycle controller marking pods NotReady after a missed
+/// heartbeat, possibly just after ours resumed) may have overwritten it.
+const STATUS_RESYNC: Duration = Duration::from_secs(10);
+
 /// Publishes pod status when it changes (and only while the node is connected).
 struct StatusWriter {
     ctx: Arc<RuntimeCtx>,
@@ -663,6 +668,7 @@ struct StatusWriter {
     pod: Arc<Pod>,
     start_time: Timestamp,
     last_written: Option<String>,
+    last_write_at: Option<Instant>,
     was_connected: bool,
     transitions: HashMap<String, (String, Timestamp)>,
 }
@@ -675,6 +681,7 @@ impl StatusWriter {
             pod,
             start_time,
             last_written: None,
+            last_write_at: None,
             was_connected: true,
             transitions: HashMap::new(),
         }
@@ -744,7 +751,10 @@ impl StatusWriter {
                 .join(",")
         );
         // After a heartbeat pause the node controller may have rewritten our conditions.
-        let forced = !self.was_connected;
+        let forced = !self.was_connected
+            || self
+                .last_write_at
+                .is_some_and(|t| t.elapsed() >= STATUS_RESYNC);
         if !forced && self.last_written.as_deref() == Some(signature.as_str()) {
             return;
         }
@@ -782,6 +792,7 @@ impl StatusWriter {
         {
             Ok(_) => {
                 self.last_written = Some(signature);
+                self.last_write_at = Some(Instant::now());
                 self.was_connected = true;
             }
             Err(e) => tracing::debug!(pod = %name, "status update: {e}"),

@@ -69,6 +69,29 @@ async fn crd_pod_service_and_deletion() {
         })
         .await
         .expect("pod becomes Ready through its readiness probe");
+    // Another writer flips Ready to False (as the node-lifecycle controller does when it sees a
+    // heartbeat gap, possibly after the node's heartbeats resumed): the runtime's periodic
+    // status resync puts the truth back, it does not stay NotReady for ever.
+    let not_ready = serde_json::json!({"status": {"conditions": [
+        {"type": "Ready", "status": "False", "reason": "NodeStatusUnknown"}]}});
+    pods.patch_status(
+        "web",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Strategic(&not_ready),
+    )
+    .await
+    .expect("mark the pod NotReady");
+    assert!(!pod_ready(&pods.get("web").await.unwrap()));
+    cluster
+        .wait_until(Duration::from_secs(30), "pod web Ready again", || async {
+            pods.get_opt("web")
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|p| pod_ready(&p))
+        })
+        .await
+        .expect("the runtime rewrites a status someone else overwrote");
     let pod = pods.get("web").await.unwrap();
     let node = pod.spec.as_ref().unwrap().node_name.clone().unwrap();
     assert!(
