@@ -711,7 +711,12 @@ mod tests {
         // handler, not stopped by a missing engine.
         let secrets =
             crate::secrets::Secrets::new(store, identitymesh_keyring::KeyRing::generate());
-        let sync = crate::sync::runner::SyncEngine::new(engine.clone(), secrets, None);
+        let sync = crate::sync::runner::SyncEngine::new(
+            engine.clone(),
+            secrets,
+            None,
+            identitymesh_connectors::roots::DropRoots::default(),
+        );
         let st = AppState {
             engine,
             auth,

@@ -129,8 +129,17 @@ async fn validate(st: &AppState, b: &ConnectorBody) -> Result<(String, String), 
             .push("name: use 1-128 characters of letters, digits, spaces, '-', '_' or '.'".into());
     }
     let config_json = b.config.to_string();
-    if let Err(e) = SourceConfig::parse(&b.kind, &config_json) {
-        errors.extend(e);
+    match SourceConfig::parse(&b.kind, &config_json) {
+        Err(e) => errors.extend(e),
+        // A relay-bound connector reads the relay's host, not this one.
+        Ok(cfg) if b.relay_id.is_none() => {
+            if let (SourceConfig::Csv(c), Some(sync)) = (&cfg, st.sync.as_ref()) {
+                if let Err(e) = sync.csv_roots().resolve(&c.folder) {
+                    errors.push(format!("config.folder: {e}"));
+                }
+            }
+        }
+        Ok(_) => {}
     }
     // Without rules a connector only imports: its objects join no identities.
     let rules_value = b
@@ -376,7 +385,7 @@ async fn test_connector(
 ) -> Result<Response, Problem> {
     let sync = sync(&st)?;
     let row = connector_row(&st, &id).await?;
-    let result = match Source::build(&row, sync.secrets(), sync.hub()).await {
+    let result = match Source::build(&row, sync.secrets(), sync.hub(), sync.csv_roots()).await {
         Ok((source, _)) => source.test().await,
         Err(e) => Err(e),
     };

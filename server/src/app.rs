@@ -18,6 +18,7 @@ use crate::serve::{serve, Transport};
 use crate::store::{self, Backend, Role, Store, StoreError};
 use crate::tls::{self, TlsState};
 use crate::{fsutil, licence, logging};
+use identitymesh_connectors::roots::DropRoots;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -82,7 +83,10 @@ pub async fn run(
     let (hub_routes, hub) = crate::hub::start(engine.clone(), hub_config, stop_rx.clone());
     let ring = load_keyring(mode, &cfg)?;
     let secrets = crate::secrets::Secrets::new(store.clone(), ring);
-    let sync = crate::sync::runner::SyncEngine::new(engine.clone(), secrets, Some(hub.clone()));
+    let csv_roots = csv_roots(mode, &cfg)?;
+    tracing::info!(roots = %csv_roots.describe(), "CSV drop roots");
+    let sync =
+        crate::sync::runner::SyncEngine::new(engine.clone(), secrets, Some(hub.clone()), csv_roots);
     let schedule_task = tokio::spawn(crate::sync::schedule::run_loop(
         sync.clone(),
         engine.subscribe(),
@@ -167,6 +171,22 @@ fn backend(mode: Mode, cfg: &Config) -> anyhow::Result<Backend> {
         ),
         _ => Backend::Sqlite(cfg.data_dir.join("identitymesh.db")),
     })
+}
+
+/// Where CSV connectors may read: the configured roots, else `DATA_DIR/drop` (created) for a
+/// standalone install and none in managed mode (the operator mounts drop volumes and lists them).
+fn csv_roots(mode: Mode, cfg: &Config) -> anyhow::Result<DropRoots> {
+    let roots = match (&cfg.connectors.csv_roots, mode) {
+        (Some(r), _) => r.clone(),
+        (None, Mode::Standalone) => {
+            let drop = cfg.data_dir.join("drop");
+            std::fs::create_dir_all(&drop)
+                .with_context(|| format!("cannot create the CSV drop folder {}", drop.display()))?;
+            vec![drop]
+        }
+        (None, Mode::Managed) => Vec::new(),
+    };
+    Ok(DropRoots::new(&roots))
 }
 
 /// The database and key ring, for the `secrets` command (no listeners, no engine).

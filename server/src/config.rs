@@ -61,6 +61,20 @@ pub struct Config {
     pub engine: EngineConfig,
     #[serde(default)]
     pub hub: HubTimings,
+    #[serde(default)]
+    pub connectors: ConnectorsConfig,
+}
+
+/// Limits on what connectors running in this process may reach.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectorsConfig {
+    /// The folders CSV connectors may read (a connector's folder must resolve inside one).
+    /// Unset: `DATA_DIR/drop` for a standalone install (created on start), none in managed
+    /// mode (where the operator mounts the drop volumes). From the environment, a list in the
+    /// platform's PATH form (`/a:/b`, on Windows `C:\a;D:\b`).
+    #[serde(default, deserialize_with = "opt_path_list")]
+    pub csv_roots: Option<Vec<PathBuf>>,
 }
 
 /// Relay hub timings (SignalR keep-alive, client timeout, handshake timeout).
@@ -263,6 +277,30 @@ fn flexible_u64<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
             ))
         }),
     }
+}
+
+/// A TOML array of paths, or a string in the platform's PATH-list form (the environment).
+fn opt_path_list<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<PathBuf>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum L {
+        List(Vec<PathBuf>),
+        S(String),
+    }
+    let list = match L::deserialize(d).map_err(|_| {
+        serde::de::Error::custom("expected a list of folder paths, e.g. [\"/srv/drop\"]")
+    })? {
+        L::List(v) => v,
+        L::S(s) if s.trim().is_empty() => Vec::new(),
+        L::S(s) => std::env::split_paths(&s).collect(),
+    };
+    if let Some(p) = list.iter().find(|p| !p.is_absolute()) {
+        return Err(serde::de::Error::custom(format!(
+            "`{}` is not an absolute path; list the drop roots as absolute folders",
+            p.display()
+        )));
+    }
+    Ok(Some(list))
 }
 
 fn flexible_bool<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {

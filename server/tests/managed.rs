@@ -35,6 +35,11 @@ fn start(name: &str, dir: &Path, db: &Path, pki: &Pki, token_file: &Path) -> Ins
         ),
         // Both processes run on this host, so the shared SQLite file's locks hold.
         ("IM_DATABASE__SQLITE_SINGLE_HOST", "true".into()),
+        // The canary's CSV folder; managed mode allows none by default.
+        (
+            "IM_CONNECTORS__CSV_ROOTS",
+            dir.join("canary").display().to_string(),
+        ),
         ("IM_TLS__CERT_FILE", pki.cert.display().to_string()),
         ("IM_TLS__KEY_FILE", pki.key.display().to_string()),
         ("IM_TLS__CLIENT_CA_FILE", pki.ca.display().to_string()),

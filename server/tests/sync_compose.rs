@@ -53,7 +53,7 @@ async fn hr_csv_and_ldap_compose_by_precedence() {
     let ldap = ldap["id"].as_str().unwrap().to_string();
 
     // HR's drop folder: semicolon-separated, one bad row (line 4: a missing column).
-    let drop = dir.path().join("hr-drop");
+    let drop = dir.path().join("drop/hr");
     std::fs::create_dir_all(&drop).unwrap();
     std::fs::write(
         drop.join("hr.csv"),
@@ -371,7 +371,7 @@ async fn a_connector_added_later_joins_on_an_attribute_nobody_joined_on_before()
     let dir = tempfile::tempdir().unwrap();
     let s = Standalone::start(dir.path()).await;
     let folder = |name: &str, file: &str, body: &str| {
-        let d = dir.path().join(name);
+        let d = dir.path().join("drop").join(name);
         std::fs::create_dir_all(&d).unwrap();
         std::fs::write(d.join(file), body).unwrap();
         d
@@ -461,5 +461,72 @@ async fn clear_sweeps_object_types_the_configuration_no_longer_names() {
     assert_eq!(done["counts"]["deleted"], 2, "{done}");
     let r = s.delete(&format!("/api/connectors/{id}")).await;
     assert_eq!(r.0, 204, "{}", r.1);
+    s.stop().await;
+}
+
+/// A CSV connector may read only inside the drop roots (by default `DATA_DIR/drop`): the data
+/// directory, `/proc/self`, `..` and symlinks out are refused at save (422 naming config.folder
+/// and the roots) and again at run time, when a saved folder was swapped for a link; the
+/// server's token never reaches a run's error.
+#[tokio::test]
+async fn csv_folders_are_confined_to_the_drop_roots() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Standalone::start_plain(dir.path(), &[]).await;
+    let drop = s.data.join("drop");
+    assert!(
+        drop.is_dir(),
+        "the standalone default root is created on start"
+    );
+    let root = std::fs::canonicalize(&drop).unwrap();
+    let body = |folder: &str, pattern: &str| {
+        json!({"name": "leak", "kind": "csv",
+               "config": {"folder": folder, "pattern": pattern, "object_type": "row", "anchor_column": "id"}})
+    };
+    let data = s.data.display().to_string();
+    std::os::unix::fs::symlink(&s.data, drop.join("out")).unwrap();
+    for folder in [
+        data.clone(),
+        "/proc/self".to_string(),
+        format!("{}/../", drop.display()),
+        "../".to_string(),
+        drop.join("out").display().to_string(),
+    ] {
+        let (st, p) = s
+            .post("/api/connectors", body(&folder, "admin.token"))
+            .await;
+        assert_eq!(st, 422, "{folder}: {p}");
+        let errors = p["errors"].to_string();
+        assert!(
+            errors.contains("config.folder") && errors.contains(&root.display().to_string()),
+            "{folder}: {p}"
+        );
+    }
+
+    // Inside the root: accepted and it runs.
+    let hr = drop.join("hr");
+    std::fs::create_dir_all(&hr).unwrap();
+    std::fs::write(hr.join("a.csv"), "id,name\n1,One\n").unwrap();
+    let (st, c) = s.post("/api/connectors", body("hr", "*.csv")).await;
+    assert_eq!(st, 201, "{c}");
+    let id = c["id"].as_str().unwrap().to_string();
+    assert_eq!(s.run(&id, "full").await["status"], "succeeded");
+
+    // The folder is swapped for a link to the data directory after the save: the run refuses.
+    std::fs::remove_dir_all(&hr).unwrap();
+    std::os::unix::fs::symlink(&s.data, &hr).unwrap();
+    let (st, c) = s
+        .put(&format!("/api/connectors/{id}"), body("hr", "admin.token"))
+        .await;
+    assert_eq!(st, 422, "the save is checked too: {c}");
+    let run = s.run(&id, "full").await;
+    assert_eq!(run["status"], "failed", "{run}");
+    let error = run["error"].as_str().unwrap_or("");
+    assert!(error.contains("outside"), "{run}");
+    assert!(!error.contains(&s.token), "{run}");
+    let (_, test) = s
+        .post(&format!("/api/connectors/{id}/test"), json!({}))
+        .await;
+    assert_eq!(test["ok"], false, "{test}");
+    assert!(!test.to_string().contains(&s.token), "{test}");
     s.stop().await;
 }

@@ -507,11 +507,20 @@ async fn seeded_fault_campaign() {
     std::fs::create_dir_all(&token_dir).expect("token dir");
     let token_file: PathBuf = token_dir.join("admin.token");
     std::fs::write(&token_file, TOKEN).expect("write the bootstrap token");
+    // The writer's CSV connectors name this folder: the servers' only drop root.
+    let drop_dir = token_dir.join("drop");
+    std::fs::create_dir_all(&drop_dir).expect("drop folder");
     let mut env = Env::start(EnvOptions {
-        server_env: vec![(
-            "IM_AUTH__BOOTSTRAP_TOKEN_FILE".into(),
-            token_file.display().to_string(),
-        )],
+        server_env: vec![
+            (
+                "IM_AUTH__BOOTSTRAP_TOKEN_FILE".into(),
+                token_file.display().to_string(),
+            ),
+            (
+                "IM_CONNECTORS__CSV_ROOTS".into(),
+                drop_dir.display().to_string(),
+            ),
+        ],
         ..EnvOptions::default()
     })
     .await;
@@ -538,8 +547,6 @@ async fn seeded_fault_campaign() {
         rec.clone(),
         stop.clone(),
     ));
-    let drop_dir = env.dir.join("drop");
-    std::fs::create_dir_all(&drop_dir).expect("drop folder");
     let writer = Writer {
         api: api.clone(),
         rec: rec.clone(),

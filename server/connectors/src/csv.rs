@@ -21,6 +21,7 @@ use tokio::sync::mpsc::Sender;
 
 use crate::error::{excerpt, ConfigProblem, ConnectorError, TestReport};
 use crate::model::{Attributes, ConnectorObject, ImportMode, ImportSummary, Page, Rejected, Value};
+use crate::roots::DropRoots;
 
 /// Objects per page.
 const PAGE_OBJECTS: usize = 500;
@@ -125,6 +126,9 @@ impl CsvConfig {
 pub struct CsvConnector {
     cfg: CsvConfig,
     encoding: &'static Encoding,
+    /// When set, the folder and every file read must resolve inside these (the server's
+    /// drop roots); checked on every read, since a folder can change under a saved connector.
+    roots: Option<DropRoots>,
 }
 
 impl CsvConnector {
@@ -133,7 +137,17 @@ impl CsvConnector {
         let encoding = Encoding::for_label(cfg.encoding.as_bytes()).ok_or_else(|| {
             ConnectorError::Config(vec![ConfigProblem::new("encoding", "unknown encoding")])
         })?;
-        Ok(Self { cfg, encoding })
+        Ok(Self {
+            cfg,
+            encoding,
+            roots: None,
+        })
+    }
+
+    /// Confines every read to `roots`.
+    pub fn with_roots(mut self, roots: DropRoots) -> Self {
+        self.roots = Some(roots);
+        self
     }
 
     pub fn config(&self) -> &CsvConfig {
@@ -146,7 +160,17 @@ impl CsvConnector {
 
     /// The matching files, sorted by name.
     async fn files(&self) -> Result<Vec<PathBuf>, ConnectorError> {
-        let folder = self.cfg.folder.clone();
+        let folder = match &self.roots {
+            Some(roots) => {
+                roots
+                    .resolve(&self.cfg.folder)
+                    .map_err(|reason| ConnectorError::Source {
+                        path: "folder".into(),
+                        reason,
+                    })?
+            }
+            None => self.cfg.folder.clone(),
+        };
         let pattern = self.cfg.pattern.clone();
         let listed = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<PathBuf>> {
             let mut out = Vec::new();
@@ -154,6 +178,7 @@ impl CsvConnector {
                 let entry = entry?;
                 let name = entry.file_name();
                 let Some(name) = name.to_str() else { continue };
+                // Regular files only: a symlink is not followed out of the folder.
                 if glob_match(&pattern, name) && entry.file_type()?.is_file() {
                     out.push(entry.path());
                 }
@@ -166,18 +191,38 @@ impl CsvConnector {
             path: self.folder_display(),
             reason: format!("listing the folder failed: {e}"),
         })?;
-        listed.map_err(|e| ConnectorError::Source {
-            path: self.folder_display(),
-            reason: match e.kind() {
-                std::io::ErrorKind::NotFound => {
-                    "the CSV drop folder does not exist; create it or fix folder".into()
-                }
-                std::io::ErrorKind::PermissionDenied => {
-                    "the CSV drop folder is not readable; grant the service read access".into()
-                }
-                _ => format!("cannot read the CSV drop folder: {e}"),
-            },
-        })
+        listed
+            .map_err(|e| ConnectorError::Source {
+                path: self.folder_display(),
+                reason: match e.kind() {
+                    std::io::ErrorKind::NotFound => {
+                        "the CSV drop folder does not exist; create it or fix folder".into()
+                    }
+                    std::io::ErrorKind::PermissionDenied => {
+                        "the CSV drop folder is not readable; grant the service read access".into()
+                    }
+                    _ => format!("cannot read the CSV drop folder: {e}"),
+                },
+            })
+            .and_then(|files| self.confined(files))
+    }
+
+    /// The files, if each is inside the roots (when confined): a file swapped for a link
+    /// after the listing still cannot be read from outside them.
+    fn confined(&self, files: Vec<PathBuf>) -> Result<Vec<PathBuf>, ConnectorError> {
+        let Some(roots) = &self.roots else {
+            return Ok(files);
+        };
+        match files.iter().find(|f| !roots.contains(f)) {
+            Some(f) => Err(ConnectorError::Source {
+                path: f.display().to_string(),
+                reason: format!(
+                    "resolves outside the allowed CSV drop roots ({}); refused",
+                    roots.describe()
+                ),
+            }),
+            None => Ok(files),
+        }
     }
 
     /// Folder readable, and how many files match.

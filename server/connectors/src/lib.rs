@@ -6,6 +6,7 @@ pub mod csv;
 pub mod error;
 pub mod ldap;
 pub mod model;
+pub mod roots;
 #[cfg(feature = "testing")]
 pub mod testing;
 

@@ -17,6 +17,8 @@ use super::composer::ConnectorRules;
 use super::source::{Source, SourceError};
 use crate::engine::Engine;
 use crate::secrets::Secrets;
+use identitymesh_connectors::roots::DropRoots;
+
 use crate::store::{
     now_ms, AuditEntry, ConnectorRow, CsObject, ImportBatch, Role, RunRow, ScheduleAdvance, Store,
     StoreError,
@@ -90,6 +92,8 @@ pub struct SyncEngine {
     engine: Arc<Engine>,
     secrets: Secrets,
     hub: Option<HubHandle>,
+    /// Where CSV connectors running here may read.
+    csv_roots: DropRoots,
     /// Runs this process is executing: connector id → run id.
     active: Mutex<HashMap<String, String>>,
     /// One composer chunk at a time across this process's runs (see `compose_pending`).
@@ -97,12 +101,18 @@ pub struct SyncEngine {
 }
 
 impl SyncEngine {
-    pub fn new(engine: Arc<Engine>, secrets: Secrets, hub: Option<HubHandle>) -> Arc<Self> {
+    pub fn new(
+        engine: Arc<Engine>,
+        secrets: Secrets,
+        hub: Option<HubHandle>,
+        csv_roots: DropRoots,
+    ) -> Arc<Self> {
         Arc::new(Self {
             store: engine.store().clone(),
             engine,
             secrets,
             hub,
+            csv_roots,
             active: Mutex::new(HashMap::new()),
             compose_serial: tokio::sync::Mutex::new(()),
         })
@@ -119,6 +129,9 @@ impl SyncEngine {
     }
     pub fn hub(&self) -> Option<&HubHandle> {
         self.hub.as_ref()
+    }
+    pub fn csv_roots(&self) -> &DropRoots {
+        &self.csv_roots
     }
 
     pub async fn paused(&self) -> Result<bool, StoreError> {
@@ -419,7 +432,8 @@ impl SyncEngine {
         errors: &mut Vec<ObjectError>,
         committed: Option<&Notify>,
     ) -> Result<(), RunFailure> {
-        let (source, cfg) = Source::build(row, &self.secrets, self.hub.as_ref()).await?;
+        let (source, cfg) =
+            Source::build(row, &self.secrets, self.hub.as_ref(), &self.csv_roots).await?;
         for object_type in cfg.object_types() {
             let watermark = match mode {
                 RunMode::Delta => self.store.watermark(&row.id, &object_type).await?,

@@ -299,7 +299,11 @@ mod tests {
         use crate::engine::Engine;
         use crate::store::{sqlite::SqliteStore, ConnectorRow, Store};
 
-        async fn instance(path: &std::path::Path, name: &str) -> Arc<SyncEngine> {
+        async fn instance(
+            path: &std::path::Path,
+            name: &str,
+            drop: &std::path::Path,
+        ) -> Arc<SyncEngine> {
             let store: Arc<dyn Store> = Arc::new(SqliteStore::open(path).await.unwrap());
             store.migrate().await.unwrap();
             let engine = Engine::new(
@@ -315,7 +319,8 @@ mod tests {
             );
             let secrets =
                 crate::secrets::Secrets::new(store, identitymesh_keyring::KeyRing::generate());
-            SyncEngine::new(engine, secrets, None)
+            let roots = identitymesh_connectors::roots::DropRoots::new(&[drop.to_path_buf()]);
+            SyncEngine::new(engine, secrets, None, roots)
         }
 
         /// A schedule due while the active is being replaced: the stale active's tick (it does
@@ -328,7 +333,10 @@ mod tests {
             std::fs::create_dir_all(&drop).unwrap();
             std::fs::write(drop.join("a.csv"), "id,name\n1,One\n").unwrap();
             let db = dir.path().join("im.db");
-            let (a, b) = (instance(&db, "a").await, instance(&db, "b").await);
+            let (a, b) = (
+                instance(&db, "a", &drop).await,
+                instance(&db, "b", &drop).await,
+            );
             let store = a.store().clone();
             store
                 .put_connector(&ConnectorRow {

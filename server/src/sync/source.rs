@@ -6,6 +6,7 @@ use identitymesh_connectors::csv::{CsvConfig, CsvConnector};
 use identitymesh_connectors::error::{ConnectorError, TestReport};
 use identitymesh_connectors::ldap::{LdapConfig, LdapConnector};
 use identitymesh_connectors::model::{ImportMode, ImportSummary, Page};
+use identitymesh_connectors::roots::DropRoots;
 use identitymesh_signalr::hub::{HubHandle, StreamEvent};
 use serde_json::json;
 use tokio::sync::mpsc::Sender;
@@ -152,10 +153,12 @@ pub struct RelaySource {
 }
 
 impl Source {
+    /// A CSV connector running here is confined to `csv_roots` (checked again on every read).
     pub async fn build(
         row: &ConnectorRow,
         secrets: &Secrets,
         hub: Option<&HubHandle>,
+        csv_roots: &DropRoots,
     ) -> Result<(Source, SourceConfig), SourceError> {
         let cfg = SourceConfig::parse(&row.kind, &row.config_json)
             .map_err(|e| SourceError::Invalid(e.join("; ")))?;
@@ -179,7 +182,9 @@ impl Source {
         }
         let source = match &cfg {
             SourceConfig::Ldap(c) => Source::Ldap(LdapConnector::new(c.clone(), password)?),
-            SourceConfig::Csv(c) => Source::Csv(CsvConnector::new(c.clone())?),
+            SourceConfig::Csv(c) => {
+                Source::Csv(CsvConnector::new(c.clone())?.with_roots(csv_roots.clone()))
+            }
         };
         Ok((source, cfg))
     }

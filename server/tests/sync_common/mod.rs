@@ -23,7 +23,19 @@ impl Standalone {
         Self::start_with(dir, &[]).await
     }
 
+    /// With `dir/drop` as the CSV drop root (the tests keep their files there).
     pub async fn start_with(dir: &Path, env: &[(&str, String)]) -> Standalone {
+        let drop = dir.join("drop");
+        std::fs::create_dir_all(&drop).unwrap();
+        let mut env = env.to_vec();
+        if !env.iter().any(|(k, _)| *k == "IM_CONNECTORS__CSV_ROOTS") {
+            env.push(("IM_CONNECTORS__CSV_ROOTS", drop.display().to_string()));
+        }
+        Self::start_plain(dir, &env).await
+    }
+
+    /// With the server's own defaults (the drop root is `DATA_DIR/drop`).
+    pub async fn start_plain(dir: &Path, env: &[(&str, String)]) -> Standalone {
         let data = dir.join("data");
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
