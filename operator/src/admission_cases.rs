@@ -169,6 +169,53 @@ pub fn admission_cases() -> Vec<AdmissionCase> {
             "should match",
             false,
         ),
+        c(
+            "drop-folder-not-a-dns-label",
+            json!({"spec": {"csvDropFolders": [{"name": "HR_Share", "claimName": "hr"}]}}),
+            "csvDropFolders[].name must be a DNS label",
+            true,
+        ),
+        c(
+            "drop-folder-path-in-name",
+            json!({"spec": {"csvDropFolders": [{"name": "../data", "claimName": "hr"}]}}),
+            "csvDropFolders[].name must be a DNS label",
+            true,
+        ),
+        c(
+            "drop-folder-name-too-long",
+            json!({"spec": {"csvDropFolders": [{"name": "a".repeat(41), "claimName": "hr"}]}}),
+            "spec.csvDropFolders[0].name: Too long",
+            false,
+        ),
+        c(
+            "drop-folders-duplicate",
+            json!({"spec": {"csvDropFolders": [
+                {"name": "hr", "claimName": "hr-a"},
+                {"name": "hr", "claimName": "hr-b"}
+            ]}}),
+            "csvDropFolders names must be unique",
+            true,
+        ),
+        c(
+            "drop-folders-too-many",
+            json!({"spec": {"csvDropFolders": (0..17)
+                .map(|i| json!({"name": format!("f{i}"), "claimName": "shared"}))
+                .collect::<Vec<_>>()}}),
+            "must have at most 16 items",
+            false,
+        ),
+        c(
+            "drop-folder-without-claim",
+            json!({"spec": {"csvDropFolders": [{"name": "hr"}]}}),
+            "spec.csvDropFolders[0].claimName: Required value",
+            false,
+        ),
+        c(
+            "drop-folder-bad-claim",
+            json!({"spec": {"csvDropFolders": [{"name": "hr", "claimName": "HR Share"}]}}),
+            "spec.csvDropFolders[0].claimName in body should match",
+            false,
+        ),
     ]
 }
 
@@ -205,6 +252,29 @@ mod tests {
         let v = valid_manifest("im");
         let imc: IdentityMeshCluster = serde_json::from_value(v).expect("valid manifest");
         assert_eq!(imc.spec.version, "0.1.0");
+        assert!(imc.spec.csv_drop_folders.is_empty());
+    }
+
+    #[test]
+    fn drop_folders_are_read_only_unless_said_otherwise() {
+        let v = with(
+            "drops",
+            json!({"spec": {"csvDropFolders": [
+                {"name": "hr", "claimName": "hr-share"},
+                {"name": "out", "claimName": "out-share", "readOnly": false}
+            ]}}),
+        );
+        let imc: IdentityMeshCluster = serde_json::from_value(v).expect("manifest");
+        let ro: Vec<_> = imc
+            .spec
+            .csv_drop_folders
+            .iter()
+            .map(|f| (f.name.as_str(), f.claim_name.as_str(), f.read_only))
+            .collect();
+        assert_eq!(
+            ro,
+            vec![("hr", "hr-share", true), ("out", "out-share", false)]
+        );
     }
 }
 
@@ -304,7 +374,10 @@ mod cel_tests {
                 "secretProvider": {"type": "AzureKeyVault",
                     "azureKeyVault": {"vaultUrl": "https://kv.vault.azure.net/", "clientId": "c", "tenantId": "t"}},
                 "oidc": {"issuer": "https://login.contoso.local/", "audience": "im", "jwksUrl": "https://login.contoso.local/keys"},
-                "nodeOS": "linux"
+                "nodeOS": "linux",
+                "csvDropFolders": (0..16)
+                    .map(|i| json!({"name": format!("folder-{i}"), "claimName": "drops", "readOnly": i % 2 == 0}))
+                    .collect::<Vec<_>>()
             }}),
         );
         assert_eq!(failures(&full), Vec::<String>::new());

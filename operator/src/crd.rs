@@ -111,6 +111,38 @@ pub struct IdentityMeshClusterSpec {
     /// Stop reconciling (no pod changes, no cutovers) until set back to false.
     #[serde(default)]
     pub paused: bool,
+
+    /// Folders CSV connectors may read: each a PersistentVolumeClaim (SMB, Azure Files, ...)
+    /// mounted into both server pods under the drop area, and listed in the server's
+    /// `connectors.csv_roots`. Empty: the servers run no CSV connectors (at most 16, names unique).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    #[x_kube(validation = Rule::new("self.all(f, self.exists_one(g, g.name == f.name))").message("csvDropFolders names must be unique: each folder is mounted at <drop area>/<name>"))]
+    pub csv_drop_folders: Vec<CsvDropFolder>,
+}
+
+/// One CSV drop folder: a claim in the cluster's namespace, mounted at `<drop area>/<name>`
+/// (`C:\identitymesh\drop\<name>` on Windows nodes, `/var/lib/identitymesh/drop/<name>` on Linux).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct CsvDropFolder {
+    /// Folder name in the pods; a DNS label (lower-case letters, digits, '-'), at most 40 characters.
+    #[schemars(length(min = 1, max = 40))]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("csvDropFolders[].name must be a DNS label (lower-case letters, digits and '-', starting and ending with a letter or digit): it names the folder and the pod volume drop-<name>"))]
+    pub name: String,
+    /// The PersistentVolumeClaim holding the files, in the cluster's namespace.
+    #[schemars(
+        length(min = 1, max = 253),
+        pattern(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
+    pub claim_name: String,
+    /// Mount read-only (the default): CSV connectors only read.
+    #[serde(default = "default_true")]
+    pub read_only: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_drain_timeout_seconds() -> u32 {
@@ -720,6 +752,8 @@ mod tests {
             "has(self.azureKeyVault)",
             "self.cutoverTimeoutSeconds > self.drainTimeoutSeconds",
             "!self.metadata.name.endsWith('-pods')",
+            "self.all(f, self.exists_one(g, g.name == f.name))",
+            "self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')",
         ] {
             assert!(
                 rs.iter().any(|r| r.contains(needle)),
@@ -759,6 +793,10 @@ mod tests {
             Some(OperatorIssuerSpec::default())
         );
         assert!(!spec.paused);
+        assert!(spec.csv_drop_folders.is_empty());
+        // Absent stays absent: a cluster without drop folders serialises as before.
+        let v = serde_json::to_value(&spec).expect("json");
+        assert!(v.get("csvDropFolders").is_none(), "{v}");
     }
 
     #[test]

@@ -196,20 +196,32 @@ pub struct Paths {
     pub keyring_dir: String,
     pub keyring_file: String,
     pub data_dir: String,
+    /// Where CSV drop folders are mounted, one sub-folder each (`<drop_dir><sep><name>`). Beside
+    /// the data directory rather than inside it: the data volume is an emptyDir, and a volume
+    /// mounted inside another one is an ordering hazard on Windows nodes.
+    pub drop_dir: String,
+    /// The path separator of the node OS.
+    pub sep: &'static str,
+    /// The PATH-list separator of the node OS (what `std::env::split_paths` splits on there).
+    pub list_sep: &'static str,
 }
 
 impl Paths {
     pub fn for_os(os: NodeOs) -> Self {
-        let (root, data, sep) = match os {
+        let (root, data, drop, sep, list_sep) = match os {
             NodeOs::Windows => (
                 "C:\\identitymesh",
                 "C:\\identitymesh\\data".to_string(),
+                "C:\\identitymesh\\drop".to_string(),
                 "\\",
+                ";",
             ),
             NodeOs::Linux => (
                 "/etc/identitymesh",
                 "/var/lib/identitymesh/data".to_string(),
+                "/var/lib/identitymesh/drop".to_string(),
                 "/",
+                ":",
             ),
         };
         let dir = |d: &str| format!("{root}{sep}{d}");
@@ -227,6 +239,9 @@ impl Paths {
             keyring_dir: dir("keyring"),
             keyring_file: file("keyring", "keyring.json"),
             data_dir: data,
+            drop_dir: drop,
+            sep,
+            list_sep,
         }
     }
 }
@@ -305,6 +320,10 @@ mod tests {
         assert_eq!(l.config_file, "/etc/identitymesh/config/server.toml");
         assert_eq!(l.keyring_file, "/etc/identitymesh/keyring/keyring.json");
         assert!(l.data_dir.starts_with('/'));
+        assert_eq!(w.drop_dir, "C:\\identitymesh\\drop");
+        assert_eq!((w.sep, w.list_sep), ("\\", ";"));
+        assert_eq!(l.drop_dir, "/var/lib/identitymesh/drop");
+        assert_eq!((l.sep, l.list_sep), ("/", ":"));
     }
 
     #[test]

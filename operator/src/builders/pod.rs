@@ -4,10 +4,10 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
     Affinity, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    EnvVarSource, HTTPGetAction, KeyToPath, LocalObjectReference, ObjectFieldSelector, Pod,
-    PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, Probe, SecretKeySelector,
-    SecretVolumeSource, SecurityContext, Toleration, Volume, VolumeMount,
-    WindowsSecurityContextOptions,
+    EnvVarSource, HTTPGetAction, KeyToPath, LocalObjectReference, ObjectFieldSelector,
+    PersistentVolumeClaimVolumeSource, Pod, PodAffinityTerm, PodAntiAffinity, PodSecurityContext,
+    PodSpec, Probe, SecretKeySelector, SecretVolumeSource, SecurityContext, Toleration, Volume,
+    VolumeMount, WindowsSecurityContextOptions,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -169,7 +169,12 @@ pub fn build_pod(imc: &IdentityMeshCluster, names: &Names, pod_name: &str) -> Po
         }
     }
 
-    let volumes = vec![
+    let drops = csv_drop_folders(imc, &paths);
+    if let Some(roots) = csv_roots_env(&drops, &paths) {
+        env_vars.push(env("IM_CONNECTORS__CSV_ROOTS", roots));
+    }
+
+    let mut volumes = vec![
         secret_volume(
             "tls",
             &tls_secret_name(imc, names),
@@ -193,7 +198,7 @@ pub fn build_pod(imc: &IdentityMeshCluster, names: &Names, pod_name: &str) -> Po
             ..Default::default()
         },
     ];
-    let mounts = vec![
+    let mut mounts = vec![
         mount("tls", &paths.tls_dir),
         mount("ca", &paths.ca_dir),
         mount("keyring", &paths.keyring_dir),
@@ -205,6 +210,10 @@ pub fn build_pod(imc: &IdentityMeshCluster, names: &Names, pod_name: &str) -> Po
             ..Default::default()
         },
     ];
+    for d in drops {
+        volumes.push(d.volume);
+        mounts.push(d.mount);
+    }
 
     let (pod_security, container_security) = match os {
         NodeOs::Windows => (
@@ -334,6 +343,55 @@ pub fn build_pod(imc: &IdentityMeshCluster, names: &Names, pod_name: &str) -> Po
     let hash = spec_hash(&pod);
     stamp_hash(&mut pod.metadata, hash);
     pod
+}
+
+/// A CSV drop folder as the pod has it: its volume, its mount and where it is mounted.
+struct DropFolder {
+    volume: Volume,
+    mount: VolumeMount,
+}
+
+/// `spec.csvDropFolders`, each a claim volume `drop-<name>` mounted at `<drop_dir>/<name>`.
+fn csv_drop_folders(imc: &IdentityMeshCluster, paths: &Paths) -> Vec<DropFolder> {
+    imc.spec
+        .csv_drop_folders
+        .iter()
+        .map(|f| {
+            let name = format!("drop-{}", f.name);
+            DropFolder {
+                volume: Volume {
+                    name: name.clone(),
+                    persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                        claim_name: f.claim_name.clone(),
+                        read_only: Some(f.read_only),
+                    }),
+                    ..Default::default()
+                },
+                mount: VolumeMount {
+                    name,
+                    mount_path: format!("{}{}{}", paths.drop_dir, paths.sep, f.name),
+                    read_only: Some(f.read_only),
+                    ..Default::default()
+                },
+            }
+        })
+        .collect()
+}
+
+/// The server's `connectors.csv_roots` in PATH-list form for the pod's OS (the server splits it
+/// with `std::env::split_paths`: ';' on Windows, ':' on Linux). None without drop folders: the
+/// managed server's default is no roots, so CSV connectors are refused.
+fn csv_roots_env(drops: &[DropFolder], paths: &Paths) -> Option<String> {
+    if drops.is_empty() {
+        return None;
+    }
+    Some(
+        drops
+            .iter()
+            .map(|d| d.mount.mount_path.as_str())
+            .collect::<Vec<_>>()
+            .join(paths.list_sep),
+    )
 }
 
 /// Label values allow [A-Za-z0-9_.-], at most 63 characters.
@@ -663,6 +721,128 @@ mod tests {
         let h1 = hash_of(&build_pod(&imc, &names, "im-a").metadata).map(str::to_string);
         imc.spec.oidc = None; // only server.toml changes
         let h2 = hash_of(&build_pod(&imc, &names, "im-a").metadata).map(str::to_string);
+        assert_ne!(h1, h2);
+    }
+
+    fn with_drops(os: NodeOs) -> IdentityMeshCluster {
+        let mut imc = cluster("im", "prod");
+        imc.spec.node_os = os;
+        imc.spec.csv_drop_folders = serde_json::from_value(serde_json::json!([
+            {"name": "hr", "claimName": "hr-share"},
+            {"name": "contractors", "claimName": "azure-files.contractors", "readOnly": false}
+        ]))
+        .expect("drop folders");
+        imc
+    }
+
+    fn mount_of<'a>(p: &'a Pod, volume: &str) -> Option<&'a VolumeMount> {
+        container(p)
+            .volume_mounts
+            .as_ref()?
+            .iter()
+            .find(|m| m.name == volume)
+    }
+
+    fn claim_of(p: &Pod, volume: &str) -> Option<PersistentVolumeClaimVolumeSource> {
+        p.spec
+            .as_ref()?
+            .volumes
+            .as_ref()?
+            .iter()
+            .find(|v| v.name == volume)?
+            .persistent_volume_claim
+            .clone()
+    }
+
+    #[test]
+    fn windows_drop_folders_are_claims_mounted_and_listed_with_semicolons() {
+        let imc = with_drops(NodeOs::Windows);
+        let p = build_pod(&imc, &Names::of(&imc), "im-a");
+        let hr = claim_of(&p, "drop-hr").expect("drop-hr volume");
+        assert_eq!(
+            (hr.claim_name.as_str(), hr.read_only),
+            ("hr-share", Some(true))
+        );
+        let c = claim_of(&p, "drop-contractors").expect("drop-contractors volume");
+        assert_eq!(
+            (c.claim_name.as_str(), c.read_only),
+            ("azure-files.contractors", Some(false))
+        );
+        let m = mount_of(&p, "drop-hr").expect("drop-hr mount");
+        assert_eq!(
+            (m.mount_path.as_str(), m.read_only),
+            ("C:\\identitymesh\\drop\\hr", Some(true))
+        );
+        let m = mount_of(&p, "drop-contractors").expect("drop-contractors mount");
+        assert_eq!(
+            (m.mount_path.as_str(), m.read_only),
+            ("C:\\identitymesh\\drop\\contractors", Some(false))
+        );
+        // Windows' PATH-list form, which the server (a Windows process there) splits on ';'.
+        assert_eq!(
+            env_value(&p, "IM_CONNECTORS__CSV_ROOTS").as_deref(),
+            Some("C:\\identitymesh\\drop\\hr;C:\\identitymesh\\drop\\contractors")
+        );
+        // Not inside the data emptyDir, and the other mounts are unchanged.
+        let data = Paths::for_os(NodeOs::Windows).data_dir;
+        assert!(!m.mount_path.starts_with(&data), "{}", m.mount_path);
+        assert_eq!(
+            mount_of(&p, "data").map(|m| m.mount_path.as_str()),
+            Some(data.as_str())
+        );
+    }
+
+    #[test]
+    fn linux_drop_folders_are_listed_the_way_split_paths_reads_them() {
+        let imc = with_drops(NodeOs::Linux);
+        let p = build_pod(&imc, &Names::of(&imc), "im-b");
+        let roots = env_value(&p, "IM_CONNECTORS__CSV_ROOTS").expect("csv roots env");
+        assert_eq!(
+            roots,
+            "/var/lib/identitymesh/drop/hr:/var/lib/identitymesh/drop/contractors"
+        );
+        // The server's own reading of it (this test runs on a ':' platform, as Linux pods do).
+        #[cfg(unix)]
+        {
+            let split: Vec<_> = std::env::split_paths(&roots).collect();
+            let mounts: Vec<_> = ["drop-hr", "drop-contractors"]
+                .iter()
+                .map(|v| std::path::PathBuf::from(&mount_of(&p, v).expect("mount").mount_path))
+                .collect();
+            assert_eq!(split, mounts);
+        }
+        assert_eq!(
+            claim_of(&p, "drop-hr").map(|c| c.claim_name),
+            Some("hr-share".to_string())
+        );
+    }
+
+    #[test]
+    fn no_drop_folders_no_volumes_and_no_roots_env() {
+        for os in [NodeOs::Windows, NodeOs::Linux] {
+            let mut imc = cluster("im", "prod");
+            imc.spec.node_os = os;
+            let p = build_pod(&imc, &Names::of(&imc), "im-a");
+            assert_eq!(env_value(&p, "IM_CONNECTORS__CSV_ROOTS"), None);
+            let envs = container(&p).env.as_ref().expect("env");
+            assert!(!envs.iter().any(|e| e.name.starts_with("IM_CONNECTORS")));
+            let vols = p.spec.as_ref().and_then(|s| s.volumes.as_ref()).expect("v");
+            assert!(vols.iter().all(|v| v.persistent_volume_claim.is_none()));
+            assert!(container(&p)
+                .volume_mounts
+                .iter()
+                .flatten()
+                .all(|m| !m.name.starts_with("drop-")));
+        }
+    }
+
+    #[test]
+    fn adding_a_drop_folder_changes_the_pod_hash() {
+        let imc = cluster("im", "prod");
+        let names = Names::of(&imc);
+        let h1 = hash_of(&build_pod(&imc, &names, "im-a").metadata).map(str::to_string);
+        let h2 = hash_of(&build_pod(&with_drops(NodeOs::Windows), &names, "im-a").metadata)
+            .map(str::to_string);
         assert_ne!(h1, h2);
     }
 
