@@ -1,12 +1,14 @@
-//! The first fault campaign on the harness: a short seeded schedule of faults against the
-//! operator and its two server pods (one SQLite file), a recorded history and the checker.
+//! A seeded fault campaign on the harness: faults against the operator and its two server pods
+//! (one SQLite file), a recorded history and the checker.
 //!
-//! Faults (seed [`SEED`], 7 faults over 140 s, each kind at least once): kill -9 of the active
-//! and of the standby, a planned switchover, an operator restart, a node heartbeat stop (on
-//! the active's and on the standby's node) and the SQLite write-lock stall. Roles resolve from
-//! the cluster's status at injection time. Before each injection the runner waits for the
-//! cluster to settle again (the waits shift the rest of the schedule), so each fault meets a
-//! healthy pair: this campaign measures recovery from single faults, not pile-ups.
+//! Faults (the default seed [`SEED`], [`FAULTS`] faults, every enabled kind at least once and
+//! node faults on both roles): kill -9 of the active and of the standby, a planned switchover,
+//! an operator restart, a node heartbeat stop, a node link cut (processes alive, unreachable),
+//! a full partition (both), and the SQLite write-lock stall. Roles resolve from the cluster's
+//! status at injection time. Before each injection the runner waits for the cluster to settle
+//! again (the waits shift the rest of the schedule), so each fault meets a healthy pair: this
+//! campaign measures recovery from single faults, not pile-ups. Another seed or length:
+//! `cargo xtask chaos --seed S --faults N` (or IM_CHAOS_SEED / IM_CHAOS_FAULTS).
 //!
 //! Recorded: Admin API writes through the client Service (connector edits, one write in
 //! flight per key, every value unique; secrets are write-only, so their values cannot be read
@@ -46,14 +48,13 @@ use kube::Api;
 use operator_common::*;
 use serde_json::{json, Value};
 
-/// Chosen so that 7 faults cover every enabled kind, with a heartbeat stop on each role, each
-/// lasting over 7 s. A stop near the node grace period (4 s) can end before the node controller
-/// marks the pod not ready; the harness's node agent rewrites pod status once on resume, so
-/// that pod then stays not Ready for good (seen with seed 162, a 3.8 s stop).
-const SEED: u64 = 651;
-const FAULTS: usize = 7;
-const LENGTH: Duration = Duration::from_secs(140);
-/// Longer than any timed fault lasts, so a fault heals before the next one starts.
+/// The default campaign (the test command's): chosen so that its faults cover every enabled
+/// kind, node faults on both roles. `IM_CHAOS_SEED` and `IM_CHAOS_FAULTS` (or `cargo xtask
+/// chaos --seed S --faults N`) run another; a failing run prints its seed and schedule.
+const SEED: u64 = 59;
+const FAULTS: usize = 9;
+/// Between two fault starts: longer than any timed fault lasts, so a fault heals before the
+/// next one starts.
 const MIN_GAP: Duration = Duration::from_secs(18);
 /// The one timed property: a failover needs the unhealthy period (2 s), the operator's
 /// detection and cutover and a pod restart (back-off up to 8 s); the e2e tests allow 90 s for
@@ -65,13 +66,30 @@ const TOKEN: &str = "imb_chaos-campaign-bootstrap-token";
 const KEYS: usize = 3;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A setting from the environment, or its default; a value that does not parse is an error.
+fn setting<T: std::str::FromStr>(name: &str, default: T) -> T {
+    match std::env::var(name) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a valid number")),
+        Err(_) => default,
+    }
+}
+
 fn config() -> ScheduleConfig {
-    let mut c = ScheduleConfig::new(SEED, FAULTS, LENGTH);
+    let seed = setting("IM_CHAOS_SEED", SEED);
+    let faults = setting("IM_CHAOS_FAULTS", FAULTS).max(1);
+    // Room for every start MIN_GAP apart, and for the last fault to heal.
+    let length = MIN_GAP * (faults as u32 + 1) + Duration::from_secs(14);
+    let mut c = ScheduleConfig::new(seed, faults, length);
     c.kinds = [
         FaultKind::KillActive,
         FaultKind::KillStandby,
         FaultKind::KillOperator,
         FaultKind::HeartbeatStop,
+        FaultKind::LinkCut,
+        FaultKind::Partition,
         FaultKind::Switchover,
         FaultKind::DbStall,
     ]
@@ -311,7 +329,8 @@ async fn poll_roles(pods: Api<Pod>, sni: String, ca: String, rec: Recorder, stop
 
 /// A timed fault in force, undone by its heal.
 enum Held {
-    Heartbeat(String),
+    /// A node fault of this kind on this node.
+    Node(FaultKind, String),
     Stall(DbStall),
 }
 
@@ -370,13 +389,17 @@ async fn inject(
                 .map_err(|e| e.to_string())?;
             Ok((format!("requested, active was {pod}"), None))
         }
-        FaultKind::HeartbeatStop => {
+        FaultKind::HeartbeatStop | FaultKind::LinkCut | FaultKind::Partition => {
             let pod = pod_in_role(env, target.unwrap_or(NodeRole::Active)).await?;
             let node = env.pod_node(&pod).await.ok_or("pod not scheduled")?;
-            env.cluster
-                .stop_node_heartbeat(&node)
-                .map_err(|e| e.to_string())?;
-            Ok((format!("{node} ({pod})"), Some(Held::Heartbeat(node))))
+            let c = &env.cluster;
+            match kind {
+                FaultKind::HeartbeatStop => c.stop_node_heartbeat(&node),
+                FaultKind::LinkCut => c.cut_node_link(&node),
+                _ => c.partition_node(&node),
+            }
+            .map_err(|e| e.to_string())?;
+            Ok((format!("{node} ({pod})"), Some(Held::Node(kind, node))))
         }
         FaultKind::DbStall => {
             // Held until the heal releases it; the margin only bounds a lost heal.
@@ -397,11 +420,16 @@ async fn inject(
 
 fn heal(env: &Env, held: Held) -> Result<String, String> {
     match held {
-        Held::Heartbeat(node) => env
-            .cluster
-            .resume_node_heartbeat(&node)
+        Held::Node(kind, node) => {
+            let c = &env.cluster;
+            match kind {
+                FaultKind::HeartbeatStop => c.resume_node_heartbeat(&node),
+                FaultKind::LinkCut => c.restore_node_link(&node),
+                _ => c.heal_node(&node),
+            }
             .map(|_| node)
-            .map_err(|e| e.to_string()),
+            .map_err(|e| e.to_string())
+        }
         Held::Stall(stall) => {
             let pid = stall.pid();
             stall.release();

@@ -54,6 +54,15 @@ enum Cmd {
     },
     /// Print harness figures: tools build time, warm start time, control-plane memory.
     BenchHarness,
+    /// A fault campaign on the harness (tests/tests/chaos_campaign.rs) with this seed and
+    /// number of faults; it prints the schedule, the report and, on a violation, the history
+    /// excerpt. The test command runs the default campaign.
+    Chaos {
+        #[arg(long)]
+        seed: u64,
+        #[arg(long)]
+        faults: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -209,6 +218,33 @@ fn real_main() -> Result<()> {
                 .env(tools::BIN_DIR_ENV, bin)
                 .current_dir(&root);
             run(cmd, "cargo test")?;
+        }
+        Cmd::Chaos { seed, faults } => {
+            if faults == 0 {
+                bail!("--faults must be at least 1");
+            }
+            ensure_apt_packages()?;
+            let bin = tools::ensure(&root, false)?;
+            let mut build = cargo();
+            build
+                .args(["build", "--workspace", "--bins"])
+                .current_dir(&root);
+            run(build, "cargo build --workspace --bins")?;
+            let mut cmd = cargo();
+            cmd.args([
+                "test",
+                "-p",
+                "identitymesh-tests",
+                "--test",
+                "chaos_campaign",
+                "--",
+                "--nocapture",
+            ])
+            .env("IM_CHAOS_SEED", seed.to_string())
+            .env("IM_CHAOS_FAULTS", faults.to_string())
+            .env(tools::BIN_DIR_ENV, bin)
+            .current_dir(&root);
+            run(cmd, "the fault campaign")?;
         }
         Cmd::BenchHarness => {
             ensure_apt_packages()?;
