@@ -29,6 +29,13 @@ pub struct ConfigFile {
     pub allow_insecure_http: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetryFile>,
+    /// Folders relay-bound CSV connectors may read (absolute paths): a connector's folder and
+    /// every file it reads must resolve, symlinks followed, inside one of them. Empty (the
+    /// default): this relay refuses CSV connectors. There is no default folder: the relay has
+    /// no data directory of its own, the folder beside this file holds the relay credential,
+    /// and which of the host's folders may be exposed is the host owner's decision.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub csv_roots: Vec<PathBuf>,
 }
 
 /// Optional retry tuning, in milliseconds.
@@ -105,8 +112,21 @@ impl ConfigFile {
         write_private(path, text.as_bytes())
     }
 
+    /// The CSV drop roots, checked: each must be an absolute path.
+    pub fn drop_roots(&self) -> Result<identitymesh_connectors::roots::DropRoots, ConfigError> {
+        if let Some(p) = self.csv_roots.iter().find(|p| !p.is_absolute()) {
+            return Err(ConfigError::Invalid(format!(
+                "csv_roots: `{}` is not an absolute path; list the folders CSV connectors may \
+                 read as absolute paths",
+                p.display()
+            )));
+        }
+        Ok(crate::directory::csv_roots(&self.csv_roots))
+    }
+
     /// Validates and resolves paths relative to `base_dir` (the config file's folder).
     pub fn settings(&self, base_dir: &Path) -> Result<RelaySettings, ConfigError> {
+        self.drop_roots()?;
         let endpoint = Endpoint::parse(&self.server, self.allow_insecure_http)
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if self.token.trim().is_empty() {
@@ -236,5 +256,48 @@ mod tests {
         };
         let e = missing_ca.settings(dir.path()).unwrap_err().to_string();
         assert!(e.contains("nope.pem"), "{e}");
+    }
+
+    #[test]
+    fn csv_roots_are_absolute_and_default_to_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = ConfigFile {
+            server: "https://hub.example:8443".into(),
+            token: "t0k".into(),
+            public_roots: true,
+            ..Default::default()
+        };
+        let text = toml::to_string_pretty(&base).unwrap();
+        assert!(!text.contains("csv_roots"), "{text}");
+        let roots = base.drop_roots().unwrap();
+        assert!(roots.is_empty());
+        assert!(roots.describe().contains("disabled on this relay"));
+
+        let drop = dir.path().join("drop");
+        let path = dir.path().join("relay.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "server = \"https://hub.example:8443\"\ntoken = \"t0k\"\npublic_roots = true\n\
+                 csv_roots = [{:?}]\n",
+                drop.display().to_string()
+            ),
+        )
+        .unwrap();
+        let cfg = ConfigFile::load(&path).unwrap();
+        assert_eq!(cfg.csv_roots, vec![drop.clone()]);
+        assert!(cfg.settings(dir.path()).is_ok());
+        std::fs::create_dir_all(drop.join("hr")).unwrap();
+        assert!(cfg.drop_roots().unwrap().resolve(&drop.join("hr")).is_ok());
+
+        let relative = ConfigFile {
+            csv_roots: vec!["drop".into()],
+            ..base
+        };
+        let e = relative.settings(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("csv_roots") && e.contains("not an absolute path"),
+            "{e}"
+        );
     }
 }

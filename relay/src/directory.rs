@@ -11,13 +11,20 @@
 //! null>}`. Pages go through a channel of [`PAGE_CHANNEL`] pages and each StreamItem send waits
 //! for the connection's outbound queue, so a slow hub slows the directory read instead of
 //! buffering it. The password and the raw arguments never reach a log or an error message.
+//!
+//! CSV connectors read files on the relay's host, so they are confined to the relay's drop
+//! roots (`csv_roots` in relay.toml): the folder and every file read must resolve inside one
+//! of them, checked on every read. No roots configured means no CSV connectors.
 
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use identitymesh_connectors::csv::{CsvConfig, CsvConnector};
-use identitymesh_connectors::error::{ConnectorError, TestReport};
+use identitymesh_connectors::error::{ConfigProblem, ConnectorError, TestReport};
 use identitymesh_connectors::ldap::{LdapConfig, LdapConnector};
 use identitymesh_connectors::model::{ImportMode, ImportSummary, Page};
+use identitymesh_connectors::roots::DropRoots;
 use identitymesh_signalr::protocol::DEFAULT_MAX_FRAME_SIZE;
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -31,10 +38,25 @@ pub const TEST_METHOD: &str = "DirectoryTest";
 /// Pages buffered between the connector and the hub connection.
 pub const PAGE_CHANNEL: usize = 2;
 
-/// Registers `DirectoryImport` and `DirectoryTest`.
-pub fn register(registry: &mut HandlerRegistry) {
-    registry.register(IMPORT_METHOD, directory_import);
-    registry.register(TEST_METHOD, directory_test);
+/// How refusals name the relay's drop roots.
+pub const CSV_ROOTS_SETTING: &str = "the relay setting csv_roots in relay.toml";
+
+/// The relay's CSV drop roots, as its messages name them.
+pub fn csv_roots(paths: &[PathBuf]) -> DropRoots {
+    DropRoots::new(paths).configured_by(CSV_ROOTS_SETTING, "this relay")
+}
+
+/// Registers `DirectoryImport` and `DirectoryTest`; CSV connectors may read inside `csv_roots`
+/// only (none: CSV connectors are refused).
+pub fn register(registry: &mut HandlerRegistry, csv_roots: DropRoots) {
+    let roots = Arc::new(csv_roots);
+    let r = roots.clone();
+    registry.register(IMPORT_METHOD, move |args, sink| {
+        directory_import(args, sink, r.clone())
+    });
+    registry.register(TEST_METHOD, move |args, sink| {
+        directory_test(args, sink, roots.clone())
+    });
 }
 
 /// A connector described by the server, not yet built.
@@ -69,13 +91,20 @@ impl ConnectorSpec {
         }
     }
 
-    /// Validates the configuration and prepares the connector (TLS included).
-    pub fn build(self) -> Result<Directory, ConnectorError> {
+    /// Validates the configuration and prepares the connector (TLS included). A CSV connector
+    /// is confined to `csv_roots`: refused at once when its folder is outside them (or there
+    /// are none), and every later read is checked again.
+    pub fn build(self, csv_roots: &DropRoots) -> Result<Directory, ConnectorError> {
         Ok(match self {
             ConnectorSpec::Ldap { config, password } => {
                 Directory::Ldap(LdapConnector::new(*config, password)?)
             }
-            ConnectorSpec::Csv(config) => Directory::Csv(CsvConnector::new(*config)?),
+            ConnectorSpec::Csv(config) => {
+                csv_roots.resolve(&config.folder).map_err(|reason| {
+                    ConnectorError::Config(vec![ConfigProblem::new("folder", reason)])
+                })?;
+                Directory::Csv(CsvConnector::new(*config)?.with_roots(csv_roots.clone()))
+            }
         })
     }
 }
@@ -355,7 +384,11 @@ async fn forward(
     Ok(())
 }
 
-async fn directory_import(args: Vec<Value>, mut sink: ItemSink) -> Result<Value, String> {
+async fn directory_import(
+    args: Vec<Value>,
+    mut sink: ItemSink,
+    csv_roots: Arc<DropRoots>,
+) -> Result<Value, String> {
     let parsed = parse_import_args(&args);
     // The raw arguments hold the password; keep them no longer than needed.
     drop(args);
@@ -372,7 +405,7 @@ async fn directory_import(args: Vec<Value>, mut sink: ItemSink) -> Result<Value,
         "directory import started"
     );
     let started = Instant::now();
-    let directory = req.connector.build().map_err(|e| {
+    let directory = req.connector.build(&csv_roots).map_err(|e| {
         tracing::warn!(kind, object_type = %object_type, error = %e, "directory import failed");
         e.to_string()
     })?;
@@ -419,7 +452,11 @@ async fn directory_import(args: Vec<Value>, mut sink: ItemSink) -> Result<Value,
     result
 }
 
-async fn directory_test(args: Vec<Value>, _sink: ItemSink) -> Result<Value, String> {
+async fn directory_test(
+    args: Vec<Value>,
+    _sink: ItemSink,
+    csv_roots: Arc<DropRoots>,
+) -> Result<Value, String> {
     let parsed = parse_test_args(&args);
     drop(args);
     let spec = parsed.inspect_err(|e| {
@@ -427,7 +464,7 @@ async fn directory_test(args: Vec<Value>, _sink: ItemSink) -> Result<Value, Stri
     })?;
     let kind = spec.kind();
     let result = async {
-        let directory = spec.build()?;
+        let directory = spec.build(&csv_roots)?;
         directory.test_connection().await
     }
     .await;
@@ -641,7 +678,7 @@ mod tests {
     fn connector_errors_become_their_display_string() {
         // bind_dn without a password: the connector refuses, naming the field.
         let spec = parse_test_args(&[json!({"kind": "ldap", "config": ldap_config()})]).unwrap();
-        let e = spec.build().err().unwrap().to_string();
+        let e = spec.build(&csv_roots(&[])).err().unwrap().to_string();
         assert!(e.contains("bind_password_ref"), "{e}");
     }
 
@@ -659,6 +696,120 @@ mod tests {
             json!("people"),
             json!({"mode": "full"}),
         ]
+    }
+
+    fn roots_of(dir: &std::path::Path) -> Arc<DropRoots> {
+        Arc::new(csv_roots(&[dir.to_path_buf()]))
+    }
+
+    /// A relay host: a drop root with a readable folder, and beside it the relay's own files
+    /// (its credential) and a CSV folder nobody listed.
+    struct Host {
+        _dir: tempfile::TempDir,
+        root: std::path::PathBuf,
+        outside: std::path::PathBuf,
+    }
+
+    fn host() -> Host {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("drop");
+        let outside = dir.path().join("relay-state");
+        std::fs::create_dir_all(root.join("hr")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        write_csv(&root.join("hr"), 3);
+        write_csv(&outside, 3);
+        std::fs::write(
+            outside.join("relay.toml"),
+            "token = \"imr_relay_credential\"\n",
+        )
+        .unwrap();
+        Host {
+            _dir: dir,
+            root,
+            outside,
+        }
+    }
+
+    async fn import_at(
+        folder: &std::path::Path,
+        pattern: &str,
+        roots: Arc<DropRoots>,
+    ) -> Result<Value, String> {
+        let (out, _frames) = mpsc::channel(64);
+        let args = vec![
+            json!({"kind": "csv", "config": {"folder": folder, "pattern": pattern, "object_type": "people", "anchor_column": "id"}, "password": null}),
+            json!("people"),
+            json!({"mode": "full"}),
+        ];
+        directory_import(args, ItemSink::new(Some("7".into()), out), roots).await
+    }
+
+    #[tokio::test]
+    async fn csv_imports_read_inside_the_relays_roots_only() {
+        let h = host();
+        let roots = roots_of(&h.root);
+        let root = std::fs::canonicalize(&h.root).unwrap();
+        let ok = import_at(&h.root.join("hr"), "*.csv", roots.clone())
+            .await
+            .unwrap();
+        assert_eq!(ok["objects"], 3);
+
+        for folder in [
+            h.outside.clone(),
+            h.root.join("../relay-state"),
+            std::path::PathBuf::from("/proc/self"),
+        ] {
+            let e = import_at(&folder, "*", roots.clone()).await.unwrap_err();
+            assert!(
+                e.contains(CSV_ROOTS_SETTING) && e.contains(&root.display().to_string()),
+                "{folder:?}: {e}"
+            );
+            assert!(
+                !e.contains("imr_relay_credential") && !e.contains("id,mail"),
+                "{e}"
+            );
+        }
+        // The connection test is confined the same way.
+        let (out, _frames) = mpsc::channel(4);
+        let e = directory_test(
+            vec![json!({"kind": "csv", "config": {"folder": h.outside, "object_type": "people", "anchor_column": "id"}, "password": null})],
+            ItemSink::new(Some("8".into()), out),
+            roots,
+        )
+        .await
+        .unwrap_err();
+        assert!(e.contains(CSV_ROOTS_SETTING), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_relay_without_roots_refuses_csv_connectors() {
+        let h = host();
+        let e = import_at(&h.root.join("hr"), "*.csv", Arc::new(csv_roots(&[])))
+            .await
+            .unwrap_err();
+        assert!(
+            e.contains("CSV connectors are disabled on this relay")
+                && e.contains(CSV_ROOTS_SETTING),
+            "{e}"
+        );
+    }
+
+    /// A folder inside the roots that is a link out is refused; a file linking out is not
+    /// read (only regular files are listed), so nothing of it reaches the server.
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn links_out_of_the_roots_are_refused_on_every_read() {
+        let h = host();
+        let roots = roots_of(&h.root);
+        std::os::unix::fs::symlink(&h.outside, h.root.join("swapped")).unwrap();
+        let e = import_at(&h.root.join("swapped"), "*", roots.clone())
+            .await
+            .unwrap_err();
+        assert!(e.contains(CSV_ROOTS_SETTING), "{e}");
+        std::os::unix::fs::symlink(h.outside.join("relay.toml"), h.root.join("hr/z.csv")).unwrap();
+        let ok = import_at(&h.root.join("hr"), "*.csv", roots).await.unwrap();
+        assert_eq!(ok["objects"], 3, "{ok}");
+        assert!(!ok.to_string().contains("imr_relay_credential"), "{ok}");
     }
 
     fn page_of(frame: &str) -> Page {
@@ -681,7 +832,9 @@ mod tests {
         write_csv(dir.path(), 1200);
         let (out, mut frames) = mpsc::channel(64);
         let sink = ItemSink::new(Some("7".into()), out);
-        let summary = directory_import(csv_args(dir.path()), sink).await.unwrap();
+        let summary = directory_import(csv_args(dir.path()), sink, roots_of(dir.path()))
+            .await
+            .unwrap();
         let summary: ImportSummary = serde_json::from_value(summary).unwrap();
         assert_eq!(summary.objects, 1200);
         let mut anchors = Vec::new();
@@ -698,7 +851,11 @@ mod tests {
         write_csv(dir.path(), 5000); // 10 pages of 500
         let (out, mut frames) = mpsc::channel(1);
         let sink = ItemSink::new(Some("7".into()), out);
-        let task = tokio::spawn(directory_import(csv_args(dir.path()), sink));
+        let task = tokio::spawn(directory_import(
+            csv_args(dir.path()),
+            sink,
+            roots_of(dir.path()),
+        ));
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!task.is_finished(), "the import waits for the hub");
         assert_eq!(frames.len(), 1, "one frame queued, the rest held back");
@@ -721,7 +878,7 @@ mod tests {
         let sink = ItemSink::new(Some("7".into()), out);
         let e = tokio::time::timeout(
             Duration::from_secs(10),
-            directory_import(csv_args(dir.path()), sink),
+            directory_import(csv_args(dir.path()), sink, roots_of(dir.path())),
         )
         .await
         .expect("the import stops")
@@ -739,14 +896,19 @@ mod tests {
         let (out, _frames) = mpsc::channel(4);
         let mut args = csv_args(dir.path());
         args[1] = json!("groups");
-        let e = directory_import(args, ItemSink::new(Some("7".into()), out.clone()))
-            .await
-            .unwrap_err();
+        let e = directory_import(
+            args,
+            ItemSink::new(Some("7".into()), out.clone()),
+            roots_of(dir.path()),
+        )
+        .await
+        .unwrap_err();
         assert!(e.contains("unknown object type \"groups\""), "{e}");
 
         let report = directory_test(
             vec![csv_args(dir.path()).swap_remove(0)],
             ItemSink::new(Some("8".into()), out.clone()),
+            roots_of(dir.path()),
         )
         .await
         .unwrap();
@@ -757,9 +919,13 @@ mod tests {
         );
 
         // Nothing listens on port 1: a connect error, password nowhere in it.
-        let e = directory_test(vec![ldap_connector()], ItemSink::new(Some("9".into()), out))
-            .await
-            .unwrap_err();
+        let e = directory_test(
+            vec![ldap_connector()],
+            ItemSink::new(Some("9".into()), out),
+            Arc::new(csv_roots(&[])),
+        )
+        .await
+        .unwrap_err();
         assert!(e.contains("cannot connect to ldap://127.0.0.1:1"), "{e}");
         assert!(!e.contains(SECRET), "{e}");
     }

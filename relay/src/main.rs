@@ -55,6 +55,10 @@ struct EnrollArgs {
     /// Do not contact the server to check the certificate and credential.
     #[arg(long)]
     no_verify: bool,
+    /// A folder relay-bound CSV connectors may read (absolute; repeatable; stored as
+    /// csv_roots). Without one, this relay refuses CSV connectors.
+    #[arg(long = "csv-root")]
+    csv_roots: Vec<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -126,6 +130,7 @@ async fn enroll(a: EnrollArgs) -> anyhow::Result<()> {
         token: a.token,
         public_roots: a.public_roots,
         resolve: a.resolve,
+        csv_roots: a.csv_roots,
         ..Default::default()
     };
     let ca_pem = match &a.ca_file {
@@ -178,8 +183,10 @@ async fn run(a: RunArgs, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> 
     }
     let settings = file.settings(&config_dir(&path))?;
     tracing::info!(server = %file.server, version = env!("CARGO_PKG_VERSION"), "relay starting");
+    let csv_roots = file.drop_roots()?;
+    tracing::info!(roots = %csv_roots.describe(), "CSV drop roots");
     let mut handlers = HandlerRegistry::with_diagnostics();
-    identitymesh_relay::directory::register(&mut handlers);
+    identitymesh_relay::directory::register(&mut handlers, csv_roots);
     let agent = Agent::new(settings, handlers)?;
     agent.run(shutdown).await;
     tracing::info!("relay stopped");

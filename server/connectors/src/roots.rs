@@ -9,6 +9,16 @@ use std::path::{Component, Path, PathBuf};
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DropRoots {
     roots: Vec<PathBuf>,
+    /// Where the roots are configured, for messages; None: the server's setting.
+    origin: Option<Origin>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Origin {
+    /// E.g. "the relay setting csv_roots in relay.toml".
+    setting: String,
+    /// E.g. "this relay".
+    host: String,
 }
 
 impl DropRoots {
@@ -17,7 +27,26 @@ impl DropRoots {
             .iter()
             .map(|r| std::fs::canonicalize(r).unwrap_or_else(|_| r.clone()))
             .collect();
-        Self { roots }
+        Self {
+            roots,
+            origin: None,
+        }
+    }
+
+    /// Names another place the roots come from in messages (the server's setting otherwise):
+    /// `setting` says how to change them, `host` what runs the connectors ("this relay").
+    pub fn configured_by(mut self, setting: &str, host: &str) -> Self {
+        self.origin = Some(Origin {
+            setting: setting.into(),
+            host: host.into(),
+        });
+        self
+    }
+
+    fn setting(&self) -> &str {
+        self.origin
+            .as_ref()
+            .map_or("the server setting connectors.csv_roots", |o| &o.setting)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -27,7 +56,8 @@ impl DropRoots {
     /// The roots as error messages list them.
     pub fn describe(&self) -> String {
         if self.roots.is_empty() {
-            return "none (CSV connectors are disabled on this server)".into();
+            let host = self.origin.as_ref().map_or("this server", |o| &o.host);
+            return format!("none (CSV connectors are disabled on {host})");
         }
         self.roots
             .iter()
@@ -43,9 +73,10 @@ impl DropRoots {
         let refuse = |why: &str| {
             Err(format!(
                 "{} {why}; CSV drop folders must be inside one of the allowed roots: {} \
-                 (the server setting connectors.csv_roots)",
+                 ({})",
                 folder.display(),
-                self.describe()
+                self.describe(),
+                self.setting()
             ))
         };
         let Some(first) = self.roots.first() else {
@@ -169,6 +200,35 @@ mod tests {
             .resolve(Path::new("/srv/drop"))
             .unwrap_err();
         assert!(e.contains("disabled"), "{e}");
+        assert!(
+            e.contains("this server") && e.contains("connectors.csv_roots"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn messages_name_where_the_roots_are_configured() {
+        let setting = "the relay setting csv_roots in relay.toml";
+        let e = DropRoots::new(&[])
+            .configured_by(setting, "this relay")
+            .resolve(Path::new("/srv/drop"))
+            .unwrap_err();
+        assert!(
+            e.contains("disabled on this relay") && e.contains(setting),
+            "{e}"
+        );
+        assert!(!e.contains("connectors.csv_roots"), "{e}");
+        let f = fixture();
+        let e = f
+            .roots
+            .clone()
+            .configured_by(setting, "this relay")
+            .resolve(&f.outside)
+            .unwrap_err();
+        assert!(
+            e.contains(setting) && e.contains(&f.root.display().to_string()),
+            "{e}"
+        );
     }
 
     #[cfg(unix)]
