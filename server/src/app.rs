@@ -107,6 +107,7 @@ pub async fn run(
         api::router(state.clone()).merge(hub_routes),
         stop_rx.clone(),
         SHUTDOWN_GRACE,
+        cfg.http.clone(),
     ))];
     if let Some(addr) = internal_addr(mode, &cfg) {
         let Transport::Tls(tls) = &transport else {
@@ -126,6 +127,7 @@ pub async fn run(
             api::internal_router(state.clone()),
             stop_rx.clone(),
             SHUTDOWN_GRACE,
+            cfg.http.clone(),
         )));
     }
 

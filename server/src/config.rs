@@ -63,6 +63,57 @@ pub struct Config {
     pub hub: HubTimings,
     #[serde(default)]
     pub connectors: ConnectorsConfig,
+    #[serde(default)]
+    pub http: HttpLimits,
+}
+
+/// Limits of each HTTPS listener (the Admin API and hub, and the internal API), so slow or
+/// idle clients cannot hold the server's connections.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpLimits {
+    /// A client must send a request's headers within this time, and an idle HTTP/1 keep-alive
+    /// connection waiting for its next request is closed after it.
+    #[serde(
+        default = "default_header_read_timeout",
+        deserialize_with = "flexible_u64"
+    )]
+    pub header_read_timeout_ms: u64,
+    /// The server answers a request (its response head) within this time, or answers 503.
+    #[serde(default = "default_request_timeout", deserialize_with = "flexible_u64")]
+    pub request_timeout_ms: u64,
+    /// A connection that moves no byte either way for this long is closed (upgraded
+    /// WebSockets are left to the hub's own keep-alive and timeout).
+    #[serde(default = "default_idle_timeout", deserialize_with = "flexible_u64")]
+    pub idle_timeout_ms: u64,
+    /// Connections served at once per listener; more wait in the kernel's accept queue.
+    #[serde(default = "default_max_connections", deserialize_with = "flexible_u64")]
+    pub max_connections: u64,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout_ms: default_header_read_timeout(),
+            request_timeout_ms: default_request_timeout(),
+            idle_timeout_ms: default_idle_timeout(),
+            max_connections: default_max_connections(),
+        }
+    }
+}
+
+fn default_header_read_timeout() -> u64 {
+    10_000
+}
+fn default_request_timeout() -> u64 {
+    120_000
+}
+fn default_idle_timeout() -> u64 {
+    300_000
+}
+fn default_max_connections() -> u64 {
+    // Above 10,000 relays' WebSockets with room for the Admin API.
+    16_384
 }
 
 /// Limits on what connectors running in this process may reach.
@@ -480,6 +531,25 @@ impl Config {
                 ));
             }
         }
+        let h = &self.http;
+        for (key, v) in [
+            ("http.header_read_timeout_ms", h.header_read_timeout_ms),
+            ("http.request_timeout_ms", h.request_timeout_ms),
+            ("http.idle_timeout_ms", h.idle_timeout_ms),
+        ] {
+            if v < 100 {
+                return Err(key_err(key, "must be at least 100 (milliseconds)"));
+            }
+        }
+        if h.max_connections == 0 {
+            return Err(key_err("http.max_connections", "must be at least 1"));
+        }
+        if h.request_timeout_ms <= self.engine.drain_timeout_ms {
+            return Err(key_err(
+                "http.request_timeout_ms",
+                "must be longer than engine.drain_timeout_ms: a demotion request waits for the drain",
+            ));
+        }
         if self.secret_provider.kind == SecretProviderKind::AzureKeyVault
             && self.secret_provider.vault_url.is_none()
         {
@@ -531,6 +601,32 @@ mod tests {
         let f = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(f.path(), text).unwrap();
         f
+    }
+
+    #[test]
+    fn http_limits_have_defaults_and_refuse_nonsense() {
+        let base = [("IM_DATA_DIR", "/d")];
+        let c = load(None, env(&base), &FlagOverrides::default()).unwrap();
+        assert_eq!(c.http.header_read_timeout_ms, 10_000);
+        assert_eq!(c.http.max_connections, 16_384);
+        for (k, v, key) in [
+            (
+                "IM_HTTP__HEADER_READ_TIMEOUT_MS",
+                "0",
+                "http.header_read_timeout_ms",
+            ),
+            ("IM_HTTP__MAX_CONNECTIONS", "0", "http.max_connections"),
+            (
+                "IM_HTTP__REQUEST_TIMEOUT_MS",
+                "100",
+                "http.request_timeout_ms",
+            ),
+        ] {
+            let e = load(None, env(&[base[0], (k, v)]), &FlagOverrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{k}={v}: {e}");
+        }
     }
 
     #[test]
