@@ -21,11 +21,53 @@ pub const RELAY_TOKEN_PREFIX: &str = "imr_";
 
 pub struct RelayBackend {
     engine: Arc<Engine>,
+    /// Credentials found unknown or revoked lately: a repeated bad credential costs no lookup.
+    refused: std::sync::Mutex<RefusedCredentials>,
 }
 
 impl RelayBackend {
     fn store(&self) -> &Arc<dyn Store> {
         self.engine.store()
+    }
+}
+
+/// Hashes of credentials SQL refused, each remembered for a while (bounded). Only refusals are
+/// kept: a valid credential is looked up every time, so a revocation takes effect at once.
+/// A revoked credential never becomes valid again; an unknown one cannot become valid either
+/// (credentials are random and issued with their relay), so remembering them is safe.
+struct RefusedCredentials {
+    ttl: Duration,
+    capacity: usize,
+    entries: std::collections::HashMap<String, (std::time::Instant, AuthError)>,
+}
+
+impl RefusedCredentials {
+    fn new(ttl: Duration, capacity: usize) -> Self {
+        Self {
+            ttl,
+            capacity,
+            entries: std::collections::HashMap::new(),
+        }
+    }
+
+    fn get(&self, hash: &str, now: std::time::Instant) -> Option<AuthError> {
+        self.entries
+            .get(hash)
+            .filter(|(at, _)| now.duration_since(*at) < self.ttl)
+            .map(|(_, e)| e.clone())
+    }
+
+    fn put(&mut self, hash: String, e: AuthError, now: std::time::Instant) {
+        if self.entries.len() >= self.capacity {
+            let ttl = self.ttl;
+            self.entries
+                .retain(|_, (at, _)| now.duration_since(*at) < ttl);
+            if self.entries.len() >= self.capacity {
+                // Still full of fresh refusals (a flood): start over rather than grow.
+                self.entries.clear();
+            }
+        }
+        self.entries.insert(hash, (now, e));
     }
 }
 
@@ -36,18 +78,29 @@ impl HubBackend for RelayBackend {
                 "not a relay credential; enrol the relay with a token from POST /api/relays".into(),
             ));
         }
-        match self.store().relay_by_token_hash(&hash_token(bearer)).await {
+        let hash = hash_token(bearer);
+        let refused = || self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = refused().get(&hash, std::time::Instant::now()) {
+            return Err(e);
+        }
+        let r = match self.store().relay_by_token_hash(&hash).await {
             Ok(Some(r)) if r.revoked_at_ms.is_some() => Err(AuthError::Revoked(format!(
                 "relay `{}` was revoked; issue a new credential",
                 r.name
             ))),
-            Ok(Some(r)) => Ok(RelayIdentity {
-                relay_id: r.id,
-                name: r.name,
-            }),
+            Ok(Some(r)) => {
+                return Ok(RelayIdentity {
+                    relay_id: r.id,
+                    name: r.name,
+                })
+            }
             Ok(None) => Err(AuthError::Invalid("unknown relay credential".into())),
-            Err(e) => Err(AuthError::Unavailable(e.to_string())),
+            Err(e) => return Err(AuthError::Unavailable(e.to_string())),
+        };
+        if let Err(e) = &r {
+            refused().put(hash, e.clone(), std::time::Instant::now());
         }
+        r
     }
 
     async fn on_connected(&self, conn: &ConnectionInfo) {
@@ -108,6 +161,7 @@ pub fn start<S: Clone + Send + Sync + 'static>(
 ) -> (axum::Router<S>, HubHandle) {
     let backend = Arc::new(RelayBackend {
         engine: engine.clone(),
+        refused: std::sync::Mutex::new(RefusedCredentials::new(Duration::from_secs(30), 4096)),
     });
     let (router, handle) = hub::router(backend, config);
     let mut roles = engine.subscribe();
@@ -141,4 +195,25 @@ pub fn start<S: Clone + Send + Sync + 'static>(
         }
     });
     (router, handle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn refusals_are_remembered_for_a_while_and_the_table_is_bounded() {
+        let t0 = Instant::now();
+        let mut r = RefusedCredentials::new(Duration::from_secs(30), 3);
+        let e = AuthError::Invalid("unknown relay credential".into());
+        r.put("h1".into(), e.clone(), t0);
+        assert_eq!(r.get("h1", t0 + Duration::from_secs(29)), Some(e.clone()));
+        assert_eq!(r.get("h1", t0 + Duration::from_secs(30)), None, "expired");
+        assert_eq!(r.get("h2", t0), None);
+        for i in 0..100 {
+            r.put(format!("x{i}"), e.clone(), t0);
+            assert!(r.entries.len() <= 3);
+        }
+    }
 }

@@ -68,7 +68,10 @@ pub async fn serve(
         };
         let _ = tcp.set_nodelay(true);
         let transport = transport.clone();
-        let app = app.clone();
+        // The peer address, for the relay hub's per-address limit on failed authentications.
+        let app = app
+            .clone()
+            .layer(axum::Extension(axum::extract::ConnectInfo(peer)));
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let _slot = slot;

@@ -220,3 +220,28 @@ async fn shutdown_closes_relays_with_allow_reconnect() {
     assert_eq!(v["allowReconnect"], true, "{v}");
     assert!(s.proc.wait(Duration::from_secs(20)).success());
 }
+
+/// Guessing relay credentials from one address: after 20 failures in a minute the hub answers
+/// 429 with Retry-After, without looking the credential up, for a real relay credential too.
+#[tokio::test]
+async fn guessed_relay_credentials_are_rate_limited() {
+    let mut s = start().await;
+    let (_, good) = enrol(&s, "dc-limit").await;
+    let c = reqwest::Client::new();
+    let negotiate = |token: String| {
+        let c = c.clone();
+        let url = format!("{}/hubs/relay/negotiate?negotiateVersion=1", s.base);
+        async move { c.post(url).bearer_auth(token).send().await.unwrap() }
+    };
+    assert_eq!(negotiate(good.clone()).await.status(), 200);
+    for i in 0..20 {
+        let r = negotiate(format!("imr_guess{i}")).await;
+        assert_eq!(r.status(), 401, "guess {i}");
+    }
+    let r = negotiate("imr_guess-more".into()).await;
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(negotiate(good).await.status(), 429, "blocked per address");
+    let st = s.proc.terminate(Duration::from_secs(20));
+    assert!(st.success(), "{st:?}");
+}

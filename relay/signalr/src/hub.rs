@@ -49,12 +49,13 @@
 //! costs a WebSocket with a small read buffer, one bounded command channel and a few words of
 //! bookkeeping.
 
+use crate::auth_limit::AuthFailures;
 use crate::protocol::{
     CompletionResult, FrameSplitter, HandshakeRequest, HandshakeResponse, HubMessage,
     NegotiateResponse, ProtocolError, DEFAULT_MAX_FRAME_SIZE,
 };
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -65,6 +66,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -164,6 +166,11 @@ pub struct HubConfig {
     pub max_concurrent_invocations: usize,
     /// tungstenite's read buffer is allocated up front, so it dominates idle memory.
     pub ws_read_buffer_size: usize,
+    /// Failed authentications a source address may make per window before it is answered
+    /// 429 without its credential being checked (needs the peer address: axum's
+    /// `ConnectInfo<SocketAddr>` in the request's extensions).
+    pub auth_failure_limit: u32,
+    pub auth_failure_window: Duration,
 }
 
 impl Default for HubConfig {
@@ -177,6 +184,8 @@ impl Default for HubConfig {
             max_frame_size: DEFAULT_MAX_FRAME_SIZE,
             max_concurrent_invocations: 32,
             ws_read_buffer_size: 2048,
+            auth_failure_limit: 20,
+            auth_failure_window: Duration::from_secs(60),
         }
     }
 }
@@ -315,6 +324,7 @@ struct Registry {
 struct Shared {
     registry: Mutex<Registry>,
     accepting: AtomicBool,
+    auth_failures: Mutex<AuthFailures>,
 }
 
 impl Shared {
@@ -526,6 +536,12 @@ pub fn router<B: HubBackend, S: Clone + Send + Sync + 'static>(
     let shared = Arc::new(Shared {
         registry: Mutex::new(Registry::default()),
         accepting: AtomicBool::new(true),
+        auth_failures: Mutex::new(AuthFailures::new(
+            config.auth_failure_limit,
+            config.auth_failure_window,
+            // Bounded: a flood from many addresses costs at most this many entries.
+            16_384,
+        )),
     });
     let path = config.path.trim_end_matches('/').to_owned();
     let state = HubState {
@@ -566,6 +582,39 @@ fn plain(status: StatusCode, msg: &str) -> Response {
 }
 
 async fn authenticate<B: HubBackend>(
+    st: &HubState<B>,
+    headers: &HeaderMap,
+    query: &HubQuery,
+    peer: Option<IpAddr>,
+) -> Result<RelayIdentity, Response> {
+    let failures = || {
+        st.shared
+            .auth_failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    };
+    if let Some(wait) = peer.and_then(|ip| failures().blocked(ip, Instant::now())) {
+        let secs = wait.as_secs().max(1).to_string();
+        return Err((
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, secs)],
+            "too many failed relay authentications from this address; retry later",
+        )
+            .into_response());
+    }
+    let r = check_credential(st, headers, query).await;
+    if let Some(ip) = peer {
+        match &r {
+            Ok(_) => failures().succeeded(ip),
+            // A database outage is not the client's failure.
+            Err(resp) if resp.status() == StatusCode::SERVICE_UNAVAILABLE => {}
+            Err(_) => failures().failed(ip, Instant::now()),
+        }
+    }
+    r
+}
+
+async fn check_credential<B: HubBackend>(
     st: &HubState<B>,
     headers: &HeaderMap,
     query: &HubQuery,
@@ -612,8 +661,10 @@ fn random_token() -> String {
 async fn negotiate<B: HubBackend>(
     State(st): State<HubState<B>>,
     Query(query): Query<HubQuery>,
+    peer: Option<axum::Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
 ) -> Response {
+    let peer = peer.map(|c| c.0 .0.ip());
     if !st.shared.accepting.load(Ordering::SeqCst) {
         return plain(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -624,7 +675,7 @@ async fn negotiate<B: HubBackend>(
         // Version 0 has no separate connectionToken; we only speak version 1.
         return plain(StatusCode::BAD_REQUEST, "negotiateVersion=1 is required");
     }
-    let relay = match authenticate(&st, &headers, &query).await {
+    let relay = match authenticate(&st, &headers, &query, peer).await {
         Ok(r) => r,
         Err(resp) => return resp,
     };
@@ -659,9 +710,11 @@ async fn negotiate<B: HubBackend>(
 async fn connect<B: HubBackend>(
     State(st): State<HubState<B>>,
     Query(query): Query<HubQuery>,
+    peer: Option<axum::Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
+    let peer = peer.map(|c| c.0 .0.ip());
     if !st.shared.accepting.load(Ordering::SeqCst) {
         return plain(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -696,7 +749,7 @@ async fn connect<B: HubBackend>(
     };
     // A revocation after this instant must still reach this connection (see revoked_at).
     let auth_started = Instant::now();
-    let relay = match authenticate(&st, &headers, &query).await {
+    let relay = match authenticate(&st, &headers, &query, peer).await {
         Ok(r) => r,
         Err(resp) => return resp,
     };

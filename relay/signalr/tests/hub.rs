@@ -528,3 +528,35 @@ async fn browser_style_access_token_in_the_query() {
     assert_eq!(r.status(), 400);
     assert!(r.text().await.unwrap().contains("negotiateVersion=1"));
 }
+
+/// Past the failure limit an address is answered 429 before its credential is checked: the
+/// backend is not asked again, even for a valid credential, until the window ends.
+#[tokio::test]
+async fn failed_authentications_are_rate_limited_per_address() {
+    let backend = Arc::new(TestBackend::default());
+    let config = HubConfig {
+        auth_failure_limit: 5,
+        auth_failure_window: Duration::from_secs(60),
+        ..HubConfig::default()
+    };
+    let server = TestServer::start(0, backend.clone(), config);
+    for _ in 0..5 {
+        assert_eq!(negotiate(&server, "guess").await.status(), 401);
+    }
+    let calls = backend.auth_calls.load(Ordering::SeqCst);
+    for token in ["guess", "token-r1"] {
+        let r = negotiate(&server, token).await;
+        assert_eq!(r.status(), 429, "{token}");
+        let wait: u64 = r.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((1..=60).contains(&wait), "{wait}");
+    }
+    assert_eq!(
+        backend.auth_calls.load(Ordering::SeqCst),
+        calls,
+        "no credential lookups while blocked"
+    );
+}

@@ -94,6 +94,8 @@ impl TestServer {
         let addr = listener.local_addr().unwrap();
         rt.spawn(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            // With the peer address, as the server's listener provides it (auth rate limit).
+            let app = app.into_make_service_with_connect_info::<SocketAddr>();
             let _ = axum::serve(listener, app).await;
         });
         TestServer {
