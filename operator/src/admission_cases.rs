@@ -158,6 +158,66 @@ pub fn admission_cases() -> Vec<AdmissionCase> {
         ),
         c("bad-version", json!({"spec": {"version": "1.0 beta"}}), "spec.version in body should match", false),
         c(
+            "version-with-build-metadata",
+            json!({"spec": {"version": "1.2.3+build.5"}}),
+            "spec.version in body should match",
+            false,
+        ),
+        c(
+            "image-with-tag",
+            json!({"spec": {"image": {"repository": "identitymesh/server:1.2.3"}}}),
+            "image.repository must be an image repository without a tag or digest",
+            true,
+        ),
+        c(
+            "image-with-digest",
+            json!({"spec": {"image": {"repository": format!("identitymesh/server@sha256:{}", "a".repeat(64))}}}),
+            "image.repository must be an image repository without a tag or digest",
+            true,
+        ),
+        c(
+            "image-upper-case-path",
+            json!({"spec": {"image": {"repository": "registry.contoso.local/IdentityMesh/Server"}}}),
+            "image.repository must be an image repository without a tag or digest",
+            true,
+        ),
+        c(
+            "image-with-scheme",
+            json!({"spec": {"image": {"repository": "https://registry.contoso.local/identitymesh/server"}}}),
+            "image.repository must be an image repository without a tag or digest",
+            true,
+        ),
+        c(
+            "image-too-long",
+            json!({"spec": {"image": {"repository": format!("r/{}", "a".repeat(255))}}}),
+            "spec.image.repository: Too long",
+            false,
+        ),
+        c(
+            "bad-pull-secret-name",
+            json!({"spec": {"image": {"pullSecrets": ["Registry Login"]}}}),
+            "spec.image.pullSecrets[0] in body should match",
+            false,
+        ),
+        c(
+            "bad-tls-secret-name",
+            json!({"spec": {"tls": {"secretName": "My_Cert"}}}),
+            "spec.tls.secretName in body should match",
+            false,
+        ),
+        c(
+            "node-selector-os-contradicts-windows",
+            json!({"spec": {"nodeSelector": {"kubernetes.io/os": "linux"}}}),
+            "nodeSelector kubernetes.io/os contradicts nodeOS",
+            true,
+        ),
+        c(
+            "node-selector-os-contradicts-linux",
+            json!({"spec": {"nodeOS": "linux", "nodeSelector": {"pool": "im", "beta.kubernetes.io/os": "windows"}}}),
+            "nodeSelector kubernetes.io/os contradicts nodeOS",
+            true,
+        ),
+        c(
             "bad-port",
             json!({"spec": {"service": {"port": 70000}}}),
             "should be less than or equal to 65535",
@@ -375,6 +435,8 @@ mod cel_tests {
                     "azureKeyVault": {"vaultUrl": "https://kv.vault.azure.net/", "clientId": "c", "tenantId": "t"}},
                 "oidc": {"issuer": "https://login.contoso.local/", "audience": "im", "jwksUrl": "https://login.contoso.local/keys"},
                 "nodeOS": "linux",
+                "nodeSelector": {"kubernetes.io/os": "linux", "agentpool": "im"},
+                "image": {"repository": "registry.contoso.local:5000/identity-mesh/server__x.y", "pullSecrets": ["registry-login"]},
                 "csvDropFolders": (0..16)
                     .map(|i| json!({"name": format!("folder-{i}"), "claimName": "drops", "readOnly": i % 2 == 0}))
                     .collect::<Vec<_>>()
@@ -383,6 +445,104 @@ mod cel_tests {
         assert_eq!(failures(&full), Vec::<String>::new());
         let user_tls = with("user-tls", json!({"spec": {"tls": {"secretName": "mine"}}}));
         assert_eq!(failures(&user_tls), Vec::<String>::new());
+        let windows_os = with(
+            "windows-os",
+            json!({"spec": {"nodeOS": "windows", "nodeSelector": {"kubernetes.io/os": "windows"}}}),
+        );
+        assert_eq!(failures(&windows_os), Vec::<String>::new());
+    }
+
+    /// Repositories the container runtimes accept pass; with a tag, a digest, upper case in the
+    /// path or a scheme they do not.
+    #[test]
+    fn image_repositories() {
+        let fails = |repo: &str| {
+            !failures(&with(
+                "img",
+                json!({"spec": {"image": {"repository": repo}}}),
+            ))
+            .is_empty()
+        };
+        for ok in [
+            "identitymesh/server",
+            "server",
+            "localhost:5000/server",
+            "mcr.microsoft.com/windows/servercore",
+            "Registry.Contoso.local:443/team/identity-mesh/server",
+            "r/a__b/c.d/e---f",
+            "10.0.0.1:5000/im",
+        ] {
+            assert!(!fails(ok), "{ok} refused");
+        }
+        for bad in [
+            "identitymesh/server:1.2.3",
+            "identitymesh/server:latest",
+            "identitymesh/server@sha256:abc",
+            "IdentityMesh",
+            "registry/Server",
+            "registry:5000",
+            "registry:port/server",
+            "/server",
+            "server/",
+            "a//b",
+            "a/-b",
+            "a/b_",
+            "a/b___c",
+            "a b/c",
+            "https://registry/server",
+            "",
+        ] {
+            assert!(fails(bad), "{bad:?} accepted");
+        }
+    }
+
+    /// The schema pattern at `field` (e.g. "spec.image.pullSecrets[0]") and the value there.
+    fn pattern_and_value(manifest: &Value, field: &str) -> (String, String) {
+        let crd = serde_json::to_value(crate::crd::crd()).expect("crd");
+        let mut schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+        let mut value = manifest;
+        for part in field.split('.') {
+            let (key, index) = match part.split_once('[') {
+                Some((k, i)) => (k, i.trim_end_matches(']').parse::<usize>().ok()),
+                None => (part, None),
+            };
+            schema = &schema["properties"][key];
+            value = &value[key];
+            if let Some(i) = index {
+                schema = &schema["items"];
+                value = &value[i];
+            }
+        }
+        (
+            schema["pattern"].as_str().unwrap_or_default().to_string(),
+            value.as_str().unwrap_or_default().to_string(),
+        )
+    }
+
+    /// The OpenAPI-pattern cases (checked for real by the end-to-end test) fail their pattern
+    /// here too, evaluated with the same regex engine as the CEL rules.
+    #[test]
+    fn pattern_cases_fail_their_schema_pattern() {
+        let mut checked = 0;
+        for case in admission_cases().into_iter().filter(|c| !c.cel) {
+            let Some(field) = case.expect.strip_suffix(" in body should match") else {
+                continue;
+            };
+            let (pattern, value) = pattern_and_value(&case.manifest, field);
+            assert!(!pattern.is_empty(), "{}: no pattern at {field}", case.name);
+            let program = cel::Program::compile("v.matches(p)").expect("compiles");
+            let mut ctx = cel::Context::default();
+            ctx.add_variable_from_value("v", cel::Value::String(value.clone().into()));
+            ctx.add_variable_from_value("p", cel::Value::String(pattern.clone().into()));
+            assert_eq!(
+                program.execute(&ctx).expect("runs"),
+                cel::Value::Bool(false),
+                "{}: {value:?} matches {pattern}",
+                case.name
+            );
+            checked += 1;
+        }
+        assert!(checked >= 5, "{checked}");
     }
 
     #[test]

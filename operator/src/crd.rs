@@ -44,9 +44,11 @@ pub const KIND: &str = "IdentityMeshCluster";
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.cutoverTimeoutSeconds) || !has(self.drainTimeoutSeconds) || self.cutoverTimeoutSeconds > self.drainTimeoutSeconds").message("cutoverTimeoutSeconds must be greater than drainTimeoutSeconds: the cutover bound includes the demote step, which may use the whole drain bound"))]
+#[x_kube(validation = Rule::new("!has(self.nodeSelector) || ['kubernetes.io/os', 'beta.kubernetes.io/os'].all(k, !(k in self.nodeSelector) || self.nodeSelector[k] == (has(self.nodeOS) ? self.nodeOS : 'windows'))").message("nodeSelector kubernetes.io/os contradicts nodeOS: leave it out (the operator sets it from nodeOS) or change nodeOS"))]
 pub struct IdentityMeshClusterSpec {
-    /// Server version; also the image tag.
-    #[schemars(length(min = 1, max = 128), pattern(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$"))]
+    /// Server version; also the image tag (letters, digits, '_', '.', '-'; no '+': an image tag
+    /// cannot hold it).
+    #[schemars(length(min = 1, max = 128), pattern(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"))]
     pub version: String,
 
     /// Server image (repository, pull policy, pull secrets); the tag is `version`.
@@ -158,17 +160,37 @@ fn default_cutover_timeout_seconds() -> u32 {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ImageSpec {
-    /// Image repository without tag.
+    /// Image repository without tag or digest (`[registry[:port]/]path`); the operator appends
+    /// `:<version>`.
     #[serde(default = "default_repository")]
-    #[schemars(length(min = 1, max = 512))]
+    #[schemars(length(min = 1, max = 255))]
+    #[x_kube(validation = Rule::new(REPOSITORY_RULE).message("image.repository must be an image repository without a tag or digest, e.g. registry.contoso.local:5000/identitymesh/server (lower-case path): the operator appends :<version>"))]
     pub repository: String,
     #[serde(default)]
     pub pull_policy: PullPolicy,
     /// Names of image pull Secrets in the cluster's namespace.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 16))]
+    #[schemars(
+        length(max = 16),
+        inner(
+            length(min = 1, max = 253),
+            pattern(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+        )
+    )]
     pub pull_secrets: Vec<String>,
 }
+
+/// An image name as the container runtimes parse it (distribution/reference): an optional
+/// registry host (DNS components, optional port) and a '/', then lower-case path components
+/// separated by '/', each of alphanumerics joined by '.', '_', '__' or runs of '-'. No tag, no
+/// digest: ':' only in the registry port, '@' nowhere.
+const REPOSITORY_RULE: &str = concat!(
+    "self.matches('^(",
+    "([a-zA-Z0-9]|[a-zA-Z0-9][-a-zA-Z0-9]*[a-zA-Z0-9])([.]([a-zA-Z0-9]|[a-zA-Z0-9][-a-zA-Z0-9]*[a-zA-Z0-9]))*",
+    "(:[0-9]+)?/)?",
+    "[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*",
+    "(/[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*)*$')"
+);
 
 fn default_repository() -> String {
     "identitymesh/server".into()
@@ -306,7 +328,10 @@ pub struct TlsSpec {
     pub operator: Option<OperatorIssuerSpec>,
     /// A kubernetes.io/tls Secret you manage (e.g. cert-manager); the operator does not renew it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(
+        length(min = 1, max = 253),
+        pattern(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
     pub secret_name: Option<String>,
 }
 
@@ -754,6 +779,8 @@ mod tests {
             "!self.metadata.name.endsWith('-pods')",
             "self.all(f, self.exists_one(g, g.name == f.name))",
             "self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')",
+            REPOSITORY_RULE,
+            "self.nodeSelector[k] == (has(self.nodeOS) ? self.nodeOS : 'windows')",
         ] {
             assert!(
                 rs.iter().any(|r| r.contains(needle)),
