@@ -87,6 +87,12 @@ pub async fn run(
     tracing::info!(roots = %csv_roots.describe(), "CSV drop roots");
     let sync =
         crate::sync::runner::SyncEngine::new(engine.clone(), secrets, Some(hub.clone()), csv_roots);
+    let retention_task = tokio::spawn(crate::sync::retention::run_loop(
+        engine.clone(),
+        cfg.retention.clone(),
+        engine.subscribe(),
+        stop_rx.clone(),
+    ));
     let schedule_task = tokio::spawn(crate::sync::schedule::run_loop(
         sync.clone(),
         engine.subscribe(),
@@ -143,6 +149,7 @@ pub async fn run(
     }
     let _ = engine_task.await;
     let _ = schedule_task.await;
+    let _ = retention_task.await;
     tracing::info!("shutdown complete");
     Ok(())
 }

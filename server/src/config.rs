@@ -65,6 +65,51 @@ pub struct Config {
     pub connectors: ConnectorsConfig,
     #[serde(default)]
     pub http: HttpLimits,
+    #[serde(default)]
+    pub retention: RetentionConfig,
+}
+
+/// How long the active keeps rows of the tables that grow with use, in days (0: for ever).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Finished runs (their counts and per-object errors).
+    #[serde(default = "default_runs_days", deserialize_with = "flexible_u64")]
+    pub runs_days: u64,
+    /// The audit log: who changed what, identity changes with before and after. A bit over a
+    /// year by default, as access reviews and audits usually look back a year.
+    #[serde(default = "default_audit_days", deserialize_with = "flexible_u64")]
+    pub audit_days: u64,
+    /// One row per committed import page; only diagnostics read it.
+    #[serde(default = "default_batches_days", deserialize_with = "flexible_u64")]
+    pub import_batches_days: u64,
+    /// One row per fenced commit; the fencing tests and incident analysis read it.
+    #[serde(default = "default_journal_days", deserialize_with = "flexible_u64")]
+    pub fence_journal_days: u64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            runs_days: default_runs_days(),
+            audit_days: default_audit_days(),
+            import_batches_days: default_batches_days(),
+            fence_journal_days: default_journal_days(),
+        }
+    }
+}
+
+fn default_runs_days() -> u64 {
+    90
+}
+fn default_audit_days() -> u64 {
+    400
+}
+fn default_batches_days() -> u64 {
+    30
+}
+fn default_journal_days() -> u64 {
+    7
 }
 
 /// Limits of each HTTPS listener (the Admin API and hub, and the internal API), so slow or
@@ -531,6 +576,20 @@ impl Config {
                 ));
             }
         }
+        let r = &self.retention;
+        for (key, v) in [
+            ("retention.runs_days", r.runs_days),
+            ("retention.audit_days", r.audit_days),
+            ("retention.import_batches_days", r.import_batches_days),
+            ("retention.fence_journal_days", r.fence_journal_days),
+        ] {
+            if v > 36_500 {
+                return Err(key_err(
+                    key,
+                    "must be at most 36500 days (0 keeps rows for ever)",
+                ));
+            }
+        }
         let h = &self.http;
         for (key, v) in [
             ("http.header_read_timeout_ms", h.header_read_timeout_ms),
@@ -601,6 +660,29 @@ mod tests {
         let f = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(f.path(), text).unwrap();
         f
+    }
+
+    #[test]
+    fn retention_has_defaults_and_a_bound() {
+        let base = ("IM_DATA_DIR", "/d");
+        let c = load(None, env(&[base]), &FlagOverrides::default()).unwrap();
+        assert_eq!(c.retention, RetentionConfig::default());
+        assert_eq!(c.retention.audit_days, 400);
+        let c = load(
+            None,
+            env(&[base, ("IM_RETENTION__AUDIT_DAYS", "0")]),
+            &FlagOverrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.retention.audit_days, 0);
+        let e = load(
+            None,
+            env(&[base, ("IM_RETENTION__RUNS_DAYS", "99999")]),
+            &FlagOverrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("retention.runs_days"), "{e}");
     }
 
     #[test]

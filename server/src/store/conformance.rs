@@ -750,6 +750,89 @@ async fn settings_round_trip() {
 }
 
 #[tokio::test]
+async fn prune_takes_old_finished_rows_oldest_first_and_is_fenced() {
+    run(|s| {
+        Box::pin(async move {
+            let conn = unique("conn");
+            s.put_connector(&connector(&conn, &unique("name")))
+                .await
+                .unwrap();
+            let t = promoted(&s).await;
+            // Runs far in the past (so rows of other tests sharing a database stay).
+            let (old, running) = (unique("run"), unique("run"));
+            s.start_run(&t, &new_run(&old, &conn, 10), None)
+                .await
+                .unwrap();
+            s.finish_run(&RunRow {
+                status: "succeeded".into(),
+                finished_at_ms: Some(20),
+                ..new_run(&old, &conn, 10)
+            })
+            .await
+            .unwrap();
+            let other = unique("conn");
+            s.put_connector(&connector(&other, &unique("name")))
+                .await
+                .unwrap();
+            s.start_run(&t, &new_run(&running, &other, 15), None)
+                .await
+                .unwrap();
+            let stale = promoted(&s).await;
+            let err = s
+                .prune(&t, RetainedTable::Runs, 1_000, 10)
+                .await
+                .unwrap_err();
+            assert!(matches!(err, StoreError::Fenced { .. }), "{err}");
+            assert!(
+                s.prune(&stale, RetainedTable::Runs, 1_000, 10)
+                    .await
+                    .unwrap()
+                    >= 1
+            );
+            assert!(
+                s.run(&old).await.unwrap().is_none(),
+                "the finished run went"
+            );
+            assert!(
+                s.run(&running).await.unwrap().is_some(),
+                "a running run stays"
+            );
+            // Bounded: at most `limit` rows per call.
+            for at in [1, 2, 3] {
+                s.append_audit(&AuditEntry {
+                    at_ms: at,
+                    actor: "t".into(),
+                    action: unique("a"),
+                    target: "t".into(),
+                    detail: "{}".into(),
+                })
+                .await
+                .unwrap();
+            }
+            assert_eq!(
+                s.prune(&stale, RetainedTable::AuditLog, 3, 1)
+                    .await
+                    .unwrap(),
+                1
+            );
+            assert_eq!(
+                s.prune(&stale, RetainedTable::AuditLog, 3, 10)
+                    .await
+                    .unwrap(),
+                1
+            );
+            assert_eq!(
+                s.prune(&stale, RetainedTable::AuditLog, 3, 10)
+                    .await
+                    .unwrap(),
+                0
+            );
+        })
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn engine_settings_are_fenced() {
     run(|s| {
         Box::pin(async move {

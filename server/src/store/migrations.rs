@@ -75,6 +75,17 @@ pub const SQLITE: &[Migration] = &[
             "ALTER TABLE engine_instances_v3 RENAME TO engine_instances",
         ],
     },
+    Migration {
+        version: 4,
+        name: "retention",
+        statements: &[
+            // Pruning finds the old rows by time without scanning the tables.
+            "CREATE INDEX runs_finished ON runs (finished_at)",
+            "CREATE INDEX audit_log_at ON audit_log (at)",
+            "CREATE INDEX import_batches_committed ON import_batches (committed_at)",
+            "CREATE INDEX fence_journal_at ON fence_journal (at)",
+        ],
+    },
 ];
 
 pub const MSSQL: &[Migration] = &[
@@ -139,6 +150,16 @@ pub const MSSQL: &[Migration] = &[
             "INSERT INTO engine_instances_v3 (instance, incarnation, host, role, epoch, version, started_at, last_heartbeat) SELECT instance, N'', host, role, epoch, version, started_at, last_heartbeat FROM engine_instances",
             "DROP TABLE engine_instances",
             "EXEC sp_rename N'engine_instances_v3', N'engine_instances'",
+        ],
+    },
+    Migration {
+        version: 4,
+        name: "retention",
+        statements: &[
+            "CREATE INDEX runs_finished ON runs (finished_at)",
+            "CREATE INDEX audit_log_at ON audit_log (at)",
+            "CREATE INDEX import_batches_committed ON import_batches (committed_at)",
+            "CREATE INDEX fence_journal_at ON fence_journal (at)",
         ],
     },
 ];

@@ -346,6 +346,34 @@ pub async fn audit(store: &dyn Store, entry: AuditEntry) {
     }
 }
 
+/// The tables that grow with use and are pruned by age (see `sync::retention`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RetainedTable {
+    /// Finished runs only (a running run is never pruned).
+    Runs,
+    AuditLog,
+    ImportBatches,
+    FenceJournal,
+}
+
+impl RetainedTable {
+    pub const ALL: [RetainedTable; 4] = [
+        RetainedTable::Runs,
+        RetainedTable::AuditLog,
+        RetainedTable::ImportBatches,
+        RetainedTable::FenceJournal,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            RetainedTable::Runs => "runs",
+            RetainedTable::AuditLog => "audit_log",
+            RetainedTable::ImportBatches => "import_batches",
+            RetainedTable::FenceJournal => "fence_journal",
+        }
+    }
+}
+
 /// A schedule's next due time, written with the run it started.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScheduleAdvance {
@@ -605,6 +633,15 @@ pub trait Store: Send + Sync + 'static {
 
     /// Not fenced: the audit log records what each instance did, a fenced one's demotion too.
     async fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError>;
+    /// Deletes up to `limit` rows of `table` older than `before_ms`, oldest first, fenced (only
+    /// the active prunes). Returns how many went.
+    async fn prune(
+        &self,
+        token: &FenceToken,
+        table: RetainedTable,
+        before_ms: i64,
+        limit: i64,
+    ) -> Result<u64, StoreError>;
     async fn audit(&self, limit: i64) -> Result<Vec<AuditEntry>, StoreError>;
     /// Ordered journal of fenced commits (kind, epoch), for proving commit order in tests.
     async fn journal(&self) -> Result<Vec<(String, i64)>, StoreError>;

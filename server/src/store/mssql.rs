@@ -91,6 +91,11 @@ pub mod sql {
     pub const DELETE_CONNECTOR_SCHEDULES: &str = "DELETE FROM schedules WHERE connector_id = @P1";
     pub const DELETE_CONNECTOR_WATERMARKS: &str = "DELETE FROM watermarks WHERE connector_id = @P1";
     pub const DELETE_CONNECTOR: &str = "DELETE FROM connectors WHERE id = @P1";
+    /// Oldest first, at most @P2 rows older than @P1.
+    pub const PRUNE_RUNS: &str = "DELETE FROM runs WHERE id IN (SELECT TOP (@P2) id FROM runs WHERE finished_at < @P1 AND status <> N'running' ORDER BY finished_at)";
+    pub const PRUNE_AUDIT: &str = "DELETE FROM audit_log WHERE seq IN (SELECT TOP (@P2) seq FROM audit_log WHERE at < @P1 ORDER BY at)";
+    pub const PRUNE_BATCHES: &str = "DELETE FROM import_batches WHERE seq IN (SELECT TOP (@P2) seq FROM import_batches WHERE committed_at < @P1 ORDER BY committed_at)";
+    pub const PRUNE_JOURNAL: &str = "DELETE FROM fence_journal WHERE seq IN (SELECT TOP (@P2) seq FROM fence_journal WHERE at < @P1 ORDER BY at)";
     pub const CURRENT_EPOCH_RUN: &str = "SELECT TOP (1) id FROM runs WHERE connector_id = @P1 AND status = N'running' AND epoch >= (SELECT epoch FROM fence WHERE id = 1)";
     pub const CONNECTOR_EXISTS: &str = "SELECT 1 FROM connectors WHERE id = @P1";
     pub const OBJECT_TYPES_OF: &str =
@@ -187,6 +192,10 @@ pub mod sql {
         CONNECTOR_OBJECTS,
         DELETE_CONNECTOR_SCHEDULES,
         CURRENT_EPOCH_RUN,
+        PRUNE_RUNS,
+        PRUNE_AUDIT,
+        PRUNE_BATCHES,
+        PRUNE_JOURNAL,
         CONNECTOR_EXISTS,
         OBJECT_TYPES_OF,
         DELETE_CONNECTOR_WATERMARKS,
@@ -1683,6 +1692,28 @@ impl Store for MssqlStore {
             sql::INSERT_SETTING,
             &[&name, &value],
         )
+        .await;
+        self.finish(conn, r).await
+    }
+
+    async fn prune(
+        &self,
+        token: &FenceToken,
+        table: RetainedTable,
+        before_ms: i64,
+        limit: i64,
+    ) -> Result<u64, StoreError> {
+        let q = match table {
+            RetainedTable::Runs => sql::PRUNE_RUNS,
+            RetainedTable::AuditLog => sql::PRUNE_AUDIT,
+            RetainedTable::ImportBatches => sql::PRUNE_BATCHES,
+            RetainedTable::FenceJournal => sql::PRUNE_JOURNAL,
+        };
+        let mut conn = self.begin().await?;
+        let r = async {
+            Self::check_fence(&mut conn, token).await?;
+            Self::exec(&mut conn, q, &[&before_ms, &limit]).await
+        }
         .await;
         self.finish(conn, r).await
     }

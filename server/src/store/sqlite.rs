@@ -1407,6 +1407,43 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn prune(
+        &self,
+        token: &FenceToken,
+        table: RetainedTable,
+        before_ms: i64,
+        limit: i64,
+    ) -> Result<u64, StoreError> {
+        let q = match table {
+            RetainedTable::Runs => {
+                "DELETE FROM runs WHERE rowid IN (SELECT rowid FROM runs \
+                 WHERE finished_at < ? AND status <> 'running' ORDER BY finished_at LIMIT ?)"
+            }
+            RetainedTable::AuditLog => {
+                "DELETE FROM audit_log WHERE rowid IN (SELECT rowid FROM \
+                 audit_log WHERE at < ? ORDER BY at LIMIT ?)"
+            }
+            RetainedTable::ImportBatches => {
+                "DELETE FROM import_batches WHERE rowid IN (SELECT \
+                 rowid FROM import_batches WHERE committed_at < ? ORDER BY committed_at LIMIT ?)"
+            }
+            RetainedTable::FenceJournal => {
+                "DELETE FROM fence_journal WHERE rowid IN (SELECT \
+                 rowid FROM fence_journal WHERE at < ? ORDER BY at LIMIT ?)"
+            }
+        };
+        let (_slot, mut tx) = self.begin_locked().await?;
+        Self::check_fence(&mut tx, token).await?;
+        let n = sqlx::query(q)
+            .bind(before_ms)
+            .bind(limit)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(n)
+    }
+
     async fn append_audit(&self, e: &AuditEntry) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO audit_log (at, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)",
@@ -1643,7 +1680,7 @@ mod upgrade_tests {
             .execute(&store.pool)
             .await
             .unwrap();
-        assert_eq!(store.migrate().await.unwrap(), vec![3]);
+        assert_eq!(store.migrate().await.unwrap(), vec![3, 4]);
         let f = store.fence().await.unwrap();
         assert_eq!(
             (f.epoch, f.holder.as_str(), f.holder_incarnation.as_str()),
