@@ -1164,6 +1164,24 @@ fn canonical_mount(p: &str) -> (String, bool) {
 
 /// Rewrites references to mount paths in `s`: the mount path becomes the local directory and
 /// the rest of that path (up to whitespace, a quote, `;` or `,`) gets `/` separators.
+/// An environment value: a `;`-separated list of Windows paths (a Windows PATH-style list, as
+/// `IM_CONNECTORS__CSV_ROOTS` is for a Windows pod) becomes a `:`-separated list of local paths,
+/// since the process reading it runs on Linux here; anything else as [`rewrite_paths`].
+pub fn rewrite_env_value(v: &str, mounts: &[(String, PathBuf)]) -> String {
+    let is_windows_path = |p: &str| {
+        let b = p.as_bytes();
+        b.len() >= 3 && b[0].is_ascii_alphabetic() && b[1] == b':' && matches!(b[2], b'\\' | b'/')
+    };
+    if v.contains(';') && v.split(';').all(is_windows_path) {
+        return v
+            .split(';')
+            .map(|p| rewrite_paths(p, mounts))
+            .collect::<Vec<_>>()
+            .join(":");
+    }
+    rewrite_paths(v, mounts)
+}
+
 pub fn rewrite_paths(s: &str, mounts: &[(String, PathBuf)]) -> String {
     let canon: Vec<(String, bool, String)> = mounts
         .iter()
@@ -1395,7 +1413,7 @@ async fn build_launch(
         set(&mut env, e.name.clone(), value);
     }
     for (_, v) in env.iter_mut() {
-        *v = rewrite_paths(v, mounts);
+        *v = rewrite_env_value(v, mounts);
     }
     let vars = vars_snapshot(&env);
     let mut args: Vec<String> = Vec::new();
@@ -1435,6 +1453,29 @@ fn vars_snapshot(env: &[(String, String)]) -> HashMap<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_windows_path_list_becomes_a_local_one() {
+        let mounts = vec![
+            (
+                "C:\\identitymesh\\drop\\hr".to_string(),
+                PathBuf::from("/run/p/volumes/hr"),
+            ),
+            (
+                "C:\\identitymesh\\drop\\it".to_string(),
+                PathBuf::from("/run/p/volumes/it"),
+            ),
+        ];
+        let v = "C:\\identitymesh\\drop\\hr;C:\\identitymesh\\drop\\it";
+        assert_eq!(
+            rewrite_env_value(v, &mounts),
+            "/run/p/volumes/hr:/run/p/volumes/it"
+        );
+        let split: Vec<_> = std::env::split_paths(&rewrite_env_value(v, &mounts)).collect();
+        assert_eq!(split.len(), 2);
+        // Not a path list: unchanged apart from the mounts.
+        assert_eq!(rewrite_env_value("a;b", &mounts), "a;b");
+    }
 
     #[test]
     fn rewrites_windows_and_linux_mount_paths() {
