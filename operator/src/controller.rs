@@ -46,10 +46,12 @@ use crate::keyring::{KeyRing, KEYRING_KEY};
 use crate::metrics::Metrics;
 use crate::observe::{self, set_condition};
 use crate::podclient::{InstanceApi, InstanceApiFactory, InstanceRow, PodClientError, PodTarget};
+use crate::refusals;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("Kubernetes API: {0}")]
+    /// The apiserver's message, never the debug dump of its Status.
+    #[error("Kubernetes API: {}", refusals::api_message(.0))]
     Kube(#[from] kube::Error),
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
@@ -93,6 +95,23 @@ pub struct Context {
     unhealthy_seen: Mutex<HashMap<String, Timestamp>>,
     /// Canary runs in flight, off the reconcile path.
     canaries: canary::CanaryJobs,
+    /// Writes the apiserver refused as invalid ("ns/cluster/Kind/name"), retried with backoff.
+    refused_writes: Mutex<HashMap<String, RefusedWrite>>,
+    /// Consecutive failed reconciles per cluster ("ns/cluster"), for the error requeue backoff.
+    failures: Mutex<HashMap<String, u32>>,
+    /// The last ErrImagePull message per pod ("ns/pod"): ImagePullBackOff only says "Back-off
+    /// pulling image", so the registry's error is kept for the condition.
+    pull_errors: Mutex<HashMap<String, String>>,
+}
+
+/// A write the apiserver refused, and when it may be tried again.
+#[derive(Clone, Debug)]
+struct RefusedWrite {
+    attempts: u32,
+    next_try: Timestamp,
+    /// Hash of the object that was refused: a different object (a spec edit) is tried at once.
+    hash: Option<String>,
+    message: String,
 }
 
 impl Context {
@@ -109,6 +128,9 @@ impl Context {
             instances,
             unhealthy_seen: Mutex::new(HashMap::new()),
             canaries: canary::CanaryJobs::default(),
+            refused_writes: Mutex::new(HashMap::new()),
+            failures: Mutex::new(HashMap::new()),
+            pull_errors: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -119,6 +141,10 @@ pub const SWITCHOVER_CONDITION: &str = "SwitchoverRequest";
 pub const CONFLICT_CONDITION: &str = "Conflict";
 /// Set while a cutover overruns spec.cutoverTimeoutSeconds, False once that cutover ended.
 pub const STALLED_CONDITION: &str = "CutoverStalled";
+/// True while the apiserver refuses an object built from the spec (400/422).
+pub const SPEC_REJECTED_CONDITION: &str = "SpecRejected";
+/// True while a server pod cannot start (image pull, invalid image, container config).
+pub const POD_START_CONDITION: &str = "PodStartFailed";
 
 /// Requeue while a cutover runs, and the steady-state poll of the pods' roles (reads only).
 const CUTOVER_REQUEUE: Duration = Duration::from_millis(500);
@@ -137,7 +163,8 @@ pub async fn reconcile(
         .namespace()
         .ok_or_else(|| Error::Invalid("IdentityMeshCluster must be namespaced".into()))?;
     let api: Api<IdentityMeshCluster> = Api::namespaced(ctx.client.clone(), &ns);
-    finalizer(&api, FINALIZER, imc, |ev| async {
+    let key = format!("{ns}/{}", imc.name_any());
+    let result = finalizer(&api, FINALIZER, imc, |ev| async {
         match ev {
             FinalizerEvent::Apply(imc) => {
                 // A lost write race is recomputed at once from a fresh read (a few times; a
@@ -154,17 +181,35 @@ pub async fn reconcile(
         }
     })
     .await
-    .map_err(|e| Error::Finalizer(Box::new(e)))
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    if result.is_ok() {
+        if let Ok(mut m) = ctx.failures.lock() {
+            m.remove(&key);
+        }
+    }
+    result
 }
 
+/// A failed reconcile is retried after 5 s, doubling while it keeps failing, at most 5 min (a
+/// watch event, e.g. a spec edit, still reconciles at once).
 pub fn error_policy(
-    _imc: Arc<IdentityMeshCluster>,
+    imc: Arc<IdentityMeshCluster>,
     err: &Error,
     ctx: Arc<Context>,
 ) -> ReconcileAction {
-    tracing::warn!(error = %err, "reconcile failed");
     ctx.metrics.reconcile_error(err.metric_reason());
-    ReconcileAction::requeue(Duration::from_secs(5))
+    let key = format!("{}/{}", imc.namespace().unwrap_or_default(), imc.name_any());
+    let attempts = match ctx.failures.lock() {
+        Ok(mut m) => {
+            let n = m.entry(key).or_insert(0);
+            *n = n.saturating_add(1);
+            *n
+        }
+        Err(_) => 1,
+    };
+    let delay = refusals::backoff(attempts);
+    tracing::warn!(error = %err, attempts, retry_in_s = delay.as_secs(), "reconcile failed");
+    ReconcileAction::requeue(delay)
 }
 
 /// Run the controller until shutdown.
@@ -216,6 +261,9 @@ struct Reconciler {
     /// Objects under our derived names that belong to someone else ("Kind/name" → message),
     /// left alone and reported as the Conflict condition.
     conflicts: BTreeMap<String, String>,
+    /// Writes the apiserver refused as invalid ("Kind/name" → message), reported as the
+    /// SpecRejected condition and retried with backoff.
+    refused: BTreeMap<String, String>,
 }
 
 /// Findings of the secret/certificate steps, turned into conditions.
@@ -238,6 +286,81 @@ impl Reconciler {
             names,
             writes: 0,
             conflicts: BTreeMap::new(),
+            refused: BTreeMap::new(),
+        }
+    }
+
+    fn refused_key(&self, kind: &str, name: &str) -> String {
+        format!("{}/{kind}/{name}", self.cluster_key())
+    }
+
+    /// True while a write of `kind` `name` that the apiserver refused backs off (same object,
+    /// retry time not reached): the write is skipped and the refusal stays reported.
+    fn backing_off(&mut self, kind: &str, name: &str, hash: Option<&str>) -> bool {
+        let key = self.refused_key(kind, name);
+        let Some(r) = self
+            .ctx
+            .refused_writes
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&key).cloned())
+        else {
+            return false;
+        };
+        if r.hash.as_deref() != hash || self.now >= r.next_try {
+            return false;
+        }
+        self.refused.insert(format!("{kind}/{name}"), r.message);
+        true
+    }
+
+    /// The outcome of a write of `kind` `name`: a refusal (400/422) is recorded and backs off
+    /// (Ok: the reconcile goes on and reports it); any other error is returned.
+    fn write_result<T>(
+        &mut self,
+        kind: &str,
+        name: &str,
+        hash: Option<&str>,
+        r: Result<T, kube::Error>,
+    ) -> Result<Option<T>, kube::Error> {
+        let key = self.refused_key(kind, name);
+        match r {
+            Ok(v) => {
+                if let Ok(mut m) = self.ctx.refused_writes.lock() {
+                    m.remove(&key);
+                }
+                Ok(Some(v))
+            }
+            Err(e) => {
+                let Some(status) = refusals::refused_status(&e) else {
+                    return Err(e);
+                };
+                let message = refusals::refused_message(kind, name, status);
+                let attempts = self
+                    .ctx
+                    .refused_writes
+                    .lock()
+                    .ok()
+                    .and_then(|m| m.get(&key).map(|r| r.attempts))
+                    .unwrap_or(0)
+                    .saturating_add(1);
+                let delay = refusals::backoff(attempts);
+                tracing::warn!(%message, attempts, retry_in_s = delay.as_secs(), "write refused");
+                let next_try = self.now.checked_add(delay).unwrap_or(self.now);
+                if let Ok(mut m) = self.ctx.refused_writes.lock() {
+                    m.insert(
+                        key,
+                        RefusedWrite {
+                            attempts,
+                            next_try,
+                            hash: hash.map(str::to_string),
+                            message: message.clone(),
+                        },
+                    );
+                }
+                self.refused.insert(format!("{kind}/{name}"), message);
+                Ok(None)
+            }
         }
     }
 
@@ -338,14 +461,21 @@ impl Reconciler {
                 return Ok(false);
             }
         }
-        api.patch(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(obj),
-        )
-        .await?;
+        let (kind, hash) = (K::kind(&()), hash_of(obj.meta()).map(str::to_string));
+        if self.backing_off(&kind, &name, hash.as_deref()) {
+            return Ok(false);
+        }
+        let r = api
+            .patch(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(obj),
+            )
+            .await;
         self.writes += 1;
-        Ok(true)
+        Ok(self
+            .write_result(&kind, &name, hash.as_deref(), r)?
+            .is_some())
     }
 
     // -----------------------------------------------------------------------------------------
@@ -576,8 +706,22 @@ impl Reconciler {
         st.standby_pod = st.active_pod.as_deref().and_then(|a| self.names.peer(a));
         st.certificate_expiry = f.cert_expiry.clone();
         self.set_conditions(&mut st, &f, &world, plan_phase.as_ref(), &checks);
-        match &pods_result {
-            Ok(()) => set_condition(
+        let pod_refused = self
+            .names
+            .pods()
+            .into_iter()
+            .find_map(|p| self.refused.get(&format!("Pod/{p}")).cloned());
+        match (&pods_result, pod_refused) {
+            (Ok(()), Some(msg)) => set_condition(
+                &mut st.conditions,
+                "PodsCreated",
+                "False",
+                "CreateRefused",
+                &msg,
+                gen,
+                self.now,
+            ),
+            (Ok(()), None) => set_condition(
                 &mut st.conditions,
                 "PodsCreated",
                 "True",
@@ -586,7 +730,7 @@ impl Reconciler {
                 gen,
                 self.now,
             ),
-            Err(e) => set_condition(
+            (Err(e), _) => set_condition(
                 &mut st.conditions,
                 "PodsCreated",
                 "False",
@@ -597,6 +741,8 @@ impl Reconciler {
             ),
         }
         self.report_conflicts(&mut st).await;
+        self.report_refused(&mut st).await;
+        self.report_stuck_pods(&mut st, &world).await;
         self.write_status_if_changed(&old_status, &st).await?;
         pods_result?;
 
@@ -604,7 +750,10 @@ impl Reconciler {
             tracing::debug!(cluster = %self.names.cluster, writes = self.writes, "reconciled");
         }
         // Look again soon while anything is off: failover timing depends on noticing early.
-        let unsettled = st.cutover.is_some() || world.views.iter().any(|v| !health(v).is_healthy());
+        // A refused spec is not something a quick look fixes: the steady poll (refused writes
+        // themselves wait for their backoff), unless a cutover runs.
+        let unsettled = st.cutover.is_some()
+            || (self.refused.is_empty() && world.views.iter().any(|v| !health(v).is_healthy()));
         Ok(ReconcileAction::requeue(if unsettled {
             CUTOVER_REQUEUE
         } else {
@@ -676,15 +825,28 @@ impl Reconciler {
                 return Ok(false);
             }
         }
-        self.api::<Service>()
+        let name = self.names.client_service();
+        // The selector is part of what is written: a new target is tried at once.
+        let hash = format!(
+            "{}/{}",
+            hash_of(&svc.metadata).unwrap_or_default(),
+            active.unwrap_or_default()
+        );
+        if self.backing_off("Service", &name, Some(&hash)) {
+            return Ok(false);
+        }
+        let r = self
+            .api::<Service>()
             .patch(
-                &self.names.client_service(),
+                &name,
                 &PatchParams::apply(FIELD_MANAGER).force(),
                 &Patch::Apply(&svc),
             )
-            .await?;
+            .await;
         self.writes += 1;
-        Ok(true)
+        Ok(self
+            .write_result("Service", &name, Some(&hash), r)?
+            .is_some())
     }
 
     /// The Conflict condition (removed when there is none), and a Warning Event when its message
@@ -715,6 +877,119 @@ impl Reconciler {
             self.imc.metadata.generation,
             self.now,
         );
+    }
+
+    /// The SpecRejected condition (removed when nothing is refused), and a Warning Event when its
+    /// message changes: the apiserver's message, quoted, and the spec field when it can be told.
+    async fn report_refused(&self, st: &mut IdentityMeshClusterStatus) {
+        if self.refused.is_empty() {
+            observe::remove_condition(&mut st.conditions, SPEC_REJECTED_CONDITION);
+            return;
+        }
+        let msg = format!(
+            "{}; retried with backoff (at once after a spec change)",
+            self.refused
+                .values()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+        let known = observe::get_condition(&st.conditions, SPEC_REJECTED_CONDITION)
+            .is_some_and(|c| c.status == "True" && c.message == msg);
+        if !known {
+            self.event(EventType::Warning, "SpecRejected", "Apply", msg.clone())
+                .await;
+        }
+        set_condition(
+            &mut st.conditions,
+            SPEC_REJECTED_CONDITION,
+            "True",
+            "RefusedByApiserver",
+            &msg,
+            self.imc.metadata.generation,
+            self.now,
+        );
+    }
+
+    /// The PodStartFailed condition (removed when both pods' containers can start), and a
+    /// Warning Event per pod when its problem changes: the kubelet's reason and message, quoted,
+    /// and the spec field to change.
+    async fn report_stuck_pods(&self, st: &mut IdentityMeshClusterStatus, world: &World) {
+        let spec = &self.imc.spec;
+        let mut secrets: Vec<(&str, &str)> = vec![
+            ("spec.database", spec.database.name.as_str()),
+            ("spec.licence", spec.licence.name.as_str()),
+        ];
+        if let Some(n) = &spec.tls.secret_name {
+            secrets.push(("spec.tls.secretName", n.as_str()));
+        }
+        let mut found = Vec::new();
+        for name in self.names.pods() {
+            let key = format!("{}/{name}", self.names.namespace);
+            let stuck = world
+                .pods
+                .get(&name)
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+                .and_then(refusals::stuck_container);
+            let Some(mut stuck) = stuck else {
+                if let Ok(mut m) = self.ctx.pull_errors.lock() {
+                    m.remove(&key);
+                }
+                continue;
+            };
+            if let Ok(mut m) = self.ctx.pull_errors.lock() {
+                if stuck.reason == "ErrImagePull" {
+                    m.insert(key, stuck.message.clone());
+                } else if stuck.reason == "ImagePullBackOff" {
+                    // Keep the registry's error from the last pull attempt.
+                    if let Some(prev) = m.get(&key) {
+                        stuck.reason = "ErrImagePull".into();
+                        stuck.message = prev.clone();
+                    }
+                } else {
+                    m.remove(&key);
+                }
+            }
+            found.push((name, stuck));
+        }
+        if found.is_empty() {
+            observe::remove_condition(&mut st.conditions, POD_START_CONDITION);
+            return;
+        }
+        let old = observe::get_condition(&st.conditions, POD_START_CONDITION)
+            .filter(|c| c.status == "True")
+            .map(|c| c.message.clone())
+            .unwrap_or_default();
+        let mut msgs = Vec::new();
+        for (pod, stuck) in &found {
+            let m = refusals::stuck_message(pod, stuck, &secrets);
+            if !old.split("; ").any(|o| o == m) {
+                self.event_about(
+                    Some(pod),
+                    EventType::Warning,
+                    stuck.condition_reason(),
+                    "Start",
+                    m.clone(),
+                )
+                .await;
+            }
+            msgs.push(m);
+        }
+        set_condition(
+            &mut st.conditions,
+            POD_START_CONDITION,
+            "True",
+            found[0].1.condition_reason(),
+            &msgs.join("; "),
+            self.imc.metadata.generation,
+            self.now,
+        );
+        // Ready says why it waits, instead of only "waiting for a Ready server pod".
+        if let Some(ready) = st.conditions.iter_mut().find(|c| c.type_ == "Ready") {
+            if ready.status != "True" && !ready.message.contains(&msgs[0]) {
+                ready.message = format!("{}: {}", ready.message, msgs.join("; "));
+            }
+        }
     }
 
     /// A Warning event when a problem appears or changes (not on every reconcile: steady state,
@@ -1078,25 +1353,31 @@ impl Reconciler {
             match world.pods.get(&name) {
                 None => {
                     let pod = build_pod(&self.imc, &self.names, &name);
+                    let hash = hash_of(&pod.metadata).map(str::to_string);
+                    if self.backing_off("Pod", &name, hash.as_deref()) {
+                        continue;
+                    }
                     match api.create(&PostParams::default(), &pod).await {
-                        Ok(_) => {
-                            self.writes += 1;
-                            self.event_about(
-                                Some(&name),
-                                EventType::Normal,
-                                "PodCreated",
-                                "Create",
-                                format!("created server pod {name}"),
-                            )
-                            .await;
-                        }
                         Err(kube::Error::Api(e)) if e.code == 409 => {
                             // Not one of ours (else observe would have listed it)?
                             if let Some(p) = api.get_opt(&name).await? {
                                 self.owned_elsewhere(&p);
                             }
                         }
-                        Err(e) => return Err(e.into()),
+                        r => {
+                            let created = self.write_result("Pod", &name, hash.as_deref(), r)?;
+                            self.writes += 1;
+                            if created.is_some() {
+                                self.event_about(
+                                    Some(&name),
+                                    EventType::Normal,
+                                    "PodCreated",
+                                    "Create",
+                                    format!("created server pod {name}"),
+                                )
+                                .await;
+                            }
+                        }
                     }
                 }
                 Some(p) if observe::pod_finished(p) && p.metadata.deletion_timestamp.is_none() => {
@@ -1277,7 +1558,10 @@ impl Reconciler {
                 Ok(_)
                     if self
                         .conflicts
-                        .contains_key(&format!("Service/{}", self.names.client_service())) =>
+                        .contains_key(&format!("Service/{}", self.names.client_service()))
+                        || self
+                            .refused
+                            .contains_key(&format!("Service/{}", self.names.client_service())) =>
                 {
                     StepResult::SwingFailed
                 }

@@ -14,3 +14,4 @@ pub mod leader;
 pub mod metrics;
 pub mod observe;
 pub mod podclient;
+pub mod refusals;

@@ -26,6 +26,8 @@ struct Store {
     selectors: Vec<String>,
     /// Every status written to the cluster, in order.
     statuses: Vec<Value>,
+    /// Writes (create or patch, not status) the apiserver refuses: (resource, name) → Status.
+    refuse: BTreeMap<(String, String), Value>,
 }
 
 type Shared = Arc<Mutex<Store>>;
@@ -114,6 +116,15 @@ fn handle(
         s.writes.push(format!("{method} {path}"));
     }
     let key = |n: &str| (res.clone(), ns.clone(), n.to_string());
+    if matches!(method, "POST" | "PATCH" | "PUT") && sub.is_none() {
+        let n = name
+            .clone()
+            .or_else(|| body["metadata"]["name"].as_str().map(str::to_string))
+            .unwrap_or_default();
+        if let Some(st) = s.refuse.get(&(res.clone(), n)) {
+            return (st["code"].as_u64().unwrap_or(422) as u16, st.clone());
+        }
+    }
     match (method, name) {
         ("GET", None) => {
             let sel = query
@@ -1983,4 +1994,254 @@ async fn a_foreign_pod_with_our_name_is_not_adopted() {
         "{}",
         c.message
     );
+}
+
+// ------------------------------------------------------------------------------- refusals
+
+/// The apiserver's 422 for a pod, as it sends it (message and causes).
+fn invalid_pod(name: &str) -> Value {
+    json!({"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","reason":"Invalid","code":422,
+        "message": format!("Pod \"{name}\" is invalid: spec.tolerations[0].operator: Invalid value: \"Exists\": value must be empty when `operator` is 'Exists'"),
+        "details":{"name":name,"kind":"Pod","causes":[{"reason":"FieldValueInvalid",
+            "message":"Invalid value: \"Exists\": value must be empty when `operator` is 'Exists'",
+            "field":"spec.tolerations[0].operator"}]}})
+}
+
+fn pod_creates(h: &Harness) -> usize {
+    h.store
+        .lock()
+        .expect("store")
+        .writes
+        .iter()
+        .filter(|w| w.starts_with("POST /api/v1/namespaces/prod/pods"))
+        .count()
+}
+
+/// Pods the apiserver refuses (a field of the spec the pod API does not accept): a condition
+/// and one Warning Event quoting the apiserver and naming the spec field, not a debug dump nor
+/// a reconcile error; the create is retried with a growing delay, at once after a spec edit.
+#[tokio::test]
+async fn a_pod_the_apiserver_refuses_is_reported_and_retried_with_backoff() {
+    let h = Harness::new(true);
+    {
+        let mut s = h.store.lock().expect("store");
+        for p in ["im-a", "im-b"] {
+            s.refuse.insert(("pods".into(), p.into()), invalid_pod(p));
+        }
+    }
+    let mut requeues = Vec::new();
+    for _ in 0..5 {
+        requeues.push(h.reconcile().await);
+    }
+    assert_eq!(pod_creates(&h), 2, "one try per pod, not one per reconcile");
+    assert!(
+        requeues[1..]
+            .iter()
+            .all(|a| *a == ReconcileAction::requeue(STEADY_REQUEUE)),
+        "no tight loop: {requeues:?}"
+    );
+    let c = condition_of(&h, SPEC_REJECTED_CONDITION);
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("True", "RefusedByApiserver")
+    );
+    assert!(
+        c.message.contains("the apiserver refused Pod im-a (check spec.tolerations): 422 Invalid: Pod \"im-a\" is invalid: spec.tolerations[0].operator: Invalid value: \"Exists\": value must be empty when `operator` is 'Exists'"),
+        "{}",
+        c.message
+    );
+    let created = condition_of(&h, "PodsCreated");
+    assert_eq!(
+        (created.status.as_str(), created.reason.as_str()),
+        ("False", "CreateRefused")
+    );
+    for m in [&c.message, &created.message] {
+        assert!(
+            !m.contains("Status {") && !m.contains("ErrorResponse"),
+            "{m}"
+        );
+    }
+    let ev = events_with_reason(&h, "SpecRejected");
+    assert_eq!(ev.len(), 1, "one event, not one per reconcile");
+    assert_eq!(ev[0]["type"], "Warning");
+    assert!(ev[0]["note"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("spec.tolerations"));
+
+    // When the delay is up it is tried again, and the next delay is longer.
+    let delay_of = |h: &Harness| {
+        let m = h.ctx.refused_writes.lock().expect("m");
+        let r = m.get("prod/im/Pod/im-a").expect("backing off").clone();
+        (r.attempts, r.next_try.duration_since(Timestamp::now()))
+    };
+    let (attempts, d) = delay_of(&h);
+    assert_eq!(attempts, 1);
+    assert!(d.as_secs() <= 5 && d.as_secs() >= 3, "{d:?}");
+    for r in h.ctx.refused_writes.lock().expect("m").values_mut() {
+        r.next_try = Timestamp::now();
+    }
+    h.reconcile().await;
+    assert_eq!(pod_creates(&h), 4);
+    let (attempts, d) = delay_of(&h);
+    assert_eq!(attempts, 2);
+    assert!(d.as_secs() <= 10 && d.as_secs() >= 8, "{d:?}");
+    h.reconcile().await;
+    assert_eq!(pod_creates(&h), 4, "backing off again");
+
+    // The user fixes the spec: the new pods are created at once and the condition goes away.
+    h.store.lock().expect("store").refuse.clear();
+    edit_cluster(&h, |o| {
+        o["spec"]["tolerations"] = json!([]);
+        o["metadata"]["generation"] = json!(2);
+    });
+    h.reconcile().await;
+    assert_eq!(
+        pod_creates(&h),
+        6,
+        "created without waiting for the backoff"
+    );
+    h.kubelet();
+    h.converge().await;
+    assert!(observe::get_condition(&h.status().conditions, SPEC_REJECTED_CONDITION).is_none());
+    assert_eq!(condition_of(&h, "PodsCreated").status, "True");
+    assert!(h.ctx.refused_writes.lock().expect("m").is_empty());
+}
+
+/// A client Service the apiserver refuses (e.g. a bad annotation in spec.service.annotations)
+/// is reported naming that field.
+#[tokio::test]
+async fn a_refused_client_service_names_the_service_annotations() {
+    let h = Harness::new(true);
+    h.store.lock().expect("store").refuse.insert(
+        ("services".into(), "im".into()),
+        json!({"kind":"Status","apiVersion":"v1","status":"Failure","reason":"Invalid","code":422,
+            "message":"Service \"im\" is invalid: metadata.annotations: Invalid value: \"bad key!\": name part must consist of alphanumeric characters",
+            "details":{"name":"im","kind":"Service","causes":[{"reason":"FieldValueInvalid","message":"Invalid value","field":"metadata.annotations"}]}}),
+    );
+    for _ in 0..3 {
+        h.reconcile().await;
+        h.kubelet();
+    }
+    let c = condition_of(&h, SPEC_REJECTED_CONDITION);
+    assert!(
+        c.message.contains("the apiserver refused Service im (check spec.service.annotations): 422 Invalid: Service \"im\" is invalid: metadata.annotations"),
+        "{}",
+        c.message
+    );
+    let patches = h
+        .store
+        .lock()
+        .expect("store")
+        .writes
+        .iter()
+        .filter(|w| w.as_str() == "PATCH /api/v1/namespaces/prod/services/im")
+        .count();
+    assert!(patches <= 2, "backed off: {patches}");
+}
+
+/// A reconcile that keeps failing is retried after a growing delay, reset by a success.
+#[tokio::test]
+async fn failed_reconciles_back_off() {
+    let h = Harness::new(true);
+    let imc = Arc::new(h.cluster());
+    let err = || Error::Invalid("boom".into());
+    let got: Vec<_> = (0..4)
+        .map(|_| error_policy(imc.clone(), &err(), h.ctx.clone()))
+        .collect();
+    let want: Vec<_> = [5, 10, 20, 40]
+        .into_iter()
+        .map(|s| ReconcileAction::requeue(Duration::from_secs(s)))
+        .collect();
+    assert_eq!(got, want);
+    h.reconcile().await;
+    assert_eq!(
+        error_policy(imc, &err(), h.ctx.clone()),
+        ReconcileAction::requeue(Duration::from_secs(5))
+    );
+}
+
+/// The kubelet's part for pods that cannot start: the server container waits with `reason`.
+fn kubelet_waiting(h: &Harness, reason: &str, message: &str) {
+    let mut s = h.store.lock().expect("store");
+    for ((res, _, name), o) in s.objects.iter_mut() {
+        if res == "pods" {
+            o["spec"]["nodeName"] = json!(if name == "im-a" { "node-1" } else { "node-2" });
+            o["status"] = json!({"phase":"Pending",
+                "conditions":[{"type":"Ready","status":"False","lastTransitionTime":"2026-01-01T00:00:00Z"}],
+                "containerStatuses":[{"name":"server","image": o["spec"]["containers"][0]["image"],
+                    "imageID":"","ready":false,"restartCount":0,
+                    "state":{"waiting":{"reason":reason,"message":message}}}]});
+        }
+    }
+}
+
+/// Pods whose image cannot be pulled, or whose container config names a missing Secret, are
+/// reported with the kubelet's message and the spec field, instead of only "waiting for a Ready
+/// server pod"; the pull error survives the ImagePullBackOff that follows it.
+#[tokio::test]
+async fn pods_that_cannot_start_are_reported_with_the_kubelets_message() {
+    let h = Harness::new(true);
+    h.reconcile().await;
+    h.reconcile().await;
+    assert!(h.get("pods", "im-a").is_some() && h.get("pods", "im-b").is_some());
+    let pull = "rpc error: code = NotFound desc = failed to pull and unpack image \"docker.io/identitymesh/server:1.2.3\": not found";
+    kubelet_waiting(&h, "ErrImagePull", pull);
+    h.reconcile().await;
+    let c = condition_of(&h, POD_START_CONDITION);
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("True", "ImagePullFailed")
+    );
+    let want = format!("pod im-a cannot pull image \"identitymesh/server:1.2.3\" (check spec.image.repository, spec.version and spec.image.pullSecrets): ErrImagePull: {pull}");
+    assert!(c.message.contains(&want), "{}", c.message);
+    let ready = condition_of(&h, "Ready");
+    assert!(
+        ready.message.contains("waiting for a Ready server pod") && ready.message.contains(&want),
+        "{}",
+        ready.message
+    );
+    let events = events_with_reason(&h, "ImagePullFailed");
+    assert_eq!(events.len(), 2, "one per pod");
+
+    // The back-off that follows keeps the registry's error, and no new events.
+    kubelet_waiting(
+        &h,
+        "ImagePullBackOff",
+        "Back-off pulling image \"identitymesh/server:1.2.3\"",
+    );
+    h.reconcile().await;
+    h.reconcile().await;
+    assert!(condition_of(&h, POD_START_CONDITION)
+        .message
+        .contains(&want));
+    assert_eq!(events_with_reason(&h, "ImagePullFailed").len(), 2);
+
+    kubelet_waiting(
+        &h,
+        "CreateContainerConfigError",
+        "secret \"im-licence\" not found",
+    );
+    h.reconcile().await;
+    let c = condition_of(&h, POD_START_CONDITION);
+    assert_eq!(c.reason, "ContainerConfigError");
+    assert!(
+        c.message.contains("pod im-b cannot create its container (check spec.licence (Secret im-licence)): CreateContainerConfigError: secret \"im-licence\" not found"),
+        "{}",
+        c.message
+    );
+    assert_eq!(events_with_reason(&h, "ContainerConfigError").len(), 2);
+
+    // Fixed: the pods start, the condition goes away.
+    {
+        let mut s = h.store.lock().expect("store");
+        for ((res, _, _), o) in s.objects.iter_mut() {
+            if res == "pods" {
+                o["status"] = Value::Null;
+            }
+        }
+    }
+    h.kubelet();
+    h.converge().await;
+    assert!(observe::get_condition(&h.status().conditions, POD_START_CONDITION).is_none());
 }

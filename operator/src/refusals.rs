@@ -1,0 +1,441 @@
+//! A spec that passed admission but cannot work: writes the apiserver refuses (400/422) and
+//! server pods the node cannot start (image pulls, container config). Pure functions that turn
+//! the apiserver's Status and the kubelet's waiting state into messages that quote them and name
+//! the IdentityMeshCluster field to change, and the backoff refused writes are retried with.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::core::Status;
+
+/// A refused write is retried after 5 s, then twice as long each time, at most 5 min (at once
+/// when the object we would write changes, e.g. after a spec edit).
+pub const BACKOFF_BASE: Duration = Duration::from_secs(5);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+/// Delay before retry number `attempts` (1 = after the first failure).
+pub fn backoff(attempts: u32) -> Duration {
+    let exp = attempts.saturating_sub(1).min(16);
+    BACKOFF_BASE.saturating_mul(1 << exp).min(BACKOFF_MAX)
+}
+
+/// The apiserver's Status when it refused a write as invalid (400 Bad Request, 422 Invalid):
+/// the request itself is wrong and repeating it cannot help. None for anything else.
+pub fn refused_status(e: &kube::Error) -> Option<&Status> {
+    match e {
+        kube::Error::Api(s) if s.code == 400 || s.code == 422 => Some(s),
+        _ => None,
+    }
+}
+
+/// A kube error in words: the apiserver's own message for an API error (never the debug dump
+/// of the Status), the client's Display otherwise.
+pub fn api_message(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(s) => status_message(s),
+        e => e.to_string(),
+    }
+}
+
+fn status_message(s: &Status) -> String {
+    let msg = if s.message.is_empty() {
+        "(no message)"
+    } else {
+        s.message.as_str()
+    };
+    match (s.code, s.reason.as_str()) {
+        (0, "") => msg.to_string(),
+        (c, "") => format!("{c}: {msg}"),
+        (c, r) => format!("{c} {r}: {msg}"),
+    }
+}
+
+/// The fields of the written object the apiserver names: the Status causes, else the
+/// `... is invalid: <field>: ...` part of its message.
+pub fn refused_fields(s: &Status) -> Vec<String> {
+    let mut out: Vec<String> = s
+        .details
+        .iter()
+        .flat_map(|d| d.causes.iter())
+        .map(|c| c.field.clone())
+        .filter(|f| !f.is_empty())
+        .collect();
+    if out.is_empty() {
+        if let Some((_, rest)) = s.message.split_once(" is invalid: ") {
+            for part in rest.trim_start_matches('[').split(", ") {
+                if let Some((field, _)) = part.split_once(": ") {
+                    if !field.contains(' ') {
+                        out.push(field.to_string());
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The IdentityMeshCluster field an object field the operator writes comes from.
+pub fn spec_field(kind: &str, object_field: &str) -> Option<&'static str> {
+    // spec.containers[0].image -> spec.containers.image
+    let mut f = String::with_capacity(object_field.len());
+    let mut depth = 0;
+    for ch in object_field.chars() {
+        match ch {
+            '[' => depth += 1,
+            ']' => depth -= 1,
+            c if depth == 0 => f.push(c),
+            _ => {}
+        }
+    }
+    let under = |p: &str| f == p || f.starts_with(&format!("{p}."));
+    if under("metadata.name") {
+        return Some("metadata.name");
+    }
+    match kind {
+        "Pod" => {
+            if under("spec.containers.image") {
+                Some("spec.image.repository and spec.version")
+            } else if under("spec.containers.imagePullPolicy") {
+                Some("spec.image.pullPolicy")
+            } else if under("spec.containers.resources") {
+                Some("spec.resources")
+            } else if under("spec.imagePullSecrets") {
+                Some("spec.image.pullSecrets")
+            } else if under("spec.nodeSelector") {
+                Some("spec.nodeSelector")
+            } else if under("spec.tolerations") {
+                Some("spec.tolerations")
+            } else if under("spec.volumes.persistentVolumeClaim") {
+                Some("spec.csvDropFolders")
+            } else {
+                None
+            }
+        }
+        "Service" => {
+            if under("metadata.annotations") {
+                Some("spec.service.annotations")
+            } else if under("spec.type") {
+                Some("spec.service.type")
+            } else if under("spec.ports") {
+                Some("spec.service.port")
+            } else {
+                None
+            }
+        }
+        _ => None,
+    }
+}
+
+/// Condition and Event text for a refused write of `kind` `name`: the spec fields to change
+/// (when they can be told) and the apiserver's message, quoted.
+pub fn refused_message(kind: &str, name: &str, s: &Status) -> String {
+    let mut fields: Vec<&str> = refused_fields(s)
+        .iter()
+        .filter_map(|f| spec_field(kind, f))
+        .collect();
+    fields.sort_unstable();
+    fields.dedup();
+    let check = if fields.is_empty() {
+        String::new()
+    } else {
+        format!(" (check {})", fields.join(", "))
+    };
+    format!(
+        "the apiserver refused {kind} {name}{check}: {}",
+        status_message(s)
+    )
+}
+
+/// Waiting reasons of a container that will not start until the spec, an image or a Secret is
+/// fixed (the kubelet retries by itself; the operator reports).
+const STUCK_REASONS: [&str; 6] = [
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "ErrImageNeverPull",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+];
+
+/// A server pod the node cannot start: the kubelet's waiting reason and message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stuck {
+    pub reason: String,
+    pub message: String,
+    pub image: Option<String>,
+}
+
+impl Stuck {
+    /// The pull failures alternate ErrImagePull (with the registry's error) and
+    /// ImagePullBackOff ("Back-off pulling image"): one condition reason for both.
+    pub fn condition_reason(&self) -> &'static str {
+        match self.reason.as_str() {
+            "ErrImagePull" | "ImagePullBackOff" | "ErrImageNeverPull" => "ImagePullFailed",
+            "InvalidImageName" => "InvalidImageName",
+            _ => "ContainerConfigError",
+        }
+    }
+
+    pub fn is_pull_failure(&self) -> bool {
+        self.condition_reason() == "ImagePullFailed"
+    }
+}
+
+/// The first container of `pod` waiting for one of the reasons above.
+pub fn stuck_container(pod: &Pod) -> Option<Stuck> {
+    let status = pod.status.as_ref()?;
+    status
+        .init_container_statuses
+        .iter()
+        .flatten()
+        .chain(status.container_statuses.iter().flatten())
+        .find_map(|c| {
+            let w = c.state.as_ref()?.waiting.as_ref()?;
+            let reason = w.reason.as_deref()?;
+            STUCK_REASONS.contains(&reason).then(|| Stuck {
+                reason: reason.to_string(),
+                message: w.message.clone().unwrap_or_default(),
+                image: Some(c.image.clone()).filter(|i| !i.is_empty()),
+            })
+        })
+}
+
+/// Condition and Event text for a stuck pod: the kubelet's reason and message, quoted, and the
+/// spec field to change. `secrets` are (spec field, Secret name) the pods reference; a config
+/// error that names one of them names its field.
+pub fn stuck_message(pod: &str, s: &Stuck, secrets: &[(&str, &str)]) -> String {
+    let image = s
+        .image
+        .as_deref()
+        .map(|i| format!(" image {i:?}"))
+        .unwrap_or_default();
+    let check = match s.condition_reason() {
+        "ImagePullFailed" => format!(
+            "cannot pull{image} (check spec.image.repository, spec.version and spec.image.pullSecrets)"
+        ),
+        "InvalidImageName" => {
+            format!("has an invalid{image} (check spec.image.repository and spec.version)")
+        }
+        _ => {
+            let named: Vec<String> = secrets
+                .iter()
+                .filter(|(_, name)| {
+                    s.message.contains(&format!("\"{name}\""))
+                        || s.message.contains(&format!("/{name}"))
+                        || s.message.contains(&format!(" {name} "))
+                })
+                .map(|(field, name)| format!("{field} (Secret {name})"))
+                .collect();
+            if named.is_empty() {
+                "cannot create its container".to_string()
+            } else {
+                format!("cannot create its container (check {})", named.join(", "))
+            }
+        }
+    };
+    let msg = if s.message.is_empty() {
+        "(no message)"
+    } else {
+        s.message.as_str()
+    };
+    format!("pod {pod} {check}: {}: {msg}", s.reason)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn invalid(message: &str, fields: &[&str]) -> Status {
+        let causes: Vec<_> = fields
+            .iter()
+            .map(|f| json!({"reason": "FieldValueInvalid", "message": "Invalid value", "field": f}))
+            .collect();
+        serde_json::from_value(json!({
+            "status": "Failure", "code": 422, "reason": "Invalid", "message": message,
+            "details": {"name": "im-a", "kind": "pods", "causes": causes}
+        }))
+        .expect("status")
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let d: Vec<u64> = (1..=9).map(|n| backoff(n).as_secs()).collect();
+        assert_eq!(d, vec![5, 10, 20, 40, 80, 160, 300, 300, 300]);
+        assert_eq!(backoff(u32::MAX), BACKOFF_MAX);
+    }
+
+    #[test]
+    fn only_bad_requests_and_invalid_are_refusals() {
+        for (code, refused) in [
+            (400, true),
+            (422, true),
+            (409, false),
+            (403, false),
+            (500, false),
+        ] {
+            let e = kube::Error::Api(Box::new(Status {
+                code,
+                ..Default::default()
+            }));
+            assert_eq!(refused_status(&e).is_some(), refused, "{code}");
+        }
+    }
+
+    #[test]
+    fn api_errors_are_quoted_not_dumped() {
+        let s = invalid("Pod \"im-a\" is invalid: spec.tolerations[0].operator: Invalid value: \"Exists\": value must be empty when `operator` is 'Exists'", &[]);
+        let e = kube::Error::Api(Box::new(s));
+        let m = api_message(&e);
+        assert_eq!(m, "422 Invalid: Pod \"im-a\" is invalid: spec.tolerations[0].operator: Invalid value: \"Exists\": value must be empty when `operator` is 'Exists'");
+        assert!(!m.contains("Status {"), "{m}");
+        // The controller's error Display goes through it too.
+        let err = crate::controller::Error::Kube(e);
+        assert!(!err.to_string().contains("Status {"), "{err}");
+        assert!(err.to_string().contains("value must be empty"), "{err}");
+    }
+
+    #[test]
+    fn fields_from_causes_or_message() {
+        let s = invalid(
+            "whatever",
+            &["spec.nodeSelector", "spec.containers[0].resources.requests"],
+        );
+        assert_eq!(
+            refused_fields(&s),
+            vec!["spec.nodeSelector", "spec.containers[0].resources.requests"]
+        );
+        let s = invalid("Pod \"im-b\" is invalid: [spec.tolerations[0].effect: Unsupported value: \"Never\", spec.imagePullSecrets[0].name: Required value]", &[]);
+        assert_eq!(
+            refused_fields(&s),
+            vec![
+                "spec.tolerations[0].effect",
+                "spec.imagePullSecrets[0].name"
+            ]
+        );
+    }
+
+    #[test]
+    fn object_fields_map_to_spec_fields() {
+        for (kind, field, want) in [
+            (
+                "Pod",
+                "spec.containers[0].image",
+                Some("spec.image.repository and spec.version"),
+            ),
+            (
+                "Pod",
+                "spec.containers[0].resources.requests",
+                Some("spec.resources"),
+            ),
+            (
+                "Pod",
+                "spec.nodeSelector[kubernetes.io/os]",
+                Some("spec.nodeSelector"),
+            ),
+            ("Pod", "spec.nodeSelector", Some("spec.nodeSelector")),
+            (
+                "Pod",
+                "spec.tolerations[1].operator",
+                Some("spec.tolerations"),
+            ),
+            (
+                "Pod",
+                "spec.imagePullSecrets[0].name",
+                Some("spec.image.pullSecrets"),
+            ),
+            (
+                "Pod",
+                "spec.volumes[4].persistentVolumeClaim.claimName",
+                Some("spec.csvDropFolders"),
+            ),
+            ("Pod", "metadata.name", Some("metadata.name")),
+            ("Pod", "spec.securityContext", None),
+            (
+                "Service",
+                "metadata.annotations",
+                Some("spec.service.annotations"),
+            ),
+            ("Service", "spec.ports[0].port", Some("spec.service.port")),
+            ("ConfigMap", "data", None),
+            ("Pod", "spec.nodeSelectorX", None),
+        ] {
+            assert_eq!(spec_field(kind, field), want, "{kind} {field}");
+        }
+    }
+
+    #[test]
+    fn refused_message_names_the_field_and_quotes_the_apiserver() {
+        let s = invalid(
+            "Pod \"im-a\" is invalid: spec.tolerations[0].operator: Invalid value: \"Exists\": value must be empty when `operator` is 'Exists'",
+            &["spec.tolerations[0].operator"],
+        );
+        assert_eq!(
+            refused_message("Pod", "im-a", &s),
+            "the apiserver refused Pod im-a (check spec.tolerations): 422 Invalid: Pod \"im-a\" is invalid: spec.tolerations[0].operator: Invalid value: \"Exists\": value must be empty when `operator` is 'Exists'"
+        );
+        let s = Status {
+            code: 400,
+            reason: "BadRequest".into(),
+            message: "something odd".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            refused_message("Service", "im", &s),
+            "the apiserver refused Service im: 400 BadRequest: something odd"
+        );
+    }
+
+    fn pod_waiting(reason: &str, message: &str) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": "im-a"},
+            "status": {"phase": "Pending", "containerStatuses": [{
+                "name": "server", "image": "identitymesh/server:9.9.9", "imageID": "",
+                "ready": false, "restartCount": 0,
+                "state": {"waiting": {"reason": reason, "message": message}}}]}
+        }))
+        .expect("pod")
+    }
+
+    #[test]
+    fn stuck_pods_are_recognised_and_named() {
+        assert_eq!(stuck_container(&pod_waiting("ContainerCreating", "")), None);
+        let s = stuck_container(&pod_waiting(
+            "ErrImagePull",
+            "rpc error: code = NotFound desc = manifest unknown",
+        ))
+        .expect("stuck");
+        assert_eq!(s.condition_reason(), "ImagePullFailed");
+        assert_eq!(
+            stuck_message("im-a", &s, &[]),
+            "pod im-a cannot pull image \"identitymesh/server:9.9.9\" (check spec.image.repository, spec.version and spec.image.pullSecrets): ErrImagePull: rpc error: code = NotFound desc = manifest unknown"
+        );
+        let s = stuck_container(&pod_waiting(
+            "InvalidImageName",
+            "Failed to apply default image tag \"x:1+2\": couldn't parse image reference",
+        ))
+        .expect("stuck");
+        assert!(stuck_message("im-a", &s, &[])
+            .starts_with("pod im-a has an invalid image \"identitymesh/server:9.9.9\" (check spec.image.repository and spec.version): InvalidImageName: Failed to apply"));
+        let s = stuck_container(&pod_waiting(
+            "CreateContainerConfigError",
+            "secret \"im-db\" not found",
+        ))
+        .expect("stuck");
+        assert_eq!(
+            stuck_message(
+                "im-a",
+                &s,
+                &[("spec.licence", "im-licence"), ("spec.database", "im-db")]
+            ),
+            "pod im-a cannot create its container (check spec.database (Secret im-db)): CreateContainerConfigError: secret \"im-db\" not found"
+        );
+        let s = stuck_container(&pod_waiting(
+            "CreateContainerConfigError",
+            "couldn't find key connectionString in Secret prod/im-db",
+        ))
+        .expect("stuck");
+        assert!(stuck_message("im-a", &s, &[("spec.database", "im-db")])
+            .contains("(check spec.database (Secret im-db))"));
+    }
+}
