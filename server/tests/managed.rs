@@ -78,19 +78,45 @@ async fn actives(c: &reqwest::Client, i: &Instance, token: &str) -> Vec<String> 
         .collect()
 }
 
-#[tokio::test]
-async fn promotion_fences_the_old_active() {
+/// Two managed instances on one database, live, with the operator's mTLS client.
+struct Pair {
+    dir: tempfile::TempDir,
+    token: &'static str,
+    op: reqwest::Client,
+    a: Instance,
+    b: Instance,
+}
+
+async fn pair(names: [&str; 2]) -> Pair {
     let dir = tempfile::tempdir().unwrap();
     let pki = pki(&dir.path().join("pki"));
     let db = dir.path().join("shared.db");
     let token = "imb_managed-test-token";
     let token_file = dir.path().join("admin.token");
     std::fs::write(&token_file, token).unwrap();
-    let a = start("im-a", dir.path(), &db, &pki, &token_file);
-    let b = start("im-b", dir.path(), &db, &pki, &token_file);
+    let a = start(names[0], dir.path(), &db, &pki, &token_file);
+    let b = start(names[1], dir.path(), &db, &pki, &token_file);
     let op = mtls_client(&pki);
     wait_up(&op, &format!("{}/health/live", a.public), &a.proc).await;
     wait_up(&op, &format!("{}/health/live", b.public), &b.proc).await;
+    Pair {
+        dir,
+        token,
+        op,
+        a,
+        b,
+    }
+}
+
+#[tokio::test]
+async fn promotion_fences_the_old_active() {
+    let Pair {
+        dir,
+        token,
+        op,
+        a,
+        b,
+    } = pair(["im-a", "im-b"]).await;
 
     // Both start standby and are ready (a standby is ready when it could take over).
     for i in [&a, &b] {
@@ -242,17 +268,9 @@ async fn promotion_fences_the_old_active() {
 /// hold one epoch; the new process takes a greater one and the old one is fenced.
 #[tokio::test]
 async fn a_recreated_pod_of_the_same_name_needs_a_greater_epoch() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = pki(&dir.path().join("pki"));
-    let db = dir.path().join("shared.db");
-    let token = "imb_managed-test-token";
-    let token_file = dir.path().join("admin.token");
-    std::fs::write(&token_file, token).unwrap();
-    let old = start("im-b", dir.path(), &db, &pki, &token_file);
-    let new = start("im-b", dir.path(), &db, &pki, &token_file);
-    let op = mtls_client(&pki);
-    wait_up(&op, &format!("{}/health/live", old.public), &old.proc).await;
-    wait_up(&op, &format!("{}/health/live", new.public), &new.proc).await;
+    let Pair {
+        op, a: old, b: new, ..
+    } = pair(["im-b", "im-b"]).await;
     let (so, sn) = (status(&op, &old).await, status(&op, &new).await);
     assert_eq!(
         (so["instance"].clone(), sn["instance"].clone()),

@@ -9,6 +9,14 @@ pub struct Migration {
     pub statements: &'static [&'static str],
 }
 
+/// Pruning finds old rows by time without scanning the tables; the same text on both backends.
+const RETENTION_INDEXES: &[&str] = &[
+    "CREATE INDEX runs_finished ON runs (finished_at)",
+    "CREATE INDEX audit_log_at ON audit_log (at)",
+    "CREATE INDEX import_batches_committed ON import_batches (committed_at)",
+    "CREATE INDEX fence_journal_at ON fence_journal (at)",
+];
+
 pub const SQLITE: &[Migration] = &[
     Migration {
     version: 1,
@@ -78,13 +86,7 @@ pub const SQLITE: &[Migration] = &[
     Migration {
         version: 4,
         name: "retention",
-        statements: &[
-            // Pruning finds the old rows by time without scanning the tables.
-            "CREATE INDEX runs_finished ON runs (finished_at)",
-            "CREATE INDEX audit_log_at ON audit_log (at)",
-            "CREATE INDEX import_batches_committed ON import_batches (committed_at)",
-            "CREATE INDEX fence_journal_at ON fence_journal (at)",
-        ],
+        statements: RETENTION_INDEXES,
     },
 ];
 
@@ -155,12 +157,7 @@ pub const MSSQL: &[Migration] = &[
     Migration {
         version: 4,
         name: "retention",
-        statements: &[
-            "CREATE INDEX runs_finished ON runs (finished_at)",
-            "CREATE INDEX audit_log_at ON audit_log (at)",
-            "CREATE INDEX import_batches_committed ON import_batches (committed_at)",
-            "CREATE INDEX fence_journal_at ON fence_journal (at)",
-        ],
+        statements: RETENTION_INDEXES,
     },
 ];
 
