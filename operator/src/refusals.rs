@@ -172,6 +172,7 @@ impl Stuck {
         match self.reason.as_str() {
             "ErrImagePull" | "ImagePullBackOff" | "ErrImageNeverPull" => "ImagePullFailed",
             "InvalidImageName" => "InvalidImageName",
+            UNSCHEDULABLE => UNSCHEDULABLE,
             _ => "ContainerConfigError",
         }
     }
@@ -181,9 +182,25 @@ impl Stuck {
     }
 }
 
-/// The first container of `pod` waiting for one of the reasons above.
+/// The scheduler's reason for a pod no node can take.
+const UNSCHEDULABLE: &str = "Unschedulable";
+
+/// The first container of `pod` waiting for one of the reasons above, or the scheduler's
+/// refusal when no node can take the pod.
 pub fn stuck_container(pod: &Pod) -> Option<Stuck> {
     let status = pod.status.as_ref()?;
+    let unscheduled = status.conditions.iter().flatten().find(|c| {
+        c.type_ == "PodScheduled"
+            && c.status == "False"
+            && c.reason.as_deref() == Some(UNSCHEDULABLE)
+    });
+    if let Some(c) = unscheduled {
+        return Some(Stuck {
+            reason: UNSCHEDULABLE.into(),
+            message: c.message.clone().unwrap_or_default(),
+            image: None,
+        });
+    }
     status
         .init_container_statuses
         .iter()
@@ -216,6 +233,9 @@ pub fn stuck_message(pod: &str, s: &Stuck, secrets: &[(&str, &str)]) -> String {
         "InvalidImageName" => {
             format!("has an invalid{image} (check spec.image.repository and spec.version)")
         }
+        UNSCHEDULABLE => "cannot be scheduled (check spec.nodeOS, spec.nodeSelector and \
+             spec.tolerations; the two server pods need two such nodes)"
+            .to_string(),
         _ => {
             let named: Vec<String> = secrets
                 .iter()
@@ -395,6 +415,30 @@ mod tests {
                 "state": {"waiting": {"reason": reason, "message": message}}}]}
         }))
         .expect("pod")
+    }
+
+    #[test]
+    fn an_unschedulable_pod_is_reported_with_the_schedulers_message() {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "im-b"},
+            "status": {"phase": "Pending", "conditions": [{
+                "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                "message": "0/2 nodes are available: 1 node(s) didn't match pod anti-affinity rules."}]}
+        }))
+        .unwrap();
+        let s = stuck_container(&pod).expect("stuck");
+        assert_eq!(s.condition_reason(), "Unschedulable");
+        let m = stuck_message("im-b", &s, &[]);
+        assert!(
+            m.contains("spec.nodeSelector") && m.contains("0/2 nodes are available"),
+            "{m}"
+        );
+        // Scheduled, or not yet looked at by the scheduler: nothing to report.
+        let pending: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "im-b"}, "status": {"phase": "Pending"}
+        }))
+        .unwrap();
+        assert_eq!(stuck_container(&pending), None);
     }
 
     #[test]
