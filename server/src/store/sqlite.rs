@@ -1680,7 +1680,7 @@ mod upgrade_tests {
             .execute(&store.pool)
             .await
             .unwrap();
-        assert_eq!(store.migrate().await.unwrap(), vec![3, 4]);
+        assert_eq!(store.migrate().await.unwrap(), vec![3, 4, 5]);
         let f = store.fence().await.unwrap();
         assert_eq!(
             (f.epoch, f.holder.as_str(), f.holder_incarnation.as_str()),
