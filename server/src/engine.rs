@@ -178,6 +178,20 @@ impl Engine {
         self.reported(r).await
     }
 
+    /// One engine write under a fresh permit, `write` given the permit's token; the permit is
+    /// released before a failure is reported (see [`Self::commit`]). None when not active.
+    pub async fn write<T, F>(
+        &self,
+        write: impl FnOnce(FenceToken) -> F,
+    ) -> Option<Result<T, StoreError>>
+    where
+        F: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        let permit = self.begin_batch()?;
+        let write = write(permit.token.clone());
+        Some(self.commit(permit, write).await)
+    }
+
     /// Reacts to a store error from an engine write: a fence means another instance holds a
     /// newer epoch, so this one stops being active at once.
     pub async fn on_write_error(&self, err: &StoreError) {

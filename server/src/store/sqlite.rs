@@ -839,13 +839,11 @@ impl Store for SqliteStore {
     }
 
     async fn set_setting(&self, name: &str, value: &str) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO settings (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-        )
-        .bind(name)
-        .bind(value)
-        .execute(&self.pool)
-        .await?;
+        sqlx::query(SET_SETTING)
+            .bind(name)
+            .bind(value)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -857,13 +855,11 @@ impl Store for SqliteStore {
     ) -> Result<(), StoreError> {
         let (_slot, mut tx) = self.begin_locked().await?;
         Self::check_fence(&mut tx, token).await?;
-        sqlx::query(
-            "INSERT INTO settings (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-        )
-        .bind(name)
-        .bind(value)
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query(SET_SETTING)
+            .bind(name)
+            .bind(value)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -1489,6 +1485,9 @@ impl Store for SqliteStore {
 }
 
 const RELAY_COLUMNS: &str = "SELECT id, name, created_at, revoked_at, last_seen, version, connected_instance, connected_since FROM relays";
+
+const SET_SETTING: &str = "INSERT INTO settings (name, value) VALUES (?, ?) \
+     ON CONFLICT (name) DO UPDATE SET value = excluded.value";
 
 const FENCE_SELECT: &str = "SELECT epoch, holder, holder_incarnation FROM fence WHERE id = 1";
 

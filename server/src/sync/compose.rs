@@ -214,11 +214,16 @@ pub async fn settle_unruled(
     ctx: &ComposeContext<'_>,
 ) -> Result<(), ComposeError> {
     let ruled: Vec<String> = ctx.rules.object_types().map(str::to_string).collect();
+    let ruled = &ruled;
     loop {
-        let permit = engine.begin_batch().ok_or(ComposeError::NotActive)?;
-        let token = permit.token.clone();
-        let settle = store.settle_unruled(&token, ctx.connector_id, &ruled, SETTLE_CHUNK);
-        let settled = engine.commit(permit, settle).await?;
+        let settled = engine
+            .write(|t| async move {
+                store
+                    .settle_unruled(&t, ctx.connector_id, ruled, SETTLE_CHUNK)
+                    .await
+            })
+            .await
+            .ok_or(ComposeError::NotActive)??;
         if (settled as i64) < SETTLE_CHUNK {
             return Ok(());
         }
@@ -306,10 +311,10 @@ async fn commit(
     engine: &Engine,
     writes: &[ComposeWrite],
 ) -> Result<(), ComposeError> {
-    let permit = engine.begin_batch().ok_or(ComposeError::NotActive)?;
-    let token = permit.token.clone();
-    let write = store.commit_compose(&token, writes, now_ms());
-    engine.commit(permit, write).await?;
+    engine
+        .write(|t| async move { store.commit_compose(&t, writes, now_ms()).await })
+        .await
+        .ok_or(ComposeError::NotActive)??;
     Ok(())
 }
 

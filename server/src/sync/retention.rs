@@ -45,12 +45,14 @@ pub async fn prune_once(
     for (table, before) in cutoffs(cfg, now_ms) {
         let mut total = 0;
         for _ in 0..MAX_BATCHES {
-            let Some(permit) = engine.begin_batch() else {
+            let store = engine.store();
+            let pruned = engine
+                .write(|t| async move { store.prune(&t, table, before, BATCH).await })
+                .await;
+            let Some(n) = pruned else {
                 return Ok(out);
             };
-            let token = permit.token.clone();
-            let write = engine.store().prune(&token, table, before, BATCH);
-            let n = engine.commit(permit, write).await?;
+            let n = n?;
             total += n;
             if (n as i64) < BATCH {
                 break;

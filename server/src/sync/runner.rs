@@ -174,12 +174,15 @@ impl SyncEngine {
 
     /// Moves a schedule on without a run (one skipped on purpose), fenced.
     pub async fn advance_schedule(&self, advance: &ScheduleAdvance) -> Result<(), RunError> {
-        let permit = self.engine.begin_batch().ok_or(RunError::NotActive)?;
-        let token = permit.token.clone();
-        let write =
-            self.store
-                .set_schedule_next_run(&token, &advance.schedule_id, advance.next_run_ms);
-        Ok(self.engine.commit(permit, write).await?)
+        let written = self
+            .engine
+            .write(|t| async move {
+                self.store
+                    .set_schedule_next_run(&t, &advance.schedule_id, advance.next_run_ms)
+                    .await
+            })
+            .await;
+        Ok(written.ok_or(RunError::NotActive)??)
     }
 
     /// As [`Self::start`]; with `advance`, the schedule moves on in the run's own transaction.
@@ -240,14 +243,10 @@ impl SyncEngine {
             }
             m.insert(row.id.clone(), run.id.clone());
         }
-        let started = self
-            .store
-            .start_run(&permit.token, &run, advance.as_ref())
-            .await;
-        drop(permit);
-        if let Err(e) = started {
+        let token = permit.token.clone();
+        let start = self.store.start_run(&token, &run, advance.as_ref());
+        if let Err(e) = self.engine.commit(permit, start).await {
             self.forget(&row.id);
-            self.engine.on_write_error(&e).await;
             return Err(match e {
                 StoreError::Conflict(m) => RunError::AlreadyRunning(m),
                 other => other.into(),
@@ -560,9 +559,11 @@ impl SyncEngine {
     where
         F: std::future::Future<Output = Result<T, StoreError>>,
     {
-        let permit = self.engine.begin_batch().ok_or(RunFailure::NotActive)?;
-        let write = write(permit.token.clone());
-        Ok(self.engine.commit(permit, write).await?)
+        Ok(self
+            .engine
+            .write(write)
+            .await
+            .ok_or(RunFailure::NotActive)??)
     }
 
     /// Commits each page as one fenced batch like `template` (its objects empty).
