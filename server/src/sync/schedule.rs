@@ -82,12 +82,18 @@ pub fn next_after(spec: &Spec, after_ms: i64) -> Option<i64> {
 }
 
 /// Which schedules are due at `now_ms` (enabled, next run reached), and which have no next run
-/// yet and need one computed.
+/// yet and need one computed. Full runs come first: one reads everything a delta would, so when
+/// a connector's full and delta schedules are due in the same tick the full starts and the
+/// delta, refused because the connector is running, moves on. In the other order the full was
+/// the one refused, for a whole interval, and schedules aligned on the same times (a delta every
+/// 15 minutes, a full on the hour) never ran their full at all.
 pub fn due(schedules: &[ScheduleRow], now_ms: i64) -> (Vec<&ScheduleRow>, Vec<&ScheduleRow>) {
-    let due = schedules
+    let mut due: Vec<&ScheduleRow> = schedules
         .iter()
         .filter(|s| s.enabled && s.next_run_ms.is_some_and(|n| n <= now_ms))
         .collect();
+    // Stable: otherwise in the store's order (creation).
+    due.sort_by_key(|s| RunMode::parse(&s.mode) != Some(RunMode::Full));
     let unset = schedules
         .iter()
         .filter(|s| s.enabled && s.next_run_ms.is_none())
@@ -293,6 +299,34 @@ mod tests {
         );
     }
 
+    /// Regression (fault campaign, seed 1502): a delta every 10 s created before a full every
+    /// 30 s; every third tick both were due, the delta started first and the full was refused
+    /// and moved on, so no scheduled full ever ran.
+    #[test]
+    fn due_full_runs_come_before_due_deltas() {
+        let row = |id: &str, mode: &str| ScheduleRow {
+            id: id.into(),
+            connector_id: "c".into(),
+            kind: "interval".into(),
+            spec: "10s".into(),
+            mode: mode.into(),
+            enabled: true,
+            next_run_ms: Some(100),
+            created_at_ms: 0,
+        };
+        let rows = vec![
+            row("d1", "delta"),
+            row("f1", "full"),
+            row("d2", "delta"),
+            row("f2", "full"),
+        ];
+        let (due, _) = due(&rows, 150);
+        assert_eq!(
+            due.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(),
+            ["f1", "f2", "d1", "d2"]
+        );
+    }
+
     mod cutover {
         use super::super::*;
         use crate::config::EngineConfig;
@@ -389,6 +423,62 @@ mod tests {
             // Due no more: another tick starts nothing.
             tick(&b).await.unwrap();
             assert_eq!(store.runs(Some("c1"), 10).await.unwrap().len(), 1);
+        }
+
+        /// A connector's delta schedule (created first) and full schedule due in one tick: the
+        /// full runs, the delta is skipped, and both move on (fault campaign, seed 1502: the
+        /// full was the one skipped, every time).
+        #[tokio::test]
+        async fn a_full_and_a_delta_due_together_run_the_full() {
+            let dir = tempfile::tempdir().unwrap();
+            let drop = dir.path().join("drop");
+            std::fs::create_dir_all(&drop).unwrap();
+            std::fs::write(drop.join("a.csv"), "id,name\n1,One\n").unwrap();
+            let a = instance(&dir.path().join("im.db"), "a", &drop).await;
+            let store = a.store().clone();
+            store
+                .put_connector(&ConnectorRow {
+                    id: "c1".into(),
+                    name: "csv".into(),
+                    kind: "csv".into(),
+                    config_json: serde_json::json!({"folder": drop, "object_type": "row", "anchor_column": "id"}).to_string(),
+                    rules_json: r#"{"precedence":1}"#.into(),
+                    relay_id: None,
+                    is_canary: false,
+                    created_at_ms: 1,
+                    updated_at_ms: 1,
+                })
+                .await
+                .unwrap();
+            let due_at = now_ms() - 1;
+            for (id, mode, spec, created) in
+                [("s-delta", "delta", "10s", 1), ("s-full", "full", "30s", 2)]
+            {
+                store
+                    .put_schedule(&ScheduleRow {
+                        id: id.into(),
+                        connector_id: "c1".into(),
+                        kind: "interval".into(),
+                        spec: spec.into(),
+                        mode: mode.into(),
+                        enabled: true,
+                        next_run_ms: Some(due_at),
+                        created_at_ms: created,
+                    })
+                    .await
+                    .unwrap();
+            }
+            a.engine().promote(1, "test").await.unwrap();
+            tick(&a).await.unwrap();
+            let runs = store.runs(Some("c1"), 10).await.unwrap();
+            assert_eq!(runs.len(), 1, "{runs:?}");
+            assert_eq!(
+                (runs[0].mode.as_str(), runs[0].trigger.as_str()),
+                ("full", "schedule")
+            );
+            for s in store.schedules().await.unwrap() {
+                assert!(s.next_run_ms.unwrap() > now_ms() + 5_000, "{s:?} moved on");
+            }
         }
     }
 }
