@@ -942,6 +942,7 @@ mod tests {
             object_type: "people".into(),
             dn: Some(format!("uid=u{i},ou=people,dc=example,dc=org")),
             attributes,
+            location: None,
         }
     }
 

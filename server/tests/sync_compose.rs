@@ -423,6 +423,74 @@ async fn a_connector_added_later_joins_on_an_attribute_nobody_joined_on_before()
     s.stop().await;
 }
 
+/// An anchor a CSV file holds twice is imported once, the first row standing, and the second
+/// reported with its line: the connector finds a duplicate within one page (naming the first
+/// row), the store one an earlier page of the run committed. The next run does the same, and
+/// nothing is swept as unseen.
+#[tokio::test]
+async fn a_duplicate_anchor_is_refused_however_far_apart_the_rows_are() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Standalone::start(dir.path()).await;
+    let drop = dir.path().join("drop/staff");
+    std::fs::create_dir_all(&drop).unwrap();
+    let mut body = String::from("id,name\n");
+    for i in 0..700 {
+        body.push_str(&format!("p{i},Person {i}\n"));
+    }
+    // Line 702 repeats line 5, a page earlier; line 703 repeats line 652, in the same page.
+    body.push_str("p3,Impostor\np650,Twice\n");
+    std::fs::write(drop.join("a.csv"), body).unwrap();
+    let (st, c) = s
+        .post(
+            "/api/connectors",
+            json!({"name": "staff", "kind": "csv",
+                   "config": {"folder": drop, "object_type": "row", "anchor_column": "id"}}),
+        )
+        .await;
+    assert_eq!(st, 201, "{c}");
+    let id = c["id"].as_str().unwrap().to_string();
+    for (run_no, added, unchanged) in [(1, 700, 0), (2, 0, 700)] {
+        let run = s.run(&id, "full").await;
+        assert_eq!(
+            run["status"], "completed_with_errors",
+            "run {run_no}: {run}"
+        );
+        assert_eq!(run["counts"]["added"], added, "run {run_no}: {run}");
+        assert_eq!(run["counts"]["unchanged"], unchanged, "run {run_no}: {run}");
+        assert_eq!(run["counts"]["failed"], 2, "run {run_no}: {run}");
+        assert_eq!(run["counts"]["deleted"], 0, "run {run_no}: {run}");
+        let errors = run["errors"].as_array().unwrap();
+        let at = |location: &str| {
+            errors
+                .iter()
+                .find(|e| e["location"] == location)
+                .unwrap_or_else(|| panic!("no error at {location}: {run}"))["reason"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        };
+        let far = at("a.csv:702");
+        assert!(
+            far.contains("duplicate anchor \"p3\"") && far.contains("already imported in this run"),
+            "{far}"
+        );
+        let near = at("a.csv:703");
+        assert!(
+            near.contains("duplicate anchor \"p650\"") && near.contains("first seen at a.csv:652"),
+            "{near}"
+        );
+    }
+    let space = s.connector_space(&id).await;
+    assert_eq!(space.len(), 700);
+    assert_eq!(
+        space["p3"]["attributes"]["name"],
+        json!(["Person 3"]),
+        "the first row stands"
+    );
+    assert_eq!(space["p650"]["attributes"]["name"], json!(["Person 650"]));
+    s.stop().await;
+}
+
 /// A connector whose configuration no longer names an object type it has objects of can still
 /// be cleared, and then deleted: the clear sweeps every type in its connector space.
 #[tokio::test]

@@ -9,12 +9,19 @@
 //! column, duplicate column names) fails the import instead: skipping a file would make every
 //! object in it look deleted.
 //!
-//! Each file is read into memory whole (drop files are snapshots, typically tens of MB at
-//! most); pages still go out through the bounded channel one at a time.
+//! Files are streamed: read a buffer at a time on a blocking thread (UTF-16 decoded to UTF-8 as
+//! it is read), parsed a row at a time, and sent a page at a time through the bounded channel,
+//! so a slow consumer slows the reader and memory does not grow with the file. A row may be at
+//! most [`MAX_ROW_BYTES`] long. A duplicate anchor within a page is rejected here; one of an
+//! earlier page is left to whoever commits the pages (see [`ConnectorObject::location`]).
 
+use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
+use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
+use ::csv::ByteRecord;
 use encoding_rs::Encoding;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::Sender;
@@ -25,6 +32,15 @@ use crate::roots::DropRoots;
 
 /// Objects per page.
 const PAGE_OBJECTS: usize = 500;
+/// Bytes the CSV parser reads at a time.
+const PARSE_BUFFER: usize = 64 * 1024;
+/// Bytes of a non-ASCII-compatible file (UTF-16) read and decoded at a time.
+const DECODE_BUFFER: usize = 32 * 1024;
+/// The longest row read. The parser holds a row in memory, and a longer one is most likely an
+/// unclosed quote that turned the rest of the file into one field: the import fails, naming the
+/// line it starts on, rather than holding the file in memory (or skipping a row that holds
+/// the rest of the file, which would make every object in it look deleted).
+pub const MAX_ROW_BYTES: u64 = 16 << 20;
 
 fn default_pattern() -> String {
     "*.csv".into()
@@ -214,14 +230,19 @@ impl CsvConnector {
             return Ok(files);
         };
         match files.iter().find(|f| !roots.contains(f)) {
-            Some(f) => Err(ConnectorError::Source {
-                path: f.display().to_string(),
-                reason: format!(
-                    "resolves outside the allowed CSV drop roots ({}); refused",
-                    roots.describe()
-                ),
-            }),
+            Some(f) => Err(self.outside(f)),
             None => Ok(files),
+        }
+    }
+
+    fn outside(&self, file: &Path) -> ConnectorError {
+        let roots = self.roots.as_ref().map(DropRoots::describe);
+        ConnectorError::Source {
+            path: file.display().to_string(),
+            reason: format!(
+                "resolves outside the allowed CSV drop roots ({}); refused",
+                roots.unwrap_or_default()
+            ),
         }
     }
 
@@ -255,32 +276,54 @@ impl CsvConnector {
                 configured: vec![self.cfg.object_type.clone()],
             });
         }
-        let mut state = ImportState {
-            seen: HashMap::new(),
-            page: Page {
-                objects: Vec::new(),
-                rejected: Vec::new(),
-            },
-            summary: ImportSummary::default(),
-            tx,
-        };
-        for path in self.files().await? {
-            let bytes = tokio::fs::read(&path)
-                .await
-                .map_err(|e| ConnectorError::Source {
-                    path: path.display().to_string(),
-                    reason: format!("cannot read the file: {e}"),
-                })?;
-            self.import_file(&path, &bytes, &mut state).await?;
-        }
-        state.flush().await?;
-        Ok(state.summary)
+        let files = self.files().await?;
+        // The files are read and parsed on a blocking thread that hands each page over with a
+        // blocking send: a slow consumer stops the reading, and memory holds a buffer, a row
+        // and the pages in the channel, however large the files are.
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut st = ImportState::new(tx);
+            for path in &files {
+                let file = this.open(path)?;
+                this.read_file(path, file, &mut st)?;
+            }
+            st.flush()?;
+            Ok(st.summary)
+        })
+        .await
+        .map_err(|e| ConnectorError::Source {
+            path: self.folder_display(),
+            reason: format!("reading the files failed: {e}"),
+        })?
     }
 
-    async fn import_file(
+    /// Opens a listed file, checked against the roots (when confined) again just before it is
+    /// read: reading an earlier file can take long enough for a later one to be swapped for a
+    /// link. The resolved path is the one opened, and it must still be a regular file.
+    fn open(&self, path: &Path) -> Result<std::fs::File, ConnectorError> {
+        let real = match &self.roots {
+            Some(roots) => roots.confine(path).ok_or_else(|| self.outside(path))?,
+            None => path.to_path_buf(),
+        };
+        let read_err = |e: std::io::Error| ConnectorError::Source {
+            path: path.display().to_string(),
+            reason: format!("cannot read the file: {e}"),
+        };
+        if !std::fs::metadata(&real).map_err(read_err)?.is_file() {
+            return Err(ConnectorError::Source {
+                path: path.display().to_string(),
+                reason: "is no longer a regular file; refused".into(),
+            });
+        }
+        std::fs::File::open(&real).map_err(read_err)
+    }
+
+    /// Parses one file from `src` (read a buffer at a time), sending a page whenever one is
+    /// full. Blocking: run it off the async threads.
+    fn read_file(
         &self,
         path: &Path,
-        bytes: &[u8],
+        src: impl Read,
         st: &mut ImportState,
     ) -> Result<(), ConnectorError> {
         let file_name = path
@@ -291,26 +334,51 @@ impl CsvConnector {
             path: path.display().to_string(),
             reason,
         };
-        let decoded = Decoded::new(self.encoding, bytes);
+        let (text, input) = Text::open(self.encoding, src)
+            .map_err(|e| file_err(format!("cannot read the file: {e}")))?;
+        let row_start = Rc::new(Cell::new(0));
         let mut reader = ::csv::ReaderBuilder::new()
             .has_headers(false)
             .flexible(true)
             .delimiter(self.cfg.delimiter as u8)
-            .from_reader(decoded.bytes());
-        let mut records = reader.byte_records();
+            .buffer_capacity(PARSE_BUFFER)
+            .from_reader(RowLimit {
+                inner: input,
+                delivered: 0,
+                row_start: row_start.clone(),
+            });
+        // The next record into `rec`: Ok(false) at the end, Err(csv error) for a row the
+        // parser cannot read (reported as that row's problem); a read failure or an overlong
+        // row fails the file.
+        let next = |reader: &mut ::csv::Reader<_>,
+                    rec: &mut ByteRecord|
+         -> Result<Result<bool, ::csv::Error>, ConnectorError> {
+            let line = reader.position().line();
+            match reader.read_byte_record(rec) {
+                Ok(more) => {
+                    row_start.set(reader.position().byte());
+                    Ok(Ok(more))
+                }
+                Err(e) => match e.kind() {
+                    ::csv::ErrorKind::Io(io) => Err(file_err(read_failure(io, line))),
+                    _ => Ok(Err(e)),
+                },
+            }
+        };
 
-        let header = match records.next() {
-            None => {
+        let mut header = ByteRecord::new();
+        match next(&mut reader, &mut header)? {
+            Ok(false) => {
                 return Err(file_err(
                     "the file is empty; a CSV file needs a header row naming the columns".into(),
                 ))
             }
-            Some(Err(e)) => return Err(file_err(format!("cannot parse the header row: {e}"))),
-            Some(Ok(h)) => h,
-        };
+            Err(e) => return Err(file_err(format!("cannot parse the header row: {e}"))),
+            Ok(true) => {}
+        }
         let mut columns = Vec::with_capacity(header.len());
         for (i, raw) in header.iter().enumerate() {
-            let name = decoded
+            let name = text
                 .field(raw)
                 .map(|s| s.trim().to_string())
                 .ok_or_else(|| {
@@ -349,9 +417,11 @@ impl CsvConnector {
                 ))
             })?;
 
-        for rec in records {
-            let rec = match rec {
-                Ok(r) => r,
+        let mut rec = ByteRecord::new();
+        loop {
+            match next(&mut reader, &mut rec)? {
+                Ok(true) => {}
+                Ok(false) => break,
                 Err(e) => {
                     // The parser cannot resync after a hard error; report it and stop this file.
                     let line = e.position().map(|p| p.line()).unwrap_or(0);
@@ -361,7 +431,7 @@ impl CsvConnector {
                     );
                     break;
                 }
-            };
+            }
             let line = rec.position().map(|p| p.line()).unwrap_or(0);
             let location = format!("{file_name}:{line}");
             if rec.len() != columns.len() {
@@ -378,7 +448,7 @@ impl CsvConnector {
             let mut cells = Vec::with_capacity(rec.len());
             let mut bad = None;
             for (i, raw) in rec.iter().enumerate() {
-                match decoded.field(raw) {
+                match text.field(raw) {
                     Some(s) => cells.push(s),
                     None => {
                         bad = Some(i);
@@ -415,7 +485,7 @@ impl CsvConnector {
                 );
                 continue;
             }
-            st.seen.insert(anchor.clone(), location);
+            st.seen.insert(anchor.clone(), location.clone());
             let mut attributes = Attributes::new();
             for (name, cell) in columns.iter().zip(cells) {
                 let values: Vec<Value> = match self.cfg.multi_value_separator {
@@ -437,9 +507,10 @@ impl CsvConnector {
                 object_type: self.cfg.object_type.clone(),
                 dn: None,
                 attributes,
+                location: Some(location),
             });
             if st.page.objects.len() >= PAGE_OBJECTS {
-                st.flush().await?;
+                st.flush()?;
             }
         }
         Ok(())
@@ -447,7 +518,10 @@ impl CsvConnector {
 }
 
 struct ImportState {
-    /// Anchor → where it was first seen.
+    /// The current page's anchors → where each was first seen. A duplicate within the page is
+    /// rejected here, naming that row; a duplicate of an anchor an earlier page held is
+    /// rejected by whoever commits the pages (the server's store knows which anchors the run
+    /// has imported), so this holds one page's anchors however large the files are.
     seen: HashMap<String, String>,
     page: Page,
     summary: ImportSummary,
@@ -455,11 +529,26 @@ struct ImportState {
 }
 
 impl ImportState {
+    fn new(tx: Sender<Page>) -> Self {
+        Self {
+            seen: HashMap::new(),
+            page: Page {
+                objects: Vec::new(),
+                rejected: Vec::new(),
+            },
+            summary: ImportSummary::default(),
+            tx,
+        }
+    }
+
     fn reject(&mut self, location: String, reason: String) {
         self.page.rejected.push(Rejected { location, reason });
     }
 
-    async fn flush(&mut self) -> Result<(), ConnectorError> {
+    /// Sends the page, waiting while the channel is full (blocking: called on the reading
+    /// thread).
+    fn flush(&mut self) -> Result<(), ConnectorError> {
+        self.seen.clear();
         if self.page.objects.is_empty() && self.page.rejected.is_empty() {
             return Ok(());
         }
@@ -473,58 +562,185 @@ impl ImportState {
         self.summary.objects += page.objects.len() as u64;
         self.summary.rejected += page.rejected.len() as u64;
         self.tx
-            .send(page)
-            .await
+            .blocking_send(page)
             .map_err(|_| ConnectorError::Cancelled)
     }
 }
 
-/// File content ready for the CSV parser, which needs ASCII-compatible bytes.
-enum Decoded<'a> {
+/// How a file's bytes become text for the CSV parser, which needs ASCII-compatible bytes.
+#[derive(Debug, Clone, Copy)]
+enum Text {
     /// ASCII-compatible encodings: parse the raw bytes, decode each field, so an undecodable
     /// field rejects only its row.
-    Raw {
-        bytes: &'a [u8],
-        encoding: &'static Encoding,
-    },
-    /// UTF-16: decoded up front. Malformed sequences become U+FFFD, and a row containing
-    /// U+FFFD is rejected.
-    Utf8(String),
+    Raw(&'static Encoding),
+    /// UTF-16 (any encoding that is not ASCII-compatible): decoded to UTF-8 as it is read
+    /// ([`Utf8Reader`]). Malformed sequences become U+FFFD, and a row containing U+FFFD is
+    /// rejected.
+    Utf8,
 }
 
-impl<'a> Decoded<'a> {
-    fn new(encoding: &'static Encoding, bytes: &'a [u8]) -> Self {
-        // A BOM names the real encoding; a UTF-8 BOM is skipped either way.
-        let (encoding, bytes) = match Encoding::for_bom(bytes) {
-            Some((enc, len)) => (enc, &bytes[len..]),
-            None => (encoding, bytes),
+impl Text {
+    /// Reads the file's first bytes for a BOM, which names the real encoding (a UTF-8 BOM is
+    /// skipped either way): how to decode fields, and the parser's input (the rest of the
+    /// file, decoded to UTF-8 when the encoding is not ASCII-compatible).
+    fn open<'a>(
+        configured: &'static Encoding,
+        mut src: impl Read + 'a,
+    ) -> std::io::Result<(Text, Box<dyn Read + 'a>)> {
+        let mut head = [0u8; 3];
+        let mut n = 0;
+        while n < head.len() {
+            match src.read(&mut head[n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let (encoding, bom) = match Encoding::for_bom(&head[..n]) {
+            Some((enc, len)) => (enc, len),
+            None => (configured, 0),
         };
-        if encoding.is_ascii_compatible() {
-            Decoded::Raw { bytes, encoding }
+        let rest = std::io::Cursor::new(head[bom..n].to_vec()).chain(src);
+        Ok(if encoding.is_ascii_compatible() {
+            (Text::Raw(encoding), Box::new(rest))
         } else {
-            let (text, _) = encoding.decode_without_bom_handling(bytes);
-            Decoded::Utf8(text.into_owned())
-        }
-    }
-
-    fn bytes(&self) -> &[u8] {
-        match self {
-            Decoded::Raw { bytes, .. } => bytes,
-            Decoded::Utf8(s) => s.as_bytes(),
-        }
+            (Text::Utf8, Box::new(Utf8Reader::new(encoding, rest)))
+        })
     }
 
     /// One field as text; None when it cannot be decoded.
-    fn field(&self, raw: &[u8]) -> Option<String> {
+    fn field(self, raw: &[u8]) -> Option<String> {
         match self {
-            Decoded::Raw { encoding, .. } => encoding
+            Text::Raw(encoding) => encoding
                 .decode_without_bom_handling_and_without_replacement(raw)
                 .map(|c| c.into_owned()),
-            Decoded::Utf8(_) => {
+            Text::Utf8 => {
                 let s = std::str::from_utf8(raw).ok()?;
                 (!s.contains('\u{FFFD}')).then(|| s.to_string())
             }
         }
+    }
+}
+
+/// Decodes an encoding to UTF-8 as it is read, a buffer at a time. encoding_rs's streaming
+/// decoder keeps a character split between two reads (half a UTF-16 code unit, or half a
+/// surrogate pair) and finishes it with the next; at the end of the input a dangling part
+/// becomes U+FFFD, as a whole-file decode would have it.
+struct Utf8Reader<R> {
+    inner: R,
+    decoder: encoding_rs::Decoder,
+    src: Vec<u8>,
+    /// Decoded bytes; `out[pos..end]` not handed out yet.
+    out: Vec<u8>,
+    pos: usize,
+    end: usize,
+    done: bool,
+}
+
+impl<R: Read> Utf8Reader<R> {
+    fn new(encoding: &'static Encoding, inner: R) -> Self {
+        Self {
+            inner,
+            decoder: encoding.new_decoder_without_bom_handling(),
+            src: vec![0; DECODE_BUFFER],
+            out: Vec::new(),
+            pos: 0,
+            end: 0,
+            done: false,
+        }
+    }
+
+    /// Reads and decodes the next buffer; false at the end.
+    fn fill(&mut self) -> std::io::Result<bool> {
+        if self.done {
+            return Ok(false);
+        }
+        let n = loop {
+            match self.inner.read(&mut self.src) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        };
+        let last = n == 0;
+        // Room for the worst case, so the decoder always takes the whole buffer.
+        let need = self
+            .decoder
+            .max_utf8_buffer_length(n)
+            .ok_or_else(|| std::io::Error::other("decode buffer size overflows"))?;
+        if self.out.len() < need {
+            self.out.resize(need, 0);
+        }
+        let (result, read, written, _) =
+            self.decoder
+                .decode_to_utf8(&self.src[..n], &mut self.out, last);
+        debug_assert_eq!((result, read), (encoding_rs::CoderResult::InputEmpty, n));
+        self.pos = 0;
+        self.end = written;
+        self.done = last;
+        Ok(true)
+    }
+}
+
+impl<R: Read> Read for Utf8Reader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos == self.end {
+            if !self.fill()? {
+                return Ok(0);
+            }
+        }
+        let n = buf.len().min(self.end - self.pos);
+        buf[..n].copy_from_slice(&self.out[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// Why reading a file failed part way, the row starting at `line` being read.
+fn read_failure(io: &std::io::Error, line: u64) -> String {
+    if io.get_ref().is_some_and(|i| i.is::<RowTooLong>()) {
+        format!(
+            "the row starting at line {line} is longer than {} MiB; an unclosed quote may have \
+             turned the rest of the file into one field; fix the file",
+            MAX_ROW_BYTES >> 20
+        )
+    } else {
+        format!("cannot read the file: {io}")
+    }
+}
+
+/// A row longer than [`MAX_ROW_BYTES`] (the error a [`RowLimit`] read fails with).
+#[derive(Debug)]
+struct RowTooLong;
+
+impl std::fmt::Display for RowTooLong {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "a row is longer than {} bytes", MAX_ROW_BYTES)
+    }
+}
+
+impl std::error::Error for RowTooLong {}
+
+/// The parser's input, refused once it runs more than [`MAX_ROW_BYTES`] (plus the parser's
+/// buffer) past the start of the row being read: the parser holds a whole row in memory.
+struct RowLimit<R> {
+    inner: R,
+    /// Bytes handed to the parser.
+    delivered: u64,
+    /// Where the row being read starts, in the parser's input (its position after a row).
+    row_start: Rc<Cell<u64>>,
+}
+
+impl<R: Read> Read for RowLimit<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.delivered.saturating_sub(self.row_start.get()) > MAX_ROW_BYTES + PARSE_BUFFER as u64
+        {
+            return Err(std::io::Error::other(RowTooLong));
+        }
+        let n = self.inner.read(buf)?;
+        self.delivered += n as u64;
+        Ok(n)
     }
 }
 
@@ -608,5 +824,284 @@ mod tests {
         }))
         .unwrap_err();
         assert!(e.to_string().contains("colour"), "{e}");
+    }
+
+    fn connector(encoding: &str) -> CsvConnector {
+        CsvConnector::new(
+            serde_json::from_value(serde_json::json!({
+                "folder": "/unused", "object_type": "people", "anchor_column": "id",
+                "encoding": encoding, "multi_value_separator": ";",
+            }))
+            .unwrap(),
+        )
+        .unwrap()
+    }
+
+    /// Reads `src` as the one file of an import, on a blocking thread as `import` does: the
+    /// pages, or the error.
+    async fn read_all(
+        conn: CsvConnector,
+        src: impl Read + Send + 'static,
+    ) -> Result<Vec<Page>, ConnectorError> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(2);
+        let reader = tokio::task::spawn_blocking(move || {
+            let mut st = ImportState::new(tx);
+            conn.read_file(Path::new("drop.csv"), src, &mut st)?;
+            st.flush()
+        });
+        let mut pages = Vec::new();
+        while let Some(p) = rx.recv().await {
+            pages.push(p);
+        }
+        reader.await.unwrap().map(|_| pages)
+    }
+
+    /// Hands `data` out in pieces of `sizes` bytes, in turn, so reads split it everywhere a
+    /// buffer boundary could.
+    struct Pieces {
+        data: Vec<u8>,
+        pos: usize,
+        sizes: Vec<usize>,
+        turn: usize,
+    }
+
+    impl Pieces {
+        fn new(data: &[u8], sizes: &[usize]) -> Self {
+            Self {
+                data: data.to_vec(),
+                pos: 0,
+                sizes: sizes.to_vec(),
+                turn: 0,
+            }
+        }
+    }
+
+    impl Read for Pieces {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let size = self.sizes[self.turn % self.sizes.len()];
+            self.turn += 1;
+            let n = size.min(buf.len()).min(self.data.len() - self.pos);
+            buf[..n].copy_from_slice(&self.data[self.pos..self.pos + n]);
+            self.pos += n;
+            Ok(n)
+        }
+    }
+
+    fn utf16(text: &str, big_endian: bool) -> Vec<u8> {
+        let mut out = if big_endian {
+            vec![0xFE, 0xFF]
+        } else {
+            vec![0xFF, 0xFE]
+        };
+        for u in text.encode_utf16() {
+            out.extend(if big_endian {
+                u.to_be_bytes()
+            } else {
+                u.to_le_bytes()
+            });
+        }
+        out
+    }
+
+    fn texts(pages: &[Page], attr: &str) -> Vec<Vec<String>> {
+        pages
+            .iter()
+            .flat_map(|p| &p.objects)
+            .map(|o| {
+                o.attributes
+                    .get(attr)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_text)
+                    .map(String::from)
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// A UTF-16LE file with half a surrogate pair in its second row: that row alone is
+    /// rejected.
+    fn cases_broken() -> (&'static str, Vec<u8>) {
+        let mut broken = utf16("id,cn\n1,a\n2,", false);
+        broken.extend(0xD83Cu16.to_le_bytes());
+        broken.extend(utf16("x\n3,🎉\n", false).split_off(2));
+        ("utf-16le", broken)
+    }
+
+    /// Every way the reads can split a file (a row, a quoted field holding a line break, a
+    /// multi-byte UTF-8 or windows-1252 character, a UTF-16 code unit or surrogate pair, the
+    /// BOM itself) gives the pages reading it whole gives.
+    #[tokio::test]
+    async fn rows_and_characters_split_between_reads_import_as_read_whole() {
+        let text = "id,cn,mail\n1,Zoë Ünal,zoe@x.org;z@x.org\n2,\"Doe, \"\"J\"\"\nsecond line\",\n3,山田太郎 🎉,c@x.org\r\n4,Łukasz,\n";
+        let mut utf8 = vec![0xEF, 0xBB, 0xBF];
+        utf8.extend(text.as_bytes());
+        let (_, broken) = cases_broken();
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("utf-8", utf8),
+            (
+                "windows-1252",
+                b"id,cn\r\n1,Zo\xEB \x80\r\n2,\"a\r\nb\"\r\n".to_vec(),
+            ),
+            ("utf-8", utf16(text, false)),
+            ("utf-16le", utf16(text, false)[2..].to_vec()),
+            ("utf-16be", utf16(text, true)),
+            ("utf-16le", broken),
+        ];
+        for (encoding, bytes) in cases {
+            let whole = read_all(connector(encoding), Pieces::new(&bytes, &[usize::MAX]))
+                .await
+                .unwrap();
+            assert!(!whole.is_empty(), "{encoding}");
+            for sizes in [&[1][..], &[2], &[3], &[1, 2, 5], &[7, 1, 4096]] {
+                let split = read_all(connector(encoding), Pieces::new(&bytes, sizes))
+                    .await
+                    .unwrap();
+                assert_eq!(split, whole, "{encoding} read {sizes:?} bytes at a time");
+            }
+        }
+        let (_, broken) = &cases_broken();
+        let pages = read_all(connector("utf-16le"), Pieces::new(broken, &[1]))
+            .await
+            .unwrap();
+        let rejected: Vec<&str> = pages
+            .iter()
+            .flat_map(|p| &p.rejected)
+            .map(|r| r.location.as_str())
+            .collect();
+        assert_eq!(rejected, ["drop.csv:3"]);
+        assert_eq!(texts(&pages, "cn"), [vec!["a"], vec!["🎉"]]);
+        let whole = read_all(connector("utf-16le"), Pieces::new(&utf16(text, true), &[1]))
+            .await
+            .unwrap();
+        assert_eq!(
+            texts(&whole, "cn"),
+            [
+                vec!["Zoë Ünal"],
+                vec!["Doe, \"J\"\nsecond line"],
+                vec!["山田太郎 🎉"],
+                vec!["Łukasz"]
+            ],
+            "the BOM names the encoding"
+        );
+        assert_eq!(texts(&whole, "mail")[0], ["zoe@x.org", "z@x.org"]);
+    }
+
+    /// The streaming decoder gives what decoding the whole file gives, a character split
+    /// between reads included, and a dangling byte at the end becomes U+FFFD.
+    #[test]
+    fn utf16_decodes_the_same_read_in_any_pieces() {
+        let text = "ab山🎉\u{FFFF}z\n".repeat(3000);
+        for (encoding, big_endian) in [
+            (encoding_rs::UTF_16LE, false),
+            (encoding_rs::UTF_16BE, true),
+        ] {
+            let mut bytes = utf16(&text, big_endian).split_off(2);
+            bytes.push(0x41);
+            let (want, _) = encoding.decode_without_bom_handling(&bytes);
+            assert!(want.ends_with('\u{FFFD}'));
+            for sizes in [
+                &[1][..],
+                &[3],
+                &[DECODE_BUFFER - 1],
+                &[5, DECODE_BUFFER + 1],
+            ] {
+                let mut got = String::new();
+                Utf8Reader::new(encoding, Pieces::new(&bytes, sizes))
+                    .read_to_string(&mut got)
+                    .unwrap();
+                assert!(got == want, "{} in pieces of {sizes:?}", encoding.name());
+            }
+        }
+    }
+
+    /// A generated CSV of `rows` rows, counting the bytes read from it.
+    struct Generated {
+        rows: u64,
+        next: u64,
+        line: Vec<u8>,
+        pos: usize,
+        read: Arc<AtomicU64>,
+    }
+
+    impl Read for Generated {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.pos == self.line.len() {
+                if self.next > self.rows {
+                    return Ok(0);
+                }
+                self.line = if self.next == 0 {
+                    b"id,cn\n".to_vec()
+                } else {
+                    format!("e{:08},Person {}\n", self.next, self.next).into_bytes()
+                };
+                self.pos = 0;
+                self.next += 1;
+            }
+            let n = buf.len().min(self.line.len() - self.pos);
+            buf[..n].copy_from_slice(&self.line[self.pos..self.pos + n]);
+            self.pos += n;
+            self.read.fetch_add(n as u64, AtomicOrdering::SeqCst);
+            Ok(n)
+        }
+    }
+
+    use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
+    use std::sync::Arc;
+
+    /// The file is read as pages are taken: with the receiver not reading, the reader stops
+    /// once the channel is full, the first page out long before the file is read.
+    #[tokio::test]
+    async fn the_first_page_goes_out_before_the_file_is_read() {
+        let read = Arc::new(AtomicU64::new(0));
+        let rows = 200_000;
+        let src = Generated {
+            rows,
+            next: 0,
+            line: Vec::new(),
+            pos: 0,
+            read: read.clone(),
+        };
+        let conn = connector("utf-8");
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+        let reader = tokio::task::spawn_blocking(move || {
+            let mut st = ImportState::new(tx);
+            conn.read_file(Path::new("big.csv"), src, &mut st)
+        });
+        let first = rx.recv().await.expect("a first page");
+        assert_eq!(first.objects.len(), PAGE_OBJECTS);
+        assert_eq!(first.objects[0].anchor, "e00000001");
+        assert_eq!(first.objects[0].location.as_deref(), Some("big.csv:2"));
+        // Time for a reader that reads ahead to show it (not a timed assertion: a streaming
+        // reader blocks on the full channel whatever the wait).
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let total = rows * 25;
+        let so_far = read.load(AtomicOrdering::SeqCst);
+        // Two more pages (one in the channel, one waiting to go in) and the parser's buffer.
+        assert!(
+            so_far < 3 * PAGE_OBJECTS as u64 * 30 + 2 * PARSE_BUFFER as u64,
+            "{so_far} of about {total} bytes read with one page taken"
+        );
+        drop(rx);
+        assert!(matches!(
+            reader.await.unwrap(),
+            Err(ConnectorError::Cancelled)
+        ));
+    }
+
+    /// An endless row (an unclosed quote) fails the file at the limit instead of filling
+    /// memory, naming the line it starts on.
+    #[tokio::test]
+    async fn a_row_longer_than_the_limit_fails_the_file() {
+        let endless = std::io::Cursor::new(b"id,cn\n1,ok\n2,\"never closed ".to_vec())
+            .chain(std::io::repeat(b'x'));
+        let e = read_all(connector("utf-8"), endless)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("drop.csv") && e.contains("line 3") && e.contains("longer than 16 MiB"),
+            "{e}"
+        );
     }
 }

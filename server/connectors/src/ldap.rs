@@ -905,6 +905,7 @@ impl LdapConnector {
             object_type: object_type.to_string(),
             dn: Some(raw.dn),
             attributes,
+            location: None,
         })
     }
 

@@ -74,6 +74,11 @@ pub struct ConnectorObject {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dn: Option<String>,
     pub attributes: Attributes,
+    /// Where the source holds it (`file.csv:17`), for a problem found after the connector: a
+    /// CSV connector rejects a duplicate anchor within one page itself, and whoever commits the
+    /// pages rejects one an earlier page of the run held, naming this. Not stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
 }
 
 impl ConnectorObject {
@@ -149,6 +154,7 @@ mod tests {
             object_type: "people".into(),
             dn: Some(r"cn=Doe\, John,ou=people,dc=example,dc=org".into()),
             attributes: attrs,
+            location: None,
         };
         let j = serde_json::to_string(&o).unwrap();
         let back: ConnectorObject = serde_json::from_str(&j).unwrap();

@@ -100,7 +100,15 @@ impl DropRoots {
 
     /// Whether an existing `path` (a file about to be read) is inside a root once resolved.
     pub fn contains(&self, path: &Path) -> bool {
-        std::fs::canonicalize(path).is_ok_and(|p| self.contains_resolved(&p))
+        self.confine(path).is_some()
+    }
+
+    /// Where an existing `path` really is (symlinks followed), if that is inside a root: the
+    /// path to open, so what is read is what was checked.
+    pub fn confine(&self, path: &Path) -> Option<PathBuf> {
+        std::fs::canonicalize(path)
+            .ok()
+            .filter(|p| self.contains_resolved(p))
     }
 
     fn contains_resolved(&self, p: &Path) -> bool {

@@ -299,3 +299,104 @@ async fn malformed_utf16_rejects_only_its_row() {
     assert_eq!(rej[0].location, "a.csv:3");
     assert!(rej[0].reason.contains("UTF-16LE"), "{rej:?}");
 }
+
+/// Rows longer than the parser's buffer, and a UTF-16 file larger than the decoder's buffer
+/// with surrogate pairs at every offset, read from files as they are.
+#[tokio::test]
+async fn long_rows_and_large_utf16_files_read_across_buffers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let long = "Zoë ".repeat(50_000); // 250 KB, several parser buffers
+    std::fs::write(
+        dir.path().join("a.csv"),
+        format!("id,cn\n1,\"{long}\nand more\"\n2,short\n"),
+    )
+    .expect("write");
+    let (pages, _) = run(config(dir.path())).await.expect("import");
+    let objs = objects(&pages);
+    assert_eq!(text(&objs[0], "cn"), [format!("{long}\nand more")]);
+    assert_eq!(objs[1].location.as_deref(), Some("a.csv:4"));
+
+    let dir16 = tempfile::tempdir().expect("tempdir");
+    let mut body = String::from("id,cn\n");
+    // Rows of odd lengths, so the four-byte pairs land across every buffer boundary.
+    for i in 0..20_000 {
+        body.push_str(&format!("{i},🎉{}山\n", "x".repeat(i % 7)));
+    }
+    let mut bytes = vec![0xFF, 0xFE];
+    for u in body.encode_utf16() {
+        bytes.extend(u.to_le_bytes());
+    }
+    assert!(bytes.len() > 256 * 1024, "larger than many decode buffers");
+    std::fs::write(dir16.path().join("w.csv"), &bytes).expect("write");
+    let (pages, summary) = run(config(dir16.path())).await.expect("utf-16 import");
+    assert_eq!((summary.objects, summary.rejected), (20_000, 0));
+    for (i, o) in objects(&pages).iter().enumerate() {
+        assert_eq!(text(o, "cn"), [format!("🎉{}山", "x".repeat(i % 7))]);
+    }
+}
+
+/// A duplicate of an anchor an earlier page held goes out with where it is: the connector
+/// keeps one page's anchors, and whoever commits the pages refuses it (the server's store
+/// knows every anchor the run imported).
+#[tokio::test]
+async fn a_duplicate_of_an_earlier_page_goes_out_with_its_location() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut body = String::from("id,cn\n");
+    for i in 0..600 {
+        body.push_str(&format!("p{i},Person {i}\n"));
+    }
+    body.push_str("p3,Person 3 again\n");
+    std::fs::write(dir.path().join("a.csv"), body).expect("write");
+    let (pages, summary) = run(config(dir.path())).await.expect("import");
+    assert_eq!((summary.objects, summary.rejected), (601, 0));
+    let again = &pages[1].objects.last().expect("object");
+    assert_eq!(again.anchor, "p3");
+    assert_eq!(again.location.as_deref(), Some("a.csv:602"));
+}
+
+/// The file is streamed: with the consumer not taking pages, the reader stops once the
+/// channel is full, long before the end of the file (its read position in /proc says so).
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn a_file_is_read_as_its_pages_are_taken() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("big.csv");
+    let mut body = String::from("id,cn\n");
+    for i in 0..400_000 {
+        body.push_str(&format!("e{i:08},Person {i}\n"));
+    }
+    std::fs::write(&path, &body).expect("write");
+    let real = std::fs::canonicalize(&path).expect("canonical");
+    let conn = CsvConnector::new(config(dir.path())).expect("config");
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+    let import = tokio::spawn(async move { conn.import("people", &ImportMode::Full, tx).await });
+    let first = rx.recv().await.expect("first page");
+    assert_eq!(first.objects[0].anchor, "e00000000");
+    // Time for a reader that reads ahead to show it; a streaming one waits on the channel.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let pos = open_position(&real).expect("the file is still open, being read");
+    assert!(
+        pos < body.len() as u64 / 10,
+        "read {pos} of {} bytes with one page taken",
+        body.len()
+    );
+    drop(rx);
+    let e = import.await.expect("join").unwrap_err();
+    assert!(matches!(e, ConnectorError::Cancelled), "{e:?}");
+}
+
+/// The read position of this process's open descriptor of `path`, if one is open.
+#[cfg(target_os = "linux")]
+fn open_position(path: &Path) -> Option<u64> {
+    for fd in std::fs::read_dir("/proc/self/fd").ok()?.flatten() {
+        if std::fs::read_link(fd.path()).ok().as_deref() == Some(path) {
+            let info = std::fs::read_to_string(Path::new("/proc/self/fdinfo").join(fd.file_name()))
+                .ok()?;
+            return info
+                .lines()
+                .find_map(|l| l.strip_prefix("pos:"))
+                .and_then(|p| p.trim().parse().ok());
+        }
+    }
+    None
+}

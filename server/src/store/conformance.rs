@@ -1107,6 +1107,92 @@ async fn import_batches_count_changes_and_mark_them_dirty() {
     .await;
 }
 
+/// A source streams its pages, so the store is what knows every anchor a full import's run
+/// has imported: one seen again (in a later page, or twice in one) is a duplicate, neither
+/// written nor counted, and the first one stands. Another run, or a delta, is not affected.
+#[tokio::test]
+async fn a_full_import_refuses_an_anchor_its_run_already_imported() {
+    run(|s| {
+        Box::pin(async move {
+            let conn = unique("conn");
+            let t = promoted(&s).await;
+            let (run1, run2) = (unique("run"), unique("run"));
+            let changed = |o: &mut CsObject| {
+                o.attributes_json = format!(r#"{{"cn":["Changed {}"]}}"#, o.anchor);
+            };
+            let mut first = batch(&conn, 3, 0, "1");
+            first.seen_in_run = Some(run1.clone());
+            let out = s.commit_import_batch(&t, &first, 1).await.unwrap();
+            assert_eq!((out.added, out.updated, out.unchanged), (3, 0, 0));
+            assert!(out.duplicates.is_empty(), "{out:?}");
+
+            // Persons 1 (changed) and 2 again, 3 new and then again (changed).
+            let mut second = batch(&conn, 3, 1, "2");
+            changed(&mut second.objects[0]);
+            let mut again = second.objects[2].clone();
+            changed(&mut again);
+            second.objects.push(again);
+            second.seen_in_run = Some(run1.clone());
+            let out = s.commit_import_batch(&t, &second, 2).await.unwrap();
+            assert_eq!((out.added, out.updated, out.unchanged), (1, 0, 0));
+            let mut dups = out.duplicates.clone();
+            dups.sort();
+            assert_eq!(
+                dups,
+                ["uid=1,ou=people", "uid=2,ou=people", "uid=3,ou=people"]
+            );
+            let stored = s.dirty_objects(&conn, 100).await.unwrap();
+            let attrs = |anchor: &str| {
+                stored
+                    .iter()
+                    .find(|o| o.anchor == anchor)
+                    .map(|o| o.attributes_json.clone())
+            };
+            assert_eq!(
+                attrs("uid=1,ou=people").as_deref(),
+                Some(r#"{"cn":["Person 1"]}"#)
+            );
+            assert_eq!(
+                attrs("uid=3,ou=people").as_deref(),
+                Some(r#"{"cn":["Person 3"]}"#)
+            );
+            assert_eq!(s.count_objects(&conn).await.unwrap(), 4);
+            // Every object was seen by the run: nothing is swept.
+            assert_eq!(
+                s.finish_full_import(&t, &conn, "person", &run1, 3)
+                    .await
+                    .unwrap(),
+                0
+            );
+
+            // The next run imports each of them again.
+            let mut next = batch(&conn, 4, 0, "3");
+            next.seen_in_run = Some(run2.clone());
+            let out = s.commit_import_batch(&t, &next, 4).await.unwrap();
+            assert_eq!((out.added, out.updated, out.unchanged), (0, 0, 4));
+            assert!(out.duplicates.is_empty(), "{out:?}");
+
+            // Without a run (a delta) an anchor is written as often as it comes, in order.
+            let mut delta = batch(&conn, 1, 0, "4");
+            let mut later = delta.objects[0].clone();
+            changed(&mut later);
+            delta.objects.push(later);
+            let out = s.commit_import_batch(&t, &delta, 5).await.unwrap();
+            assert_eq!((out.added, out.updated, out.unchanged), (0, 1, 1));
+            assert!(out.duplicates.is_empty(), "{out:?}");
+            let o = s
+                .dirty_objects(&conn, 100)
+                .await
+                .unwrap()
+                .into_iter()
+                .find(|o| o.anchor == "uid=0,ou=people")
+                .unwrap();
+            assert_eq!(o.attributes_json, r#"{"cn":["Changed uid=0,ou=people"]}"#);
+        })
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_full_import_marks_unseen_objects_of_its_type_deleted() {
     run(|s| {

@@ -163,7 +163,8 @@ pub struct ImportBatch {
     pub object_type: String,
     pub objects: Vec<CsObject>,
     pub watermark: Option<String>,
-    /// The full-import run these objects were seen in (deletion detection), if any.
+    /// The full-import run these objects were seen in (deletion detection, and duplicate
+    /// detection: see [`BatchOutcome::duplicates`]), if any.
     pub seen_in_run: Option<String>,
     /// Whether the composer has rules for these objects. When not, a new or changed object is
     /// marked for it only if it is linked to an identity (whose contribution must then go),
@@ -171,14 +172,21 @@ pub struct ImportBatch {
     pub compose: bool,
 }
 
-/// What a committed batch did: new objects, changed ones (marked for the composer), and ones
-/// whose attributes were already stored as they are.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+/// What a committed batch did: new objects, changed ones (marked for the composer), ones
+/// whose attributes were already stored as they are, and ones the run had already imported.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct BatchOutcome {
     pub seq: u64,
     pub added: u64,
     pub updated: u64,
     pub unchanged: u64,
+    /// With `seen_in_run`: the anchors (as the batch spells them, in the order found) of objects
+    /// this run had already imported, in an earlier batch or earlier in this one. They are
+    /// not written (the first one stands) and count as none of the above; the caller reports
+    /// each as a per-object error. A source streams its objects, so only the store knows
+    /// every anchor a run has seen. Anchors are "the same" as the backend's key compares them
+    /// (SQL Server's default collation ignores case).
+    pub duplicates: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -418,7 +426,8 @@ pub trait Store: Send + Sync + 'static {
     /// The active engine's fenced liveness write.
     async fn engine_tick(&self, token: &FenceToken, now_ms: i64) -> Result<(), StoreError>;
     /// Commits the batch's objects and its watermark in one fenced transaction. Objects whose
-    /// attributes changed are marked for the composer.
+    /// attributes changed are marked for the composer. With `seen_in_run`, an object the run
+    /// already imported is refused as a duplicate (see [`BatchOutcome::duplicates`]).
     async fn commit_import_batch(
         &self,
         token: &FenceToken,

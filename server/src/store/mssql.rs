@@ -293,14 +293,15 @@ pub mod multi {
         }
     }
 
-    /// The stored state of the page's objects. @P1 connector; a row: anchor.
+    /// The stored state of the page's objects, with the run that last saw each. @P1
+    /// connector; a row: anchor.
     pub const STORED_OBJECTS: Shape = Shape {
         name: "STORED_OBJECTS",
         shared: 1,
         per_row: 1,
         numbered: false,
         text: |r| {
-            format!("SELECT v.anchor, c.object_type, c.attributes_json, c.deleted FROM (VALUES {r}) v(anchor) JOIN cs_objects c ON c.connector_id = @P1 AND c.anchor = v.anchor")
+            format!("SELECT v.anchor, c.object_type, c.attributes_json, c.deleted, c.seen_run FROM (VALUES {r}) v(anchor) JOIN cs_objects c ON c.connector_id = @P1 AND c.anchor = v.anchor")
         },
     };
     /// New and changed objects. A changed one is marked for the composer at a new revision and
@@ -706,7 +707,16 @@ impl MssqlStore {
             let stored = Self::stored_objects(w, &batch.connector, &round).await?;
             let (mut writes, mut unchanged) = (Vec::new(), Vec::new());
             for o in round {
-                match stored.get(&o.anchor) {
+                let s = stored.get(&o.anchor);
+                // Seen by this run already: in an earlier batch, or in an earlier round of
+                // this one, whose writes the read above sees (see `BatchOutcome::duplicates`).
+                if batch.seen_in_run.is_some()
+                    && s.is_some_and(|s| s.seen_run.as_ref() == batch.seen_in_run.as_ref())
+                {
+                    out.duplicates.push(o.anchor.clone());
+                    continue;
+                }
+                match s {
                     None => {
                         out.added += 1;
                         writes.push(o);
@@ -799,6 +809,7 @@ impl MssqlStore {
                     object_type: text(&r, 1)?,
                     attributes_json: text(&r, 2)?,
                     deleted: col(&r, 3)?,
+                    seen_run: opt::<&str>(&r, 4)?.map(str::to_string),
                 };
                 stored.insert(text(&r, 0)?, s);
             }
@@ -898,6 +909,7 @@ struct Stored {
     object_type: String,
     attributes_json: String,
     deleted: bool,
+    seen_run: Option<String>,
 }
 
 /// The page's objects in rounds of distinct anchors, in page order: an anchor the page holds
@@ -2332,6 +2344,8 @@ mod tests {
     fn import_answers(
         mut stored: HashMap<String, (String, String, bool)>,
     ) -> impl FnMut(&str, &[tiberius::ColumnData<'_>]) -> Vec<Vec<Row>> + Send {
+        // The run that last saw each anchor, as the MERGE and the seen update record it.
+        let mut seen: HashMap<String, String> = HashMap::new();
         move |q, values| {
             let shared = multi::WRITE_OBJECTS.shared;
             if q.starts_with("MERGE cs_objects")
@@ -2340,6 +2354,17 @@ mod tests {
                 for o in values[shared..].chunks(3) {
                     let state = (text_of(&o[1]), text_of(&o[2]), false);
                     stored.insert(text_of(&o[0]), state);
+                    if let tiberius::ColumnData::String(Some(run)) = &values[2] {
+                        seen.insert(text_of(&o[0]), run.to_string());
+                    }
+                }
+            }
+            let seen_shared = multi::SEEN_OBJECTS.shared;
+            if values.len() > seen_shared
+                && q == multi::SEEN_OBJECTS.sql(values.len() - seen_shared)
+            {
+                for a in &values[seen_shared..] {
+                    seen.insert(text_of(a), text_of(&values[1]));
                 }
             }
             if q == sql::FENCE_LOCKED {
@@ -2361,6 +2386,7 @@ mod tests {
                             string(t),
                             string(attrs),
                             tiberius::ColumnData::Bit(Some(*deleted)),
+                            tiberius::ColumnData::String(seen.get(a).map(|r| r.clone().into())),
                         ])
                     })
                     .collect();
@@ -2500,6 +2526,38 @@ mod tests {
     }
 
     /// The connector-space MERGEs among the statements sent.
+    /// With deletion detection a run imports each anchor once: one an earlier round of the
+    /// page wrote (read back with the run that saw it) is a duplicate, neither written again
+    /// nor counted; so is one the stored state says this run saw.
+    #[test]
+    fn a_full_import_refuses_an_anchor_the_run_already_imported() {
+        let page = |objects| ImportBatch {
+            connector: "corp".into(),
+            object_type: "person".into(),
+            objects,
+            watermark: None,
+            seen_in_run: Some("run-1".into()),
+            compose: true,
+        };
+        let none = HashMap::new();
+        let (sent, out) = import(
+            &page(vec![object(1, "a"), object(2, "a"), object(1, "b")]),
+            &none,
+        );
+        assert_eq!((out.added, out.updated, out.unchanged), (2, 0, 0));
+        assert_eq!(out.duplicates, vec![object(1, "b").anchor]);
+        assert_eq!(object_merges(&sent), vec![&multi::WRITE_OBJECTS.sql(2)]);
+
+        // Unchanged ones are recorded as seen, and then refused too.
+        let stored: HashMap<_, _> = [(object(1, "a").anchor, ("person".into(), "a".into(), false))]
+            .into_iter()
+            .collect();
+        let (sent, out) = import(&page(vec![object(1, "a"), object(1, "a")]), &stored);
+        assert_eq!((out.added, out.updated, out.unchanged), (0, 0, 1));
+        assert_eq!(out.duplicates.len(), 1);
+        assert!(object_merges(&sent).is_empty());
+    }
+
     fn object_merges(sent: &[String]) -> Vec<&String> {
         sent.iter()
             .filter(|q| q.starts_with("MERGE cs_objects"))

@@ -4,7 +4,7 @@
 //! before the epoch is read; a promotion needs the same lock, so each fenced commit is ordered
 //! entirely before or entirely after any promotion.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -373,11 +373,13 @@ impl Store for SqliteStore {
         Self::check_fence(&mut tx, token).await?;
         // A handful of statements per batch, not a few per object: every statement is a round
         // trip to SQLite's worker thread, and those trips, not SQLite, bound the import rate.
-        // Stored object type, attributes, deleted, linked to an identity.
-        let mut existing: HashMap<String, (String, String, bool, bool)> = HashMap::new();
+        // Stored object type, attributes, deleted, linked to an identity, the run that last
+        // saw it.
+        let mut existing: HashMap<String, (String, String, bool, bool, Option<String>)> =
+            HashMap::new();
         for chunk in batch.objects.chunks(ROWS_PER_STATEMENT) {
             let mut q = Builder::new(
-                "SELECT c.anchor, c.object_type, c.attributes_json, c.deleted, l.anchor IS NOT NULL \
+                "SELECT c.anchor, c.object_type, c.attributes_json, c.deleted, l.anchor IS NOT NULL, c.seen_run \
                  FROM cs_objects c LEFT JOIN identity_links l \
                  ON l.connector_id = c.connector_id AND l.anchor = c.anchor WHERE c.connector_id = ",
             );
@@ -391,6 +393,7 @@ impl Store for SqliteStore {
                         r.try_get(2)?,
                         r.try_get::<i64, _>(3)? != 0,
                         r.try_get::<i64, _>(4)? != 0,
+                        r.try_get(5)?,
                     ),
                 );
             }
@@ -400,13 +403,23 @@ impl Store for SqliteStore {
         // has no link (links go with their object's tombstone).
         let mut writes: Vec<(&CsObject, bool)> = Vec::new();
         let mut unchanged = Vec::new();
+        // With deletion detection, each anchor once per run (see `BatchOutcome::duplicates`).
+        let mut in_batch = HashSet::new();
         for o in &batch.objects {
-            match existing.get(&o.anchor) {
+            let stored = existing.get(&o.anchor);
+            if let Some(run) = &batch.seen_in_run {
+                let earlier = stored.is_some_and(|s| s.4.as_ref() == Some(run));
+                if earlier || !in_batch.insert(o.anchor.as_str()) {
+                    out.duplicates.push(o.anchor.clone());
+                    continue;
+                }
+            }
+            match stored {
                 None => {
                     out.added += 1;
                     writes.push((o, batch.compose));
                 }
-                Some((ot, attrs, deleted, linked))
+                Some((ot, attrs, deleted, linked, _))
                     if *ot != o.object_type || *attrs != o.attributes_json || *deleted =>
                 {
                     out.updated += 1;

@@ -588,14 +588,19 @@ impl SyncEngine {
             if page.objects.is_empty() {
                 continue;
             }
+            let mut locations = Vec::with_capacity(page.objects.len());
             let batch = ImportBatch {
                 objects: page
                     .objects
                     .into_iter()
-                    .map(|o| CsObject {
-                        attributes_json: o.attributes_json(),
-                        anchor: o.anchor,
-                        object_type: o.object_type,
+                    .map(|o| {
+                        let object = CsObject {
+                            attributes_json: o.attributes_json(),
+                            anchor: o.anchor,
+                            object_type: o.object_type,
+                        };
+                        locations.push(o.location);
+                        object
                     })
                     .collect(),
                 ..template.clone()
@@ -612,8 +617,40 @@ impl SyncEngine {
             run.added += out.added as i64;
             run.updated += out.updated as i64;
             run.unchanged += out.unchanged as i64;
+            report_duplicates(batch, &locations, &out.duplicates, run, errors);
         }
         Ok(())
+    }
+}
+
+/// The objects a batch's store refused because the run had already imported their anchor (an
+/// earlier page held it; see [`crate::store::BatchOutcome::duplicates`]), as per-object errors
+/// where the source says they are, as a CSV connector reports a duplicate within one page.
+fn report_duplicates(
+    batch: &ImportBatch,
+    locations: &[Option<String>],
+    duplicates: &[String],
+    run: &mut RunRow,
+    errors: &mut Vec<ObjectError>,
+) {
+    for anchor in duplicates {
+        run.failed += 1;
+        if errors.len() >= MAX_ERRORS {
+            continue;
+        }
+        // The last of the batch's objects with it: an earlier one may be the one written.
+        let at = batch.objects.iter().rposition(|o| o.anchor == *anchor);
+        let (location, what) = match at.and_then(|i| locations[i].clone()) {
+            Some(l) => (l, "row"),
+            None => (format!("{}:{anchor}", batch.object_type), "object"),
+        };
+        errors.push(ObjectError {
+            location,
+            reason: format!(
+                "duplicate anchor \"{}\" (already imported in this run); the {what} was skipped",
+                identitymesh_connectors::error::excerpt(anchor)
+            ),
+        });
     }
 }
 
