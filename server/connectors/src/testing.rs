@@ -283,6 +283,44 @@ index uid eq
         }
     }
 
+    /// Stops slapd if it runs (or reaps it after it was killed by pid) and starts it again on
+    /// the ports it had, with the same data: a restart clients find where they left it.
+    pub async fn restart(&mut self) -> Result<(), FixtureError> {
+        if self.ldap_port == 0 {
+            return Err(err("restart needs a slapd that was started before"));
+        }
+        self.stop();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("slapd.log"))
+            .map_err(|e| err(format!("opening slapd.log: {e}")))?;
+        let log2 = log
+            .try_clone()
+            .map_err(|e| err(format!("slapd.log: {e}")))?;
+        let child = Command::new(SLAPD)
+            .arg("-f")
+            .arg(self.conf())
+            .arg("-h")
+            .arg(format!(
+                "ldap://127.0.0.1:{}/ ldaps://127.0.0.1:{}/",
+                self.ldap_port, self.ldaps_port
+            ))
+            .arg("-d")
+            .arg("0")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .map_err(|e| err(format!("starting {SLAPD}: {e}")))?;
+        self.child = Some(child);
+        if let Err(e) = self.wait_ready().await {
+            self.stop();
+            return Err(err(format!("slapd did not restart: {}", e.0)));
+        }
+        Ok(())
+    }
+
     /// SIGTERM, then SIGKILL if slapd has not exited within 10 s. Idempotent.
     pub fn stop(&mut self) {
         let Some(mut child) = self.child.take() else {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::history::{Entry, Event, FenceRow, History, Role, FENCE_PROMOTE};
+use super::history::{DirectoryOp, Entry, Event, FenceRow, History, Role, DELETED, FENCE_PROMOTE};
 use super::schedule::FaultKind;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -17,9 +17,11 @@ use super::schedule::FaultKind;
 pub enum Check {
     /// No commit under an epoch after a greater epoch was stored.
     Fencing,
-    /// Every acknowledged write present afterwards (or superseded), none twice.
+    /// Every acknowledged write present afterwards (or superseded), none twice; an
+    /// acknowledged delete stays deleted.
     Writes,
-    /// After the final import the connector space equals the directory; one identity per person.
+    /// After the final import the connector space equals the directory (nothing lost, nothing
+    /// resurrected); one identity per person, none left over.
     Convergence,
     /// Never two ready endpoints behind the client Service.
     SingleEndpoint,
@@ -27,7 +29,8 @@ pub enum Check {
     SingleActive,
     /// Every timed fault injected was healed.
     FaultsHealed,
-    /// Every fault followed by a ready active within the bound for its kind.
+    /// Every fault followed by a ready active (with the relays on it) within the bound for its
+    /// kind.
     Recovery,
 }
 
@@ -227,8 +230,12 @@ fn writes_by_key(h: &History) -> BTreeMap<&str, Vec<Write<'_>>> {
 }
 
 /// Against the last read-back: for each key, the value read must come from the last
-/// acknowledged write or a later one (a later write that failed may still have been applied:
-/// its outcome is unknown), and appear once. A value no write sent is a phantom.
+/// acknowledged write, a later one, or an earlier one that was never acknowledged (a write that
+/// failed may have been applied, even after later writes: its outcome is unknown, so it is
+/// concurrent with them), and appear once. A write of [`DELETED`] removes its key: after an
+/// acknowledged one the key must be absent (or hold a later write's value), and the key may be
+/// absent only when such a delete is the last acknowledged write or follows it. A value no
+/// write sent is a phantom.
 pub fn check_writes(h: &History, radius: usize) -> Vec<Violation> {
     let mut cx = Ctx::new(h, Check::Writes, radius);
     let writes = writes_by_key(h);
@@ -259,7 +266,8 @@ pub fn check_writes(h: &History, radius: usize) -> Vec<Violation> {
         }
         let known = writes.get(key);
         for v in values {
-            if !known.is_some_and(|ws| ws.iter().any(|w| w.value == *v)) {
+            let sent = *v != DELETED && known.is_some_and(|ws| ws.iter().any(|w| w.value == *v));
+            if !sent {
                 cx.violation(
                     rb_index,
                     format!("key {key} has {v:?}, which no write sent"),
@@ -273,35 +281,79 @@ pub fn check_writes(h: &History, radius: usize) -> Vec<Violation> {
         };
         let lost = &ws[last_acked];
         let ack_index = lost.acked.unwrap_or(rb_index);
+        let may_be_absent = ws[last_acked..].iter().any(|w| w.value == DELETED);
         let Some(values) = read.get(key) else {
-            cx.violation(
-                ack_index,
-                format!(
-                    "acknowledged write op {} ({key} = {:?}) lost: key absent",
-                    lost.op, lost.value
-                ),
-            );
+            if !may_be_absent {
+                cx.violation(
+                    ack_index,
+                    format!(
+                        "acknowledged write op {} ({key} = {:?}) lost: key absent",
+                        lost.op, lost.value
+                    ),
+                );
+            }
             continue;
         };
         for v in values {
-            if let Some(pos) = ws.iter().position(|w| w.value == *v) {
-                if pos < last_acked {
-                    cx.violation(
-                        ack_index,
-                        format!(
-                            "acknowledged write op {} ({key} = {:?}) lost: read back {v:?} of earlier op {}",
-                            lost.op, lost.value, ws[pos].op
-                        ),
-                    );
-                }
+            let Some(pos) = ws.iter().position(|w| w.value == *v) else {
+                continue;
+            };
+            // An earlier write that never got its answer is concurrent with every later one
+            // (a timed-out request may still commit), so its value is no loss.
+            if pos >= last_acked || ws[pos].acked.is_none() {
+                continue;
             }
+            let message = if lost.value == DELETED {
+                format!(
+                    "acknowledged delete op {} of {key} undone: read back {v:?} of earlier op {}",
+                    lost.op, ws[pos].op
+                )
+            } else {
+                format!(
+                    "acknowledged write op {} ({key} = {:?}) lost: read back {v:?} of earlier op {}",
+                    lost.op, lost.value, ws[pos].op
+                )
+            };
+            cx.violation(ack_index, message);
         }
     }
     cx.out
 }
 
-/// The last final state: every directory entry in the connector space with equal attributes,
-/// nothing else there, nothing twice; every person with exactly one identity.
+/// The values compared of one object: its attributes, `dn` included.
+type Attrs = BTreeMap<String, Vec<String>>;
+
+/// How an object is named in a message: its anchor and, when it has one, its DN.
+fn label(id: &str, attrs: Option<&Attrs>) -> String {
+    match attrs.and_then(|a| a.get("dn")).and_then(|d| d.first()) {
+        Some(dn) => format!("{id} ({dn})"),
+        None => id.to_string(),
+    }
+}
+
+/// The directory changes recorded per anchor: (entry index, op) in order.
+fn changes_by_anchor(h: &History) -> HashMap<&str, Vec<(usize, DirectoryOp)>> {
+    let mut out: HashMap<&str, Vec<(usize, DirectoryOp)>> = HashMap::new();
+    for e in &h.entries {
+        if let Event::DirectoryChange {
+            op,
+            anchor: Some(anchor),
+            error: None,
+            ..
+        } = &e.event
+        {
+            out.entry(anchor.as_str()).or_default().push((e.index, *op));
+        }
+    }
+    out
+}
+
+/// The last final state: the final import succeeded; every directory entry in the connector
+/// space with equal attributes, nothing else there, nothing twice; the same already after the
+/// final delta import, deletions aside (when taken); every person with exactly one identity and
+/// no identity left over. A violation about one entry points at the last
+/// recorded change of it (the history around it shows what the directory writer and the faults
+/// were doing), and says whether an entry found only in the connector space was deleted.
 pub fn check_convergence(h: &History, radius: usize) -> Vec<Violation> {
     let mut cx = Ctx::new(h, Check::Convergence, radius);
     let Some((index, state)) = h.entries.iter().rev().find_map(|e| match &e.event {
@@ -312,48 +364,139 @@ pub fn check_convergence(h: &History, radius: usize) -> Vec<Violation> {
         cx.violation(at, "no final state was recorded".into());
         return cx.out;
     };
-    let mut space = BTreeMap::new();
+    let changes = changes_by_anchor(h);
+    let last_change = |id: &str| -> (usize, String) {
+        match changes.get(id).and_then(|c| c.last()) {
+            Some((i, op)) => (*i, format!("; its last recorded change: #{i} {op:?}")),
+            None => (index, String::new()),
+        }
+    };
+    if let Some(run) = &state.final_import {
+        if run.status != "succeeded" {
+            cx.violation(
+                index,
+                format!(
+                    "the final {} import (run {}) ended {}: {}",
+                    run.mode, run.run, run.status, run.detail
+                ),
+            );
+        }
+    }
+    let mut space: BTreeMap<&str, &Attrs> = BTreeMap::new();
     for o in &state.connector_space {
         if space.insert(o.id.as_str(), &o.attributes).is_some() {
-            cx.violation(index, format!("{} is in the connector space twice", o.id));
+            let (at, note) = last_change(&o.id);
+            cx.violation(
+                at,
+                format!(
+                    "{} is in the connector space twice{note}",
+                    label(&o.id, Some(&o.attributes))
+                ),
+            );
         }
     }
     let mut seen = BTreeSet::new();
     for d in &state.directory {
         seen.insert(d.id.as_str());
+        let (at, note) = last_change(&d.id);
         match space.get(d.id.as_str()) {
             None => cx.violation(
-                index,
-                format!("{} is missing from the connector space", d.id),
+                at,
+                format!(
+                    "{} is missing from the connector space (lost){note}",
+                    label(&d.id, Some(&d.attributes))
+                ),
             ),
             Some(attrs) if **attrs != d.attributes => {
-                let differing: Vec<&str> = d
+                let differing: Vec<String> = d
                     .attributes
                     .keys()
                     .chain(attrs.keys())
                     .filter(|a| d.attributes.get(*a) != attrs.get(*a))
-                    .map(String::as_str)
                     .collect::<BTreeSet<_>>()
                     .into_iter()
+                    .map(|a| {
+                        format!(
+                            "{a}: directory {:?}, connector space {:?}",
+                            d.attributes.get(a).cloned().unwrap_or_default(),
+                            attrs.get(a).cloned().unwrap_or_default()
+                        )
+                    })
                     .collect();
                 cx.violation(
-                    index,
-                    format!("{} differs from the directory in {differing:?}", d.id),
+                    at,
+                    format!(
+                        "{} differs from the directory in {}{note}",
+                        label(&d.id, Some(&d.attributes)),
+                        differing.join("; ")
+                    ),
                 );
             }
             Some(_) => {}
         }
     }
-    for id in space.keys().filter(|id| !seen.contains(*id)) {
+    for (id, attrs) in space.iter().filter(|(id, _)| !seen.contains(*id)) {
+        let deleted = changes
+            .get(id)
+            .and_then(|c| c.iter().rev().find(|(_, op)| *op == DirectoryOp::Delete));
+        let (at, note) = match deleted {
+            Some((i, _)) => (
+                *i,
+                format!(" (resurrected: deleted from the directory at #{i})"),
+            ),
+            None => last_change(id),
+        };
         cx.violation(
-            index,
-            format!("{id} is in the connector space, not the directory"),
+            at,
+            format!(
+                "{} is in the connector space, not the directory{note}",
+                label(id, Some(attrs))
+            ),
         );
+    }
+    if let Some(delta) = &state.after_delta {
+        if delta.import.status != "succeeded" {
+            cx.violation(
+                index,
+                format!(
+                    "the final delta import (run {}) ended {}: {}",
+                    delta.import.run, delta.import.status, delta.import.detail
+                ),
+            );
+        }
+        let after: BTreeMap<&str, &Attrs> = delta
+            .connector_space
+            .iter()
+            .map(|o| (o.id.as_str(), &o.attributes))
+            .collect();
+        for d in &state.directory {
+            let (at, note) = last_change(&d.id);
+            let what = match after.get(d.id.as_str()) {
+                None => "missing",
+                Some(attrs) if **attrs != d.attributes => "stale",
+                Some(_) => continue,
+            };
+            cx.violation(
+                at,
+                format!(
+                    "after the final delta import, {} is {what} in the connector space (a delta \
+                     lost a change){note}",
+                    label(&d.id, Some(&d.attributes))
+                ),
+            );
+        }
     }
     for (person, n) in &state.identities_per_person {
         if *n != 1 {
-            cx.violation(index, format!("person {person} has {n} identities"));
+            let (at, note) = last_change(person);
+            cx.violation(at, format!("person {person} has {n} identities{note}"));
         }
+    }
+    for id in &state.orphan_identities {
+        cx.violation(
+            index,
+            format!("identity {id} is linked to no directory entry (left behind)"),
+        );
     }
     cx.out
 }
@@ -440,8 +583,9 @@ pub struct Recovery {
     /// When the bound starts: `from`, or later if other faults were in force at `from` (their
     /// last heal). None when one of them was never healed.
     pub clear: Option<Duration>,
-    /// The first entry after `from_index` at which exactly one endpoint was ready and its
-    /// instance's latest role report since `from_index` said active.
+    /// The first entry after `from_index` at which exactly one endpoint was ready, its
+    /// instance's latest role report since `from_index` said active and every relay the
+    /// history reports on was connected to it.
     pub recovered_index: Option<usize>,
     pub recovered_at: Option<Duration>,
 }
@@ -485,6 +629,9 @@ fn fault_spans(h: &History) -> Vec<Span> {
     spans
 }
 
+/// The first entry after `from_index` at which one endpoint is ready, its instance's latest
+/// role report since `from_index` says active and, when the history has relay reports, every
+/// relay's latest report since `from_index` says it is connected to that instance.
 fn ready_active_at(entries: &[Entry], from_index: usize) -> Option<(usize, Duration)> {
     let mut ready = entries
         .get(..=from_index)
@@ -495,13 +642,24 @@ fn ready_active_at(entries: &[Entry], from_index: usize) -> Option<(usize, Durat
             Event::Endpoints { ready } => Some(ready),
             _ => None,
         });
+    let relays: BTreeSet<&str> = entries
+        .iter()
+        .filter_map(|e| match &e.event {
+            Event::RelayReport { relay, .. } => Some(relay.as_str()),
+            _ => None,
+        })
+        .collect();
     // Only reports made after the fault count: an instance's earlier "active" says nothing now.
     let mut roles: HashMap<&str, Role> = HashMap::new();
+    let mut relay_on: HashMap<&str, Option<&str>> = HashMap::new();
     for e in entries.get(from_index + 1..).unwrap_or_default() {
         match &e.event {
             Event::Endpoints { ready: r } => ready = Some(r),
             Event::RoleReport { instance, role, .. } => {
                 roles.insert(instance, *role);
+            }
+            Event::RelayReport { relay, instance } => {
+                relay_on.insert(relay, instance.as_deref());
             }
             _ => continue,
         }
@@ -510,9 +668,12 @@ fn ready_active_at(entries: &[Entry], from_index: usize) -> Option<(usize, Durat
             continue;
         }
         let active = r.iter().all(|ep| {
-            ep.instance
-                .as_deref()
-                .is_some_and(|i| roles.get(i) == Some(&Role::Active))
+            ep.instance.as_deref().is_some_and(|i| {
+                roles.get(i) == Some(&Role::Active)
+                    && relays
+                        .iter()
+                        .all(|relay| relay_on.get(relay) == Some(&Some(i)))
+            })
         });
         if active {
             return Some((e.index, e.at()));

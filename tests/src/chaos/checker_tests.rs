@@ -1,7 +1,9 @@
 //! Each check on hand-built histories that pass and that violate it.
 
 use super::*;
-use crate::chaos::history::{Endpoint, FinalState, Object, Record};
+use crate::chaos::history::{
+    DeltaState, DirectoryOp, Endpoint, FinalState, ImportRun, Object, Record, DELETED,
+};
 
 /// A history whose entries are 100 ms apart unless told otherwise.
 #[derive(Default)]
@@ -186,6 +188,25 @@ fn writes_pass_when_latest_or_later_values_are_read() {
 }
 
 #[test]
+fn writes_accept_an_earlier_unacknowledged_write_applied_late() {
+    // Op 4 timed out; op 6 was acknowledged; op 4 may still have committed after it.
+    let mut h = writes_ok();
+    h.add(sent(6, "k2", "v6"))
+        .add(acked(6, "k2", "v6"))
+        .add(read_back(&[("k1", "v2"), ("k2", "v4")]));
+    assert!(check_writes(&h.0, R).is_empty());
+    // But never an acknowledged earlier one.
+    let mut h = writes_ok();
+    h.add(sent(6, "k2", "v6"))
+        .add(acked(6, "k2", "v6"))
+        .add(read_back(&[("k1", "v2"), ("k2", "v3")]));
+    assert_eq!(
+        messages(&check_writes(&h.0, R)),
+        ["acknowledged write op 6 (k2 = \"v6\") lost: read back \"v3\" of earlier op 3"]
+    );
+}
+
+#[test]
 fn writes_catch_a_lost_acknowledged_write() {
     let mut h = writes_ok();
     h.add(read_back(&[("k1", "v1"), ("k2", "v3")]));
@@ -218,6 +239,81 @@ fn writes_catch_absent_duplicate_and_phantom_values() {
         .any(|m| m.contains("op 2 (k1 = \"v2\") lost: key absent")));
 }
 
+/// Secrets, schedules and connectors, as the campaign's writer records them: a schedule is
+/// created (its spec the value) and later deleted.
+fn mixed_writes() -> H {
+    let mut h = H::default();
+    h.add(sent(1, "secret:s0", "v1"))
+        .add(acked(1, "secret:s0", "v1"))
+        .add(sent(2, "schedule:100002s", "100002s"))
+        .add(acked(2, "schedule:100002s", "100002s"))
+        .add(sent(3, "schedule:100003s", "100003s"))
+        .add(acked(3, "schedule:100003s", "100003s"))
+        .add(sent(4, "schedule:100002s", DELETED))
+        .add(acked(4, "schedule:100002s", DELETED))
+        // A create and a delete whose outcomes are unknown.
+        .add(sent(5, "schedule:100005s", "100005s"))
+        .add(failed(5, "schedule:100005s", "100005s"))
+        .add(sent(6, "schedule:100003s", DELETED))
+        .add(failed(6, "schedule:100003s", DELETED))
+        .add(sent(7, "secret:s0", "v7"))
+        .add(acked(7, "secret:s0", "v7"));
+    h
+}
+
+#[test]
+fn writes_with_deletes_pass_when_deleted_keys_are_absent() {
+    for records in [
+        // The unknown delete was applied, the unknown create was not.
+        vec![("secret:s0", "v7")],
+        // Or the other way round.
+        vec![
+            ("secret:s0", "v7"),
+            ("schedule:100003s", "100003s"),
+            ("schedule:100005s", "100005s"),
+        ],
+    ] {
+        let mut h = mixed_writes();
+        h.add(read_back(&records));
+        let v = check_writes(&h.0, R);
+        assert!(v.is_empty(), "{records:?}: {:?}", messages(&v));
+    }
+}
+
+#[test]
+fn writes_catch_an_undone_delete_and_a_lost_secret() {
+    let mut h = mixed_writes();
+    h.add(read_back(&[
+        ("secret:s0", "v1"),
+        ("schedule:100002s", "100002s"),
+        ("schedule:100003s", "100003s"),
+    ]));
+    let v = check_writes(&h.0, R);
+    let m = messages(&v);
+    assert_eq!(
+        m,
+        [
+            "acknowledged delete op 4 of schedule:100002s undone: read back \"100002s\" of earlier op 2",
+            "acknowledged write op 7 (secret:s0 = \"v7\") lost: read back \"v1\" of earlier op 1",
+        ]
+    );
+    // Each points at the acknowledgement of the write that was lost.
+    assert_eq!((v[0].index, v[1].index), (7, 13));
+}
+
+#[test]
+fn writes_never_accept_the_tombstone_as_a_value() {
+    let mut h = mixed_writes();
+    h.add(read_back(&[
+        ("secret:s0", "v7"),
+        ("schedule:100002s", DELETED),
+    ]));
+    assert_eq!(
+        messages(&check_writes(&h.0, R)),
+        ["key schedule:100002s has \"<deleted>\", which no write sent"]
+    );
+}
+
 #[test]
 fn writes_need_a_read_back() {
     let h = writes_ok();
@@ -229,11 +325,14 @@ fn writes_need_a_read_back() {
 }
 
 fn final_state(directory: Vec<Object>, space: Vec<Object>, ids: &[(&str, u32)]) -> Event {
-    Event::FinalState(FinalState {
+    Event::FinalState(Box::new(FinalState {
         directory,
         connector_space: space,
         identities_per_person: ids.iter().map(|(p, n)| ((*p).to_string(), *n)).collect(),
-    })
+        orphan_identities: Vec::new(),
+        final_import: None,
+        after_delta: None,
+    }))
 }
 
 #[test]
@@ -266,12 +365,205 @@ fn convergence_catches_missing_different_extra_duplicate_and_identity_counts() {
         m,
         [
             "uid=c is in the connector space twice",
-            "uid=a is missing from the connector space",
-            "uid=b differs from the directory in [\"cn\"]",
+            "uid=a is missing from the connector space (lost)",
+            "uid=b differs from the directory in cn: directory [\"B\"], connector space [\"Bee\"]",
             "uid=z is in the connector space, not the directory",
             "person uid=a has 0 identities",
             "person uid=b has 2 identities",
         ]
+    );
+}
+
+/// An entry with an anchor, a DN and one more attribute, as the campaign records them.
+fn entry(anchor: &str, dn: &str, cn: &str) -> Object {
+    Object {
+        id: anchor.into(),
+        attributes: [
+            ("cn".to_string(), vec![cn.to_string()]),
+            ("dn".to_string(), vec![dn.to_string()]),
+        ]
+        .into(),
+    }
+}
+
+fn change(op: DirectoryOp, dn: &str, new_dn: Option<&str>, anchor: &str) -> Event {
+    Event::DirectoryChange {
+        op,
+        dn: dn.into(),
+        new_dn: new_dn.map(str::to_string),
+        anchor: Some(anchor.into()),
+        error: None,
+    }
+}
+
+/// A writer's history: u1 added and renamed, u2 modified, u3 deleted; then the final state.
+fn directory_history(space: Vec<Object>, orphans: &[&str], status: &str) -> H {
+    let mut h = H::default();
+    h.add(change(DirectoryOp::Add, "uid=u1,ou=p", None, "u1"))
+        .add(change(DirectoryOp::Modify, "uid=u2,ou=p", None, "u2"))
+        .add(change(
+            DirectoryOp::Rename,
+            "uid=u1,ou=p",
+            Some("uid=u1b,ou=p"),
+            "u1",
+        ))
+        .add(change(DirectoryOp::Delete, "uid=u3,ou=p", None, "u3"))
+        .add(Event::FinalState(Box::new(FinalState {
+            directory: vec![
+                entry("u1", "uid=u1b,ou=p", "One"),
+                entry("u2", "uid=u2,ou=p", "Two v2"),
+            ],
+            connector_space: space,
+            identities_per_person: [("u1".to_string(), 1), ("u2".to_string(), 1)].into(),
+            orphan_identities: orphans.iter().map(|s| s.to_string()).collect(),
+            final_import: Some(ImportRun {
+                run: "r9".into(),
+                mode: "full".into(),
+                status: status.into(),
+                detail: "added 0, updated 1, deleted 1".into(),
+            }),
+            after_delta: None,
+        })));
+    h
+}
+
+/// The converged history with the connector space after the final delta set to `after`.
+fn with_delta(after: Vec<Object>, status: &str) -> H {
+    let mut h = directory_history(
+        vec![
+            entry("u2", "uid=u2,ou=p", "Two v2"),
+            entry("u1", "uid=u1b,ou=p", "One"),
+        ],
+        &[],
+        "succeeded",
+    );
+    let last = h.0.entries.last_mut().unwrap();
+    let Event::FinalState(state) = &mut last.event else {
+        unreachable!()
+    };
+    state.after_delta = Some(DeltaState {
+        import: ImportRun {
+            run: "r8".into(),
+            mode: "delta".into(),
+            status: status.into(),
+            detail: "updated 2".into(),
+        },
+        connector_space: after,
+    });
+    h
+}
+
+#[test]
+fn convergence_after_the_final_delta_allows_only_deletions_to_remain() {
+    // u3 was deleted: a delta cannot see that, the full removes it.
+    let h = with_delta(
+        vec![
+            entry("u1", "uid=u1b,ou=p", "One"),
+            entry("u2", "uid=u2,ou=p", "Two v2"),
+            entry("u3", "uid=u3,ou=p", "Three"),
+        ],
+        "succeeded",
+    );
+    let v = check_convergence(&h.0, R);
+    assert!(v.is_empty(), "{:?}", messages(&v));
+}
+
+#[test]
+fn convergence_catches_a_change_the_final_delta_lost() {
+    // The delta kept u2's old version and never saw u1's rename.
+    let h = with_delta(vec![entry("u2", "uid=u2,ou=p", "Two")], "succeeded");
+    let m = check_convergence(&h.0, R);
+    assert_eq!(
+        messages(&m),
+        [
+            "after the final delta import, u1 (uid=u1b,ou=p) is missing in the connector space (a delta lost a change); its last recorded change: #2 Rename",
+            "after the final delta import, u2 (uid=u2,ou=p) is stale in the connector space (a delta lost a change); its last recorded change: #1 Modify",
+        ]
+    );
+    let h = with_delta(
+        vec![
+            entry("u1", "uid=u1b,ou=p", "One"),
+            entry("u2", "uid=u2,ou=p", "Two v2"),
+        ],
+        "failed",
+    );
+    assert_eq!(
+        messages(&check_convergence(&h.0, R)),
+        ["the final delta import (run r8) ended failed: updated 2"]
+    );
+}
+
+#[test]
+fn convergence_passes_a_converged_directory_history() {
+    let h = directory_history(
+        vec![
+            entry("u2", "uid=u2,ou=p", "Two v2"),
+            entry("u1", "uid=u1b,ou=p", "One"),
+        ],
+        &[],
+        "succeeded",
+    );
+    let v = check_convergence(&h.0, R);
+    assert!(v.is_empty(), "{:?}", messages(&v));
+}
+
+#[test]
+fn convergence_fails_on_a_lost_entry_pointing_at_its_last_change() {
+    // The renamed u1 never reached the connector space.
+    let h = directory_history(vec![entry("u2", "uid=u2,ou=p", "Two v2")], &[], "succeeded");
+    let v = check_convergence(&h.0, R);
+    assert_eq!(
+        messages(&v),
+        ["u1 (uid=u1b,ou=p) is missing from the connector space (lost); its last recorded change: #2 Rename"]
+    );
+    assert_eq!(v[0].index, 2, "the excerpt is centred on the rename");
+    assert!(v[0].excerpt.contains("> #2 "), "{}", v[0].excerpt);
+}
+
+#[test]
+fn convergence_fails_on_a_resurrected_entry_and_a_stale_rename() {
+    // u3 was deleted but is still imported; u1 kept its old DN.
+    let h = directory_history(
+        vec![
+            entry("u1", "uid=u1,ou=p", "One"),
+            entry("u2", "uid=u2,ou=p", "Two v2"),
+            entry("u3", "uid=u3,ou=p", "Three"),
+        ],
+        &["identity-of-u3"],
+        "succeeded",
+    );
+    let v = check_convergence(&h.0, R);
+    let m = messages(&v);
+    assert_eq!(m.len(), 3, "{m:?}");
+    assert_eq!(
+        m[0],
+        "u1 (uid=u1b,ou=p) differs from the directory in dn: directory [\"uid=u1b,ou=p\"], \
+         connector space [\"uid=u1,ou=p\"]; its last recorded change: #2 Rename"
+    );
+    assert_eq!(
+        m[1],
+        "u3 (uid=u3,ou=p) is in the connector space, not the directory (resurrected: deleted from the directory at #3)"
+    );
+    assert_eq!(v[1].index, 3);
+    assert_eq!(
+        m[2],
+        "identity identity-of-u3 is linked to no directory entry (left behind)"
+    );
+}
+
+#[test]
+fn convergence_fails_when_the_final_import_did_not_succeed() {
+    let h = directory_history(
+        vec![
+            entry("u2", "uid=u2,ou=p", "Two v2"),
+            entry("u1", "uid=u1b,ou=p", "One"),
+        ],
+        &[],
+        "failed",
+    );
+    assert_eq!(
+        messages(&check_convergence(&h.0, R)),
+        ["the final full import (run r9) ended failed: added 0, updated 1, deleted 1"]
     );
 }
 
@@ -383,6 +675,37 @@ fn recovery_ignores_reports_from_before_the_fault() {
     // A report after the fault from a, still the one ready endpoint, is a recovery.
     h.at(12.0, role("a", Role::Active, 1));
     assert_eq!(recoveries(&h.0)[0].recovered_index, Some(4));
+}
+
+fn relay(instance: Option<&str>) -> Event {
+    Event::RelayReport {
+        relay: "r1".into(),
+        instance: instance.map(str::to_string),
+    }
+}
+
+#[test]
+fn recovery_waits_for_the_relays_on_the_active() {
+    // The relay is killed at 5 s and started again at 8 s; it is back on a at 9.5 s.
+    let mut h = H::default();
+    h.at(0.0, endpoints(&[("10.0.0.2", "a")]))
+        .at(0.5, role("a", Role::Active, 1))
+        .at(0.6, relay(Some("a")))
+        .at(5.0, inject(0, FaultKind::RelayKill))
+        .at(5.5, relay(None))
+        .at(8.0, heal(0, FaultKind::RelayKill))
+        .at(8.5, role("a", Role::Active, 1))
+        .at(9.0, relay(None))
+        .at(9.5, relay(Some("a")));
+    let r = recoveries(&h.0);
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].recovered_index, Some(8));
+    assert_eq!(r[0].time(), Some(Duration::from_millis(1500)));
+    // After a failover the relay must follow: connected to the old active is not recovered.
+    let mut h = failover();
+    h.at(12.6, relay(Some("a"))).at(14.0, relay(Some("b")));
+    let r = recoveries(&h.0);
+    assert_eq!(r[0].time(), Some(Duration::from_secs(4)));
 }
 
 #[test]

@@ -19,6 +19,10 @@ use crate::error::{Error, IoContext, Result};
 /// under its epoch (the server writes `batch`).
 pub const FENCE_PROMOTE: &str = "promote";
 
+/// The value a write records when it deletes its key: after it the key is absent, unless a
+/// later write set it again. No real value looks like this.
+pub const DELETED: &str = "<deleted>";
+
 /// One row of the server's `fence_journal` table.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FenceRow {
@@ -57,13 +61,55 @@ pub struct Object {
     pub attributes: BTreeMap<String, Vec<String>>,
 }
 
-/// The state compared after the final full import.
+/// A sync run the final state was read after.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportRun {
+    pub run: String,
+    pub mode: String,
+    /// The run's final status; "succeeded" when it imported everything without an error.
+    pub status: String,
+    /// Counts or the error, for readers.
+    pub detail: String,
+}
+
+/// The state compared after the final full import. Objects are keyed by the directory's
+/// anchor (entryUUID); their attributes include `dn`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FinalState {
     pub directory: Vec<Object>,
     pub connector_space: Vec<Object>,
     /// Every person of the directory, with the number of identities joined to it (0 included).
     pub identities_per_person: BTreeMap<String, u32>,
+    /// Identities no directory entry links to: left behind by an entry that is gone.
+    #[serde(default)]
+    pub orphan_identities: Vec<String>,
+    /// The full import the state was read after (None: not stated).
+    #[serde(default)]
+    pub final_import: Option<ImportRun>,
+    /// The connector space after a delta import run once the directory stopped changing and
+    /// before the final full import: a delta resumes from the last committed watermark, so it
+    /// must hold every directory entry as it is (a delta cannot see deletions, so objects of
+    /// deleted entries may remain). None: not taken.
+    #[serde(default)]
+    pub after_delta: Option<DeltaState>,
+}
+
+/// See [`FinalState::after_delta`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeltaState {
+    pub import: ImportRun,
+    pub connector_space: Vec<Object>,
+}
+
+/// A change the directory writer made to slapd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DirectoryOp {
+    Add,
+    Modify,
+    /// modrdn: a new RDN, the old one deleted.
+    Rename,
+    Delete,
 }
 
 /// A record read back through the Admin API after the run.
@@ -132,7 +178,27 @@ pub enum Event {
     ReadBack {
         records: Vec<Record>,
     },
-    FinalState(FinalState),
+    /// Boxed: the other events are small.
+    FinalState(Box<FinalState>),
+    /// A change made to the directory, recorded when slapd answered (or the request failed).
+    DirectoryChange {
+        op: DirectoryOp,
+        /// The entry's DN before the change (an add's new DN).
+        dn: String,
+        /// A rename's new DN.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        new_dn: Option<String>,
+        /// The entry's entryUUID, when known (an add whose answer was lost has none).
+        anchor: Option<String>,
+        /// None when slapd acknowledged the change; the error otherwise (outcome unknown).
+        error: Option<String>,
+    },
+    /// The instance a relay is connected to (None: disconnected), as the Admin API reports it
+    /// through the client Service.
+    RelayReport {
+        relay: String,
+        instance: Option<String>,
+    },
 }
 
 /// One event and when it was recorded, relative to the recorder's start.
@@ -152,8 +218,24 @@ impl Entry {
 
 impl fmt::Display for Entry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // The event's JSON is compact, complete and unambiguous in one line.
-        let json = serde_json::to_string(&self.event).map_err(|_| fmt::Error)?;
+        // The event's JSON is compact, complete and unambiguous in one line; a final state
+        // (the whole directory) is summarised, the artefact has it in full.
+        let json = match &self.event {
+            Event::FinalState(s) => serde_json::json!({
+                "event": "final_state",
+                "directory": s.directory.len(),
+                "connector_space": s.connector_space.len(),
+                "people": s.identities_per_person.len(),
+                "orphan_identities": s.orphan_identities.len(),
+                "final_import": s.final_import,
+                "after_delta": s.after_delta.as_ref().map(|d| serde_json::json!({
+                    "import": d.import,
+                    "connector_space": d.connector_space.len(),
+                })),
+            })
+            .to_string(),
+            e => serde_json::to_string(e).map_err(|_| fmt::Error)?,
+        };
         write!(f, "#{} +{:.3}s {json}", self.index, self.at().as_secs_f64())
     }
 }
@@ -322,14 +404,33 @@ mod tests {
                     value: "v1".into(),
                 }],
             },
-            Event::FinalState(FinalState {
+            Event::FinalState(Box::new(FinalState {
                 directory: vec![Object {
                     id: "uid=a,dc=x".into(),
                     attributes: [("cn".to_string(), vec!["A".to_string()])].into(),
                 }],
                 connector_space: vec![],
                 identities_per_person: [("uid=a,dc=x".to_string(), 1)].into(),
-            }),
+                orphan_identities: vec!["id-9".into()],
+                final_import: Some(ImportRun {
+                    run: "r1".into(),
+                    mode: "full".into(),
+                    status: "succeeded".into(),
+                    detail: "added 1".into(),
+                }),
+                after_delta: None,
+            })),
+            Event::DirectoryChange {
+                op: DirectoryOp::Rename,
+                dn: "uid=a,dc=x".into(),
+                new_dn: Some("uid=b,dc=x".into()),
+                anchor: Some("0f7c".into()),
+                error: None,
+            },
+            Event::RelayReport {
+                relay: "r".into(),
+                instance: Some("server-1".into()),
+            },
         ]
     }
 
@@ -416,7 +517,14 @@ mod tests {
         assert!(lines[0].starts_with("  #0 +0.000s"));
         assert!(lines[1].starts_with("> #1 +0.100s"), "{ex}");
         assert!(lines[1].contains("partition"));
-        assert_eq!(h.excerpt(8, 3).lines().count(), 4);
+        assert_eq!(h.excerpt(10, 3).lines().count(), 4);
+        // The final state is summarised in excerpts.
+        let fin = h.excerpt(8, 0);
+        assert!(
+            fin.contains(r#""event":"final_state""#) && fin.contains(r#""directory":1"#),
+            "{fin}"
+        );
         assert_eq!(h.excerpt(100, 1), "");
+        assert!(h.excerpt(9, 0).contains(r#""op":"rename""#));
     }
 }

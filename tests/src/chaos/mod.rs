@@ -1,36 +1,35 @@
-//! Foundations of the fault campaign (Jepsen-style): a seeded fault schedule, a recorded
-//! history, the checker over it, the end-of-run report, and two fault injectors the cluster
-//! harness lacked.
+//! The fault campaign (Jepsen-style): a seeded fault schedule, a recorded history, the checker
+//! over it, the end-of-run report, the changing directory and the injectors the cluster harness
+//! lacked.
 //!
-//! Built and unit-tested here:
 //! - [`schedule`]: fault kinds and a deterministic schedule generator (seed, count, length,
 //!   kinds) with overlap and heal constraints, rendered one line per event.
 //! - [`history`]: typed, timestamped events appended from many tasks through a [`Recorder`],
 //!   written and read as JSON lines.
-//! - [`checker`]: fencing, acknowledged writes, convergence, single ready endpoint, single
-//!   active per epoch, faults healed, recovery bound; recovery p50/p99/max per kind.
+//! - [`checker`]: fencing, acknowledged writes (deletes included), convergence (after the final
+//!   delta and full imports), single ready endpoint, single active per epoch, faults healed,
+//!   recovery bound; recovery p50/p99/max per kind.
 //! - [`report`]: the report and the failure text (seed, schedule, excerpts) for `--seed` replay.
+//! - [`directory`]: the background writer that adds, modifies, renames and deletes people in
+//!   slapd (recording each change) and the reader of the directory's final state.
+//! - [`relay`]: the relay agent as a process killed by pid and started again (relay kill).
 //! - [`db_stall`]: a process holding SQLite's write lock (`BEGIN IMMEDIATE`) for a while.
 //! - [`disk_full`]: a small tmpfs mounted by the test, filled to ENOSPC and freed.
 //!
-//! Nothing here starts a cluster or runs faults. A first, small campaign (operator and two
-//! server pods; no relay or slapd, so no convergence check) is `tests/tests/chaos_campaign.rs`.
-//! Still to build: the full campaign that wires these into the harness: a runner that
-//! executes [`Schedule::events`] against a [`crate::Cluster`] running the operator, a two-pod server, a relay and slapd (resolving
-//! node roles at injection time and recording `FaultInjected`/`FaultHealed`/`FaultFailed`),
-//! plus recording tasks — an Admin API writer through the Service, an EndpointSlice watch, a
-//! role poller of each instance, a fence-journal reader — then heal, settle, final import,
-//! read-back and final snapshot, and [`checker::check_all`] into a [`report::Report`]. The
-//! disk-full mount must be the server pod's data directory and visible in the pod's mount
-//! namespace (mounted before the pod starts, or with shared propagation).
+//! The campaign itself, which runs these against the operator, two server pods, a relay and
+//! slapd on the harness, is `tests/tests/chaos_campaign.rs` (slapd restarts use the
+//! connectors' test fixture, `Slapd::restart`). Not in it yet: the disk-full fault, whose mount
+//! must be the server pod's data directory and visible in the pod's mount namespace (mounted
+//! before the pod starts, or with shared propagation).
 //!
 //! [`Recorder`]: history::Recorder
-//! [`Schedule::events`]: schedule::Schedule::events
 
 pub mod checker;
 pub mod db_stall;
+pub mod directory;
 pub mod disk_full;
 pub mod history;
+pub mod relay;
 pub mod report;
 pub mod schedule;
 

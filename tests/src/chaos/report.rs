@@ -66,7 +66,7 @@ impl fmt::Display for Report {
         }
         writeln!(
             f,
-            "recovery (heal or injection to a single ready active):\n  {:<15} {:>6} {:>9} {:>9} {:>9} {:>9}",
+            "recovery (heal or injection to a single ready active, the relays on it):\n  {:<15} {:>6} {:>9} {:>9} {:>9} {:>9}",
             "kind", "faults", "recovered", "p50", "p99", "max"
         )?;
         for s in &self.recovery {

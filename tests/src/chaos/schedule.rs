@@ -33,9 +33,9 @@ pub enum FaultKind {
     Partition,
     /// A planned switchover request to the operator, at any moment (even mid-cutover).
     Switchover,
-    /// kill -9 of the relay agent.
+    /// kill -9 of the relay agent by its pid; started again (same config) at the heal.
     RelayKill,
-    /// slapd is restarted.
+    /// kill -9 of slapd by its pid; started again on the same ports and data at the heal.
     SlapdRestart,
     /// Another process holds the SQLite write lock (`BEGIN IMMEDIATE`), then releases it.
     DbStall,
@@ -51,6 +51,8 @@ enum Resource {
     Nodes,
     Database,
     DataDir,
+    Relay,
+    Directory,
 }
 
 impl FaultKind {
@@ -101,6 +103,8 @@ impl FaultKind {
             }
             FaultKind::DbStall => Some(Resource::Database),
             FaultKind::DiskFull => Some(Resource::DataDir),
+            FaultKind::RelayKill => Some(Resource::Relay),
+            FaultKind::SlapdRestart => Some(Resource::Directory),
             _ => None,
         }
     }
@@ -146,7 +150,7 @@ pub struct ScheduleConfig {
     pub kinds: BTreeSet<FaultKind>,
     /// Between two fault starts.
     pub min_gap: Duration,
-    /// Timed faults in force at once (each on its own resource, so at most 3 are possible).
+    /// Timed faults in force at once (each on its own resource, so at most 5 are possible).
     pub max_concurrent: usize,
     pub min_duration: Duration,
     pub max_duration: Duration,
@@ -555,9 +559,11 @@ mod tests {
                 FaultKind::Partition,
                 FaultKind::DbStall,
                 FaultKind::DiskFull,
+                FaultKind::RelayKill,
+                FaultKind::SlapdRestart,
             ]
             .into();
-            c.max_concurrent = 3;
+            c.max_concurrent = 5;
             let s = Schedule::generate(&c).unwrap();
             assert_constraints(&s, &c);
             overlaps += s
@@ -598,6 +604,28 @@ mod tests {
             text.contains(&format!("heal   #{} {}", timed.id, timed.kind)),
             "{text}"
         );
+    }
+
+    #[test]
+    fn relay_and_slapd_faults_are_timed_and_healed() {
+        for kind in [FaultKind::RelayKill, FaultKind::SlapdRestart] {
+            assert!(kind.is_timed(), "{kind}");
+            assert!(!kind.targets_node(), "{kind}");
+        }
+        let mut c = ScheduleConfig::new(5, 6, Duration::from_secs(60));
+        c.kinds = [FaultKind::RelayKill, FaultKind::SlapdRestart].into();
+        let s = Schedule::generate(&c).unwrap();
+        assert_constraints(&s, &c);
+        assert_eq!(
+            s.events.iter().filter(|e| e.action == Action::Heal).count(),
+            6,
+            "{s}"
+        );
+        // Each on its own resource: a relay kill may overlap a slapd restart, never another
+        // relay kill.
+        for f in &s.faults {
+            assert!(in_force(f.start, &s.faults[..f.id]).all(|o| o.kind != f.kind));
+        }
     }
 
     #[test]
