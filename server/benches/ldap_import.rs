@@ -6,7 +6,7 @@
 //!         [--keycloak-heap "-Xms64m -Xmx512m"] [--keep]
 //!
 //! Environment equivalents: `BENCH_ENTRIES`, `BENCH_REPS`, `BENCH_SIZES`, `BENCH_VARIANTS`,
-//! `BENCH_PEERS`, `BENCH_KEYCLOAK_HEAP`.
+//! `BENCH_PEERS`, `BENCH_KEYCLOAK_HEAP`; `BENCH_SERVER_BIN` measures another server binary (A/B runs).
 //! `--entries N` alone measures N/10 and N (the small size is for the memory comparison);
 //! `--sizes` lists the people counts explicitly. Each size has `N` people plus `N/10 + 1`
 //! groups (the fixture's generator); "objects" below counts both, as the run does.
@@ -48,6 +48,12 @@ use serde_json::{json, Value};
 mod keycloak_peer;
 
 const BIN: &str = env!("CARGO_BIN_EXE_identitymesh-server");
+
+/// The server binary measured: this build's, or `BENCH_SERVER_BIN` (an A/B comparison against
+/// a binary built from another commit, in the same run conditions).
+fn server_bin() -> String {
+    std::env::var("BENCH_SERVER_BIN").unwrap_or_else(|_| BIN.to_string())
+}
 /// Same page size as the fixture's connector config, so ldapsearch pages alike.
 const PAGE_SIZE: u32 = 500;
 const TARGET_OBJECTS_PER_S: f64 = 20_000.0;
@@ -227,7 +233,7 @@ impl Server {
         std::fs::create_dir_all(dir).unwrap();
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(server_bin());
         cmd.arg("standalone")
             .arg("--data-dir")
             .arg(&data)
@@ -849,7 +855,7 @@ async fn main() {
         if s.keycloak { "keycloak" } else { "none" },
         loadavg()
     );
-    println!("server binary: {BIN}");
+    println!("server binary: {}", server_bin());
 
     let root = tempfile::Builder::new()
         .prefix("im-ldap-import-")

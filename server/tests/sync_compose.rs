@@ -444,7 +444,10 @@ async fn a_duplicate_anchor_is_refused_however_far_apart_the_rows_are() {
         .post(
             "/api/connectors",
             json!({"name": "staff", "kind": "csv",
-                   "config": {"folder": drop, "object_type": "row", "anchor_column": "id"}}),
+                   "config": {"folder": drop, "object_type": "row", "anchor_column": "id"},
+                   "rules": {"precedence": 10, "object_types": {"row": {
+                       "flows": [{"target": "name", "expression": "name"}],
+                       "display_name": "name"}}}}),
         )
         .await;
     assert_eq!(st, 201, "{c}");
@@ -488,6 +491,27 @@ async fn a_duplicate_anchor_is_refused_however_far_apart_the_rows_are() {
         "the first row stands"
     );
     assert_eq!(space["p650"]["attributes"]["name"], json!(["Person 650"]));
+    // Composed from the rows that stand: the refused ones made no identity and changed none.
+    for (who, gone) in [("Person 3", "Impostor"), ("Person 650", "Twice")] {
+        let q = |name: &str| {
+            format!(
+                "/api/identities?search={}&limit=500",
+                name.replace(' ', "%20")
+            )
+        };
+        let found = s.get(&q(who)).await;
+        let names: Vec<&str> = found["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|i| i["display_name"].as_str())
+            .collect();
+        assert!(names.contains(&who), "{found}");
+        let refused = s.get(&q(gone)).await;
+        assert_eq!(refused["items"], json!([]), "{refused}");
+    }
+    let all = s.get("/api/identities?limit=1").await;
+    assert_eq!(all["total"], 700, "{all}");
     s.stop().await;
 }
 

@@ -59,6 +59,7 @@ async fn main() -> anyhow::Result<()> {
             watermark: Some((k + 1).to_string()),
             seen_in_run: None,
             compose: true,
+            composed: None,
         };
         store.commit_import_batch(&token, &batch, now_ms()).await?;
     }

@@ -57,6 +57,7 @@ fn batch(connector: &str, n: usize, start: usize, watermark: &str) -> ImportBatc
         watermark: Some(watermark.into()),
         seen_in_run: None,
         compose: true,
+        composed: None,
     }
 }
 
@@ -1214,6 +1215,7 @@ async fn a_full_import_marks_unseen_objects_of_its_type_deleted() {
                 watermark: None,
                 seen_in_run: Some(run1.clone()),
                 compose: true,
+                composed: None,
             };
             s.commit_import_batch(&t, &groups, 1).await.unwrap();
             assert_eq!(
@@ -1511,6 +1513,116 @@ async fn compose_writes_identities_links_and_clears_marks() {
                 .iter()
                 .any(|e| e.target == late_target));
             assert_eq!(composes(&s.journal().await.unwrap()), before);
+        })
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_page_commits_its_own_compose_and_only_what_it_composed_goes_unmarked() {
+    run(|s| {
+        Box::pin(async move {
+            let conn = unique("conn");
+            let t = promoted(&s).await;
+            // Nothing stored yet; then the page's three objects, as an import compares them.
+            let anchors: Vec<String> = (0..3).map(|i| format!("uid={i},ou=people")).collect();
+            assert!(s.stored_objects(&conn, &anchors).await.unwrap().is_empty());
+            s.commit_import_batch(&t, &batch(&conn, 1, 0, "1"), 10)
+                .await
+                .unwrap();
+            let stored = s.stored_objects(&conn, &anchors).await.unwrap();
+            assert_eq!(stored.len(), 1);
+            let first = &stored["uid=0,ou=people"];
+            assert_eq!(
+                (first.object_type.as_str(), first.deleted),
+                ("person", false)
+            );
+            assert_eq!(first.attributes_json, r#"{"cn":["Person 0"]}"#);
+            let same = &batch(&conn, 1, 0, "1").objects[0];
+            assert!(!StoredObject::changed_by(Some(first), same));
+            assert!(StoredObject::changed_by(None, same));
+            assert!(StoredObject::changed_by(
+                Some(&StoredObject {
+                    deleted: true,
+                    ..first.clone()
+                }),
+                same
+            ));
+
+            // A page of three (uid=0 unchanged and still marked, two new): the page composes
+            // uid=1 itself; uid=2 is left to the composer.
+            let id = unique("idn");
+            let link = LinkRow {
+                connector_id: conn.clone(),
+                anchor: "uid=1,ou=people".into(),
+                identity_id: id.clone(),
+                precedence: 1,
+                contribution_json: "{}".into(),
+            };
+            let mut page = batch(&conn, 3, 0, "2");
+            page.composed = Some(PageCompose {
+                anchors: ["uid=1,ou=people".to_string()].into_iter().collect(),
+                writes: vec![
+                    ComposeWrite::PutIdentity {
+                        identity: identity(&id, "Page", 11),
+                        keys: vec![("uid".into(), id.clone())],
+                    },
+                    ComposeWrite::PutLink(link.clone()),
+                ],
+            });
+            let out = s.commit_import_batch(&t, &page, 11).await.unwrap();
+            assert_eq!((out.added, out.updated, out.unchanged), (2, 0, 1));
+            assert_eq!(s.identity(&id).await.unwrap().unwrap().display_name, "Page");
+            assert_eq!(
+                s.identities_by_key("uid", &id).await.unwrap(),
+                vec![id.clone()]
+            );
+            assert_eq!(
+                s.link(&conn, "uid=1,ou=people").await.unwrap().as_ref(),
+                Some(&link)
+            );
+            let mut marked: Vec<String> = s
+                .dirty_objects(&conn, 100)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|o| o.anchor)
+                .collect();
+            marked.sort();
+            assert_eq!(marked, vec!["uid=0,ou=people", "uid=2,ou=people"]);
+
+            // Composed by its page even though linked: a linked object changed by an import is
+            // otherwise marked whatever the batch's `compose` says (and unlinked ones of an
+            // unruled batch are not).
+            let mut again = batch(&conn, 3, 0, "3");
+            again.compose = false;
+            for o in &mut again.objects {
+                o.attributes_json = r#"{"cn":["changed"]}"#.into();
+            }
+            again.composed = Some(PageCompose {
+                anchors: ["uid=1,ou=people".to_string()].into_iter().collect(),
+                writes: Vec::new(),
+            });
+            let out = s.commit_import_batch(&t, &again, 12).await.unwrap();
+            assert_eq!((out.added, out.updated), (0, 3));
+            assert!(s.dirty_objects(&conn, 100).await.unwrap().is_empty());
+
+            // Fenced as a whole: a stale writer's page commits neither objects nor writes.
+            promoted(&s).await;
+            let gone = unique("idn");
+            let mut stale = batch(&conn, 1, 7, "4");
+            stale.composed = Some(PageCompose {
+                anchors: ["uid=7,ou=people".to_string()].into_iter().collect(),
+                writes: vec![ComposeWrite::PutIdentity {
+                    identity: identity(&gone, "Stale", 13),
+                    keys: Vec::new(),
+                }],
+            });
+            let r = s.commit_import_batch(&t, &stale, 13).await;
+            assert!(matches!(r, Err(StoreError::Fenced { .. })), "{r:?}");
+            assert_eq!(s.identity(&gone).await.unwrap(), None);
+            let seven = ["uid=7,ou=people".to_string()];
+            assert!(s.stored_objects(&conn, &seven).await.unwrap().is_empty());
         })
     })
     .await;

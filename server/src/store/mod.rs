@@ -5,6 +5,8 @@
 //! the stored epoch is still the writer's own. A stale instance's write fails with
 //! [`StoreError::Fenced`] and nothing of it commits.
 
+use std::collections::{HashMap, HashSet};
+
 use async_trait::async_trait;
 use serde::Serialize;
 
@@ -170,6 +172,57 @@ pub struct ImportBatch {
     /// marked for it only if it is linked to an identity (whose contribution must then go),
     /// so an import-only connector leaves nothing to compose.
     pub compose: bool,
+    /// Composer writes for the page's own objects, committed with it: the objects they
+    /// compose are stored without a mark, so the composer neither reads nor rewrites them.
+    pub composed: Option<PageCompose>,
+}
+
+/// The composer's work on an import page, done from the objects in hand before the page is
+/// committed (see `sync::runner`).
+#[derive(Debug, Clone, Default)]
+pub struct PageCompose {
+    /// Anchors composed by `writes`: stored unmarked whether or not they are linked.
+    pub anchors: HashSet<String>,
+    /// As for [`Store::commit_compose`], without `Composed` marks.
+    pub writes: Vec<ComposeWrite>,
+}
+
+impl PageCompose {
+    /// Whether the object with this anchor is written without a mark.
+    pub fn covers(page: &Option<PageCompose>, anchor: &str) -> bool {
+        page.as_ref().is_some_and(|p| p.anchors.contains(anchor))
+    }
+}
+
+/// What the store holds for an object, as an import compares it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredObject {
+    pub object_type: String,
+    pub attributes_json: String,
+    pub deleted: bool,
+    /// The full-import run that last saw it.
+    pub seen_run: Option<String>,
+}
+
+impl StoredObject {
+    /// The one rule for "this import changes the object": new, retyped, different
+    /// attributes, or coming back after a deletion. Unchanged objects are not rewritten.
+    pub fn changed_by(stored: Option<&StoredObject>, o: &CsObject) -> bool {
+        match stored {
+            None => true,
+            Some(s) => {
+                s.object_type != o.object_type
+                    || s.attributes_json != o.attributes_json
+                    || s.deleted
+            }
+        }
+    }
+
+    /// Whether the full-import run `run` already imported the stored object: an anchor is
+    /// imported once per run (see [`BatchOutcome::duplicates`]).
+    pub fn seen_by(stored: Option<&StoredObject>, run: Option<&String>) -> bool {
+        run.is_some() && stored.is_some_and(|s| s.seen_run.as_ref() == run)
+    }
 }
 
 /// What a committed batch did: new objects, changed ones (marked for the composer), ones
@@ -426,8 +479,10 @@ pub trait Store: Send + Sync + 'static {
     /// The active engine's fenced liveness write.
     async fn engine_tick(&self, token: &FenceToken, now_ms: i64) -> Result<(), StoreError>;
     /// Commits the batch's objects and its watermark in one fenced transaction. Objects whose
-    /// attributes changed are marked for the composer. With `seen_in_run`, an object the run
-    /// already imported is refused as a duplicate (see [`BatchOutcome::duplicates`]).
+    /// attributes changed are marked for the composer, unless the batch carries their
+    /// composer writes (`composed`), which are committed in the same transaction. With
+    /// `seen_in_run`, an object the run already imported is refused as a duplicate (see
+    /// [`BatchOutcome::duplicates`]).
     async fn commit_import_batch(
         &self,
         token: &FenceToken,
@@ -552,6 +607,12 @@ pub trait Store: Send + Sync + 'static {
     /// Newest first.
     async fn runs(&self, connector: Option<&str>, limit: i64) -> Result<Vec<RunRow>, StoreError>;
 
+    /// What the store holds for those of these anchors that exist (deleted ones included).
+    async fn stored_objects(
+        &self,
+        connector: &str,
+        anchors: &[String],
+    ) -> Result<HashMap<String, StoredObject>, StoreError>;
     /// Objects of the connector waiting for the composer, oldest change first.
     async fn dirty_objects(
         &self,

@@ -306,16 +306,17 @@ pub mod multi {
     };
     /// New and changed objects. A changed one is marked for the composer at a new revision and
     /// undeleted; without @P4 (the batch's `compose`) only a linked object is marked (see
-    /// ImportBatch). A new one has no link (links go with their object's tombstone).
-    /// @P1 connector, @P2 now, @P3 the run that saw them, @P4 compose; a row: anchor, object
-    /// type, attributes. Each anchor once: a MERGE may touch a row only once.
+    /// ImportBatch), and with @P5 (the batch composes these rows itself) none is. A new one has
+    /// no link (links go with their object's tombstone).
+    /// @P1 connector, @P2 now, @P3 the run that saw them, @P4 compose, @P5 composed; a row:
+    /// anchor, object type, attributes. Each anchor once: a MERGE may touch a row only once.
     pub const WRITE_OBJECTS: Shape = Shape {
         name: "WRITE_OBJECTS",
-        shared: 4,
+        shared: 5,
         per_row: 3,
         numbered: false,
         text: |r| {
-            format!("MERGE cs_objects AS c USING (VALUES {r}) AS v(anchor, object_type, attributes_json) ON c.connector_id = @P1 AND c.anchor = v.anchor WHEN MATCHED THEN UPDATE SET object_type = v.object_type, attributes_json = v.attributes_json, updated_at = @P2, dirty = CASE WHEN @P4 = 1 OR EXISTS (SELECT 1 FROM identity_links l WHERE l.connector_id = @P1 AND l.anchor = v.anchor) THEN 1 ELSE 0 END, deleted = 0, seen_run = COALESCE(@P3, c.seen_run), rev = c.rev + 1 WHEN NOT MATCHED THEN INSERT (connector_id, anchor, object_type, attributes_json, updated_at, dirty, deleted, seen_run, rev) VALUES (@P1, v.anchor, v.object_type, v.attributes_json, @P2, @P4, 0, @P3, 1);")
+            format!("MERGE cs_objects AS c USING (VALUES {r}) AS v(anchor, object_type, attributes_json) ON c.connector_id = @P1 AND c.anchor = v.anchor WHEN MATCHED THEN UPDATE SET object_type = v.object_type, attributes_json = v.attributes_json, updated_at = @P2, dirty = CASE WHEN @P5 = 1 THEN 0 WHEN @P4 = 1 OR EXISTS (SELECT 1 FROM identity_links l WHERE l.connector_id = @P1 AND l.anchor = v.anchor) THEN 1 ELSE 0 END, deleted = 0, seen_run = COALESCE(@P3, c.seen_run), rev = c.rev + 1 WHEN NOT MATCHED THEN INSERT (connector_id, anchor, object_type, attributes_json, updated_at, dirty, deleted, seen_run, rev) VALUES (@P1, v.anchor, v.object_type, v.attributes_json, @P2, CASE WHEN @P5 = 1 THEN 0 ELSE @P4 END, 0, @P3, 1);")
         },
     };
     /// Unchanged objects seen by a full import: only the run that saw them is recorded.
@@ -704,38 +705,35 @@ impl MssqlStore {
         let mut out = BatchOutcome::default();
         for round in rounds(&batch.objects) {
             // A later round compares with what the earlier ones wrote.
-            let stored = Self::stored_objects(w, &batch.connector, &round).await?;
+            let anchors: Vec<&String> = round.iter().map(|o| &o.anchor).collect();
+            let stored = Self::stored_objects_on(w, &batch.connector, &anchors).await?;
             let (mut writes, mut unchanged) = (Vec::new(), Vec::new());
             for o in round {
                 let s = stored.get(&o.anchor);
                 // Seen by this run already: in an earlier batch, or in an earlier round of
                 // this one, whose writes the read above sees (see `BatchOutcome::duplicates`).
-                if batch.seen_in_run.is_some()
-                    && s.is_some_and(|s| s.seen_run.as_ref() == batch.seen_in_run.as_ref())
-                {
+                if StoredObject::seen_by(s, batch.seen_in_run.as_ref()) {
                     out.duplicates.push(o.anchor.clone());
                     continue;
                 }
-                match s {
-                    None => {
-                        out.added += 1;
-                        writes.push(o);
-                    }
-                    Some(s)
-                        if s.object_type != o.object_type
-                            || s.attributes_json != o.attributes_json
-                            || s.deleted =>
-                    {
-                        out.updated += 1;
-                        writes.push(o);
-                    }
-                    Some(_) => {
-                        out.unchanged += 1;
-                        unchanged.push(o);
-                    }
+                if !StoredObject::changed_by(s, o) {
+                    out.unchanged += 1;
+                    unchanged.push(o);
+                    continue;
                 }
+                if s.is_some() {
+                    out.updated += 1;
+                } else {
+                    out.added += 1;
+                }
+                writes.push(o);
             }
             Self::write_round(w, batch, &writes, &unchanged, now_ms).await?;
+        }
+        if let Some(page) = &batch.composed {
+            for (q, p) in ComposeRows::of(&page.writes).statements() {
+                Self::exec(w, &q, &p).await?;
+            }
         }
         let count = batch.objects.len() as i32;
         let rows = Self::rows(
@@ -770,16 +768,23 @@ impl MssqlStore {
         unchanged: &[&CsObject],
         now_ms: i64,
     ) -> Result<(), StoreError> {
-        let shared: [&dyn ToSql; 4] = [
-            &batch.connector,
-            &now_ms,
-            &batch.seen_in_run,
-            &batch.compose,
-        ];
-        for (q, p) in chunked(&multi::WRITE_OBJECTS, &shared, writes, |o, p| {
-            p.extend([&o.anchor as &dyn ToSql, &o.object_type, &o.attributes_json])
-        }) {
-            Self::exec(w, &q, &p).await?;
+        // Objects the batch composes itself, and the rest: the two differ only in the mark.
+        let (composed, marked): (Vec<&CsObject>, Vec<&CsObject>) = writes
+            .iter()
+            .partition(|o| PageCompose::covers(&batch.composed, &o.anchor));
+        for (group, composed) in [(marked, false), (composed, true)] {
+            let shared: [&dyn ToSql; 5] = [
+                &batch.connector,
+                &now_ms,
+                &batch.seen_in_run,
+                &batch.compose,
+                &composed,
+            ];
+            for (q, p) in chunked(&multi::WRITE_OBJECTS, &shared, &group, |o, p| {
+                p.extend([&o.anchor as &dyn ToSql, &o.object_type, &o.attributes_json])
+            }) {
+                Self::exec(w, &q, &p).await?;
+            }
         }
         if let Some(run) = &batch.seen_in_run {
             let shared: [&dyn ToSql; 2] = [&batch.connector, run];
@@ -794,18 +799,16 @@ impl MssqlStore {
 
     /// The stored state of those of the objects that exist, by their anchor as the page spells
     /// it (the match is the server's collation's, as one object at a time).
-    async fn stored_objects(
+    async fn stored_objects_on(
         w: &mut dyn Wire,
         connector: &str,
-        objects: &[&CsObject],
-    ) -> Result<HashMap<String, Stored>, StoreError> {
+        anchors: &[&String],
+    ) -> Result<HashMap<String, StoredObject>, StoreError> {
         let mut stored = HashMap::new();
         let shared: [&dyn ToSql; 1] = [&connector];
-        for (q, p) in chunked(&multi::STORED_OBJECTS, &shared, objects, |o, p| {
-            p.push(&o.anchor)
-        }) {
+        for (q, p) in chunked(&multi::STORED_OBJECTS, &shared, anchors, |a, p| p.push(*a)) {
             for r in Self::rows(w, &q, &p).await? {
-                let s = Stored {
+                let s = StoredObject {
                     object_type: text(&r, 1)?,
                     attributes_json: text(&r, 2)?,
                     deleted: col(&r, 3)?,
@@ -905,13 +908,6 @@ fn poisoned() -> StoreError {
 }
 
 /// An object's stored state, as an import compares it.
-struct Stored {
-    object_type: String,
-    attributes_json: String,
-    deleted: bool,
-    seen_run: Option<String>,
-}
-
 /// The page's objects in rounds of distinct anchors, in page order: an anchor the page holds
 /// twice is written again in the next round, as writing one object at a time did (a MERGE may
 /// touch a row only once). Anchors that differ only in case count as one, as they do under
@@ -1991,6 +1987,20 @@ impl Store for MssqlStore {
             .next())
     }
 
+    async fn stored_objects(
+        &self,
+        connector: &str,
+        anchors: &[String],
+    ) -> Result<HashMap<String, StoredObject>, StoreError> {
+        if anchors.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let anchors: Vec<&String> = anchors.iter().collect();
+        let mut conn = self.take().await?;
+        let r = Self::stored_objects_on(&mut conn, connector, &anchors).await;
+        self.kept(conn, r)
+    }
+
     async fn links_for(
         &self,
         connector: &str,
@@ -2430,6 +2440,7 @@ mod tests {
             watermark: None,
             seen_in_run: Some("run-1".into()),
             compose: true,
+            composed: None,
         };
         (batch, stored)
     }
@@ -2486,6 +2497,39 @@ mod tests {
         assert_eq!(TX_FRAME + import(&batch, &stored).0.len(), 4);
     }
 
+    /// A page carrying its own compose adds the compose statements and, when it holds both
+    /// composed and marked objects, one MERGE; still no more as the page grows.
+    #[test]
+    fn a_page_with_its_compose_costs_a_constant_number_of_round_trips() {
+        let mut trips = Vec::new();
+        for n in [10, 300] {
+            let (mut batch, stored) = mixed_page(n);
+            let plain = import(&batch, &stored).0.len();
+            // Every other object composed by the page.
+            batch.composed = Some(PageCompose {
+                anchors: batch
+                    .objects
+                    .iter()
+                    .step_by(2)
+                    .map(|o| o.anchor.clone())
+                    .collect(),
+                writes: compose_chunk_of(n)
+                    .into_iter()
+                    .filter(|w| !matches!(w, ComposeWrite::Composed { .. }))
+                    .collect(),
+            });
+            let (sent, out) = import(&batch, &stored);
+            assert_eq!(out.added + out.updated + out.unchanged, n as u64);
+            assert_eq!(sent.last().map(String::as_str), Some(sql::IMPORT_TAIL));
+            let composed_merges = sent.iter().filter(|q| q.contains("@P5 = 1")).count();
+            assert_eq!(composed_merges, 2, "{sent:#?}");
+            trips.push((plain, sent.len()));
+        }
+        // The plain page as above; with its compose: one more MERGE, then keys deleted,
+        // identities, keys, links and audit (the page clears no marks).
+        assert_eq!(trips, vec![(5, 11), (5, 11)]);
+    }
+
     /// An anchor the page holds twice is compared with what the page wrote before it, read
     /// back in a second round.
     #[test]
@@ -2497,6 +2541,7 @@ mod tests {
             watermark: None,
             seen_in_run: None,
             compose: true,
+            composed: None,
         };
         let none = HashMap::new();
         let (sent, out) = import(
@@ -2538,6 +2583,7 @@ mod tests {
             watermark: None,
             seen_in_run: Some("run-1".into()),
             compose: true,
+            composed: None,
         };
         let none = HashMap::new();
         let (sent, out) = import(

@@ -70,6 +70,9 @@ type Builder<'q> = sqlx::QueryBuilder<'q, sqlx::Sqlite>;
 
 /// A built multi-row statement, kept out of the connection's statement cache: each distinct
 /// row count would otherwise stay in every connection's cache, hundreds of KiB apiece.
+/// An identity's end state in a compose: its row and join keys, or None when deleted.
+type IdentityPut<'a> = Option<(&'a IdentityRow, &'a Vec<(String, String)>)>;
+
 fn build_once<'b, 'args>(
     q: &'b mut Builder<'args>,
 ) -> sqlx::query::Query<'b, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'args>> {
@@ -206,6 +209,166 @@ impl SqliteStore {
             .bind(at)
             .execute(&mut **tx)
             .await?;
+        Ok(())
+    }
+
+    /// The end state of composer writes, inside the caller's fenced transaction.
+    async fn write_compose(tx: &mut Tx<'_>, writes: &[ComposeWrite]) -> Result<(), StoreError> {
+        // The final state of each identity and link the chunk touched (the writes are in order,
+        // so the last one wins), then a few multi-row statements: one round trip to SQLite's
+        // worker per statement, not several per object.
+        let mut identities: Vec<&str> = Vec::new();
+        let mut identity_state: HashMap<&str, IdentityPut<'_>> = HashMap::new();
+        let mut links: Vec<(&str, &str)> = Vec::new();
+        let mut link_state: HashMap<(&str, &str), Option<&LinkRow>> = HashMap::new();
+        let mut composed: Vec<(&str, &str, i64)> = Vec::new();
+        let mut audits: Vec<&AuditEntry> = Vec::new();
+        for w in writes {
+            match w {
+                ComposeWrite::PutIdentity { identity, keys } => {
+                    if identity_state
+                        .insert(&identity.id, Some((identity, keys)))
+                        .is_none()
+                    {
+                        identities.push(&identity.id);
+                    }
+                }
+                ComposeWrite::DeleteIdentity { id } => {
+                    if identity_state.insert(id, None).is_none() {
+                        identities.push(id);
+                    }
+                }
+                ComposeWrite::PutLink(l) => {
+                    let k = (l.connector_id.as_str(), l.anchor.as_str());
+                    if link_state.insert(k, Some(l)).is_none() {
+                        links.push(k);
+                    }
+                }
+                ComposeWrite::DeleteLink {
+                    connector_id,
+                    anchor,
+                } => {
+                    let k = (connector_id.as_str(), anchor.as_str());
+                    if link_state.insert(k, None).is_none() {
+                        links.push(k);
+                    }
+                }
+                ComposeWrite::Composed {
+                    connector_id,
+                    anchor,
+                    rev,
+                } => composed.push((connector_id, anchor, *rev)),
+                ComposeWrite::Audit(e) => audits.push(e),
+            }
+        }
+        // Identities: every touched one loses its keys; deleted ones go, the rest are upserted
+        // with their new keys.
+        for chunk in identities.chunks(ROWS_PER_STATEMENT) {
+            let mut q = Builder::new("DELETE FROM identity_keys WHERE identity_id IN ");
+            push_in(&mut q, chunk.iter().copied());
+            build_once(&mut q).execute(&mut **tx).await?;
+            let deleted: Vec<&str> = chunk
+                .iter()
+                .copied()
+                .filter(|id| identity_state[id].is_none())
+                .collect();
+            if !deleted.is_empty() {
+                let mut q = Builder::new("DELETE FROM identities WHERE id IN ");
+                push_in(&mut q, deleted);
+                build_once(&mut q).execute(&mut **tx).await?;
+            }
+            let puts: Vec<(&IdentityRow, &Vec<(String, String)>)> =
+                chunk.iter().filter_map(|id| identity_state[*id]).collect();
+            if puts.is_empty() {
+                continue;
+            }
+            let mut q = Builder::new(
+                "INSERT INTO identities (id, display_name, attributes_json, created_at, updated_at) ",
+            );
+            q.push_values(&puts, |mut row, (i, _)| {
+                row.push_bind(&i.id)
+                    .push_bind(&i.display_name)
+                    .push_bind(&i.attributes_json)
+                    .push_bind(i.created_at_ms)
+                    .push_bind(i.updated_at_ms);
+            });
+            q.push(
+                " ON CONFLICT (id) DO UPDATE SET display_name = excluded.display_name, \
+                 attributes_json = excluded.attributes_json, updated_at = excluded.updated_at",
+            );
+            build_once(&mut q).execute(&mut **tx).await?;
+            let keys: Vec<(&str, &(String, String))> = puts
+                .iter()
+                .flat_map(|(i, ks)| ks.iter().map(move |k| (i.id.as_str(), k)))
+                .collect();
+            for kc in keys.chunks(ROWS_PER_STATEMENT) {
+                let mut q =
+                    Builder::new("INSERT OR IGNORE INTO identity_keys (attr, value, identity_id) ");
+                q.push_values(kc, |mut row, (id, (attr, value))| {
+                    row.push_bind(attr).push_bind(value).push_bind(*id);
+                });
+                build_once(&mut q).execute(&mut **tx).await?;
+            }
+        }
+        for chunk in links.chunks(ROWS_PER_STATEMENT) {
+            let gone: Vec<&(&str, &str)> =
+                chunk.iter().filter(|k| link_state[*k].is_none()).collect();
+            if !gone.is_empty() {
+                let mut q = Builder::new("DELETE FROM identity_links WHERE rowid IN ");
+                let cols = ["connector_id", "anchor"];
+                push_rowids_matching(&mut q, "identity_links", &cols, gone, |r, (c, a)| {
+                    r.push_bind(*c);
+                    r.push_bind(*a);
+                });
+                build_once(&mut q).execute(&mut **tx).await?;
+            }
+            let puts: Vec<&LinkRow> = chunk.iter().filter_map(|k| link_state[k]).collect();
+            if !puts.is_empty() {
+                let mut q = Builder::new(
+                    "INSERT INTO identity_links (connector_id, anchor, identity_id, precedence, contribution_json) ",
+                );
+                q.push_values(&puts, |mut row, l| {
+                    row.push_bind(&l.connector_id)
+                        .push_bind(&l.anchor)
+                        .push_bind(&l.identity_id)
+                        .push_bind(l.precedence)
+                        .push_bind(&l.contribution_json);
+                });
+                q.push(
+                    " ON CONFLICT (connector_id, anchor) DO UPDATE SET identity_id = excluded.identity_id, \
+                     precedence = excluded.precedence, contribution_json = excluded.contribution_json",
+                );
+                build_once(&mut q).execute(&mut **tx).await?;
+            }
+        }
+        // Composed: a deleted object at that revision goes; any other loses its mark (only at
+        // the revision the composer read, so a newer import stays marked).
+        for chunk in composed.chunks(ROWS_PER_STATEMENT) {
+            for head in [
+                "DELETE FROM cs_objects WHERE deleted = 1 AND rowid IN ",
+                "UPDATE cs_objects SET dirty = 0 WHERE rowid IN ",
+            ] {
+                let mut q = Builder::new(head);
+                let cols = ["connector_id", "anchor", "rev"];
+                push_rowids_matching(&mut q, "cs_objects", &cols, chunk, |r, (c, a, rev)| {
+                    r.push_bind(*c);
+                    r.push_bind(*a);
+                    r.push_bind(*rev);
+                });
+                build_once(&mut q).execute(&mut **tx).await?;
+            }
+        }
+        for chunk in audits.chunks(ROWS_PER_STATEMENT) {
+            let mut q = Builder::new("INSERT INTO audit_log (at, actor, action, target, detail) ");
+            q.push_values(chunk, |mut row, e| {
+                row.push_bind(e.at_ms)
+                    .push_bind(&e.actor)
+                    .push_bind(&e.action)
+                    .push_bind(&e.target)
+                    .push_bind(&e.detail);
+            });
+            build_once(&mut q).execute(&mut **tx).await?;
+        }
         Ok(())
     }
 }
@@ -373,13 +536,11 @@ impl Store for SqliteStore {
         Self::check_fence(&mut tx, token).await?;
         // A handful of statements per batch, not a few per object: every statement is a round
         // trip to SQLite's worker thread, and those trips, not SQLite, bound the import rate.
-        // Stored object type, attributes, deleted, linked to an identity, the run that last
-        // saw it.
-        let mut existing: HashMap<String, (String, String, bool, bool, Option<String>)> =
-            HashMap::new();
+        // What is stored for the page's anchors, and whether each is linked to an identity.
+        let mut existing: HashMap<String, (StoredObject, bool)> = HashMap::new();
         for chunk in batch.objects.chunks(ROWS_PER_STATEMENT) {
             let mut q = Builder::new(
-                "SELECT c.anchor, c.object_type, c.attributes_json, c.deleted, l.anchor IS NOT NULL, c.seen_run \
+                "SELECT c.anchor, c.object_type, c.attributes_json, c.deleted, c.seen_run, l.anchor IS NOT NULL \
                  FROM cs_objects c LEFT JOIN identity_links l \
                  ON l.connector_id = c.connector_id AND l.anchor = c.anchor WHERE c.connector_id = ",
             );
@@ -388,48 +549,40 @@ impl Store for SqliteStore {
             for r in build_once(&mut q).fetch_all(&mut *tx).await? {
                 existing.insert(
                     r.try_get(0)?,
-                    (
-                        r.try_get(1)?,
-                        r.try_get(2)?,
-                        r.try_get::<i64, _>(3)? != 0,
-                        r.try_get::<i64, _>(4)? != 0,
-                        r.try_get(5)?,
-                    ),
+                    (stored_object(&r, 1)?, r.try_get::<i64, _>(5)? != 0),
                 );
             }
         }
         let mut out = BatchOutcome::default();
         // Each written object with its composer mark (see `ImportBatch::compose`); a new object
-        // has no link (links go with their object's tombstone).
+        // has no link (links go with their object's tombstone). An object the batch composes
+        // itself carries no mark.
         let mut writes: Vec<(&CsObject, bool)> = Vec::new();
         let mut unchanged = Vec::new();
         // With deletion detection, each anchor once per run (see `BatchOutcome::duplicates`).
         let mut in_batch = HashSet::new();
         for o in &batch.objects {
             let stored = existing.get(&o.anchor);
-            if let Some(run) = &batch.seen_in_run {
-                let earlier = stored.is_some_and(|s| s.4.as_ref() == Some(run));
-                if earlier || !in_batch.insert(o.anchor.as_str()) {
-                    out.duplicates.push(o.anchor.clone());
-                    continue;
-                }
+            if batch.seen_in_run.is_some()
+                && (StoredObject::seen_by(stored.map(|(s, _)| s), batch.seen_in_run.as_ref())
+                    || !in_batch.insert(o.anchor.as_str()))
+            {
+                out.duplicates.push(o.anchor.clone());
+                continue;
             }
-            match stored {
-                None => {
-                    out.added += 1;
-                    writes.push((o, batch.compose));
-                }
-                Some((ot, attrs, deleted, linked, _))
-                    if *ot != o.object_type || *attrs != o.attributes_json || *deleted =>
-                {
-                    out.updated += 1;
-                    writes.push((o, batch.compose || *linked));
-                }
-                Some(_) => {
-                    out.unchanged += 1;
-                    unchanged.push(o);
-                }
+            if !StoredObject::changed_by(stored.map(|(s, _)| s), o) {
+                out.unchanged += 1;
+                unchanged.push(o);
+                continue;
             }
+            let linked = stored.is_some_and(|(_, linked)| *linked);
+            if stored.is_some() {
+                out.updated += 1;
+            } else {
+                out.added += 1;
+            }
+            let composed = PageCompose::covers(&batch.composed, &o.anchor);
+            writes.push((o, !composed && (batch.compose || linked)));
         }
         for chunk in writes.chunks(ROWS_PER_STATEMENT) {
             let mut q = Builder::new(
@@ -490,6 +643,9 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await?
         .last_insert_rowid();
+        if let Some(page) = &batch.composed {
+            Self::write_compose(&mut tx, &page.writes).await?;
+        }
         Self::journal_insert(&mut tx, "batch", token.epoch, &token.instance, now_ms).await?;
         tx.commit().await?;
         out.seq = seq as u64;
@@ -1020,6 +1176,25 @@ impl Store for SqliteStore {
         rows.iter().map(run_row).collect()
     }
 
+    async fn stored_objects(
+        &self,
+        connector: &str,
+        anchors: &[String],
+    ) -> Result<HashMap<String, StoredObject>, StoreError> {
+        let mut out = HashMap::new();
+        for chunk in anchors.chunks(ROWS_PER_STATEMENT) {
+            let mut q = Builder::new(
+                "SELECT anchor, object_type, attributes_json, deleted, seen_run FROM cs_objects WHERE connector_id = ",
+            );
+            q.push_bind(connector).push(" AND anchor IN ");
+            push_in(&mut q, chunk.iter());
+            for r in build_once(&mut q).fetch_all(&self.pool).await? {
+                out.insert(r.try_get(0)?, stored_object(&r, 1)?);
+            }
+        }
+        Ok(out)
+    }
+
     async fn dirty_objects(
         &self,
         connector: &str,
@@ -1255,162 +1430,7 @@ impl Store for SqliteStore {
     ) -> Result<(), StoreError> {
         let (_slot, mut tx) = self.begin_locked().await?;
         Self::check_fence(&mut tx, token).await?;
-        // The final state of each identity and link the chunk touched (the writes are in order,
-        // so the last one wins), then a few multi-row statements: one round trip to SQLite's
-        // worker per statement, not several per object.
-        let mut identities: Vec<&str> = Vec::new();
-        let mut identity_state: HashMap<&str, Option<(&IdentityRow, &Vec<(String, String)>)>> =
-            HashMap::new();
-        let mut links: Vec<(&str, &str)> = Vec::new();
-        let mut link_state: HashMap<(&str, &str), Option<&LinkRow>> = HashMap::new();
-        let mut composed: Vec<(&str, &str, i64)> = Vec::new();
-        let mut audits: Vec<&AuditEntry> = Vec::new();
-        for w in writes {
-            match w {
-                ComposeWrite::PutIdentity { identity, keys } => {
-                    if identity_state
-                        .insert(&identity.id, Some((identity, keys)))
-                        .is_none()
-                    {
-                        identities.push(&identity.id);
-                    }
-                }
-                ComposeWrite::DeleteIdentity { id } => {
-                    if identity_state.insert(id, None).is_none() {
-                        identities.push(id);
-                    }
-                }
-                ComposeWrite::PutLink(l) => {
-                    let k = (l.connector_id.as_str(), l.anchor.as_str());
-                    if link_state.insert(k, Some(l)).is_none() {
-                        links.push(k);
-                    }
-                }
-                ComposeWrite::DeleteLink {
-                    connector_id,
-                    anchor,
-                } => {
-                    let k = (connector_id.as_str(), anchor.as_str());
-                    if link_state.insert(k, None).is_none() {
-                        links.push(k);
-                    }
-                }
-                ComposeWrite::Composed {
-                    connector_id,
-                    anchor,
-                    rev,
-                } => composed.push((connector_id, anchor, *rev)),
-                ComposeWrite::Audit(e) => audits.push(e),
-            }
-        }
-        // Identities: every touched one loses its keys; deleted ones go, the rest are upserted
-        // with their new keys.
-        for chunk in identities.chunks(ROWS_PER_STATEMENT) {
-            let mut q = Builder::new("DELETE FROM identity_keys WHERE identity_id IN ");
-            push_in(&mut q, chunk.iter().copied());
-            build_once(&mut q).execute(&mut *tx).await?;
-            let deleted: Vec<&str> = chunk
-                .iter()
-                .copied()
-                .filter(|id| identity_state[id].is_none())
-                .collect();
-            if !deleted.is_empty() {
-                let mut q = Builder::new("DELETE FROM identities WHERE id IN ");
-                push_in(&mut q, deleted);
-                build_once(&mut q).execute(&mut *tx).await?;
-            }
-            let puts: Vec<(&IdentityRow, &Vec<(String, String)>)> =
-                chunk.iter().filter_map(|id| identity_state[*id]).collect();
-            if puts.is_empty() {
-                continue;
-            }
-            let mut q = Builder::new(
-                "INSERT INTO identities (id, display_name, attributes_json, created_at, updated_at) ",
-            );
-            q.push_values(&puts, |mut row, (i, _)| {
-                row.push_bind(&i.id)
-                    .push_bind(&i.display_name)
-                    .push_bind(&i.attributes_json)
-                    .push_bind(i.created_at_ms)
-                    .push_bind(i.updated_at_ms);
-            });
-            q.push(
-                " ON CONFLICT (id) DO UPDATE SET display_name = excluded.display_name, \
-                 attributes_json = excluded.attributes_json, updated_at = excluded.updated_at",
-            );
-            build_once(&mut q).execute(&mut *tx).await?;
-            let keys: Vec<(&str, &(String, String))> = puts
-                .iter()
-                .flat_map(|(i, ks)| ks.iter().map(move |k| (i.id.as_str(), k)))
-                .collect();
-            for kc in keys.chunks(ROWS_PER_STATEMENT) {
-                let mut q =
-                    Builder::new("INSERT OR IGNORE INTO identity_keys (attr, value, identity_id) ");
-                q.push_values(kc, |mut row, (id, (attr, value))| {
-                    row.push_bind(attr).push_bind(value).push_bind(*id);
-                });
-                build_once(&mut q).execute(&mut *tx).await?;
-            }
-        }
-        for chunk in links.chunks(ROWS_PER_STATEMENT) {
-            let gone: Vec<&(&str, &str)> =
-                chunk.iter().filter(|k| link_state[*k].is_none()).collect();
-            if !gone.is_empty() {
-                let mut q = Builder::new("DELETE FROM identity_links WHERE rowid IN ");
-                let cols = ["connector_id", "anchor"];
-                push_rowids_matching(&mut q, "identity_links", &cols, gone, |r, (c, a)| {
-                    r.push_bind(*c);
-                    r.push_bind(*a);
-                });
-                build_once(&mut q).execute(&mut *tx).await?;
-            }
-            let puts: Vec<&LinkRow> = chunk.iter().filter_map(|k| link_state[k]).collect();
-            if !puts.is_empty() {
-                let mut q = Builder::new(
-                    "INSERT INTO identity_links (connector_id, anchor, identity_id, precedence, contribution_json) ",
-                );
-                q.push_values(&puts, |mut row, l| {
-                    row.push_bind(&l.connector_id)
-                        .push_bind(&l.anchor)
-                        .push_bind(&l.identity_id)
-                        .push_bind(l.precedence)
-                        .push_bind(&l.contribution_json);
-                });
-                q.push(
-                    " ON CONFLICT (connector_id, anchor) DO UPDATE SET identity_id = excluded.identity_id, \
-                     precedence = excluded.precedence, contribution_json = excluded.contribution_json",
-                );
-                build_once(&mut q).execute(&mut *tx).await?;
-            }
-        }
-        // Composed: a deleted object at that revision goes; any other loses its mark (only at
-        // the revision the composer read, so a newer import stays marked).
-        for chunk in composed.chunks(ROWS_PER_STATEMENT) {
-            for head in [
-                "DELETE FROM cs_objects WHERE deleted = 1 AND rowid IN ",
-                "UPDATE cs_objects SET dirty = 0 WHERE rowid IN ",
-            ] {
-                let mut q = Builder::new(head);
-                let cols = ["connector_id", "anchor", "rev"];
-                push_rowids_matching(&mut q, "cs_objects", &cols, chunk, |r, (c, a, rev)| {
-                    r.push_bind(*c);
-                    r.push_bind(*a);
-                    r.push_bind(*rev);
-                });
-                build_once(&mut q).execute(&mut *tx).await?;
-            }
-        }
-        for chunk in audits.chunks(ROWS_PER_STATEMENT) {
-            let mut q = Builder::new("INSERT INTO audit_log (at, actor, action, target, detail) ");
-            q.push_values(chunk, |mut row, e| {
-                row.push_bind(e.at_ms)
-                    .push_bind(&e.actor)
-                    .push_bind(&e.action)
-                    .push_bind(&e.target)
-                    .push_bind(&e.detail);
-            });
-            build_once(&mut q).execute(&mut *tx).await?;
-        }
+        Self::write_compose(&mut tx, writes).await?;
         Self::journal_insert(&mut tx, "compose", token.epoch, &token.instance, now_ms).await?;
         tx.commit().await?;
         Ok(())
@@ -1576,6 +1596,17 @@ fn run_row(r: &sqlx::sqlite::SqliteRow) -> Result<RunRow, StoreError> {
 
 const LINK_COLUMNS: &str =
     "SELECT connector_id, anchor, identity_id, precedence, contribution_json FROM identity_links";
+
+/// The stored object in the row's columns from `at`: object type, attributes, deleted, the
+/// run that last saw it.
+fn stored_object(r: &sqlx::sqlite::SqliteRow, at: usize) -> Result<StoredObject, StoreError> {
+    Ok(StoredObject {
+        object_type: r.try_get(at)?,
+        attributes_json: r.try_get(at + 1)?,
+        deleted: r.try_get::<i64, _>(at + 2)? != 0,
+        seen_run: r.try_get(at + 3)?,
+    })
+}
 
 fn link_row(r: &sqlx::sqlite::SqliteRow) -> Result<LinkRow, StoreError> {
     Ok(LinkRow {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use tokio::sync::Mutex;
 
-use identitymesh_connectors::model::{Attributes, Value};
+use identitymesh_connectors::model::{Attributes, ConnectorObject, Value};
 use serde::{Deserialize, Serialize};
 
 use super::composer::{self, CompiledRules, Contribution, JoinDecision, MergedIdentity};
@@ -64,7 +64,7 @@ struct StoredObject {
     attributes: Attributes,
 }
 
-/// A chunk object's stored attributes, parsed once for the join-key prefetch and the compose.
+/// An object's attributes, parsed once for the join-key prefetch and the compose.
 enum Parsed {
     /// Deleted, or of a type no rule reads: its attributes are not needed.
     Skipped,
@@ -72,14 +72,46 @@ enum Parsed {
     Unreadable(String),
 }
 
-impl Parsed {
-    fn of(obj: &DirtyObject, rules: &CompiledRules) -> Parsed {
-        if obj.deleted || !rules.has(&obj.object_type) {
-            return Parsed::Skipped;
+/// One object for the composer: a marked one read back from the store, or one of an import
+/// page still in hand (`rev` None: no mark to clear).
+pub struct Item {
+    anchor: String,
+    object_type: String,
+    deleted: bool,
+    rev: Option<i64>,
+    parsed: Parsed,
+}
+
+impl Item {
+    fn marked(obj: DirtyObject, rules: &CompiledRules) -> Item {
+        let parsed = if obj.deleted || !rules.has(&obj.object_type) {
+            Parsed::Skipped
+        } else {
+            match serde_json::from_str(&obj.attributes_json) {
+                Ok(s) => Parsed::Object(s),
+                Err(e) => Parsed::Unreadable(e.to_string()),
+            }
+        };
+        Item {
+            anchor: obj.anchor,
+            object_type: obj.object_type,
+            deleted: obj.deleted,
+            rev: Some(obj.rev),
+            parsed,
         }
-        match serde_json::from_str(&obj.attributes_json) {
-            Ok(s) => Parsed::Object(s),
-            Err(e) => Parsed::Unreadable(e.to_string()),
+    }
+
+    /// An imported object of a type the rules read, composed before its page commits.
+    pub fn imported(o: ConnectorObject) -> Item {
+        Item {
+            anchor: o.anchor,
+            object_type: o.object_type,
+            deleted: false,
+            rev: None,
+            parsed: Parsed::Object(StoredObject {
+                dn: o.dn,
+                attributes: o.attributes,
+            }),
         }
     }
 }
@@ -131,10 +163,9 @@ impl Prefetch {
     async fn load(
         store: &Arc<dyn Store>,
         ctx: &ComposeContext<'_>,
-        chunk: &[DirtyObject],
-        parsed: &[Parsed],
+        items: &[Item],
     ) -> Result<Prefetch, StoreError> {
-        let anchors: Vec<String> = chunk.iter().map(|o| o.anchor.clone()).collect();
+        let anchors: Vec<String> = items.iter().map(|o| o.anchor.clone()).collect();
         let links: HashMap<String, LinkRow> = store
             .links_for(ctx.connector_id, &anchors)
             .await?
@@ -142,11 +173,11 @@ impl Prefetch {
             .map(|l| (l.anchor.clone(), l))
             .collect();
         let mut wanted = BTreeSet::new();
-        for (o, p) in chunk.iter().zip(parsed) {
+        for o in items {
             if links.contains_key(&o.anchor) {
                 continue;
             }
-            if let Parsed::Object(stored) = p {
+            if let Parsed::Object(stored) = &o.parsed {
                 wanted.extend(ctx.rules.join_keys(
                     &o.object_type,
                     &stored.attributes,
@@ -247,31 +278,41 @@ pub async fn compose_pending(
         if chunk.is_empty() {
             return Ok(counts);
         }
-        let parsed: Vec<Parsed> = chunk.iter().map(|o| Parsed::of(o, ctx.rules)).collect();
-        let mut overlay = Overlay {
-            base: Prefetch::load(store, ctx, &chunk, &parsed).await?,
-            ..Overlay::default()
-        };
-        let mut writes = Vec::new();
-        for (obj, parsed) in chunk.iter().zip(parsed) {
-            compose_one(
-                store,
-                ctx,
-                obj,
-                parsed,
-                &mut overlay,
-                &mut writes,
-                &mut counts,
-            )
-            .await?;
-            writes.push(ComposeWrite::Composed {
-                connector_id: ctx.connector_id.to_string(),
-                anchor: obj.anchor.clone(),
-                rev: obj.rev,
-            });
-        }
+        let items: Vec<Item> = chunk
+            .into_iter()
+            .map(|o| Item::marked(o, ctx.rules))
+            .collect();
+        let writes = compose_items(store, ctx, items, &mut counts).await?;
         commit(store, engine, &writes).await?;
     }
+}
+
+/// The composer's writes for these objects, as one transaction must commit them; each marked
+/// object's mark is cleared at the revision read. The caller holds the composer's serial lock
+/// from its reads to the commit.
+pub async fn compose_items(
+    store: &Arc<dyn Store>,
+    ctx: &ComposeContext<'_>,
+    items: Vec<Item>,
+    counts: &mut ComposeCounts,
+) -> Result<Vec<ComposeWrite>, StoreError> {
+    let mut overlay = Overlay {
+        base: Prefetch::load(store, ctx, &items).await?,
+        ..Overlay::default()
+    };
+    let mut writes = Vec::new();
+    for item in items {
+        let (anchor, rev) = (item.anchor.clone(), item.rev);
+        compose_one(store, ctx, item, &mut overlay, &mut writes, counts).await?;
+        if let Some(rev) = rev {
+            writes.push(ComposeWrite::Composed {
+                connector_id: ctx.connector_id.to_string(),
+                anchor,
+                rev,
+            });
+        }
+    }
+    Ok(writes)
 }
 
 /// Rewrites every identity's join keys for a new set of key attributes (a connector started
@@ -414,30 +455,36 @@ fn display_name(m: &MergedIdentity, fallback: &str) -> String {
 async fn compose_one(
     store: &Arc<dyn Store>,
     ctx: &ComposeContext<'_>,
-    obj: &DirtyObject,
-    parsed: Parsed,
+    item: Item,
     overlay: &mut Overlay,
     writes: &mut Vec<ComposeWrite>,
     counts: &mut ComposeCounts,
 ) -> Result<(), StoreError> {
+    let Item {
+        anchor,
+        object_type,
+        deleted,
+        parsed,
+        ..
+    } = item;
     // Every anchor of the chunk was prefetched: absent means not linked.
-    let link = overlay.base.links.get(&obj.anchor).cloned();
-    if link.is_none() && !ctx.rules.has(&obj.object_type) {
+    let link = overlay.base.links.get(&anchor).cloned();
+    if link.is_none() && !ctx.rules.has(&object_type) {
         // Nothing to join or supply, and no contribution to remove.
         return Ok(());
     }
-    let location = format!("{}:{}", obj.object_type, obj.anchor);
+    let location = format!("{}:{}", object_type, anchor);
     // Gone from the directory, or no longer read by any rule: the contribution goes.
-    if obj.deleted || !ctx.rules.has(&obj.object_type) {
+    if deleted || !ctx.rules.has(&object_type) {
         if let Some(l) = link {
             writes.push(ComposeWrite::DeleteLink {
                 connector_id: ctx.connector_id.to_string(),
-                anchor: obj.anchor.clone(),
+                anchor: anchor.clone(),
             });
             apply(
                 store,
                 ctx,
-                obj,
+                &anchor,
                 &l.identity_id,
                 None,
                 overlay,
@@ -465,9 +512,7 @@ async fn compose_one(
     let identity_id = match &link {
         Some(l) => l.identity_id.clone(),
         None => {
-            let keys = ctx
-                .rules
-                .join_keys(&obj.object_type, &stored.attributes, dn);
+            let keys = ctx.rules.join_keys(&object_type, &stored.attributes, dn);
             let mut per_rule = Vec::with_capacity(keys.len());
             for (attr, value) in &keys {
                 let mut found = lookup_key(store, overlay, attr, value).await?;
@@ -484,7 +529,7 @@ async fn compose_one(
                 }
                 per_rule.push(free);
             }
-            match composer::decide(None, &per_rule, ctx.rules.project(&obj.object_type)) {
+            match composer::decide(None, &per_rule, ctx.rules.project(&object_type)) {
                 JoinDecision::Join(id) | JoinDecision::Linked(id) => id,
                 JoinDecision::Project => {
                     // A fresh id: known absent, so nothing is looked up for it. Time-ordered
@@ -514,12 +559,10 @@ async fn compose_one(
             }
         }
     };
-    let contribution = ctx
-        .rules
-        .contribution(&obj.object_type, &stored.attributes, dn);
+    let contribution = ctx.rules.contribution(&object_type, &stored.attributes, dn);
     let new_link = LinkRow {
         connector_id: ctx.connector_id.to_string(),
-        anchor: obj.anchor.clone(),
+        anchor: anchor.clone(),
         identity_id: identity_id.clone(),
         precedence: ctx.rules.precedence() as i64,
         contribution_json: serde_json::to_string(&contribution).unwrap_or_else(|_| "{}".into()),
@@ -530,7 +573,7 @@ async fn compose_one(
     apply(
         store,
         ctx,
-        obj,
+        &anchor,
         &identity_id,
         Some(new_link),
         overlay,
@@ -545,7 +588,7 @@ async fn compose_one(
 async fn apply(
     store: &Arc<dyn Store>,
     ctx: &ComposeContext<'_>,
-    obj: &DirtyObject,
+    anchor: &str,
     identity_id: &str,
     new_link: Option<LinkRow>,
     overlay: &mut Overlay,
@@ -558,7 +601,7 @@ async fn apply(
         .map(|s| s.links.clone())
         .unwrap_or_default()
         .into_iter()
-        .filter(|l| !(l.connector_id == ctx.connector_id && l.anchor == obj.anchor))
+        .filter(|l| !(l.connector_id == ctx.connector_id && l.anchor == anchor))
         .collect();
     if let Some(l) = new_link {
         links.push(l);
@@ -579,7 +622,7 @@ async fn apply(
                 "identity.delete",
                 identity_id,
                 ctx,
-                obj,
+                anchor,
                 &before_merged.attributes,
                 &Attributes::new(),
                 now,
@@ -619,7 +662,7 @@ async fn apply(
             action,
             identity_id,
             ctx,
-            obj,
+            anchor,
             &before_merged.attributes,
             &merged.attributes,
             now,
@@ -642,7 +685,7 @@ fn audit(
     action: &str,
     identity_id: &str,
     ctx: &ComposeContext<'_>,
-    obj: &DirtyObject,
+    anchor: &str,
     before: &Attributes,
     after: &Attributes,
     now: i64,
@@ -650,7 +693,7 @@ fn audit(
     let detail = serde_json::json!({
         "run": ctx.run_id,
         "connector": ctx.connector_id,
-        "anchor": obj.anchor,
+        "anchor": anchor,
         "changes": composer::diff(before, after),
     });
     ComposeWrite::Audit(AuditEntry {

@@ -3,11 +3,11 @@
 //! time across the cluster (the store refuses a second), and none while the engine is paused
 //! or this instance is not active.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use identitymesh_connectors::model::{ImportMode, Page};
+use identitymesh_connectors::model::{ConnectorObject, ImportMode, Page};
 use identitymesh_signalr::hub::HubHandle;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Notify};
@@ -20,8 +20,8 @@ use crate::secrets::Secrets;
 use identitymesh_connectors::roots::DropRoots;
 
 use crate::store::{
-    now_ms, AuditEntry, ConnectorRow, CsObject, ImportBatch, Role, RunRow, ScheduleAdvance, Store,
-    StoreError,
+    now_ms, AuditEntry, ConnectorRow, CsObject, ImportBatch, PageCompose, Role, RunRow,
+    ScheduleAdvance, Store, StoreError, StoredObject,
 };
 
 /// The setting that pauses the engine (the runbook's drain step).
@@ -357,14 +357,20 @@ impl SyncEngine {
             self.import(row, rules, mode, run, errors, None).await?;
             self.compose_pending(&ctx, true).await?
         } else {
-            // The composer follows the import page by page, so its work overlaps the directory
-            // read instead of starting after it. Safe at any point: an object marked at a newer
-            // revision than the one composed stays marked.
+            // Each page of a ruled type is composed from the objects in hand and committed with
+            // them (see `write_pages`). The composer follows the import page by page for what
+            // is still marked (objects marked before the run, deletions), so its work overlaps
+            // the directory read instead of starting after it. Safe at any point: an object
+            // marked at a newer revision than the one composed stays marked.
             let imported = AtomicBool::new(false);
             let wake = Notify::new();
+            let following = Following {
+                ctx: &ctx,
+                committed: &wake,
+            };
             let import = async {
                 let r = self
-                    .import(row, rules, mode, run, errors, Some(&wake))
+                    .import(row, rules, mode, run, errors, Some(&following))
                     .await;
                 imported.store(true, Ordering::SeqCst);
                 wake.notify_one();
@@ -429,7 +435,7 @@ impl SyncEngine {
         mode: RunMode,
         run: &mut RunRow,
         errors: &mut Vec<ObjectError>,
-        committed: Option<&Notify>,
+        following: Option<&Following<'_>>,
     ) -> Result<(), RunFailure> {
         let (source, cfg) =
             Source::build(row, &self.secrets, self.hub.as_ref(), &self.csv_roots).await?;
@@ -453,8 +459,9 @@ impl SyncEngine {
                 watermark: None,
                 seen_in_run: full.then(|| run.id.clone()),
                 compose: rules.has(&object_type),
+                composed: None,
             };
-            let write = self.write_pages(template, rx, run, errors, committed);
+            let write = self.write_pages(template, rx, run, errors, following);
             let (read, write) = tokio::join!(read, write);
             // A write failure (fenced, demoted) is the cause when both failed: the reader only
             // saw its channel close.
@@ -468,6 +475,7 @@ impl SyncEngine {
                     watermark: summary.watermark.clone(),
                     seen_in_run: None,
                     compose: false,
+                    composed: None,
                 };
                 let batch = &batch;
                 self.fenced(|t| async move {
@@ -566,14 +574,17 @@ impl SyncEngine {
             .ok_or(RunFailure::NotActive)??)
     }
 
-    /// Commits each page as one fenced batch like `template` (its objects empty).
+    /// Commits each page as one fenced batch like `template` (its objects empty). With the
+    /// composer following, a page of a type the rules read carries the composer's writes for
+    /// the objects it changes, so they are composed without being marked, read back and parsed
+    /// again, and rewritten to clear the mark.
     async fn write_pages(
         &self,
         template: ImportBatch,
         mut rx: mpsc::Receiver<Page>,
         run: &mut RunRow,
         errors: &mut Vec<ObjectError>,
-        committed: Option<&Notify>,
+        following: Option<&Following<'_>>,
     ) -> Result<(), RunFailure> {
         while let Some(page) = rx.recv().await {
             for r in &page.rejected {
@@ -588,22 +599,31 @@ impl SyncEngine {
             if page.objects.is_empty() {
                 continue;
             }
+            // Where each object came from (a CSV row), for the store's duplicate refusals.
             let mut locations = Vec::with_capacity(page.objects.len());
-            let batch = ImportBatch {
-                objects: page
-                    .objects
-                    .into_iter()
-                    .map(|o| {
-                        let object = CsObject {
-                            attributes_json: o.attributes_json(),
-                            anchor: o.anchor,
-                            object_type: o.object_type,
-                        };
-                        locations.push(o.location);
-                        object
-                    })
-                    .collect(),
-                ..template.clone()
+            let objects: Vec<ConnectorObject> = page
+                .objects
+                .into_iter()
+                .map(|mut o| {
+                    locations.push(o.location.take());
+                    o
+                })
+                .collect();
+            let inline = following.filter(|_| template.compose);
+            // Held from the reads the page's compose makes to its commit, as for any chunk.
+            let _serial = match inline {
+                Some(_) => Some(self.compose_serial.lock().await),
+                None => None,
+            };
+            let (batch, counts) = match inline {
+                Some(f) => self.composed_page(&template, objects, f.ctx).await?,
+                None => (
+                    ImportBatch {
+                        objects: objects.into_iter().map(cs_object).collect(),
+                        ..template.clone()
+                    },
+                    compose::ComposeCounts::default(),
+                ),
             };
             let batch = &batch;
             let out = self
@@ -611,15 +631,83 @@ impl SyncEngine {
                     |t| async move { self.store.commit_import_batch(&t, batch, now_ms()).await },
                 )
                 .await?;
-            if let Some(n) = committed {
-                n.notify_one();
+            drop(_serial);
+            if let Some(f) = following {
+                f.committed.notify_one();
             }
             run.added += out.added as i64;
             run.updated += out.updated as i64;
             run.unchanged += out.unchanged as i64;
             report_duplicates(batch, &locations, &out.duplicates, run, errors);
+            run.failed += counts.failed as i64;
+            for e in counts.errors {
+                if errors.len() < MAX_ERRORS {
+                    errors.push(e);
+                }
+            }
         }
         Ok(())
+    }
+
+    /// The page as a batch carrying the composer's writes for the objects it changes (the
+    /// store's own rules, [`StoredObject::changed_by`] and, for duplicates the store will
+    /// refuse, [`StoredObject::seen_by`]); unchanged ones keep whatever mark they have, for
+    /// the composer that follows.
+    async fn composed_page(
+        &self,
+        template: &ImportBatch,
+        page: Vec<ConnectorObject>,
+        ctx: &ComposeContext<'_>,
+    ) -> Result<(ImportBatch, compose::ComposeCounts), RunFailure> {
+        let anchors: Vec<String> = page.iter().map(|o| o.anchor.clone()).collect();
+        let stored = self
+            .store
+            .stored_objects(&template.connector, &anchors)
+            .await?;
+        let mut objects = Vec::with_capacity(page.len());
+        let mut items = Vec::new();
+        let mut composed = PageCompose::default();
+        let mut in_page = HashSet::new();
+        for o in page {
+            let cs = CsObject {
+                attributes_json: o.attributes_json(),
+                anchor: o.anchor.clone(),
+                object_type: o.object_type.clone(),
+            };
+            let s = stored.get(&cs.anchor);
+            let first = in_page.insert(cs.anchor.clone());
+            if first
+                && !StoredObject::seen_by(s, template.seen_in_run.as_ref())
+                && StoredObject::changed_by(s, &cs)
+            {
+                composed.anchors.insert(cs.anchor.clone());
+                items.push(compose::Item::imported(o));
+            }
+            objects.push(cs);
+        }
+        let mut counts = compose::ComposeCounts::default();
+        composed.writes = compose::compose_items(&self.store, ctx, items, &mut counts).await?;
+        let batch = ImportBatch {
+            objects,
+            composed: Some(composed),
+            ..template.clone()
+        };
+        Ok((batch, counts))
+    }
+}
+
+/// What the composer following an import needs from it.
+struct Following<'a> {
+    ctx: &'a ComposeContext<'a>,
+    /// Woken after each page commits.
+    committed: &'a Notify,
+}
+
+fn cs_object(o: ConnectorObject) -> CsObject {
+    CsObject {
+        attributes_json: o.attributes_json(),
+        anchor: o.anchor,
+        object_type: o.object_type,
     }
 }
 
