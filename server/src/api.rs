@@ -30,6 +30,8 @@ pub struct AppState {
     pub hub: Option<identitymesh_signalr::hub::HubHandle>,
     /// Connector runs, schedules, secrets (absent in tests of the bare API).
     pub sync: Option<Arc<crate::sync::runner::SyncEngine>>,
+    /// Browser sessions sealed with the key ring's cookie keys (absent: bearer tokens only).
+    pub sessions: Option<Arc<crate::session::Sessions>>,
 }
 
 /// A relay is shown Connected while its hub connection is recorded and seen this recently.
@@ -236,14 +238,25 @@ impl axum::extract::FromRequestParts<AppState> for Caller {
             .ok_or_else(|| {
                 Problem::internal(format!("route {method} {path} declares no permission"))
             })?;
-        let p = st
-            .auth
-            .authenticate(bearer(&parts.headers))
-            .await
-            .map_err(|e| match e {
-                crate::auth::AuthError::KeysUnavailable(m) => Problem::unavailable(m),
-                other => Problem::unauthorized(other.to_string()),
-            })?;
+        let p = match (
+            bearer(&parts.headers),
+            crate::api_auth::cookie_session(parts, st),
+        ) {
+            // A bearer token wins; a request with one is no browser's cookie request.
+            (b @ Some(_), _) | (b @ None, crate::api_auth::CookieAuth::None) => {
+                st.auth.authenticate(b).await.map_err(|e| match e {
+                    crate::auth::AuthError::KeysUnavailable(m) => Problem::unavailable(m),
+                    other => Problem::unauthorized(other.to_string()),
+                })?
+            }
+            (None, crate::api_auth::CookieAuth::Rejected(m)) => {
+                return Err(Problem::unauthorized(m))
+            }
+            (None, crate::api_auth::CookieAuth::CsrfRefused(m)) => {
+                return Err(Problem::forbidden(m))
+            }
+            (None, crate::api_auth::CookieAuth::Session(p)) => p,
+        };
         if !p.permissions.contains(&need) {
             return Err(Problem::forbidden(format!(
                 "this endpoint needs the `{}` permission, which the token does not grant",
@@ -271,8 +284,13 @@ pub fn router(state: AppState) -> Router {
         .route("/api/relays", get(list_relays).post(create_relay))
         .route("/api/relays/{id}", axum::routing::delete(revoke_relay))
         .merge(crate::api_sync::routes())
+        .merge(crate::api_auth::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::api_auth::session_layer,
+        ))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
@@ -723,6 +741,7 @@ mod tests {
             licence_file: None,
             hub: None,
             sync: Some(sync),
+            sessions: None,
         };
         (dir, router(st), issuer)
     }

@@ -82,6 +82,7 @@ pub async fn run(
     };
     let (hub_routes, hub) = crate::hub::start(engine.clone(), hub_config, stop_rx.clone());
     let ring = load_keyring(mode, &cfg)?;
+    let sessions = sessions(mode, &cfg, &ring)?;
     let secrets = crate::secrets::Secrets::new(store.clone(), ring);
     let csv_roots = csv_roots(mode, &cfg)?;
     tracing::info!(roots = %csv_roots.describe(), "CSV drop roots");
@@ -104,6 +105,7 @@ pub async fn run(
         licence_file,
         hub: Some(hub),
         sync: Some(sync),
+        sessions: Some(sessions),
     };
     let public = bind(cfg.listen).await?;
     tracing::info!(addr = %public.local_addr()?, tls = !matches!(transport, Transport::Plain), "Admin API listening");
@@ -196,6 +198,27 @@ fn csv_roots(mode: Mode, cfg: &Config) -> anyhow::Result<DropRoots> {
         (None, Mode::Managed) => Vec::new(),
     };
     Ok(DropRoots::new(&roots))
+}
+
+/// Browser sessions, sealed with the key ring's cookie keys. The cookie's `Secure` attribute may
+/// be off only for a standalone server on plain HTTP and loopback (the config check covers the
+/// rest).
+fn sessions(
+    mode: Mode,
+    cfg: &Config,
+    ring: &identitymesh_keyring::KeyRing,
+) -> anyhow::Result<Arc<crate::session::Sessions>> {
+    let sc = &cfg.auth.session;
+    if !sc.cookie_secure && mode != Mode::Standalone {
+        bail!("auth.session.cookie_secure = false is for a standalone server on loopback only");
+    }
+    let s = crate::session::Sessions::new(
+        ring,
+        (sc.idle_timeout_ms / 1000) as i64,
+        (sc.absolute_timeout_ms / 1000) as i64,
+        sc.cookie_secure,
+    )?;
+    Ok(Arc::new(s))
 }
 
 /// The database and key ring, for the `secrets` command (no listeners, no engine).

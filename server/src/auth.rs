@@ -151,6 +151,29 @@ impl Authenticator {
         }))
     }
 
+    /// The bootstrap admin token alone (the standalone sign-in form): nothing else signs in.
+    pub fn authenticate_bootstrap(&self, token: &str) -> Result<Principal, AuthError> {
+        let token = token.trim();
+        let ok = token.starts_with(BOOTSTRAP_PREFIX)
+            && self
+                .bootstrap_hash
+                .as_deref()
+                .is_some_and(|h| constant_time_eq(h.as_bytes(), hash_token(token).as_bytes()));
+        if ok {
+            Ok(Principal {
+                subject: BOOTSTRAP_TOKEN_NAME.into(),
+                permissions: Permission::ALL.into_iter().collect(),
+            })
+        } else {
+            Err(AuthError::Invalid("not the bootstrap admin token".into()))
+        }
+    }
+
+    /// Whether browsers sign in at the OIDC provider (else with the bootstrap token).
+    pub fn oidc_sign_in(&self) -> bool {
+        false
+    }
+
     /// Resolves a bearer token to a principal.
     pub async fn authenticate(&self, bearer: Option<&str>) -> Result<Principal, AuthError> {
         let token = bearer
@@ -158,18 +181,9 @@ impl Authenticator {
             .filter(|t| !t.is_empty())
             .ok_or(AuthError::Missing)?;
         if token.starts_with(BOOTSTRAP_PREFIX) {
-            let ok = self
-                .bootstrap_hash
-                .as_deref()
-                .is_some_and(|h| constant_time_eq(h.as_bytes(), hash_token(token).as_bytes()));
-            return if ok {
-                Ok(Principal {
-                    subject: BOOTSTRAP_TOKEN_NAME.into(),
-                    permissions: Permission::ALL.into_iter().collect(),
-                })
-            } else {
-                Err(AuthError::Invalid("unknown admin token".into()))
-            };
+            return self
+                .authenticate_bootstrap(token)
+                .map_err(|_| AuthError::Invalid("unknown admin token".into()));
         }
         match &self.oidc {
             Some(o) => o.verify(token).await,

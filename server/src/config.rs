@@ -271,6 +271,47 @@ pub struct SecretProviderConfig {
 pub struct AuthConfig {
     pub bootstrap_token_file: Option<PathBuf>,
     pub oidc: Option<OidcConfig>,
+    #[serde(default)]
+    pub session: SessionConfig,
+}
+
+/// Browser sessions (the sealed session cookie).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SessionConfig {
+    /// A session unused for this long ends (each use moves it on).
+    #[serde(default = "default_session_idle", deserialize_with = "flexible_u64")]
+    pub idle_timeout_ms: u64,
+    /// A session ends this long after sign-in, however much it is used.
+    #[serde(
+        default = "default_session_absolute",
+        deserialize_with = "flexible_u64"
+    )]
+    pub absolute_timeout_ms: u64,
+    /// The cookie's `Secure` attribute. Only a standalone server serving plain HTTP
+    /// (`tls.insecure_http`) on a loopback address may turn it off.
+    #[serde(default = "default_true", deserialize_with = "flexible_bool")]
+    pub cookie_secure: bool,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            idle_timeout_ms: default_session_idle(),
+            absolute_timeout_ms: default_session_absolute(),
+            cookie_secure: true,
+        }
+    }
+}
+
+fn default_session_idle() -> u64 {
+    30 * 60 * 1000
+}
+fn default_session_absolute() -> u64 {
+    12 * 60 * 60 * 1000
+}
+fn default_true() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -576,6 +617,27 @@ impl Config {
                 ));
             }
         }
+        let sc = &self.auth.session;
+        if sc.idle_timeout_ms < 60_000 {
+            return Err(key_err(
+                "auth.session.idle_timeout_ms",
+                "must be at least 60000 (one minute)",
+            ));
+        }
+        if sc.absolute_timeout_ms < sc.idle_timeout_ms {
+            return Err(key_err(
+                "auth.session.absolute_timeout_ms",
+                "must be at least auth.session.idle_timeout_ms",
+            ));
+        }
+        let plain_loopback = self.tls.insecure_http && self.listen.ip().is_loopback();
+        if !sc.cookie_secure && !plain_loopback {
+            return Err(key_err(
+                "auth.session.cookie_secure",
+                "may be false only with tls.insecure_http = true on a loopback listen address \
+                 (browsers send a Secure cookie only over HTTPS, except to localhost)",
+            ));
+        }
         let r = &self.retention;
         for (key, v) in [
             ("retention.runs_days", r.runs_days),
@@ -829,6 +891,46 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("instance_ttl_ms"), "{e}");
+    }
+
+    #[test]
+    fn session_lifetimes_and_secure_cookie_rule() {
+        let base = ("IM_DATA_DIR", "/d");
+        let c = load(None, env(&[base]), &FlagOverrides::default()).unwrap();
+        assert_eq!(c.auth.session, SessionConfig::default());
+        assert_eq!(c.auth.session.idle_timeout_ms, 1_800_000);
+        assert_eq!(c.auth.session.absolute_timeout_ms, 43_200_000);
+        assert!(c.auth.session.cookie_secure);
+        let err = |pairs: &[(&str, &str)]| {
+            load(None, env(pairs), &FlagOverrides::default())
+                .unwrap_err()
+                .to_string()
+        };
+        let e = err(&[base, ("IM_AUTH__SESSION__IDLE_TIMEOUT_MS", "10")]);
+        assert!(e.contains("auth.session.idle_timeout_ms"), "{e}");
+        let e = err(&[
+            base,
+            ("IM_AUTH__SESSION__IDLE_TIMEOUT_MS", "7200000"),
+            ("IM_AUTH__SESSION__ABSOLUTE_TIMEOUT_MS", "3600000"),
+        ]);
+        assert!(e.contains("absolute_timeout_ms"), "{e}");
+        let off = ("IM_AUTH__SESSION__COOKIE_SECURE", "false");
+        let e = err(&[base, off]);
+        assert!(e.contains("insecure_http"), "{e}");
+        let e = err(&[base, off, ("IM_TLS__INSECURE_HTTP", "true")]);
+        assert!(e.contains("loopback"), "{e}");
+        let c = load(
+            None,
+            env(&[
+                base,
+                off,
+                ("IM_TLS__INSECURE_HTTP", "true"),
+                ("IM_LISTEN", "127.0.0.1:8080"),
+            ]),
+            &FlagOverrides::default(),
+        )
+        .unwrap();
+        assert!(!c.auth.session.cookie_secure);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! The contract with pods and the operator is in `server/README.md`.
 
 pub mod api;
+pub mod api_auth;
 pub mod api_checks;
 pub mod api_sync;
 pub mod app;
@@ -15,6 +16,7 @@ pub mod logging;
 pub mod problem;
 pub mod secrets;
 pub mod serve;
+pub mod session;
 pub mod store;
 pub mod sync;
 pub mod tls;
