@@ -106,7 +106,8 @@ pub async fn session_layer(State(st): State<AppState>, mut req: Request, next: N
 
 pub fn routes() -> Router<AppState> {
     Router::new()
-        .route("/auth/login", post(login_with_token))
+        .route("/auth/login", post(login_with_token).get(login_at_provider))
+        .route("/auth/callback", get(callback))
         .route("/auth/session", get(current_session))
         .route("/auth/logout", post(logout))
 }
@@ -219,6 +220,226 @@ async fn logout(
     Ok(res)
 }
 
+/// The sign-in in flight, sealed into the short-lived `im_login` cookie (so a failover between
+/// leaving for the provider and coming back does not break it).
+#[derive(serde::Serialize, Deserialize)]
+struct Pending {
+    state: String,
+    nonce: String,
+    verifier: String,
+    exp: i64,
+}
+
+pub const LOGIN_COOKIE: &str = "im_login";
+const LOGIN_PURPOSE: &str = "login";
+
+fn random_b64(n: usize) -> String {
+    use base64::Engine as _;
+    use rand::RngCore;
+    let mut b = vec![0u8; n];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}
+
+fn pkce_challenge(verifier: &str) -> String {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(verifier))
+}
+
+fn redirect(to: &str, cookies: &[String]) -> Response {
+    let mut res = StatusCode::SEE_OTHER.into_response();
+    if let Ok(v) = HeaderValue::from_str(to) {
+        res.headers_mut().insert(header::LOCATION, v);
+    }
+    for c in cookies {
+        if let Ok(v) = HeaderValue::from_str(c) {
+            res.headers_mut().append(header::SET_COOKIE, v);
+        }
+    }
+    res
+}
+
+/// `GET /auth/login`: leaves for the provider's authorization endpoint (code flow, PKCE S256,
+/// random `state` and `nonce`), remembering the sign-in in a sealed cookie for ten minutes.
+async fn login_at_provider(State(st): State<AppState>) -> Result<Response, Problem> {
+    let sessions = sessions(&st)?;
+    if !st.auth.oidc_sign_in() {
+        return Err(Problem::new(
+            StatusCode::NOT_FOUND,
+            "OIDC sign-in is not configured (auth.oidc.client_id); sign in with the bootstrap \
+             admin token: POST /auth/login with the form field `token`",
+        ));
+    }
+    let si = st.auth.sign_in().await.map_err(|e| {
+        tracing::warn!(reason = %e, "sign-in cannot start");
+        Problem::unavailable(format!("sign-in is unavailable: {e}"))
+    })?;
+    let now = session::now_s();
+    let p = Pending {
+        state: random_b64(24),
+        nonce: random_b64(24),
+        verifier: random_b64(32),
+        exp: now + session::LOGIN_TTL_S,
+    };
+    let url = reqwest::Url::parse_with_params(
+        &si.authorization_endpoint,
+        &[
+            ("response_type", "code"),
+            ("client_id", si.client_id.as_str()),
+            ("redirect_uri", si.redirect_url.as_str()),
+            ("scope", "openid profile email"),
+            ("state", p.state.as_str()),
+            ("nonce", p.nonce.as_str()),
+            ("code_challenge", pkce_challenge(&p.verifier).as_str()),
+            ("code_challenge_method", "S256"),
+        ],
+    )
+    .map_err(|e| {
+        Problem::unavailable(format!(
+            "the provider's authorization_endpoint is not a URL: {e}"
+        ))
+    })?;
+    let sealed = sessions.seal_value(LOGIN_PURPOSE, &serde_json::to_vec(&p).unwrap_or_default());
+    let cookie = sessions.set_cookie_at(LOGIN_COOKIE, &sealed, session::LOGIN_TTL_S, "/auth");
+    Ok(redirect(url.as_str(), &[cookie]))
+}
+
+#[derive(Deserialize)]
+struct CallbackQuery {
+    code: Option<String>,
+    state: Option<String>,
+    error: Option<String>,
+    error_description: Option<String>,
+}
+
+/// A refused sign-in: the reason logged and answered, the sign-in cookie cleared.
+fn refuse(sessions: &Sessions, status: StatusCode, reason: String) -> Response {
+    tracing::warn!(reason = %reason, "sign-in refused");
+    let mut res = Problem::new(
+        status,
+        format!("sign-in refused: {reason}; start again at /auth/login"),
+    )
+    .into_response();
+    if let Ok(v) = HeaderValue::from_str(&sessions.set_cookie_at(LOGIN_COOKIE, "", 0, "/auth")) {
+        res.headers_mut().append(header::SET_COOKIE, v);
+    }
+    res
+}
+
+/// `GET /auth/callback?code&state`: checks the state against the sealed sign-in cookie (and
+/// that it was not used before), redeems the code with the PKCE verifier, verifies the ID token
+/// (signature, issuer, audience, expiry, nonce), maps its claims to permissions and sets the
+/// session cookie.
+async fn callback(
+    State(st): State<AppState>,
+    headers: axum::http::HeaderMap,
+    q: Result<axum::extract::Query<CallbackQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Problem> {
+    let sessions = sessions(&st)?;
+    let bad = StatusCode::BAD_REQUEST;
+    let Ok(axum::extract::Query(q)) = q else {
+        return Ok(refuse(
+            sessions,
+            bad,
+            "the callback's query is malformed".into(),
+        ));
+    };
+    if let Some(err) = &q.error {
+        let desc = q.error_description.as_deref().unwrap_or("");
+        return Ok(refuse(
+            sessions,
+            StatusCode::UNAUTHORIZED,
+            format!(
+                "the identity provider answered {}{}{}",
+                crate::auth::short(err),
+                if desc.is_empty() { "" } else { ": " },
+                crate::auth::short(desc)
+            ),
+        ));
+    }
+    let (Some(code), Some(state)) = (q.code.as_deref(), q.state.as_deref()) else {
+        return Ok(refuse(
+            sessions,
+            bad,
+            "the callback carries no code and state".into(),
+        ));
+    };
+    let Some(raw) = session::cookie(&headers, LOGIN_COOKIE) else {
+        return Ok(refuse(
+            sessions,
+            bad,
+            "no sign-in in flight in this browser (the sign-in cookie is missing or expired)"
+                .into(),
+        ));
+    };
+    let pending: Pending = match sessions
+        .open_value(LOGIN_PURPOSE, raw)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+    {
+        Some(p) => p,
+        None => {
+            return Ok(refuse(
+                sessions,
+                bad,
+                "the sign-in cookie does not open (altered, or from another key ring)".into(),
+            ))
+        }
+    };
+    let now = session::now_s();
+    if pending.exp < now {
+        return Ok(refuse(
+            sessions,
+            bad,
+            "the sign-in took longer than ten minutes".into(),
+        ));
+    }
+    if state != pending.state {
+        return Ok(refuse(
+            sessions,
+            bad,
+            "the state does not match the sign-in in flight (unknown state)".into(),
+        ));
+    }
+    if !sessions.use_state(state, pending.exp, now) {
+        return Ok(refuse(
+            sessions,
+            bad,
+            "this sign-in response was already used (replayed state)".into(),
+        ));
+    }
+    let id_token = match st.auth.redeem_code(code, &pending.verifier).await {
+        Ok(t) => t,
+        Err(e) => return Ok(refuse(sessions, StatusCode::BAD_GATEWAY, e.to_string())),
+    };
+    let user = match st.auth.verify_id_token(&id_token, &pending.nonce).await {
+        Ok(u) => u,
+        Err(crate::auth::AuthError::KeysUnavailable(m)) => {
+            return Ok(refuse(sessions, StatusCode::SERVICE_UNAVAILABLE, m))
+        }
+        Err(e) => {
+            return Ok(refuse(
+                sessions,
+                StatusCode::UNAUTHORIZED,
+                format!("the ID token is not accepted: {e}"),
+            ))
+        }
+    };
+    let mut s = SessionData::new(&user.principal, &user.display_name, now);
+    s.idp = st.auth.sign_in().await.ok().and_then(|si| {
+        let end = si.end_session_endpoint?;
+        reqwest::Url::parse_with_params(&end, &[("client_id", si.client_id.as_str())])
+            .ok()
+            .map(|u| u.to_string())
+    });
+    tracing::info!(subject = %s.sub, permissions = ?s.perms, method = "oidc", "signed in");
+    crate::api::audit_action(&st, &s.sub, "session.sign_in", &s.sub, "oidc").await;
+    let cookie = sessions.set_cookie(SESSION_COOKIE, &sessions.seal(&s), sessions.absolute_s);
+    let clear = sessions.set_cookie_at(LOGIN_COOKIE, "", 0, "/auth");
+    Ok(redirect("/", &[cookie, clear]))
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -238,11 +459,18 @@ pub(crate) mod tests {
 
     /// A standalone-like API with the bootstrap token and sessions under `ring`.
     pub async fn app(ring: &KeyRing) -> (tempfile::TempDir, Router) {
+        app_with(ring, None).await
+    }
+
+    pub async fn app_with(
+        ring: &KeyRing,
+        oidc: Option<crate::config::OidcConfig>,
+    ) -> (tempfile::TempDir, Router) {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> =
             Arc::new(SqliteStore::open(&dir.path().join("im.db")).await.unwrap());
         store.migrate().await.unwrap();
-        let auth = Authenticator::new(Some(hash_token(TOKEN)), None)
+        let auth = Authenticator::new(Some(hash_token(TOKEN)), oidc)
             .await
             .unwrap();
         let engine = Engine::new(
@@ -451,6 +679,323 @@ pub(crate) mod tests {
                 .await
                 .status,
             200
+        );
+    }
+
+    fn query_param(url: &str, name: &str) -> String {
+        reqwest::Url::parse(url)
+            .unwrap()
+            .query_pairs()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.into_owned())
+            .unwrap_or_default()
+    }
+
+    fn cookie_pair(set_cookie: &str) -> String {
+        set_cookie.split(';').next().unwrap().to_string()
+    }
+
+    struct Flight {
+        state: String,
+        nonce: String,
+        challenge: String,
+        login_cookie: String,
+    }
+
+    async fn start_sign_in(app: &Router, base: &str) -> Flight {
+        let res = app
+            .clone()
+            .oneshot(
+                Request::builder()
+                    .uri("/auth/login")
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 303);
+        let loc = res.headers()[header::LOCATION]
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert!(loc.starts_with(&format!("{base}/authorize?")), "{loc}");
+        for (k, v) in [
+            ("response_type", "code"),
+            ("client_id", "im-ui"),
+            ("redirect_uri", "https://im.test/auth/callback"),
+            ("code_challenge_method", "S256"),
+        ] {
+            assert_eq!(query_param(&loc, k), v, "{loc}");
+        }
+        let set = res.headers()[header::SET_COOKIE].to_str().unwrap();
+        assert!(
+            set.starts_with("im_login=") && set.contains("Path=/auth"),
+            "{set}"
+        );
+        assert!(
+            set.contains("HttpOnly") && set.contains("Max-Age=600"),
+            "{set}"
+        );
+        Flight {
+            state: query_param(&loc, "state"),
+            nonce: query_param(&loc, "nonce"),
+            challenge: query_param(&loc, "code_challenge"),
+            login_cookie: cookie_pair(set),
+        }
+    }
+
+    async fn come_back(app: &Router, f: &Flight, state: &str) -> Answer {
+        let res = app
+            .clone()
+            .oneshot(
+                Request::builder()
+                    .uri(format!("/auth/callback?code=the-code&state={state}"))
+                    .header("cookie", &f.login_cookie)
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let status = res.status();
+        let cookies: Vec<String> = res
+            .headers()
+            .get_all(header::SET_COOKIE)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_string())
+            .collect();
+        let loc = res
+            .headers()
+            .get(header::LOCATION)
+            .map(|v| v.to_str().unwrap().to_string());
+        let bytes = axum::body::to_bytes(res.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let session = cookies
+            .iter()
+            .find(|c| c.starts_with("im_session="))
+            .cloned();
+        assert!(
+            cookies.iter().any(|c| c.starts_with("im_login=;")),
+            "the sign-in cookie is cleared: {cookies:?}"
+        );
+        Answer {
+            status,
+            set_cookie: session,
+            body: format!(
+                "{}{}",
+                loc.map(|l| format!("location={l} ")).unwrap_or_default(),
+                String::from_utf8_lossy(&bytes)
+            ),
+        }
+    }
+
+    #[tokio::test]
+    async fn oidc_code_flow_signs_in_and_maps_claims() {
+        let p = crate::auth::fake_provider::FakeProvider::start().await;
+        let ring = KeyRing::generate();
+        let (_d, app) = app_with(&ring, Some(p.config())).await;
+        // The bootstrap form is not the way in when the provider is.
+        let a = send(
+            &app,
+            "POST",
+            "/auth/login",
+            &[],
+            Some((FORM, format!("token={TOKEN}"))),
+        )
+        .await;
+        assert_eq!(a.status, 409, "{}", a.body);
+
+        let f = start_sign_in(&app, &p.base).await;
+        p.answer_id_token(&f.nonce, serde_json::json!({}));
+        let a = come_back(&app, &f, &f.state).await;
+        assert_eq!(a.status, 303, "{}", a.body);
+        assert!(a.body.starts_with("location=/ "), "{}", a.body);
+        let set = a.set_cookie.expect("session cookie");
+        assert!(set.contains("HttpOnly") && set.contains("Secure"), "{set}");
+        // PKCE: the verifier sent to the token endpoint hashes to the challenge.
+        let (basic, form) = p.token_requests.lock().unwrap().last().cloned().unwrap();
+        assert!(basic.is_none(), "a public client sends no secret");
+        let form: std::collections::HashMap<String, String> =
+            url::form_urlencoded::parse(form.as_bytes())
+                .into_owned()
+                .collect();
+        assert_eq!(form["grant_type"], "authorization_code");
+        assert_eq!(form["code"], "the-code");
+        assert_eq!(form["client_id"], "im-ui");
+        assert_eq!(pkce_challenge(&form["code_verifier"]), f.challenge);
+
+        let cookie = cookie_pair(&set);
+        let c = [("cookie", cookie.as_str())];
+        let a = send(&app, "GET", "/auth/session", &c, None).await;
+        assert_eq!(a.status, 200, "{}", a.body);
+        let v: serde_json::Value = serde_json::from_str(&a.body).unwrap();
+        assert_eq!(v["subject"], "u-alice");
+        assert_eq!(v["name"], "Alice Example");
+        assert_eq!(
+            v["permissions"],
+            serde_json::json!(["dashboard.read", "relays.manage"])
+        );
+        assert_eq!(
+            send(&app, "GET", "/api/instances", &c, None).await.status,
+            200
+        );
+        // Mapped like a bearer token: no audit.read from the group.
+        assert_eq!(send(&app, "GET", "/api/audit", &c, None).await.status, 403);
+        let csrf = v["csrf_token"].as_str().unwrap();
+        let ok = [("cookie", cookie.as_str()), (CSRF_HEADER, csrf)];
+        let relay = || Some(("application/json", r#"{"name":"r3"}"#.to_string()));
+        assert_eq!(
+            send(&app, "POST", "/api/relays", &c, relay()).await.status,
+            403
+        );
+        assert_eq!(
+            send(&app, "POST", "/api/relays", &ok, relay()).await.status,
+            201
+        );
+        // Sign-out names the provider's end-session endpoint.
+        let a = send(&app, "POST", "/auth/logout", &ok, None).await;
+        assert_eq!(a.status, 200, "{}", a.body);
+        assert!(
+            a.body
+                .contains(&format!("{}/logout?client_id=im-ui", p.base)),
+            "{}",
+            a.body
+        );
+
+        // The same callback again: a replayed state.
+        p.answer_id_token(&f.nonce, serde_json::json!({}));
+        let a = come_back(&app, &f, &f.state).await;
+        assert_eq!(a.status, 400, "{}", a.body);
+        assert!(a.body.contains("replayed state"), "{}", a.body);
+        assert!(a.set_cookie.is_none());
+    }
+
+    #[tokio::test]
+    async fn oidc_bad_callbacks_are_refused_with_their_reason() {
+        let p = crate::auth::fake_provider::FakeProvider::start().await;
+        let ring = KeyRing::generate();
+        let (_d, app) = app_with(&ring, Some(p.config())).await;
+        let now = chrono::Utc::now().timestamp();
+        let cases: &[(serde_json::Value, &str)] = &[
+            (serde_json::json!({"nonce": "another"}), "nonce"),
+            (
+                serde_json::json!({"aud": "someone-else"}),
+                "another audience",
+            ),
+            (
+                serde_json::json!({"iss": "https://evil.test/"}),
+                "another issuer",
+            ),
+            (serde_json::json!({"exp": now - 600}), "expired"),
+        ];
+        for (claims, phrase) in cases {
+            let f = start_sign_in(&app, &p.base).await;
+            p.answer_id_token(&f.nonce, claims.clone());
+            let a = come_back(&app, &f, &f.state).await;
+            assert_eq!(a.status, 401, "{claims}: {}", a.body);
+            assert!(a.body.contains(phrase), "{claims}: {}", a.body);
+            assert!(a.set_cookie.is_none());
+        }
+        // Signed by a key the provider never published.
+        let f = start_sign_in(&app, &p.base).await;
+        let mut stranger = crate::auth::testing::TestIssuer::new();
+        stranger.issuer = p.base.clone();
+        let t = stranger.sign(
+            &serde_json::json!({"iss": p.base, "aud": "im-ui", "sub": "x",
+            "exp": now + 60, "nonce": f.nonce}),
+        );
+        *p.next_answer.lock().unwrap() = (200, serde_json::json!({"id_token": t}));
+        let a = come_back(&app, &f, &f.state).await;
+        assert_eq!(a.status, 401, "{}", a.body);
+        // An unknown state, the provider's refusal, the token endpoint's refusal.
+        let f = start_sign_in(&app, &p.base).await;
+        let a = come_back(&app, &f, "not-the-state").await;
+        assert_eq!(a.status, 400);
+        assert!(a.body.contains("unknown state"), "{}", a.body);
+        let res = send(
+            &app,
+            "GET",
+            "/auth/callback?error=access_denied&error_description=User+said+no",
+            &[("cookie", &f.login_cookie)],
+            None,
+        )
+        .await;
+        assert_eq!(res.status, 401);
+        assert!(
+            res.body.contains("access_denied: User said no"),
+            "{}",
+            res.body
+        );
+        *p.next_answer.lock().unwrap() = (
+            400,
+            serde_json::json!({"error": "invalid_grant", "error_description": "Code not valid"}),
+        );
+        let a = come_back(&app, &f, &f.state).await;
+        assert_eq!(a.status, 502, "{}", a.body);
+        assert!(a.body.contains("invalid_grant"), "{}", a.body);
+        // No sign-in cookie, and one from another key ring.
+        let a = send(&app, "GET", "/auth/callback?code=c&state=s", &[], None).await;
+        assert_eq!(a.status, 400);
+        assert!(a.body.contains("no sign-in in flight"), "{}", a.body);
+        let (_d2, other) = app_with(&KeyRing::generate(), Some(p.config())).await;
+        let theirs = start_sign_in(&other, &p.base).await;
+        let a = come_back(&app, &theirs, &theirs.state).await;
+        assert_eq!(a.status, 400);
+        assert!(a.body.contains("does not open"), "{}", a.body);
+    }
+
+    /// A sign-in started on one server completes on another with the same key ring (a failover
+    /// while the browser is at the provider).
+    #[tokio::test]
+    async fn a_sign_in_in_flight_survives_a_failover() {
+        let p = crate::auth::fake_provider::FakeProvider::start().await;
+        let ring = KeyRing::generate();
+        let (_a, first) = app_with(&ring, Some(p.config())).await;
+        let (_b, second) = app_with(&ring, Some(p.config())).await;
+        let f = start_sign_in(&first, &p.base).await;
+        p.answer_id_token(&f.nonce, serde_json::json!({}));
+        let a = come_back(&second, &f, &f.state).await;
+        assert_eq!(a.status, 303, "{}", a.body);
+        let cookie = cookie_pair(&a.set_cookie.unwrap());
+        assert_eq!(
+            send(
+                &first,
+                "GET",
+                "/api/instances",
+                &[("cookie", &cookie)],
+                None
+            )
+            .await
+            .status,
+            200
+        );
+    }
+
+    /// A confidential client sends its secret (from the file) by HTTP Basic.
+    #[tokio::test]
+    async fn a_confidential_client_authenticates_at_the_token_endpoint() {
+        let p = crate::auth::fake_provider::FakeProvider::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("client-secret");
+        std::fs::write(&secret, "s3cret/+\n").unwrap();
+        let mut cfg = p.config();
+        cfg.client_secret_file = Some(secret);
+        let (_d, app) = app_with(&KeyRing::generate(), Some(cfg)).await;
+        let f = start_sign_in(&app, &p.base).await;
+        p.answer_id_token(&f.nonce, serde_json::json!({}));
+        assert_eq!(come_back(&app, &f, &f.state).await.status, 303);
+        let (basic, form) = p.token_requests.lock().unwrap().last().cloned().unwrap();
+        use base64::Engine as _;
+        let want = base64::engine::general_purpose::STANDARD.encode("im-ui:s3cret%2F%2B");
+        assert_eq!(basic.as_deref(), Some(format!("Basic {want}").as_str()));
+        assert!(!form.contains("client_id="), "{form}");
+        // An unreadable secret file stops the start, naming the setting.
+        let mut cfg = p.config();
+        cfg.client_secret_file = Some(dir.path().join("missing"));
+        let e = Authenticator::new(None, Some(cfg)).await.err().unwrap();
+        assert!(
+            e.to_string().contains("auth.oidc.client_secret_file"),
+            "{e}"
         );
     }
 }

@@ -319,8 +319,16 @@ fn default_true() -> bool {
 pub struct OidcConfig {
     pub issuer: String,
     pub audience: String,
+    /// The provider's keys from a file or URL; neither: from the discovery document
+    /// (`{issuer}/.well-known/openid-configuration`), refreshed in the background.
     pub jwks_file: Option<PathBuf>,
     pub jwks_url: Option<String>,
+    /// The Admin UI's client at the provider: set, browsers sign in there (code flow, PKCE).
+    pub client_id: Option<String>,
+    /// A file holding the client secret of a confidential client (none: a public client).
+    pub client_secret_file: Option<PathBuf>,
+    /// This server's `/auth/callback` as the provider knows it (required with `client_id`).
+    pub redirect_url: Option<String>,
     #[serde(default = "default_permissions_claim")]
     pub permissions_claim: String,
     #[serde(default = "default_roles_claim")]
@@ -610,10 +618,34 @@ impl Config {
             ));
         }
         if let Some(oidc) = &self.auth.oidc {
-            if oidc.jwks_file.is_some() == oidc.jwks_url.is_some() {
+            if oidc.jwks_file.is_some() && oidc.jwks_url.is_some() {
                 return Err(key_err(
                     "auth.oidc.jwks_file",
-                    "set exactly one of auth.oidc.jwks_file and auth.oidc.jwks_url",
+                    "set at most one of auth.oidc.jwks_file and auth.oidc.jwks_url \
+                     (neither: the keys come from the issuer's discovery document)",
+                ));
+            }
+            if oidc.client_id.is_some() {
+                match oidc.redirect_url.as_deref() {
+                    None | Some("") => {
+                        return Err(key_err(
+                            "auth.oidc.redirect_url",
+                            "required with auth.oidc.client_id: this server's /auth/callback URL \
+                             as registered at the provider, e.g. https://im.contoso.local/auth/callback",
+                        ))
+                    }
+                    Some(u) if !(u.starts_with("https://") || u.starts_with("http://")) => {
+                        return Err(key_err(
+                            "auth.oidc.redirect_url",
+                            "must be an absolute http(s) URL ending in /auth/callback",
+                        ))
+                    }
+                    Some(_) => {}
+                }
+            } else if oidc.client_secret_file.is_some() || oidc.redirect_url.is_some() {
+                return Err(key_err(
+                    "auth.oidc.client_id",
+                    "auth.oidc.client_secret_file and redirect_url belong to the UI client: set client_id too",
                 ));
             }
         }
@@ -931,6 +963,57 @@ mod tests {
         )
         .unwrap();
         assert!(!c.auth.session.cookie_secure);
+    }
+
+    #[test]
+    fn oidc_sign_in_settings() {
+        let base = [
+            ("IM_DATA_DIR", "/d"),
+            ("IM_AUTH__OIDC__ISSUER", "https://login.test/realms/x"),
+            ("IM_AUTH__OIDC__AUDIENCE", "identitymesh"),
+        ];
+        let ok = |extra: &[(&str, &str)]| {
+            let all: Vec<_> = base.iter().chain(extra).copied().collect();
+            load(None, env(&all), &FlagOverrides::default())
+        };
+        // Neither jwks_file nor jwks_url: the keys come from discovery.
+        let c = ok(&[]).unwrap();
+        assert!(c.auth.oidc.unwrap().jwks_url.is_none());
+        let e = ok(&[
+            ("IM_AUTH__OIDC__JWKS_FILE", "/j"),
+            ("IM_AUTH__OIDC__JWKS_URL", "https://x/j"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("at most one"), "{e}");
+        let e = ok(&[("IM_AUTH__OIDC__CLIENT_ID", "im-ui")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("auth.oidc.redirect_url") && e.contains("/auth/callback"),
+            "{e}"
+        );
+        let e = ok(&[
+            ("IM_AUTH__OIDC__CLIENT_ID", "im-ui"),
+            ("IM_AUTH__OIDC__REDIRECT_URL", "im.test/auth/callback"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("absolute"), "{e}");
+        let e = ok(&[("IM_AUTH__OIDC__CLIENT_SECRET_FILE", "/s")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("auth.oidc.client_id"), "{e}");
+        let c = ok(&[
+            ("IM_AUTH__OIDC__CLIENT_ID", "im-ui"),
+            ("IM_AUTH__OIDC__CLIENT_SECRET_FILE", "/run/secrets/oidc"),
+            (
+                "IM_AUTH__OIDC__REDIRECT_URL",
+                "https://im.test/auth/callback",
+            ),
+        ])
+        .unwrap();
+        assert_eq!(c.auth.oidc.unwrap().client_id.as_deref(), Some("im-ui"));
     }
 
     #[test]

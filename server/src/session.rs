@@ -96,7 +96,13 @@ pub struct Sessions {
     pub idle_s: i64,
     pub absolute_s: i64,
     pub secure: bool,
+    used_states: std::sync::Mutex<std::collections::HashMap<String, i64>>,
 }
+
+/// Sign-in states remembered as used (each lives at most [`LOGIN_TTL_S`]).
+const USED_STATES_MAX: usize = 10_000;
+/// A sign-in must come back from the provider within this time.
+pub const LOGIN_TTL_S: i64 = 600;
 
 impl fmt::Debug for Sessions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -153,6 +159,7 @@ impl Sessions {
             idle_s,
             absolute_s,
             secure,
+            used_states: Default::default(),
         })
     }
 
@@ -250,8 +257,29 @@ impl Sessions {
     /// `Set-Cookie` for a value (Max-Age: the absolute lifetime; the idle bound is in the
     /// sealed data, so the browser's copy lapsing is only a tidiness measure).
     pub fn set_cookie(&self, name: &str, value: &str, max_age_s: i64) -> String {
+        self.set_cookie_at(name, value, max_age_s, "/")
+    }
+
+    pub fn set_cookie_at(&self, name: &str, value: &str, max_age_s: i64, path: &str) -> String {
         let secure = if self.secure { "; Secure" } else { "" };
-        format!("{name}={value}; Path=/; HttpOnly; SameSite=Lax; Max-Age={max_age_s}{secure}")
+        format!("{name}={value}; Path={path}; HttpOnly; SameSite=Lax; Max-Age={max_age_s}{secure}")
+    }
+
+    /// Records a sign-in `state` as used; false when it already was (a replayed callback).
+    /// Bounded: expired entries go first, and past the bound the oldest.
+    pub fn use_state(&self, state: &str, expires: i64, now: i64) -> bool {
+        let mut used = self.used_states.lock().unwrap_or_else(|p| p.into_inner());
+        used.retain(|_, exp| *exp >= now);
+        if used.contains_key(state) {
+            return false;
+        }
+        if used.len() >= USED_STATES_MAX {
+            if let Some(oldest) = used.iter().min_by_key(|(_, e)| **e).map(|(k, _)| k.clone()) {
+                used.remove(&oldest);
+            }
+        }
+        used.insert(state.to_string(), expires);
+        true
     }
 
     pub fn clear_cookie(&self, name: &str) -> String {
