@@ -4,6 +4,11 @@
 
 use serde_json::{json, Value};
 
+use crate::builders::pod::build_pod;
+use crate::builders::service::build_client_service;
+use crate::builders::Names;
+use crate::crd::IdentityMeshCluster;
+
 /// One bad resource: `manifest` must be rejected, with `expect` in the error message.
 #[derive(Clone, Debug)]
 pub struct AdmissionCase {
@@ -12,6 +17,20 @@ pub struct AdmissionCase {
     pub expect: &'static str,
     /// The message comes from one of our CEL rules (rather than the OpenAPI schema).
     pub cel: bool,
+    /// What the apiserver says of the server pod and client Service the operator would build
+    /// from this spec, had it been admitted.
+    pub objects: Objects,
+}
+
+/// The verdict of the pod and Service APIs on the objects built from a case's spec.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Objects {
+    /// The pod or the client Service is refused too: the rule says at admission what the
+    /// apiserver would say pod by pod (the end-to-end test checks both on the real apiserver).
+    Refused,
+    /// Not refused, but can never work (a Secret key no Secret can hold, a server
+    /// configuration the server refuses), or not a field of those objects.
+    NotChecked,
 }
 
 /// A valid resource to start each case from.
@@ -26,6 +45,23 @@ pub fn valid_manifest(name: &str) -> Value {
             "licence": {"name": "im-licence", "key": "licence.json"}
         }
     })
+}
+
+/// The first server pod and the client Service the operator builds from `manifest` (in namespace
+/// `ns`), as JSON: what the apiserver is asked to create once the cluster is admitted.
+pub fn built_objects(manifest: &Value, ns: &str) -> Result<Vec<Value>, String> {
+    let mut imc: IdentityMeshCluster = serde_json::from_value(manifest.clone())
+        .map_err(|e| format!("the manifest is not an IdentityMeshCluster: {e}"))?;
+    imc.metadata.namespace = Some(ns.to_string());
+    imc.metadata.uid = Some("00000000-0000-0000-0000-000000000001".into());
+    let names = Names::of(&imc);
+    let pod = build_pod(&imc, &names, &names.pods()[0]);
+    let service = build_client_service(&imc, &names, None);
+    let to = |v: Result<Value, serde_json::Error>| v.map_err(|e| e.to_string());
+    Ok(vec![
+        to(serde_json::to_value(pod))?,
+        to(serde_json::to_value(service))?,
+    ])
 }
 
 fn with(name: &'static str, patch: Value) -> Value {
@@ -49,12 +85,68 @@ fn merge(t: &mut Value, p: &Value) {
     }
 }
 
+/// Specs that must be admitted, and whose server pod and client Service the apiserver must
+/// accept: every form of the pod fields the rules below must not refuse.
+pub fn valid_cases() -> Vec<(&'static str, Value)> {
+    vec![
+        ("valid", valid_manifest("valid")),
+        (
+            "valid-pod-fields",
+            with(
+                "valid-pod-fields",
+                json!({"spec": {
+                    "nodeSelector": {
+                        "kubernetes.io/os": "windows",
+                        "agentpool": "im",
+                        "example.com/Pool_2.a": "",
+                        "node.kubernetes.io/instance-type": "Standard_D4s_v5"
+                    },
+                    "tolerations": [
+                        {"key": "node.kubernetes.io/os", "operator": "Equal", "value": "windows", "effect": "NoSchedule"},
+                        {"key": "dedicated", "value": "Identity_Mesh.1"},
+                        {"key": "example.com/maintenance", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300},
+                        {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 0},
+                        {"key": "spot", "operator": "Equal", "value": "", "effect": ""},
+                        {"operator": "Exists"}
+                    ],
+                    "resources": {
+                        "requests": {"cpu": "500m", "memory": "1Gi", "ephemeral-storage": "2G", "example.com/dongle": 1, "hugepages-2Mi": "4Mi"},
+                        "limits": {"cpu": 2, "memory": "1.5Gi", "example.com/dongle": "1", "hugepages-2Mi": "4Mi"}
+                    },
+                    "service": {"type": "LoadBalancer", "port": 8443, "annotations": {
+                        "service.beta.kubernetes.io/azure-load-balancer-internal": "true",
+                        "Contoso.Example/Owner": "identity team",
+                        "plain_key.1": "any value, even with spaces"
+                    }},
+                    "oidc": {"issuer": "https://login.contoso.local/realms/im", "audience": "im",
+                        "jwksUrl": "https://login.contoso.local/realms/im/protocol/openid-connect/certs"},
+                    "database": {"name": "im.db-1", "key": ".connection_string"},
+                    "licence": {"name": "licence", "key": "licence..json"}
+                }}),
+            ),
+        ),
+        (
+            "valid-limits-only",
+            with(
+                "valid-limits-only",
+                json!({"spec": {"resources": {"limits": {"cpu": "1", "memory": "2Gi"}}, "tolerations": []}}),
+            ),
+        ),
+    ]
+}
+
 pub fn admission_cases() -> Vec<AdmissionCase> {
     let c = |name, patch, expect, cel| AdmissionCase {
         name,
         manifest: with(name, patch),
         expect,
         cel,
+        objects: Objects::NotChecked,
+    };
+    // Also refused by the pod or Service API when built into those objects.
+    let r = |name, patch, expect, cel| AdmissionCase {
+        objects: Objects::Refused,
+        ..c(name, patch, expect, cel)
     };
     vec![
         c("no-database", json!({"spec": {"database": null}}), "spec.database: Required value", false),
@@ -276,13 +368,254 @@ pub fn admission_cases() -> Vec<AdmissionCase> {
             "spec.csvDropFolders[0].claimName in body should match",
             false,
         ),
+        // Object names and Secret keys: DNS subdomains (no empty label), keys a Secret can hold.
+        r(
+            "database-name-empty-label",
+            json!({"spec": {"database": {"name": "im..db", "key": "connectionString"}}}),
+            "spec.database.name in body should match",
+            false,
+        ),
+        r(
+            "database-key-dot",
+            json!({"spec": {"database": {"name": "im-db", "key": "."}}}),
+            "a Secret key must not be '.' nor start with '..'",
+            true,
+        ),
+        r(
+            "database-key-dot-dot-prefix",
+            json!({"spec": {"database": {"name": "im-db", "key": "..data"}}}),
+            "a Secret key must not be '.' nor start with '..'",
+            true,
+        ),
+        c(
+            "licence-key-dot-dot",
+            json!({"spec": {"licence": {"name": "im-licence", "key": ".."}}}),
+            "a Secret key must not be '.' nor start with '..'",
+            true,
+        ),
+        c(
+            "licence-name-dash-after-dot",
+            json!({"spec": {"licence": {"name": "im.-licence", "key": "licence.json"}}}),
+            "spec.licence.name in body should match",
+            false,
+        ),
+        c(
+            "pull-secret-empty-label",
+            json!({"spec": {"image": {"pullSecrets": ["registry..login"]}}}),
+            "spec.image.pullSecrets[0] in body should match",
+            false,
+        ),
+        c(
+            "tls-secret-empty-label",
+            json!({"spec": {"tls": {"secretName": "im..tls"}}}),
+            "spec.tls.secretName in body should match",
+            false,
+        ),
+        c(
+            "drop-folder-claim-empty-label",
+            json!({"spec": {"csvDropFolders": [{"name": "hr", "claimName": "hr..share"}]}}),
+            "spec.csvDropFolders[0].claimName in body should match",
+            false,
+        ),
+        c(
+            "dns-name-label-too-long",
+            json!({"spec": {"tls": {"dnsNames": [format!("{}.contoso.local", "a".repeat(64))]}}}),
+            "spec.tls.dnsNames[0] in body should match",
+            false,
+        ),
+        // nodeSelector: node label keys and values.
+        r(
+            "node-selector-key-with-space",
+            json!({"spec": {"nodeSelector": {"agent pool": "im"}}}),
+            "nodeSelector keys must be node label keys",
+            true,
+        ),
+        r(
+            "node-selector-key-upper-case-prefix",
+            json!({"spec": {"nodeSelector": {"Example.com/pool": "im"}}}),
+            "nodeSelector keys must be node label keys",
+            true,
+        ),
+        r(
+            "node-selector-key-name-too-long",
+            json!({"spec": {"nodeSelector": {format!("example.com/{}", "a".repeat(64)): "im"}}}),
+            "nodeSelector keys must be node label keys",
+            true,
+        ),
+        r(
+            "node-selector-key-prefix-too-long",
+            json!({"spec": {"nodeSelector": {format!("{}.example.com/pool", ["a".repeat(63), "b".repeat(63), "c".repeat(63), "d".repeat(63)].join(".")): "im"}}}),
+            "nodeSelector keys must be node label keys",
+            true,
+        ),
+        r(
+            "node-selector-value-with-space",
+            json!({"spec": {"nodeSelector": {"pool": "identity mesh"}}}),
+            "nodeSelector values must be node label values",
+            true,
+        ),
+        r(
+            "node-selector-value-too-long",
+            json!({"spec": {"nodeSelector": {"pool": "a".repeat(64)}}}),
+            "spec.nodeSelector.pool: Too long",
+            false,
+        ),
+        // tolerations: what the pod API accepts of each toleration.
+        r(
+            "toleration-unknown-operator",
+            json!({"spec": {"tolerations": [{"key": "dedicated", "operator": "Equals", "value": "im"}]}}),
+            "tolerations[].operator must be Equal (the default) or Exists",
+            true,
+        ),
+        r(
+            "toleration-comparison-operator",
+            json!({"spec": {"tolerations": [{"key": "example.com/tier", "operator": "Gt", "value": "2"}]}}),
+            "tolerations[].operator must be Equal (the default) or Exists",
+            true,
+        ),
+        r(
+            "toleration-exists-with-value",
+            json!({"spec": {"tolerations": [{"key": "dedicated", "operator": "Exists", "value": "im"}]}}),
+            "tolerations[].value must be empty when operator is Exists",
+            true,
+        ),
+        r(
+            "toleration-empty-key-equal",
+            json!({"spec": {"tolerations": [{"operator": "Equal", "value": "im", "effect": "NoSchedule"}]}}),
+            "tolerations[].operator must be Exists when key is empty",
+            true,
+        ),
+        r(
+            "toleration-unknown-effect",
+            json!({"spec": {"tolerations": [{"key": "dedicated", "operator": "Exists", "effect": "NoEvict"}]}}),
+            "tolerations[].effect must be NoSchedule, PreferNoSchedule or NoExecute",
+            true,
+        ),
+        r(
+            "toleration-seconds-without-no-execute",
+            json!({"spec": {"tolerations": [{"key": "dedicated", "operator": "Exists", "effect": "NoSchedule", "tolerationSeconds": 60}]}}),
+            "tolerations[].tolerationSeconds needs effect NoExecute",
+            true,
+        ),
+        r(
+            "toleration-bad-key",
+            json!({"spec": {"tolerations": [{"key": "node os", "operator": "Exists"}]}}),
+            "tolerations[].key must be a taint key",
+            true,
+        ),
+        r(
+            "toleration-bad-value",
+            json!({"spec": {"tolerations": [{"key": "node.kubernetes.io/os", "value": "windows server", "effect": "NoSchedule"}]}}),
+            "tolerations[].value must be a taint value",
+            true,
+        ),
+        // resources: names, quantities, requests against limits, claims.
+        r(
+            "resources-request-above-limit",
+            json!({"spec": {"resources": {"requests": {"memory": "2Gi"}, "limits": {"memory": "1Gi"}}}}),
+            "resources.requests must not exceed resources.limits",
+            true,
+        ),
+        r(
+            "resources-cpu-request-above-limit",
+            json!({"spec": {"resources": {"requests": {"cpu": 2}, "limits": {"cpu": "1500m"}}}}),
+            "resources.requests must not exceed resources.limits",
+            true,
+        ),
+        r(
+            "resources-request-not-a-quantity",
+            json!({"spec": {"resources": {"requests": {"cpu": "two"}}}}),
+            "resources.requests values must be quantities",
+            true,
+        ),
+        r(
+            "resources-limit-not-a-quantity",
+            json!({"spec": {"resources": {"limits": {"memory": "1 GB"}}}}),
+            "resources.limits values must be quantities",
+            true,
+        ),
+        r(
+            "resources-negative-limit",
+            json!({"spec": {"resources": {"limits": {"memory": "-1Gi"}}}}),
+            "resources.limits must not be negative",
+            true,
+        ),
+        r(
+            "resources-negative-request",
+            json!({"spec": {"resources": {"requests": {"cpu": -1}}}}),
+            "resources.requests must not be negative",
+            true,
+        ),
+        r(
+            "resources-unknown-name",
+            json!({"spec": {"resources": {"requests": {"gpu": "1"}, "limits": {"gpu": "1"}}}}),
+            "resources.requests keys must be cpu, memory, ephemeral-storage",
+            true,
+        ),
+        // Not refused by the pod API, but no node offers a resource under kubernetes.io that is
+        // not a native one: the pod could never be scheduled.
+        c(
+            "resources-kubernetes-io-name",
+            json!({"spec": {"resources": {"limits": {"kubernetes.io/dongle": "1"}}}}),
+            "resources.limits keys must be cpu, memory, ephemeral-storage",
+            true,
+        ),
+        r(
+            "resources-extended-without-limit",
+            json!({"spec": {"resources": {"requests": {"example.com/dongle": "1"}}}}),
+            "need the same amount in resources.limits",
+            true,
+        ),
+        r(
+            "resources-extended-overcommitted",
+            json!({"spec": {"resources": {"requests": {"example.com/dongle": "1"}, "limits": {"example.com/dongle": "2"}}}}),
+            "must equal their resources.limits",
+            true,
+        ),
+        r(
+            "resources-extended-fraction",
+            json!({"spec": {"resources": {"requests": {"example.com/dongle": "500m"}, "limits": {"example.com/dongle": "500m"}}}}),
+            "resources.requests of extended resources (<domain>/<name>) must be whole numbers",
+            true,
+        ),
+        r(
+            "resources-hugepages-alone",
+            json!({"spec": {"resources": {"requests": {"hugepages-2Mi": "4Mi"}, "limits": {"hugepages-2Mi": "4Mi"}}}}),
+            "resources with hugepages-* need a cpu or memory request or limit",
+            true,
+        ),
+        r(
+            "resources-claims",
+            json!({"spec": {"resources": {"claims": [{"name": "gpu"}]}}}),
+            "resources.claims must be empty",
+            true,
+        ),
+        // The client Service's annotations.
+        r(
+            "service-annotation-key-with-space",
+            json!({"spec": {"service": {"annotations": {"load balancer": "internal"}}}}),
+            "service.annotations keys must be annotation keys",
+            true,
+        ),
+        r(
+            "service-annotation-empty-name",
+            json!({"spec": {"service": {"annotations": {"example.com/": "x"}}}}),
+            "service.annotations keys must be annotation keys",
+            true,
+        ),
+        // The server's configuration: it refuses OIDC without a JWKS URL and does not start.
+        c(
+            "oidc-without-jwks-url",
+            json!({"spec": {"oidc": {"issuer": "https://login.contoso.local/", "audience": "im"}}}),
+            "oidc.jwksUrl is required",
+            true,
+        ),
     ]
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::IdentityMeshCluster;
 
     #[test]
     fn at_least_ten_cases_with_cel_messages_in_the_crd() {
@@ -305,6 +638,39 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), cases.len());
+    }
+
+    /// The admission-cases command prints the objects built from these cases: each builds.
+    #[test]
+    fn pods_and_services_build_from_the_checked_and_valid_cases() {
+        let checked: Vec<(&str, Value)> = admission_cases()
+            .into_iter()
+            .filter(|c| c.objects == Objects::Refused)
+            .map(|c| (c.name, c.manifest))
+            .collect();
+        assert!(checked.len() >= 20, "{}", checked.len());
+        for (name, manifest) in checked.into_iter().chain(valid_cases()) {
+            let objects =
+                built_objects(&manifest, "default").unwrap_or_else(|e| panic!("case {name}: {e}"));
+            let kinds: Vec<_> = objects.iter().map(|o| o["kind"].clone()).collect();
+            assert_eq!(kinds, vec![json!("Pod"), json!("Service")], "{name}");
+            assert_eq!(objects[0]["metadata"]["namespace"], "default", "{name}");
+        }
+        // The pod carries the spec's pod fields as they are.
+        let (_, full) = valid_cases()
+            .into_iter()
+            .find(|(n, _)| *n == "valid-pod-fields")
+            .expect("case");
+        let pod = &built_objects(&full, "default").expect("objects")[0];
+        assert_eq!(pod["spec"]["tolerations"], full["spec"]["tolerations"]);
+        assert_eq!(
+            pod["spec"]["nodeSelector"]["example.com/Pool_2.a"],
+            json!("")
+        );
+        assert_eq!(
+            pod["spec"]["containers"][0]["resources"]["limits"]["cpu"],
+            json!("2")
+        );
     }
 
     #[test]
@@ -341,6 +707,8 @@ mod tests {
 /// The CRD's CEL rules compiled and evaluated with a CEL interpreter, on the admission cases.
 #[cfg(test)]
 mod cel_tests {
+    use std::sync::Arc;
+
     use super::*;
 
     /// (path in the object, rule, message) for every x-kubernetes-validations entry.
@@ -395,6 +763,107 @@ mod cel_tests {
         v.get(head).map(|x| values_at(x, rest)).unwrap_or_default()
     }
 
+    /// A Kubernetes quantity in base units, as the apiserver's CEL `quantity()` reads it (f64 is
+    /// exact enough for the values here); None when it is not one.
+    fn parse_quantity(s: &str) -> Option<f64> {
+        let (sign, rest) = match s.as_bytes().first()? {
+            b'+' => (1.0, &s[1..]),
+            b'-' => (-1.0, &s[1..]),
+            _ => (1.0, s),
+        };
+        let end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let (number, suffix) = rest.split_at(end);
+        if number.is_empty() || number == "." || number.matches('.').count() > 1 {
+            return None;
+        }
+        let n: f64 = number.parse().ok()?;
+        let binary = |p: i32| 1024f64.powi(p);
+        let factor = match suffix {
+            "" => 1.0,
+            "n" => 1e-9,
+            "u" => 1e-6,
+            "m" => 1e-3,
+            "k" => 1e3,
+            "M" => 1e6,
+            "G" => 1e9,
+            "T" => 1e12,
+            "P" => 1e15,
+            "E" => 1e18,
+            "Ki" => binary(1),
+            "Mi" => binary(2),
+            "Gi" => binary(3),
+            "Ti" => binary(4),
+            "Pi" => binary(5),
+            "Ei" => binary(6),
+            e => {
+                let exp = e.strip_prefix(['e', 'E'])?;
+                10f64.powi(exp.parse().ok()?)
+            }
+        };
+        Some(sign * n * factor)
+    }
+
+    #[test]
+    fn quantities_parse_as_the_apiserver_reads_them() {
+        for (q, want) in [
+            ("500m", Some(0.5)),
+            ("2", Some(2.0)),
+            ("1.5Gi", Some(1.5 * 1024f64.powi(3))),
+            ("+1k", Some(1000.0)),
+            ("-1Gi", Some(-1024f64.powi(3))),
+            ("1e3", Some(1000.0)),
+            (".5", Some(0.5)),
+            ("two", None),
+            ("1 GB", None),
+            ("1GB", None),
+            ("", None),
+            ("1..2", None),
+        ] {
+            assert_eq!(parse_quantity(q), want, "{q:?}");
+        }
+    }
+
+    /// A CEL context with the apiserver's quantity functions (the ones the rules use), a quantity
+    /// standing for its value in base units.
+    fn context<'a>() -> cel::Context<'a, 'a> {
+        use cel::extractors::This;
+        let mut ctx = cel::Context::default();
+        let no_quantity = |s: &str| {
+            cel::ExecutionError::function_error("quantity", format!("{s:?} is not a quantity"))
+        };
+        let declared = [
+            ctx.add_function("isQuantity", |s: Arc<String>| parse_quantity(&s).is_some()),
+            ctx.add_function("quantity", move |s: Arc<String>| {
+                parse_quantity(&s)
+                    .map(cel::Value::Float)
+                    .ok_or_else(|| no_quantity(&s))
+            }),
+            ctx.add_function("sign", |q: f64| {
+                cel::Value::Int(if q > 0.0 {
+                    1
+                } else if q < 0.0 {
+                    -1
+                } else {
+                    0
+                })
+            }),
+            ctx.add_function("compareTo", |This(q): This<f64>, other: f64| {
+                cel::Value::Int(match q.partial_cmp(&other) {
+                    Some(std::cmp::Ordering::Less) => -1,
+                    Some(std::cmp::Ordering::Greater) => 1,
+                    _ => 0,
+                })
+            }),
+            ctx.add_function("isInteger", |This(q): This<f64>| q.fract() == 0.0),
+        ];
+        for d in declared {
+            d.expect("the quantity functions are not cel-rust built-ins");
+        }
+        ctx
+    }
+
     /// Messages of the rules that fail on `manifest` (oldSelf = self: an update without change).
     fn failures(manifest: &Value) -> Vec<String> {
         let mut failed = Vec::new();
@@ -402,7 +871,7 @@ mod cel_tests {
             let program = cel::Program::compile(&rule)
                 .unwrap_or_else(|e| panic!("rule {rule:?} does not compile: {e}"));
             for v in values_at(manifest, &path) {
-                let mut ctx = cel::Context::default();
+                let mut ctx = context();
                 let val = cel::to_value(v).expect("to cel");
                 ctx.add_variable_from_value("self", val.clone());
                 ctx.add_variable_from_value("oldSelf", val);
@@ -450,6 +919,9 @@ mod cel_tests {
             json!({"spec": {"nodeOS": "windows", "nodeSelector": {"kubernetes.io/os": "windows"}}}),
         );
         assert_eq!(failures(&windows_os), Vec::<String>::new());
+        for (name, manifest) in valid_cases() {
+            assert_eq!(failures(&manifest), Vec::<String>::new(), "{name}");
+        }
     }
 
     /// Repositories the container runtimes accept pass; with a tag, a digest, upper case in the

@@ -15,6 +15,8 @@ use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+mod pod_fields;
+
 pub const GROUP: &str = "identitymesh.io";
 pub const VERSION: &str = "v1alpha1";
 pub const KIND: &str = "IdentityMeshCluster";
@@ -60,8 +62,10 @@ pub struct IdentityMeshClusterSpec {
     #[x_kube(validation = Rule::new("self == oldSelf").message("nodeOS is immutable: create a new IdentityMeshCluster to move to another OS"))]
     pub node_os: NodeOs,
 
-    /// Extra node selector terms, merged over `kubernetes.io/os`.
+    /// Extra node selector terms, merged over `kubernetes.io/os` (node label keys and values).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[x_kube(validation = Rule::new(pod_fields::NODE_SELECTOR_KEYS_RULE).message(pod_fields::NODE_SELECTOR_KEYS_MESSAGE))]
+    #[x_kube(validation = Rule::new(pod_fields::NODE_SELECTOR_VALUES_RULE).message(pod_fields::NODE_SELECTOR_VALUES_MESSAGE))]
     pub node_selector: BTreeMap<String, String>,
 
     /// Tolerations for the server pods. Default on Windows: `node.kubernetes.io/os=windows:NoSchedule`.
@@ -133,10 +137,7 @@ pub struct CsvDropFolder {
     #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("csvDropFolders[].name must be a DNS label (lower-case letters, digits and '-', starting and ending with a letter or digit): it names the folder and the pod volume drop-<name>"))]
     pub name: String,
     /// The PersistentVolumeClaim holding the files, in the cluster's namespace.
-    #[schemars(
-        length(min = 1, max = 253),
-        pattern(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
-    )]
+    #[schemars(length(min = 1, max = 253), pattern(OBJECT_NAME))]
     pub claim_name: String,
     /// Mount read-only (the default): CSV connectors only read.
     #[serde(default = "default_true")]
@@ -172,10 +173,7 @@ pub struct ImageSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(
         length(max = 16),
-        inner(
-            length(min = 1, max = 253),
-            pattern(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
-        )
+        inner(length(min = 1, max = 253), pattern(OBJECT_NAME))
     )]
     pub pull_secrets: Vec<String>,
 }
@@ -245,19 +243,19 @@ impl NodeOs {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct SecretKeyRef {
     /// Secret name.
-    #[schemars(
-        length(min = 1, max = 253),
-        pattern(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
-    )]
+    #[schemars(length(min = 1, max = 253), pattern(OBJECT_NAME))]
     pub name: String,
-    /// Key inside the Secret's data.
+    /// Key inside the Secret's data (letters, digits, '-', '_' and '.'; not '.', not starting
+    /// with '..').
     #[schemars(length(min = 1, max = 253), pattern(r"^[-._a-zA-Z0-9]+$"))]
+    #[x_kube(validation = Rule::new("self != '.' && !self.startsWith('..')").message("a Secret key must not be '.' nor start with '..': no Secret can hold such a key (use the key's name in the Secret's data, e.g. connectionString)"))]
     pub key: String,
 }
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.jwksUrl) || self.jwksUrl.startsWith('https://')").message("oidc.jwksUrl must be an https:// URL"))]
+#[x_kube(validation = Rule::new("has(self.jwksUrl)").message("oidc.jwksUrl is required: the server reads the token signing keys from it and does not discover them from the issuer (e.g. https://login.contoso.local/realms/im/protocol/openid-connect/certs)"))]
 pub struct OidcSpec {
     /// Token issuer; must be https.
     #[schemars(length(min = 1, max = 2048))]
@@ -265,7 +263,9 @@ pub struct OidcSpec {
     pub issuer: String,
     #[schemars(length(min = 1, max = 512))]
     pub audience: String,
-    /// JWKS endpoint; discovered from the issuer when unset.
+    /// JWKS endpoint (https) the server reads the token signing keys from; required: the server
+    /// does not discover it from the issuer. Optional in the type only so that a cluster stored
+    /// without it still deserialises and is reported (SpecRejected) rather than ignored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 2048))]
     pub jwks_url: Option<String>,
@@ -315,23 +315,14 @@ pub struct AzureKeyVaultSpec {
 pub struct TlsSpec {
     /// Extra DNS names for the serving certificate (e.g. im.contoso.local).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(
-        length(max = 32),
-        inner(
-            length(min = 1, max = 253),
-            pattern(r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-        )
-    )]
+    #[schemars(length(max = 32), inner(length(min = 1, max = 253), pattern(DNS_NAME)))]
     pub dns_names: Vec<String>,
     /// Operator-issued certificate settings (used when secretName is unset).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub operator: Option<OperatorIssuerSpec>,
     /// A kubernetes.io/tls Secret you manage (e.g. cert-manager); the operator does not renew it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(
-        length(min = 1, max = 253),
-        pattern(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
-    )]
+    #[schemars(length(min = 1, max = 253), pattern(OBJECT_NAME))]
     pub secret_name: Option<String>,
 }
 
@@ -345,6 +336,14 @@ impl TlsSpec {
         }
     }
 }
+
+/// A DNS-1123 subdomain: the name of a Secret or a PersistentVolumeClaim (at most 253
+/// characters; dot-separated labels, none empty).
+const OBJECT_NAME: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+
+/// A DNS name for the certificate: labels of at most 63 characters, optionally a wildcard.
+const DNS_NAME: &str =
+    r"^(\*\.)?[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*$";
 
 const GO_DURATION: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$";
 
@@ -414,7 +413,9 @@ pub struct ServiceSpec {
     #[serde(default = "default_service_port")]
     #[schemars(range(min = 1, max = 65535))]
     pub port: i32,
+    /// Annotations of the client Service (e.g. for a cloud load balancer).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[x_kube(validation = Rule::new(pod_fields::ANNOTATION_KEYS_RULE).message(pod_fields::ANNOTATION_KEYS_MESSAGE))]
     pub annotations: BTreeMap<String, String>,
 }
 
@@ -654,7 +655,8 @@ pub struct CertificateExpiry {
     pub secret_name: String,
 }
 
-/// The CRD as installed: the derived one plus a length bound on metadata.name. The bound keeps
+/// The CRD as installed: the derived one plus a length bound on metadata.name, and the rules and
+/// bounds on the pod fields typed with k8s-openapi structs (see pod_fields). The bound keeps
 /// the apiserver's CEL cost estimate of the name rule small (an unbounded string is costed at the
 /// maximum request size), and names longer than 40 would make invalid derived names anyway.
 pub fn crd() -> CustomResourceDefinition {
@@ -665,6 +667,9 @@ pub fn crd() -> CustomResourceDefinition {
             .as_mut()
             .and_then(|s| s.open_api_v3_schema.as_mut())
         {
+            if let Some(spec) = schema.properties.as_mut().and_then(|p| p.get_mut("spec")) {
+                pod_fields::add_rules(spec);
+            }
             let props = schema.properties.get_or_insert_with(BTreeMap::new);
             props.insert(
                 "metadata".to_string(),
@@ -781,7 +786,16 @@ mod tests {
             "self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')",
             REPOSITORY_RULE,
             "self.nodeSelector[k] == (has(self.nodeOS) ? self.nodeOS : 'windows')",
-        ] {
+            pod_fields::NODE_SELECTOR_KEYS_RULE,
+            pod_fields::NODE_SELECTOR_VALUES_RULE,
+            pod_fields::ANNOTATION_KEYS_RULE,
+            "has(self.jwksUrl)",
+            "self != '.' && !self.startsWith('..')",
+        ]
+        .into_iter()
+        .chain(pod_fields::TOLERATION_RULES.iter().map(|(r, _)| *r))
+        .chain(pod_fields::resource_rules().into_iter().map(|(r, _)| r))
+        {
             assert!(
                 rs.iter().any(|r| r.contains(needle)),
                 "missing CEL rule {needle}: {rs:?}"

@@ -23,8 +23,9 @@ enum Command {
     Crd,
     /// Run the controller.
     Run(RunArgs),
-    /// Print the resources the apiserver must reject (JSON lines: name, expect, manifest), for
-    /// the end-to-end tests to apply against a real apiserver.
+    /// Print the resources the apiserver must reject and those it must admit (JSON lines: name,
+    /// expect (null: admitted), manifest, and the pod and Service built from it), for the
+    /// end-to-end tests to apply against a real apiserver.
     #[command(hide = true)]
     AdmissionCases,
 }
@@ -61,17 +62,34 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Run(args) => run(args).await,
         Command::AdmissionCases => {
-            for c in identitymesh_operator::admission_cases::admission_cases() {
+            use identitymesh_operator::admission_cases::{
+                admission_cases, built_objects, valid_cases, Objects,
+            };
+            // "objects": the server pod and client Service built from the spec (for the cases
+            // the pod or Service API refuses too, and for the valid ones), in namespace default.
+            for c in admission_cases() {
+                let objects = match c.objects {
+                    Objects::Refused => Some(
+                        built_objects(&c.manifest, "default")
+                            .map_err(|e| anyhow::anyhow!("case {}: {e}", c.name))?,
+                    ),
+                    Objects::NotChecked => None,
+                };
                 let line = serde_json::json!({
                     "name": c.name, "expect": c.expect, "cel": c.cel, "manifest": c.manifest,
+                    "objects": objects,
                 });
                 println!("{line}");
             }
-            println!(
-                "{}",
-                serde_json::json!({"name": "valid", "expect": null, "cel": false,
-                    "manifest": identitymesh_operator::admission_cases::valid_manifest("valid")})
-            );
+            for (name, manifest) in valid_cases() {
+                let objects = built_objects(&manifest, "default")
+                    .map_err(|e| anyhow::anyhow!("case {name}: {e}"))?;
+                println!(
+                    "{}",
+                    serde_json::json!({"name": name, "expect": null, "cel": false,
+                        "manifest": manifest, "objects": objects})
+                );
+            }
             Ok(())
         }
     }

@@ -1,12 +1,16 @@
-//! A spec that passed admission but cannot work: writes the apiserver refuses (400/422) and
-//! server pods the node cannot start (image pulls, container config). Pure functions that turn
-//! the apiserver's Status and the kubelet's waiting state into messages that quote them and name
-//! the IdentityMeshCluster field to change, and the backoff refused writes are retried with.
+//! A spec that passed admission but cannot work: writes the apiserver refuses (400/422), server
+//! pods the node cannot start (image pulls, container config), and specs the operator can tell
+//! will never give a working server (stored before the CRD had the rule that now refuses them).
+//! Pure functions that turn the apiserver's Status and the kubelet's waiting state into messages
+//! that quote them and name the IdentityMeshCluster field to change, and the backoff refused
+//! writes are retried with.
 
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::core::Status;
+
+use crate::crd::IdentityMeshClusterSpec;
 
 /// A refused write is retried after 5 s, then twice as long each time, at most 5 min (at once
 /// when the object we would write changes, e.g. after a spec edit).
@@ -99,6 +103,10 @@ pub fn spec_field(kind: &str, object_field: &str) -> Option<&'static str> {
                 Some("spec.image.pullPolicy")
             } else if under("spec.containers.resources") {
                 Some("spec.resources")
+            } else if under("spec.containers.env.valueFrom.secretKeyRef") {
+                Some("spec.database")
+            } else if under("spec.volumes.secret") {
+                Some("spec.licence and spec.tls.secretName")
             } else if under("spec.imagePullSecrets") {
                 Some("spec.image.pullSecrets")
             } else if under("spec.nodeSelector") {
@@ -126,12 +134,22 @@ pub fn spec_field(kind: &str, object_field: &str) -> Option<&'static str> {
     }
 }
 
+/// A request body the apiserver could not even decode names no field; the one such error a spec
+/// can cause is a quantity that does not parse (stored before the CRD checked quantities).
+fn undecodable_field(kind: &str, s: &Status) -> Option<&'static str> {
+    (kind == "Pod"
+        && s.message
+            .contains("quantities must match the regular expression"))
+    .then_some("spec.resources")
+}
+
 /// Condition and Event text for a refused write of `kind` `name`: the spec fields to change
 /// (when they can be told) and the apiserver's message, quoted.
 pub fn refused_message(kind: &str, name: &str, s: &Status) -> String {
     let mut fields: Vec<&str> = refused_fields(s)
         .iter()
         .filter_map(|f| spec_field(kind, f))
+        .chain(undecodable_field(kind, s))
         .collect();
     fields.sort_unstable();
     fields.dedup();
@@ -144,6 +162,23 @@ pub fn refused_message(kind: &str, name: &str, s: &Status) -> String {
         "the apiserver refused {kind} {name}{check}: {}",
         status_message(s)
     )
+}
+
+/// What makes a spec that was admitted unable to ever give a working server, as far as the
+/// operator can tell from the spec alone: each message names the field, says what is wrong and
+/// what to do. The CRD refuses these at admission now; clusters stored before it did still reach
+/// the operator, and are reported (SpecRejected) instead of left to crash-loop unexplained.
+pub fn spec_problems(spec: &IdentityMeshClusterSpec) -> Vec<String> {
+    let mut out = Vec::new();
+    if spec.oidc.as_ref().is_some_and(|o| o.jwks_url.is_none()) {
+        out.push(
+            "spec.oidc.jwksUrl is missing: the server reads the token signing keys from it (it \
+             does not discover them from the issuer) and refuses to start without it; set \
+             spec.oidc.jwksUrl to the identity provider's https JWKS endpoint, or remove spec.oidc"
+                .to_string(),
+        );
+    }
+    out
 }
 
 /// Waiting reasons of a container that will not start until the spec, an image or a Secret is
@@ -370,6 +405,17 @@ mod tests {
                 Some("spec.csvDropFolders"),
             ),
             ("Pod", "metadata.name", Some("metadata.name")),
+            (
+                "Pod",
+                "spec.containers[0].env[8].valueFrom.secretKeyRef.name",
+                Some("spec.database"),
+            ),
+            (
+                "Pod",
+                "spec.volumes[3].secret.items[0].key",
+                Some("spec.licence and spec.tls.secretName"),
+            ),
+            ("Pod", "spec.containers[0].env[1].value", None),
             ("Pod", "spec.securityContext", None),
             (
                 "Service",
@@ -404,6 +450,48 @@ mod tests {
             refused_message("Service", "im", &s),
             "the apiserver refused Service im: 400 BadRequest: something odd"
         );
+    }
+
+    /// A quantity the apiserver cannot decode fails the whole body with no field named: the
+    /// message still names spec.resources (the only spec field that can cause it).
+    #[test]
+    fn an_undecodable_quantity_names_spec_resources() {
+        let s: Status = serde_json::from_value(json!({
+            "status": "Failure", "code": 400, "reason": "BadRequest",
+            "message": "Pod in version \"v1\" cannot be handled as a Pod: quantities must match the regular expression '^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$'"
+        }))
+        .expect("status");
+        let m = refused_message("Pod", "im-a", &s);
+        assert!(
+            m.starts_with("the apiserver refused Pod im-a (check spec.resources): 400 BadRequest: Pod in version"),
+            "{m}"
+        );
+        assert_eq!(
+            refused_message("Service", "im", &s),
+            format!(
+                "the apiserver refused Service im: 400 BadRequest: {}",
+                s.message
+            )
+        );
+    }
+
+    /// OIDC without a JWKS URL was admitted before the CRD required it; the server refuses to
+    /// start with it, so the operator says so, naming the field and what to set.
+    #[test]
+    fn oidc_without_jwks_url_is_a_spec_problem() {
+        let mut spec = crate::builders::test_support::cluster("im", "prod").spec;
+        assert_eq!(spec_problems(&spec), Vec::<String>::new());
+        spec.oidc.as_mut().expect("oidc").jwks_url = None;
+        let p = spec_problems(&spec);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].starts_with("spec.oidc.jwksUrl is missing: the server reads the token signing keys from it")
+                && p[0].contains("set spec.oidc.jwksUrl to the identity provider's https JWKS endpoint, or remove spec.oidc"),
+            "{}",
+            p[0]
+        );
+        spec.oidc = None;
+        assert_eq!(spec_problems(&spec), Vec::<String>::new());
     }
 
     fn pod_waiting(reason: &str, message: &str) -> Pod {

@@ -405,7 +405,11 @@ async fn helm_installed_operator_runs_a_cluster() {
 
 /// The CRD's schema and CEL rules on the real apiserver: every resource in the operator's
 /// admission table (`identitymesh-operator admission-cases`) is rejected with its message, and
-/// the valid one is accepted.
+/// the valid ones are accepted. For the pod fields, the server pod and client Service the
+/// operator builds from each spec are offered to the pod and Service APIs too: those of a
+/// refused spec that the table marks as refused there are refused (the rule says at admission
+/// what the apiserver would say pod by pod), and those of every valid spec are accepted (the
+/// rules refuse nothing the pod API takes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_resources_are_rejected_at_admission() {
     let _serial = SERIAL.lock().await;
@@ -427,9 +431,48 @@ async fn bad_resources_are_rejected_at_admission() {
         .lines()
         .map(|l| serde_json::from_str(l).expect("case json"))
         .collect();
+    // The pods' ServiceAccount must exist before a pod is accepted, dry run or not.
+    let mut waited = 0;
+    while cluster
+        .kubectl(&["get", "serviceaccount", "default", "-n", "default"])
+        .await
+        .is_err()
+    {
+        waited += 1;
+        assert!(waited < 60, "no default ServiceAccount after 30 s");
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
     let mut rejected = 0;
+    let (mut objects_refused, mut objects_accepted) = (0, 0);
     for c in &cases {
         let name = c["name"].as_str().unwrap_or_default();
+        let objects = c["objects"].as_array().cloned().unwrap_or_default();
+        let mut verdicts = Vec::new();
+        for o in &objects {
+            let r = cluster
+                .kubectl_with_stdin(
+                    &["create", "-n", "default", "--dry-run=server", "-f", "-"],
+                    Some(&o.to_string()),
+                )
+                .await;
+            verdicts.push((o["kind"].as_str().unwrap_or_default().to_string(), r));
+        }
+        if !objects.is_empty() {
+            if c["expect"].is_null() {
+                for (kind, r) in &verdicts {
+                    if let Err(e) = r {
+                        panic!("case {name}: the {kind} built from a valid spec was refused: {e}");
+                    }
+                }
+                objects_accepted += 1;
+            } else {
+                assert!(
+                    verdicts.iter().any(|(_, r)| r.is_err()),
+                    "case {name}: the pod and Service built from it were accepted, but the case says the apiserver refuses them"
+                );
+                objects_refused += 1;
+            }
+        }
         let manifest = c["manifest"].to_string();
         let r = cluster
             .kubectl_with_stdin(
@@ -457,7 +500,11 @@ async fn bad_resources_are_rejected_at_admission() {
         }
     }
     assert!(rejected >= 10, "at least ten bad resources: {rejected}");
+    assert!(
+        objects_refused >= 20 && objects_accepted >= 2,
+        "pod-field cases: {objects_refused} refused, {objects_accepted} valid"
+    );
     println!(
-        "admission: {rejected} bad resources rejected with their messages; the valid one accepted"
+        "admission: {rejected} bad resources rejected with their messages ({objects_refused} of them refused by the pod or Service API too); {objects_accepted} valid ones accepted, pods and Services included"
     );
 }

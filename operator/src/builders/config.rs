@@ -15,6 +15,27 @@ struct ServerToml {
     #[serde(skip_serializing_if = "Option::is_none")]
     auth: Option<AuthToml>,
     engine: EngineToml,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http: Option<HttpToml>,
+}
+
+#[derive(Serialize)]
+struct HttpToml {
+    request_timeout_ms: u64,
+}
+
+/// The server's default bound on an Admin or internal API request (http.request_timeout_ms). It
+/// refuses to start unless the bound is longer than the drain, since a demote request waits for
+/// the drain.
+const SERVER_DEFAULT_REQUEST_TIMEOUT_MS: u64 = 120_000;
+/// Room above the drain for a demote request's own work and its reply.
+const REQUEST_OVER_DRAIN_MS: u64 = 30_000;
+
+/// http.request_timeout_ms to write: none (the server's default) unless the drain needs more,
+/// so that every drainTimeoutSeconds the CRD admits (up to 600 s) gives a server that starts.
+fn request_timeout_ms(drain_timeout_ms: u64) -> Option<u64> {
+    let needed = drain_timeout_ms + REQUEST_OVER_DRAIN_MS;
+    (needed > SERVER_DEFAULT_REQUEST_TIMEOUT_MS).then_some(needed)
 }
 
 #[derive(Serialize)]
@@ -42,6 +63,7 @@ struct EngineToml {
 /// where the test harness rewrites mount paths.
 pub fn server_toml(imc: &IdentityMeshCluster) -> Result<String, toml::ser::Error> {
     let spec = &imc.spec;
+    let drain_timeout_ms = u64::from(spec.drain_timeout_seconds) * 1000;
     let cfg = ServerToml {
         listen: format!("0.0.0.0:{HTTPS_PORT}"),
         internal_listen: format!("0.0.0.0:{INTERNAL_PORT}"),
@@ -56,8 +78,10 @@ pub fn server_toml(imc: &IdentityMeshCluster) -> Result<String, toml::ser::Error
         engine: EngineToml {
             heartbeat_interval_ms: 1000,
             instance_ttl_ms: 5000,
-            drain_timeout_ms: u64::from(spec.drain_timeout_seconds) * 1000,
+            drain_timeout_ms,
         },
+        http: request_timeout_ms(drain_timeout_ms)
+            .map(|request_timeout_ms| HttpToml { request_timeout_ms }),
     };
     toml::to_string(&cfg)
 }
@@ -124,6 +148,32 @@ mod tests {
             assert!(
                 !t.contains(forbidden),
                 "server.toml contains {forbidden}: {t}"
+            );
+        }
+    }
+
+    /// The server refuses to start when http.request_timeout_ms is not longer than the drain
+    /// (its default is 120 s): a long drain, which the CRD admits up to 600 s, raises it; the
+    /// default drain leaves server.toml as it was.
+    #[test]
+    fn request_timeout_outlasts_every_admitted_drain() {
+        let mut imc = cluster("im", "prod");
+        let toml_of = |imc: &IdentityMeshCluster| -> toml::Value {
+            toml::from_str(&server_toml(imc).expect("toml")).expect("parses")
+        };
+        imc.spec.drain_timeout_seconds = 10;
+        assert!(toml_of(&imc).get("http").is_none());
+        for drain_s in [1_u32, 10, 89, 90, 91, 119, 120, 300, 600] {
+            imc.spec.drain_timeout_seconds = drain_s;
+            let v = toml_of(&imc);
+            let drain_ms = v["engine"]["drain_timeout_ms"].as_integer().expect("drain");
+            let request_ms = v
+                .get("http")
+                .and_then(|h| h["request_timeout_ms"].as_integer())
+                .unwrap_or(SERVER_DEFAULT_REQUEST_TIMEOUT_MS as i64);
+            assert!(
+                request_ms >= drain_ms + 30_000,
+                "drain {drain_s} s: request timeout {request_ms} ms"
             );
         }
     }

@@ -279,7 +279,8 @@ pub(crate) mod test_support {
             "database": {"name": "im-db", "key": "connectionString"},
             "licence": {"name": "im-licence", "key": "licence.json"},
             "tls": {"dnsNames": ["im.contoso.local"]},
-            "oidc": {"issuer": "https://login.contoso.local/", "audience": "identitymesh"}
+            "oidc": {"issuer": "https://login.contoso.local/", "audience": "identitymesh",
+                "jwksUrl": "https://login.contoso.local/keys"}
         }))
         .expect("spec");
         let mut imc = IdentityMeshCluster::new(name, spec);
