@@ -141,8 +141,7 @@ pub const SWITCHOVER_CONDITION: &str = "SwitchoverRequest";
 pub const CONFLICT_CONDITION: &str = "Conflict";
 /// Set while a cutover overruns spec.cutoverTimeoutSeconds, False once that cutover ended.
 pub const STALLED_CONDITION: &str = "CutoverStalled";
-/// True while the apiserver refuses an object built from the spec (400/422), or the spec can
-/// never give a working server (reason InvalidSpec).
+/// True while the apiserver refuses an object built from the spec (400/422).
 pub const SPEC_REJECTED_CONDITION: &str = "SpecRejected";
 /// True while a server pod cannot start (image pull, invalid image, container config).
 pub const POD_START_CONDITION: &str = "PodStartFailed";
@@ -265,9 +264,6 @@ struct Reconciler {
     /// Writes the apiserver refused as invalid ("Kind/name" → message), reported as the
     /// SpecRejected condition and retried with backoff.
     refused: BTreeMap<String, String>,
-    /// What in the (admitted) spec can never give a working server, reported as the
-    /// SpecRejected condition too (see refusals::spec_problems).
-    spec_problems: Vec<String>,
 }
 
 /// Findings of the secret/certificate steps, turned into conditions.
@@ -291,7 +287,6 @@ impl Reconciler {
             writes: 0,
             conflicts: BTreeMap::new(),
             refused: BTreeMap::new(),
-            spec_problems: Vec::new(),
         }
     }
 
@@ -509,7 +504,6 @@ impl Reconciler {
             return Ok(ReconcileAction::requeue(Duration::from_secs(60)));
         }
         observe::remove_condition(&mut st.conditions, "Paused");
-        self.spec_problems = refusals::spec_problems(&imc.spec);
 
         let mut f = Findings::default();
         self.check_referenced_secrets(&mut f).await?;
@@ -886,53 +880,35 @@ impl Reconciler {
     }
 
     /// The SpecRejected condition (removed when nothing is refused), and a Warning Event when its
-    /// message changes: what in the spec can never work (reason InvalidSpec), and the apiserver's
-    /// message for a refused write, quoted, with the spec field when it can be told.
+    /// message changes: the apiserver's message, quoted, and the spec field when it can be told.
     async fn report_refused(&self, st: &mut IdentityMeshClusterStatus) {
-        let mut parts = self.spec_problems.clone();
-        if !self.refused.is_empty() {
-            parts.push(format!(
-                "{}; retried with backoff (at once after a spec change)",
-                self.refused
-                    .values()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            ));
-        }
-        if parts.is_empty() {
+        if self.refused.is_empty() {
             observe::remove_condition(&mut st.conditions, SPEC_REJECTED_CONDITION);
             return;
         }
-        let msg = parts.join("; ");
+        let msg = format!(
+            "{}; retried with backoff (at once after a spec change)",
+            self.refused
+                .values()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
         let known = observe::get_condition(&st.conditions, SPEC_REJECTED_CONDITION)
             .is_some_and(|c| c.status == "True" && c.message == msg);
         if !known {
             self.event(EventType::Warning, "SpecRejected", "Apply", msg.clone())
                 .await;
         }
-        let reason = if self.spec_problems.is_empty() {
-            "RefusedByApiserver"
-        } else {
-            "InvalidSpec"
-        };
         set_condition(
             &mut st.conditions,
             SPEC_REJECTED_CONDITION,
             "True",
-            reason,
+            "RefusedByApiserver",
             &msg,
             self.imc.metadata.generation,
             self.now,
         );
-        // Ready says why it waits, instead of only "waiting for a Ready server pod".
-        if let Some(ready) = st.conditions.iter_mut().find(|c| c.type_ == "Ready") {
-            for p in &self.spec_problems {
-                if ready.status != "True" && !ready.message.contains(p.as_str()) {
-                    ready.message = format!("{}: {p}", ready.message);
-                }
-            }
-        }
     }
 
     /// The PodStartFailed condition (removed when both pods' containers can start), and a

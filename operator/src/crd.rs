@@ -255,7 +255,6 @@ pub struct SecretKeyRef {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.jwksUrl) || self.jwksUrl.startsWith('https://')").message("oidc.jwksUrl must be an https:// URL"))]
-#[x_kube(validation = Rule::new("has(self.jwksUrl)").message("oidc.jwksUrl is required: the server reads the token signing keys from it and does not discover them from the issuer (e.g. https://login.contoso.local/realms/im/protocol/openid-connect/certs)"))]
 pub struct OidcSpec {
     /// Token issuer; must be https.
     #[schemars(length(min = 1, max = 2048))]
@@ -263,9 +262,7 @@ pub struct OidcSpec {
     pub issuer: String,
     #[schemars(length(min = 1, max = 512))]
     pub audience: String,
-    /// JWKS endpoint (https) the server reads the token signing keys from; required: the server
-    /// does not discover it from the issuer. Optional in the type only so that a cluster stored
-    /// without it still deserialises and is reported (SpecRejected) rather than ignored.
+    /// JWKS endpoint; discovered from the issuer when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 2048))]
     pub jwks_url: Option<String>,
@@ -789,7 +786,6 @@ mod tests {
             pod_fields::NODE_SELECTOR_KEYS_RULE,
             pod_fields::NODE_SELECTOR_VALUES_RULE,
             pod_fields::ANNOTATION_KEYS_RULE,
-            "has(self.jwksUrl)",
             "self != '.' && !self.startsWith('..')",
         ]
         .into_iter()

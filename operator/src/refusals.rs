@@ -1,16 +1,12 @@
-//! A spec that passed admission but cannot work: writes the apiserver refuses (400/422), server
-//! pods the node cannot start (image pulls, container config), and specs the operator can tell
-//! will never give a working server (stored before the CRD had the rule that now refuses them).
-//! Pure functions that turn the apiserver's Status and the kubelet's waiting state into messages
-//! that quote them and name the IdentityMeshCluster field to change, and the backoff refused
-//! writes are retried with.
+//! A spec that passed admission but cannot work: writes the apiserver refuses (400/422) and
+//! server pods the node cannot start (image pulls, container config). Pure functions that turn
+//! the apiserver's Status and the kubelet's waiting state into messages that quote them and name
+//! the IdentityMeshCluster field to change, and the backoff refused writes are retried with.
 
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::core::Status;
-
-use crate::crd::IdentityMeshClusterSpec;
 
 /// A refused write is retried after 5 s, then twice as long each time, at most 5 min (at once
 /// when the object we would write changes, e.g. after a spec edit).
@@ -162,23 +158,6 @@ pub fn refused_message(kind: &str, name: &str, s: &Status) -> String {
         "the apiserver refused {kind} {name}{check}: {}",
         status_message(s)
     )
-}
-
-/// What makes a spec that was admitted unable to ever give a working server, as far as the
-/// operator can tell from the spec alone: each message names the field, says what is wrong and
-/// what to do. The CRD refuses these at admission now; clusters stored before it did still reach
-/// the operator, and are reported (SpecRejected) instead of left to crash-loop unexplained.
-pub fn spec_problems(spec: &IdentityMeshClusterSpec) -> Vec<String> {
-    let mut out = Vec::new();
-    if spec.oidc.as_ref().is_some_and(|o| o.jwks_url.is_none()) {
-        out.push(
-            "spec.oidc.jwksUrl is missing: the server reads the token signing keys from it (it \
-             does not discover them from the issuer) and refuses to start without it; set \
-             spec.oidc.jwksUrl to the identity provider's https JWKS endpoint, or remove spec.oidc"
-                .to_string(),
-        );
-    }
-    out
 }
 
 /// Waiting reasons of a container that will not start until the spec, an image or a Secret is
@@ -473,25 +452,6 @@ mod tests {
                 s.message
             )
         );
-    }
-
-    /// OIDC without a JWKS URL was admitted before the CRD required it; the server refuses to
-    /// start with it, so the operator says so, naming the field and what to set.
-    #[test]
-    fn oidc_without_jwks_url_is_a_spec_problem() {
-        let mut spec = crate::builders::test_support::cluster("im", "prod").spec;
-        assert_eq!(spec_problems(&spec), Vec::<String>::new());
-        spec.oidc.as_mut().expect("oidc").jwks_url = None;
-        let p = spec_problems(&spec);
-        assert_eq!(p.len(), 1, "{p:?}");
-        assert!(
-            p[0].starts_with("spec.oidc.jwksUrl is missing: the server reads the token signing keys from it")
-                && p[0].contains("set spec.oidc.jwksUrl to the identity provider's https JWKS endpoint, or remove spec.oidc"),
-            "{}",
-            p[0]
-        );
-        spec.oidc = None;
-        assert_eq!(spec_problems(&spec), Vec::<String>::new());
     }
 
     fn pod_waiting(reason: &str, message: &str) -> Pod {

@@ -279,8 +279,7 @@ pub(crate) mod test_support {
             "database": {"name": "im-db", "key": "connectionString"},
             "licence": {"name": "im-licence", "key": "licence.json"},
             "tls": {"dnsNames": ["im.contoso.local"]},
-            "oidc": {"issuer": "https://login.contoso.local/", "audience": "identitymesh",
-                "jwksUrl": "https://login.contoso.local/keys"}
+            "oidc": {"issuer": "https://login.contoso.local/", "audience": "identitymesh"}
         }))
         .expect("spec");
         let mut imc = IdentityMeshCluster::new(name, spec);

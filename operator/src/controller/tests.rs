@@ -2245,37 +2245,3 @@ async fn pods_that_cannot_start_are_reported_with_the_kubelets_message() {
     h.converge().await;
     assert!(observe::get_condition(&h.status().conditions, POD_START_CONDITION).is_none());
 }
-
-/// A spec admitted before the CRD refused it, that can never give a working server (OIDC
-/// without a JWKS URL: the server refuses to start): SpecRejected/InvalidSpec naming the field
-/// and what to do, one Warning Event, no reconcile error; gone once the spec is fixed.
-#[tokio::test]
-async fn an_admitted_spec_that_cannot_work_is_reported() {
-    let h = Harness::new(true);
-    edit_cluster(&h, |o| o["spec"]["oidc"]["jwksUrl"] = Value::Null);
-    for _ in 0..3 {
-        h.reconcile().await;
-        h.kubelet();
-    }
-    let c = condition_of(&h, SPEC_REJECTED_CONDITION);
-    assert_eq!(
-        (c.status.as_str(), c.reason.as_str()),
-        ("True", "InvalidSpec")
-    );
-    assert!(
-        c.message.starts_with("spec.oidc.jwksUrl is missing:")
-            && c.message.contains("set spec.oidc.jwksUrl"),
-        "{}",
-        c.message
-    );
-    let ev = events_with_reason(&h, "SpecRejected");
-    assert_eq!(ev.len(), 1, "one event, not one per reconcile");
-    assert_eq!(ev[0]["type"], "Warning");
-
-    edit_cluster(&h, |o| {
-        o["spec"]["oidc"]["jwksUrl"] = json!("https://login.contoso.local/keys");
-        o["metadata"]["generation"] = json!(2);
-    });
-    h.reconcile().await;
-    assert!(observe::get_condition(&h.status().conditions, SPEC_REJECTED_CONDITION).is_none());
-}
