@@ -574,7 +574,7 @@ pub fn openapi_document() -> serde_json::Value {
     for r in ROUTES {
         let op = serde_json::json!({
             "summary": r.summary,
-            "security": [{"bearer": []}],
+            "security": [{"bearer": []}, {"session": []}],
             "x-permission": r.permission.as_str(),
             "responses": {"200": {"description": "OK"}, "401": problem, "403": problem}
         });
@@ -582,6 +582,19 @@ pub fn openapi_document() -> serde_json::Value {
             .entry(r.path.to_string())
             .or_insert_with(|| serde_json::json!({}));
         entry[r.method] = op;
+    }
+    for (method, path, summary) in [
+        ("get", "/auth/login", "Browser sign-in: 303 to the identity provider (code flow, PKCE)"),
+        ("post", "/auth/login", "Standalone sign-in with the bootstrap admin token (form field `token`); sets the session cookie"),
+        ("get", "/auth/callback", "The provider's redirect back (?code&state): sets the session cookie, 303 to /"),
+        ("get", "/auth/session", "The session cookie's user, permissions and CSRF token"),
+        ("post", "/auth/logout", "Clears the session cookie (X-CSRF-Token); answers the provider's end-session URL"),
+    ] {
+        let entry = paths
+            .entry(path.to_string())
+            .or_insert_with(|| serde_json::json!({}));
+        entry[method] = serde_json::json!({"summary": summary, "security": [],
+            "responses": {"200": {"description": "OK"}, "303": {"description": "Redirect"}, "400": problem, "401": problem}});
     }
     for (path, summary) in [
         ("/health/live", "Process is up"),
@@ -598,7 +611,9 @@ pub fn openapi_document() -> serde_json::Value {
         "info": {"title": "IdentityMesh Admin API", "version": env!("CARGO_PKG_VERSION")},
         "paths": paths,
         "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"},
+                "session": {"type": "apiKey", "in": "cookie", "name": "im_session",
+                    "description": "Browser session; POST, PUT, PATCH and DELETE also need the X-CSRF-Token header"}},
             "schemas": {"Problem": {"type": "object", "properties": {
                 "type": {"type": "string"}, "title": {"type": "string"},
                 "status": {"type": "integer"}, "detail": {"type": "string"}}}}

@@ -998,4 +998,54 @@ pub(crate) mod tests {
             "{e}"
         );
     }
+
+    /// A session used after a while is re-issued with its last use moved on (so the idle
+    /// bound counts from the last request), not on every request.
+    #[tokio::test]
+    async fn a_used_session_is_moved_on() {
+        let ring = KeyRing::generate();
+        let (_d, app) = app(&ring).await;
+        let sessions = Sessions::new(&ring, 1800, 43_200, true).unwrap();
+        let p = crate::auth::Principal {
+            subject: "carol".into(),
+            permissions: [crate::auth::Permission::DashboardRead]
+                .into_iter()
+                .collect(),
+        };
+        let now = session::now_s();
+        let mut old = SessionData::new(&p, "Carol", now - 600);
+        old.seen = now - 300;
+        let cookie = format!("{SESSION_COOKIE}={}", sessions.seal(&old));
+        let a = send(&app, "GET", "/api/instances", &[("cookie", &cookie)], None).await;
+        assert_eq!(a.status, 200, "{}", a.body);
+        let set = a.set_cookie.expect("re-issued");
+        let moved = sessions
+            .open(
+                set.split(';').next().unwrap().split_once('=').unwrap().1,
+                now,
+            )
+            .unwrap();
+        assert!(moved.seen >= now && moved.iat == old.iat && moved.sid == old.sid);
+        // Max-Age counts down to the absolute bound.
+        assert!(
+            set.contains(&format!("Max-Age={}", 43_200 - 600))
+                || set.contains(&format!("Max-Age={}", 43_200 - 601)),
+            "{set}"
+        );
+        // Fresh: not re-issued.
+        let fresh = format!(
+            "{SESSION_COOKIE}={}",
+            sessions.seal(&SessionData::new(&p, "C", now))
+        );
+        let a = send(&app, "GET", "/api/instances", &[("cookie", &fresh)], None).await;
+        assert!(a.set_cookie.is_none());
+        // Idle too long: refused, cleared.
+        let mut idle = SessionData::new(&p, "C", now - 4000);
+        idle.seen = now - 1900;
+        let stale = format!("{SESSION_COOKIE}={}", sessions.seal(&idle));
+        let a = send(&app, "GET", "/api/instances", &[("cookie", &stale)], None).await;
+        assert_eq!(a.status, 401);
+        assert!(a.body.contains("without use"), "{}", a.body);
+        assert!(a.set_cookie.unwrap().contains("Max-Age=0"));
+    }
 }
