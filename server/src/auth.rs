@@ -184,10 +184,19 @@ impl Authenticator {
                     client_secret,
                     http,
                 });
-                // Discovery is refreshed in the background; a provider that is down now is
-                // retried, never fatal.
-                let ok = o.discover().await.is_ok();
-                tokio::spawn(discovery_loop(Arc::downgrade(&o), ok));
+                // Discovery only when something needs it (the keys, or browser sign-in), then
+                // refreshed in the background; a provider that is down now is retried, never
+                // fatal.
+                if matches!(o.source, JwksSource::Discovery) || o.cfg.client_id.is_some() {
+                    let ok = o.discover().await.is_ok();
+                    tokio::spawn(discovery_loop(Arc::downgrade(&o), ok));
+                } else {
+                    *o.discovery.write().await = Err(
+                        "OIDC discovery is not used: the JWKS is configured and there is no \
+                         auth.oidc.client_id"
+                            .into(),
+                    );
+                }
                 // A file must be readable at start; a URL may be down now and come back later.
                 match o.fetch().await {
                     Ok(set) => *o.keys.write().await = (set, Some(Instant::now())),
@@ -873,6 +882,16 @@ mod tests {
         assert_eq!(claim_strings(&c, "a"), vec!["x", "y"]);
         assert_eq!(claim_strings(&c, "b"), vec!["x", "y"]);
         assert!(claim_strings(&c, "c").is_empty());
+    }
+
+    /// Bearer-only settings with a configured JWKS never contact the issuer.
+    #[tokio::test]
+    async fn no_discovery_without_a_need_for_it() {
+        let i = TestIssuer::new();
+        let (_d, a) = auth_with_oidc(&i).await;
+        let e = a.discovery().await.unwrap_err().to_string();
+        assert!(e.contains("not used"), "{e}");
+        assert!(!a.oidc_sign_in());
     }
 
     #[tokio::test]
