@@ -23,12 +23,14 @@
 //! directory change, the client Service's EndpointSlices, each pod's `/health/ready` role and
 //! epoch, where the relay is connected, and afterwards the commit log of the shared database
 //! (promotions, engine ticks, active heartbeats, import batches, in commit order) as the fence
-//! rows. After the heal the directory writer stops, a final full import runs and the directory,
-//! the connector space and the identities are read: the final state.
+//! rows. After the heal the directory writer stops, a final delta import and then a final full
+//! import run, and the directory, the connector space (after each) and the identities are
+//! read: the final state.
 //!
 //! Checks: fencing, acknowledged writes (secrets are read back by opening the stored values
 //! with the key ring), convergence (connector space equal to the directory by entryUUID and key
-//! attributes, one identity per person, none left over), single ready endpoint, single active
+//! attributes after the final full import, and after the final delta deletions aside; one
+//! identity per person, none left over), single ready endpoint, single active
 //! per epoch, faults healed, and the recovery bound: from a fault's heal (timed) or injection
 //! (instantaneous) to one ready endpoint whose instance reports active with the relay connected
 //! to it, within [`RECOVERY_BOUND`].
@@ -335,6 +337,8 @@ struct LiveSchedule {
     spec: String,
     /// Known when the create was acknowledged.
     id: Option<String>,
+    /// A delete was sent before and got no answer: it may have been applied.
+    delete_sent: bool,
 }
 
 /// Schedule changes: creates schedules on the chaos connectors (intervals of more than a day,
@@ -369,7 +373,11 @@ impl Schedules {
                 // come after the insert).
                 Outcome::Refused(_) | Outcome::Unknown => None,
             };
-            self.live.push(LiveSchedule { spec, id });
+            self.live.push(LiveSchedule {
+                spec,
+                id,
+                delete_sent: false,
+            });
             return;
         }
         let oldest = &self.live[0];
@@ -400,18 +408,21 @@ impl Schedules {
             Outcome::Acked(_) => {
                 self.live.remove(0);
             }
-            // Not there: its create was acknowledged (or it was listed a moment ago), so it was
-            // lost. The failed delete would excuse its absence at the read-back, so it is
-            // counted here and fails the campaign.
+            // Not there. After a delete that got no answer, that one was applied. Otherwise
+            // its create was acknowledged (or it was listed a moment ago), so it was lost; the
+            // failed delete would excuse its absence at the read-back, so it is counted here
+            // and fails the campaign.
             Outcome::Refused(404) => {
                 let gone = self.live.remove(0);
-                w.rec.record(Event::Phase {
-                    name: format!("schedule {} gone before its delete (op {op})", gone.spec),
-                });
-                self.lost.push(gone.spec);
+                if !gone.delete_sent {
+                    w.rec.record(Event::Phase {
+                        name: format!("schedule {} gone before its delete (op {op})", gone.spec),
+                    });
+                    self.lost.push(gone.spec);
+                }
             }
             // Try again later.
-            Outcome::Refused(_) | Outcome::Unknown => {}
+            Outcome::Refused(_) | Outcome::Unknown => self.live[0].delete_sent = true,
         }
     }
 }

@@ -308,16 +308,16 @@ impl Writer {
                 }
             }
         }
+        // 30% adds (none at the maximum: those modify), 35% modifies, 17% renames, 18%
+        // deletes (none at the minimum: those add).
         let n = self.people.len();
         let roll: u32 = self.rng.gen_range(0..100);
-        let op = if n <= self.min_people || roll < 30 {
+        let op = if n <= self.min_people || (roll < 30 && n < self.max_people) {
             DirectoryOp::Add
         } else if roll < 65 {
             DirectoryOp::Modify
         } else if roll < 82 {
             DirectoryOp::Rename
-        } else if n >= self.max_people {
-            DirectoryOp::Modify
         } else {
             DirectoryOp::Delete
         };
