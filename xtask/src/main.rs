@@ -75,8 +75,13 @@ enum ClusterCmd {
 }
 
 fn workspace_root() -> PathBuf {
-    // xtask/ is one level below the workspace root.
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    // xtask/ is one level below the workspace root. `cargo run` says where the manifest is at
+    // run time; the compile-time path is only a fallback, because a binary reused from a shared
+    // target directory may have been built from another checkout.
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest_dir
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."))
