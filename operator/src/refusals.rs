@@ -161,15 +161,29 @@ pub fn refused_message(kind: &str, name: &str, s: &Status) -> String {
 }
 
 /// Waiting reasons of a container that will not start until the spec, an image or a Secret is
-/// fixed (the kubelet retries by itself; the operator reports).
-const STUCK_REASONS: [&str; 6] = [
+/// fixed (the kubelet retries by itself; the operator reports). A crash loop is one too: the
+/// server exits at start when it refuses its configuration, and says why in its log.
+const STUCK_REASONS: [&str; 7] = [
     "ErrImagePull",
     "ImagePullBackOff",
     "InvalidImageName",
     "ErrImageNeverPull",
     "CreateContainerConfigError",
     "CreateContainerError",
+    CRASH_LOOP,
 ];
+
+/// The kubelet's waiting reason for a container it restarts after repeated exits.
+const CRASH_LOOP: &str = "CrashLoopBackOff";
+
+/// Most of a termination message quoted in a condition; the log holds the rest.
+const TERMINATION_MESSAGE_MAX: usize = 300;
+
+/// A crash loop is reported once the container has been restarted this often, each last run
+/// shorter than [`SHORT_RUN_SECONDS`]: a server killed once (a node fault, `kill -9`) is
+/// restarted in back-off too, and that is a failover, not a spec to fix.
+const CRASH_LOOP_RESTARTS: i32 = 3;
+const SHORT_RUN_SECONDS: i64 = 30;
 
 /// A server pod the node cannot start: the kubelet's waiting reason and message.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -187,6 +201,7 @@ impl Stuck {
             "ErrImagePull" | "ImagePullBackOff" | "ErrImageNeverPull" => "ImagePullFailed",
             "InvalidImageName" => "InvalidImageName",
             UNSCHEDULABLE => UNSCHEDULABLE,
+            CRASH_LOOP => "ContainerCrashLooping",
             _ => "ContainerConfigError",
         }
     }
@@ -223,12 +238,57 @@ pub fn stuck_container(pod: &Pod) -> Option<Stuck> {
         .find_map(|c| {
             let w = c.state.as_ref()?.waiting.as_ref()?;
             let reason = w.reason.as_deref()?;
+            // A crash loop's waiting message is only the back-off ("back-off 40s restarting
+            // failed container…", new on every restart); the last exit says what happened.
+            let message = if reason == CRASH_LOOP {
+                if !exits_at_start(c) {
+                    return None;
+                }
+                last_exit(c)
+            } else {
+                w.message.clone().unwrap_or_default()
+            };
             STUCK_REASONS.contains(&reason).then(|| Stuck {
                 reason: reason.to_string(),
-                message: w.message.clone().unwrap_or_default(),
+                message,
                 image: Some(c.image.clone()).filter(|i| !i.is_empty()),
             })
         })
+}
+
+/// Whether the container keeps exiting soon after it starts (see [`CRASH_LOOP_RESTARTS`]).
+fn exits_at_start(c: &k8s_openapi::api::core::v1::ContainerStatus) -> bool {
+    let Some(t) = c.last_state.as_ref().and_then(|s| s.terminated.as_ref()) else {
+        return false;
+    };
+    let ran = match (&t.started_at, &t.finished_at) {
+        (Some(s), Some(f)) => f.0.as_second() - s.0.as_second(),
+        _ => 0,
+    };
+    c.restart_count >= CRASH_LOOP_RESTARTS && ran < SHORT_RUN_SECONDS
+}
+
+/// A container's last exit: its code, the runtime's reason and the termination message,
+/// shortened; the same for every exit of the same kind, so an Event is not sent per restart.
+fn last_exit(c: &k8s_openapi::api::core::v1::ContainerStatus) -> String {
+    let Some(t) = c.last_state.as_ref().and_then(|s| s.terminated.as_ref()) else {
+        return String::new();
+    };
+    let mut m = format!("exited with code {}", t.exit_code);
+    if let Some(r) = t.reason.as_deref().filter(|r| !r.is_empty()) {
+        m.push_str(&format!(" ({r})"));
+    }
+    if let Some(text) = t
+        .message
+        .as_deref()
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+    {
+        let short: String = text.chars().take(TERMINATION_MESSAGE_MAX).collect();
+        let more = if short.len() < text.len() { "…" } else { "" };
+        m.push_str(&format!(": {short}{more}"));
+    }
+    m
 }
 
 /// Condition and Event text for a stuck pod: the kubelet's reason and message, quoted, and the
@@ -250,6 +310,10 @@ pub fn stuck_message(pod: &str, s: &Stuck, secrets: &[(&str, &str)]) -> String {
         UNSCHEDULABLE => "cannot be scheduled (check spec.nodeOS, spec.nodeSelector and \
              spec.tolerations; the two server pods need two such nodes)"
             .to_string(),
+        "ContainerCrashLooping" => format!(
+            "keeps exiting at start (the server's reason is in `kubectl logs {pod} --previous`; \
+             a setting it refuses names its spec field there)"
+        ),
         _ => {
             let named: Vec<String> = secrets
                 .iter()
@@ -463,6 +527,80 @@ mod tests {
                 "state": {"waiting": {"reason": reason, "message": message}}}]}
         }))
         .expect("pod")
+    }
+
+    #[test]
+    fn a_crash_looping_server_is_reported_with_its_last_exit() {
+        let looping = |message: &str| -> Pod {
+            serde_json::from_value(json!({
+                "metadata": {"name": "im-a"},
+                "status": {"phase": "Running", "containerStatuses": [{
+                    "name": "server", "image": "identitymesh/server:9.9.9", "imageID": "",
+                    "ready": false, "restartCount": 4,
+                    "state": {"waiting": {"reason": "CrashLoopBackOff",
+                        "message": message}},
+                    "lastState": {"terminated": {"exitCode": 2, "reason": "Error",
+                        "startedAt": "2026-12-02T03:00:00Z", "finishedAt": "2026-12-02T03:00:01Z",
+                        "message": "config: http.request_timeout_ms must exceed the drain timeout\n"}}}]}
+            }))
+            .expect("pod")
+        };
+        let a = stuck_container(&looping("back-off 20s restarting failed container=server"))
+            .expect("stuck");
+        let b = stuck_container(&looping("back-off 40s restarting failed container=server"))
+            .expect("stuck");
+        assert_eq!(a.condition_reason(), "ContainerCrashLooping");
+        // The same crash reads the same on every restart: one Event, not one per back-off.
+        assert_eq!(
+            stuck_message("im-a", &a, &[]),
+            stuck_message("im-a", &b, &[])
+        );
+        assert_eq!(
+            stuck_message("im-a", &a, &[]),
+            "pod im-a keeps exiting at start (the server's reason is in `kubectl logs im-a --previous`; a setting it refuses names its spec field there): CrashLoopBackOff: exited with code 2 (Error): config: http.request_timeout_ms must exceed the drain timeout"
+        );
+        // A long termination message is shortened; none at all still gives the exit code.
+        let mut long = looping("");
+        use k8s_openapi::api::core::v1::{ContainerStateTerminated, ContainerStatus};
+        fn server(p: &mut Pod) -> &mut ContainerStatus {
+            &mut p
+                .status
+                .as_mut()
+                .unwrap()
+                .container_statuses
+                .as_mut()
+                .unwrap()[0]
+        }
+        fn exit(p: &mut Pod) -> &mut ContainerStateTerminated {
+            server(p)
+                .last_state
+                .as_mut()
+                .unwrap()
+                .terminated
+                .as_mut()
+                .unwrap()
+        }
+        exit(&mut long).message = Some("x".repeat(1000));
+        let m = stuck_container(&long).unwrap().message;
+        assert!(m.ends_with('…') && m.len() < 400, "{m}");
+        exit(&mut long).message = None;
+        exit(&mut long).reason = None;
+        assert_eq!(
+            stuck_container(&long).unwrap().message,
+            "exited with code 2"
+        );
+        // A server that ran for a while and was killed, or restarted only twice: a failover's
+        // business, not a spec to fix.
+        exit(&mut long).started_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            "2026-12-02T02:00:00Z".parse().unwrap(),
+        ));
+        assert_eq!(stuck_container(&long), None);
+        let mut twice = looping("");
+        server(&mut twice).restart_count = 2;
+        assert_eq!(stuck_container(&twice), None);
+        // Running again: nothing to report.
+        server(&mut long).state = serde_json::from_value(json!({"running": {}})).unwrap();
+        assert_eq!(stuck_container(&long), None);
     }
 
     #[test]
