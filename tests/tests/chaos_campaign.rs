@@ -72,7 +72,7 @@ use serde_json::{json, Value};
 /// kind, node faults on both roles. `IM_CHAOS_SEED` and `IM_CHAOS_FAULTS` (or `cargo xtask
 /// chaos --seed S --faults N`) run another; a failing run prints its seed and schedule.
 const SEED: u64 = 1502;
-const FAULTS: usize = 10;
+const FAULTS: usize = 20;
 /// Between two fault starts: longer than any timed fault lasts, so a fault heals before the
 /// next one starts.
 const MIN_GAP: Duration = Duration::from_secs(15);
