@@ -333,6 +333,23 @@ mod tests {
         use crate::engine::Engine;
         use crate::store::{sqlite::SqliteStore, ConnectorRow, Store};
 
+        /// The CSV connector `c1` reading `drop`, as both schedule tests run it.
+        fn csv_connector(drop: &std::path::Path) -> ConnectorRow {
+            ConnectorRow {
+                id: "c1".into(),
+                name: "csv".into(),
+                kind: "csv".into(),
+                config_json:
+                    serde_json::json!({"folder": drop, "object_type": "row", "anchor_column": "id"})
+                        .to_string(),
+                rules_json: r#"{"precedence":1}"#.into(),
+                relay_id: None,
+                is_canary: false,
+                created_at_ms: 1,
+                updated_at_ms: 1,
+            }
+        }
+
         async fn instance(
             path: &std::path::Path,
             name: &str,
@@ -372,20 +389,7 @@ mod tests {
                 instance(&db, "b", &drop).await,
             );
             let store = a.store().clone();
-            store
-                .put_connector(&ConnectorRow {
-                    id: "c1".into(),
-                    name: "csv".into(),
-                    kind: "csv".into(),
-                    config_json: serde_json::json!({"folder": drop, "object_type": "row", "anchor_column": "id"}).to_string(),
-                    rules_json: r#"{"precedence":1}"#.into(),
-                    relay_id: None,
-                    is_canary: false,
-                    created_at_ms: 1,
-                    updated_at_ms: 1,
-                })
-                .await
-                .unwrap();
+            store.put_connector(&csv_connector(&drop)).await.unwrap();
             let due_at = now_ms() - 1;
             store
                 .put_schedule(&ScheduleRow {
@@ -436,20 +440,7 @@ mod tests {
             std::fs::write(drop.join("a.csv"), "id,name\n1,One\n").unwrap();
             let a = instance(&dir.path().join("im.db"), "a", &drop).await;
             let store = a.store().clone();
-            store
-                .put_connector(&ConnectorRow {
-                    id: "c1".into(),
-                    name: "csv".into(),
-                    kind: "csv".into(),
-                    config_json: serde_json::json!({"folder": drop, "object_type": "row", "anchor_column": "id"}).to_string(),
-                    rules_json: r#"{"precedence":1}"#.into(),
-                    relay_id: None,
-                    is_canary: false,
-                    created_at_ms: 1,
-                    updated_at_ms: 1,
-                })
-                .await
-                .unwrap();
+            store.put_connector(&csv_connector(&drop)).await.unwrap();
             let due_at = now_ms() - 1;
             for (id, mode, spec, created) in
                 [("s-delta", "delta", "10s", 1), ("s-full", "full", "30s", 2)]
