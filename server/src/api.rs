@@ -150,6 +150,12 @@ pub const ROUTES: &[RouteSpec] = &[
         summary: "Create a schedule ({connector_id, kind: interval|cron, spec: 15m or */15 * * * *, mode})",
     },
     RouteSpec {
+        method: "patch",
+        path: "/api/schedules/{id}",
+        permission: Permission::SchedulesManage,
+        summary: "Enable or disable a schedule ({enabled: true|false}); enabling computes its next run",
+    },
+    RouteSpec {
         method: "delete",
         path: "/api/schedules/{id}",
         permission: Permission::SchedulesManage,
@@ -274,7 +280,13 @@ pub(crate) fn store_problem(e: StoreError) -> Problem {
     }
 }
 
+/// The public listener's routes: the Admin API, `/auth`, and the Admin UI over them.
 pub fn router(state: AppState) -> Router {
+    let api = api_router(state.clone());
+    crate::ui::router(api.clone(), state).merge(api)
+}
+
+fn api_router(state: AppState) -> Router {
     Router::new()
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))

@@ -314,13 +314,23 @@ struct CallbackQuery {
 }
 
 /// A refused sign-in: the reason logged and answered, the sign-in cookie cleared.
-fn refuse(sessions: &Sessions, status: StatusCode, reason: String) -> Response {
+fn refuse(sessions: &Sessions, html: bool, status: StatusCode, reason: String) -> Response {
     tracing::warn!(reason = %reason, "sign-in refused");
-    let mut res = Problem::new(
-        status,
-        format!("sign-in refused: {reason}; start again at /auth/login"),
-    )
-    .into_response();
+    let mut res = if html {
+        let body = maud::html! {
+            section.refusal role="alert" {
+                p { "Sign-in was refused: " (reason) "." }
+                p { "Nothing was signed in. " a href="/signin" { "Sign in again" } }
+            }
+        };
+        crate::ui::layout::bare_with_status(status, "Sign-in refused", body)
+    } else {
+        Problem::new(
+            status,
+            format!("sign-in refused: {reason}; start again at /auth/login"),
+        )
+        .into_response()
+    };
     if let Ok(v) = HeaderValue::from_str(&sessions.set_cookie_at(LOGIN_COOKIE, "", 0, "/auth")) {
         res.headers_mut().append(header::SET_COOKIE, v);
     }
@@ -337,10 +347,16 @@ async fn callback(
     q: Result<axum::extract::Query<CallbackQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Problem> {
     let sessions = sessions(&st)?;
+    // A browser gets a page that says what went wrong; an API client a problem.
+    let html = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/html"));
     let bad = StatusCode::BAD_REQUEST;
     let Ok(axum::extract::Query(q)) = q else {
         return Ok(refuse(
             sessions,
+            html,
             bad,
             "the callback's query is malformed".into(),
         ));
@@ -349,6 +365,7 @@ async fn callback(
         let desc = q.error_description.as_deref().unwrap_or("");
         return Ok(refuse(
             sessions,
+            html,
             StatusCode::UNAUTHORIZED,
             format!(
                 "the identity provider answered {}{}{}",
@@ -361,6 +378,7 @@ async fn callback(
     let (Some(code), Some(state)) = (q.code.as_deref(), q.state.as_deref()) else {
         return Ok(refuse(
             sessions,
+            html,
             bad,
             "the callback carries no code and state".into(),
         ));
@@ -368,6 +386,7 @@ async fn callback(
     let Some(raw) = session::cookie(&headers, LOGIN_COOKIE) else {
         return Ok(refuse(
             sessions,
+            html,
             bad,
             "no sign-in in flight in this browser (the sign-in cookie is missing or expired)"
                 .into(),
@@ -382,6 +401,7 @@ async fn callback(
         None => {
             return Ok(refuse(
                 sessions,
+                html,
                 bad,
                 "the sign-in cookie does not open (altered, or from another key ring)".into(),
             ))
@@ -391,6 +411,7 @@ async fn callback(
     if pending.exp < now {
         return Ok(refuse(
             sessions,
+            html,
             bad,
             "the sign-in took longer than ten minutes".into(),
         ));
@@ -398,6 +419,7 @@ async fn callback(
     if state != pending.state {
         return Ok(refuse(
             sessions,
+            html,
             bad,
             "the state does not match the sign-in in flight (unknown state)".into(),
         ));
@@ -405,22 +427,31 @@ async fn callback(
     if !sessions.use_state(state, pending.exp, now) {
         return Ok(refuse(
             sessions,
+            html,
             bad,
             "this sign-in response was already used (replayed state)".into(),
         ));
     }
     let id_token = match st.auth.redeem_code(code, &pending.verifier).await {
         Ok(t) => t,
-        Err(e) => return Ok(refuse(sessions, StatusCode::BAD_GATEWAY, e.to_string())),
+        Err(e) => {
+            return Ok(refuse(
+                sessions,
+                html,
+                StatusCode::BAD_GATEWAY,
+                e.to_string(),
+            ))
+        }
     };
     let user = match st.auth.verify_id_token(&id_token, &pending.nonce).await {
         Ok(u) => u,
         Err(crate::auth::AuthError::KeysUnavailable(m)) => {
-            return Ok(refuse(sessions, StatusCode::SERVICE_UNAVAILABLE, m))
+            return Ok(refuse(sessions, html, StatusCode::SERVICE_UNAVAILABLE, m))
         }
         Err(e) => {
             return Ok(refuse(
                 sessions,
+                html,
                 StatusCode::UNAUTHORIZED,
                 format!("the ID token is not accepted: {e}"),
             ))

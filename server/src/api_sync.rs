@@ -40,7 +40,7 @@ pub fn routes() -> Router<AppState> {
         .route("/api/schedules", get(list_schedules).post(create_schedule))
         .route(
             "/api/schedules/{id}",
-            axum::routing::delete(delete_schedule),
+            axum::routing::delete(delete_schedule).patch(patch_schedule),
         )
         .route("/api/sync", get(sync_state))
         .route("/api/sync/pause", post(pause))
@@ -616,6 +616,52 @@ async fn create_schedule(
     )
     .await;
     Ok((StatusCode::CREATED, Json(schedule_view(row))).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SchedulePatch {
+    enabled: bool,
+}
+
+async fn patch_schedule(
+    State(st): State<AppState>,
+    Caller(who): Caller,
+    Path(id): Path<String>,
+    JsonBody(b): JsonBody<SchedulePatch>,
+) -> Result<Response, Problem> {
+    let store = st.engine.store();
+    let mut row = store
+        .schedules()
+        .await
+        .map_err(store_problem)?
+        .into_iter()
+        .find(|s| s.id == id)
+        .ok_or_else(|| not_found("schedule", &id))?;
+    row.enabled = b.enabled;
+    // A disabled schedule keeps no next run; enabling one counts from now.
+    row.next_run_ms = if b.enabled {
+        schedule::parse(&row.kind, &row.spec)
+            .ok()
+            .and_then(|s| schedule::next_after(&s, now_ms()))
+    } else {
+        None
+    };
+    store.put_schedule(&row).await.map_err(store_problem)?;
+    let action = if b.enabled {
+        "schedule.enable"
+    } else {
+        "schedule.disable"
+    };
+    audit_action(
+        &st,
+        &who.subject,
+        action,
+        format!("schedule/{id}"),
+        json!({}),
+    )
+    .await;
+    Ok(Json(schedule_view(row)).into_response())
 }
 
 async fn delete_schedule(

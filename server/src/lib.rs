@@ -20,5 +20,6 @@ pub mod session;
 pub mod store;
 pub mod sync;
 pub mod tls;
+pub mod ui;
 #[cfg(windows)]
 pub mod winsvc;

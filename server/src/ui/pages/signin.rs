@@ -1,0 +1,80 @@
+//! The sign-in page: at the identity provider when one is configured, otherwise with the
+//! bootstrap admin token of a standalone server.
+
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::response::Response;
+use maud::html;
+use serde::Deserialize;
+
+use crate::ui::layout;
+use crate::ui::{redirect, Ctx, Ui};
+
+#[derive(Deserialize)]
+pub struct Next {
+    next: Option<String>,
+}
+
+/// Where to go after signing in: a path on this server only (never another site).
+pub fn local_path(next: Option<&str>) -> &str {
+    match next {
+        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n,
+        _ => "/",
+    }
+}
+
+pub async fn page(
+    State(ui): State<Arc<Ui>>,
+    signed_in: Result<Ctx, Response>,
+    q: Result<Query<Next>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let next = q.ok().and_then(|Query(n)| n.next);
+    let next = local_path(next.as_deref()).to_string();
+    match signed_in {
+        Ok(ctx) => return ctx.finish(redirect(&next)),
+        // A standby's page, or a server without sessions: shown as it is.
+        Err(res) if res.status() != axum::http::StatusCode::SEE_OTHER => return res,
+        Err(_) => {}
+    }
+    let body = if ui.app.auth.oidc_sign_in() {
+        html! {
+            p { "Sign in with your organisation's account." }
+            p { a.button href="/auth/login" data-testid="signin-provider" { "Sign in with the identity provider" } }
+        }
+    } else {
+        html! {
+            p { "This standalone server has no identity provider configured. Sign in with the bootstrap admin token: "
+                "the server wrote it to " code { "admin.token" } " in its data folder at first start." }
+            form data-signin=(next) {
+                div.field {
+                    label for="t-token" { "Bootstrap admin token" }
+                    input id="t-token" type="password" name="token" required autocomplete="off";
+                }
+                div.actions { button type="submit" { "Sign in" } }
+                (layout::outcome())
+            }
+        }
+    };
+    layout::bare("Sign in", body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::local_path;
+
+    #[test]
+    fn only_local_paths_are_followed_after_sign_in() {
+        assert_eq!(local_path(Some("/connectors?x=1")), "/connectors?x=1");
+        for bad in [
+            "https://evil.example/",
+            "//evil.example/",
+            "/\\evil",
+            "connectors",
+            "",
+        ] {
+            assert_eq!(local_path(Some(bad)), "/", "{bad}");
+        }
+        assert_eq!(local_path(None), "/");
+    }
+}
