@@ -232,6 +232,20 @@ pub fn admission_cases() -> Vec<AdmissionCase> {
             true,
         ),
         c(
+            "oidc-ui-callback-not-https",
+            json!({"spec": {"oidc": {"issuer": "https://login.contoso.local/", "audience": "im",
+                "ui": {"clientId": "identitymesh-ui", "redirectUrl": "http://im.contoso.local/auth/callback"}}}}),
+            "oidc.ui.redirectUrl must be an https:// URL ending in /auth/callback",
+            true,
+        ),
+        c(
+            "oidc-ui-callback-elsewhere",
+            json!({"spec": {"oidc": {"issuer": "https://login.contoso.local/", "audience": "im",
+                "ui": {"clientId": "identitymesh-ui", "redirectUrl": "https://im.contoso.local/"}}}}),
+            "oidc.ui.redirectUrl must be an https:// URL ending in /auth/callback",
+            true,
+        ),
+        c(
             "name-too-long-for-derived-names",
             json!({"metadata": {"name": "a-very-long-cluster-name-that-exceeds-forty-chars"}}),
             "metadata.name",

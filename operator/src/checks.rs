@@ -1,6 +1,6 @@
-//! Pure decisions for the post-cutover checks reported as conditions: `RelaysReconnected` (asked
-//! of the active on every reconcile) and `CanarySync` (run once on the new active after each
-//! verified switchover, failover or upgrade).
+//! Pure decisions for the post-cutover checks reported as conditions: `RelaysReconnected` and
+//! `AdminUiReady` (asked of the active on every reconcile) and `CanarySync` (run once on the
+//! new active after each verified switchover, failover or upgrade).
 //!
 //! Messages must stay identical while nothing changes: an unchanged condition must not cause a
 //! status write, so they carry no times or counters that move on their own. The canary's
@@ -13,10 +13,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 
 use crate::crd::{CutoverKind, TransitionRecord};
-use crate::podclient::{CanaryReport, CanaryRun, PodClientError, RelayReport};
+use crate::podclient::{CanaryReport, CanaryRun, PodClientError, RelayReport, UiReport};
 
 pub const RELAYS_CONDITION: &str = "RelaysReconnected";
 pub const CANARY_CONDITION: &str = "CanarySync";
+pub const ADMIN_UI_CONDITION: &str = "AdminUiReady";
 
 /// How long the active may take for the canary runs.
 pub const CANARY_WAIT: Duration = Duration::from_secs(20);
@@ -145,6 +146,78 @@ pub fn relays_not_asked(active: Option<&str>, cutover_running: bool) -> Option<C
             "Unknown",
             "ActiveUnreachable",
             format!("relays not checked: the internal API of active {a} does not answer"),
+        ),
+    })
+}
+
+// --------------------------------------------------------------------------------- admin UI
+
+/// AdminUiReady from the active's answer to `GET /internal/v1/ui`: it serves the sign-in page
+/// and, with OIDC sign-in, read the issuer's discovery document just now.
+pub fn admin_ui_condition(active: &str, r: Result<&UiReport, &PodClientError>) -> CondValue {
+    let r = match r {
+        Ok(r) => r,
+        Err(e) => {
+            return CondValue::new(
+                "Unknown",
+                "ActiveUnreachable",
+                format!(
+                    "Admin UI not checked: {}",
+                    error_summary(active, "/internal/v1/ui", e)
+                ),
+            )
+        }
+    };
+    if r.page_status != 200 {
+        return CondValue::new(
+            "False",
+            "UiNotServed",
+            format!(
+                "{active} answered HTTP {} for the Admin UI's sign-in page",
+                r.page_status
+            ),
+        );
+    }
+    match (r.sign_in.as_str(), &r.discovery_error) {
+        ("oidc", None) => CondValue::new(
+            "True",
+            "UiServed",
+            format!("{active} serves the Admin UI and reads the issuer's discovery document"),
+        ),
+        ("oidc", Some(e)) => CondValue::new(
+            "False",
+            "IssuerUnreachable",
+            format!(
+                "{active} serves the Admin UI but cannot read the issuer's discovery document, so no one can sign in: {}",
+                truncate(e, MAX_ERROR)
+            ),
+        ),
+        ("bootstrap", _) => CondValue::new(
+            "True",
+            "UiServed",
+            format!("{active} serves the Admin UI (sign-in with the bootstrap token)"),
+        ),
+        _ => CondValue::new(
+            "False",
+            "NoSignIn",
+            format!(
+                "{active} serves the Admin UI but no one can sign in: set spec.oidc.ui (the UI's client at the identity provider)"
+            ),
+        ),
+    }
+}
+
+/// AdminUiReady when the active is not asked (None: keep it while a cutover runs).
+pub fn admin_ui_not_asked(active: Option<&str>, cutover_running: bool) -> Option<CondValue> {
+    if cutover_running {
+        return None;
+    }
+    Some(match active {
+        None => CondValue::new("Unknown", "NotChecked", "no active instance yet".into()),
+        Some(a) => CondValue::new(
+            "Unknown",
+            "ActiveUnreachable",
+            format!("Admin UI not checked: the internal API of active {a} does not answer"),
         ),
     })
 }
@@ -386,6 +459,29 @@ mod tests {
             pod: "im-b".into(),
             detail: "connection refused (os error 111) at 02:01:03.123".into(),
         }
+    }
+
+    #[test]
+    fn admin_ui_condition_names_what_is_missing() {
+        let ui = |status: u16, sign_in: &str, err: Option<&str>| UiReport {
+            page_status: status,
+            sign_in: sign_in.into(),
+            discovery_error: err.map(str::to_string),
+        };
+        let reason = |r: &UiReport| admin_ui_condition("im-a", Ok(r)).reason;
+        assert_eq!(reason(&ui(200, "oidc", None)), "UiServed");
+        assert_eq!(reason(&ui(200, "bootstrap", None)), "UiServed");
+        assert_eq!(reason(&ui(503, "oidc", None)), "UiNotServed");
+        assert_eq!(reason(&ui(200, "none", None)), "NoSignIn");
+        let c = admin_ui_condition("im-a", Ok(&ui(200, "oidc", Some(&"x".repeat(500)))));
+        assert_eq!((c.status, c.reason), ("False", "IssuerUnreachable"));
+        assert!(c.message.chars().count() < 300, "{}", c.message);
+        assert!(admin_ui_condition("im-a", Ok(&ui(200, "none", None)))
+            .message
+            .contains("spec.oidc.ui"));
+        let c = admin_ui_condition("im-a", Err(&transport()));
+        assert_eq!((c.status, c.reason), ("Unknown", "ActiveUnreachable"));
+        assert_eq!(admin_ui_not_asked(Some("im-a"), true), None);
     }
 
     #[test]

@@ -31,8 +31,9 @@ use crate::builders::{
 };
 use crate::certs::{self, CertAndKey};
 use crate::checks::{
-    canary_condition, canary_plan, relays_condition, relays_not_asked, CanaryPlan, CondValue,
-    CANARY_CONDITION, CANARY_WAIT, RELAYS_CONDITION,
+    admin_ui_condition, admin_ui_not_asked, canary_condition, canary_plan, relays_condition,
+    relays_not_asked, CanaryPlan, CondValue, ADMIN_UI_CONDITION, CANARY_CONDITION, CANARY_WAIT,
+    RELAYS_CONDITION,
 };
 use crate::crd::{
     CertificateExpiry, CutoverIntent, CutoverKind, IdentityMeshCluster, IdentityMeshClusterStatus,
@@ -1688,6 +1689,16 @@ impl Reconciler {
             }
             _ => relays_not_asked(active, running),
         };
+        let admin_ui = match (api, &target) {
+            (Some(api), Some(t)) if live && !running => {
+                let r = api.ui(t).await;
+                if let Err(e) = &r {
+                    tracing::debug!(pod = %t.pod, error = %e, "Admin UI check failed");
+                }
+                Some(admin_ui_condition(&t.pod, r.as_ref()))
+            }
+            _ => admin_ui_not_asked(active, running),
+        };
 
         let current = observe::get_condition(&st.conditions, CANARY_CONDITION);
         let canary = match canary_plan(
@@ -1718,6 +1729,7 @@ impl Reconciler {
                     // Running: the condition stays as it is until it answers.
                     return Checks {
                         relays,
+                        admin_ui,
                         canary: None,
                     };
                 };
@@ -1746,7 +1758,11 @@ impl Reconciler {
                 Some(v)
             }
         };
-        Checks { relays, canary }
+        Checks {
+            relays,
+            admin_ui,
+            canary,
+        }
     }
 
     // ----------------------------------------------------------------------------- status
@@ -1885,6 +1901,7 @@ impl Reconciler {
         // None: keep the condition as it is (e.g. relays while a cutover moves them).
         for (type_, v) in [
             (RELAYS_CONDITION, &checks.relays),
+            (ADMIN_UI_CONDITION, &checks.admin_ui),
             (CANARY_CONDITION, &checks.canary),
         ] {
             if let Some(v) = v {
@@ -2053,6 +2070,7 @@ impl Reconciler {
 /// Results of the post-cutover checks; None leaves a condition unchanged.
 struct Checks {
     relays: Option<CondValue>,
+    admin_ui: Option<CondValue>,
     canary: Option<CondValue>,
 }
 

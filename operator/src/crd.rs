@@ -270,6 +270,44 @@ pub struct OidcSpec {
     #[serde(default = "default_permissions_claim")]
     #[schemars(length(min = 1, max = 256))]
     pub permissions_claim: String,
+    /// The Admin UI's client at the provider: set, operators sign in to the UI there
+    /// (authorization code flow with PKCE).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ui: Option<OidcUiSpec>,
+    /// A ConfigMap key with PEM certificates to trust for the issuer (discovery, keys, token
+    /// endpoint), for a provider with a private CA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<ConfigMapKeyRef>,
+}
+
+/// The Admin UI's OIDC client.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct OidcUiSpec {
+    /// The client id registered at the provider.
+    #[schemars(length(min = 1, max = 256))]
+    pub client_id: String,
+    /// The client secret of a confidential client (none: a public client).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret: Option<SecretKeyRef>,
+    /// This cluster's `/auth/callback` as registered at the provider, through the client
+    /// Service's external name, e.g. https://im.contoso.local/auth/callback.
+    #[schemars(length(min = 1, max = 2048))]
+    #[x_kube(validation = Rule::new("self.startsWith('https://') && self.endsWith('/auth/callback')").message("oidc.ui.redirectUrl must be an https:// URL ending in /auth/callback"))]
+    pub redirect_url: String,
+}
+
+/// A key of a ConfigMap in the cluster's namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigMapKeyRef {
+    /// ConfigMap name.
+    #[schemars(length(min = 1, max = 253), pattern(OBJECT_NAME))]
+    pub name: String,
+    /// Key inside the ConfigMap's data.
+    #[schemars(length(min = 1, max = 253), pattern(r"^[-._a-zA-Z0-9]+$"))]
+    #[x_kube(validation = Rule::new("self != '.' && !self.startsWith('..')").message("a ConfigMap key must not be '.' nor start with '..'"))]
+    pub key: String,
 }
 
 fn default_permissions_claim() -> String {

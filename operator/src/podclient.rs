@@ -95,6 +95,21 @@ pub struct RelayReport {
     pub missing: Vec<String>,
 }
 
+/// `GET /internal/v1/ui`: does the instance serve the Admin UI's sign-in page, how browsers
+/// sign in there, and whether it read the issuer's discovery document just now.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub struct UiReport {
+    /// The HTTP status of the sign-in page rendered by the instance.
+    #[serde(default)]
+    pub page_status: u16,
+    /// `oidc`, `bootstrap` or `none`.
+    #[serde(default)]
+    pub sign_in: String,
+    /// Why the discovery document could not be read (OIDC sign-in only).
+    #[serde(default)]
+    pub discovery_error: Option<String>,
+}
+
 /// One canary connector's run in a [`CanaryReport`].
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 pub struct CanaryRun {
@@ -169,6 +184,8 @@ pub trait InstanceApi: Send + Sync {
         t: &'a PodTarget,
         wait: Duration,
     ) -> BoxFuture<'a, Result<CanaryReport, PodClientError>>;
+    /// Whether this instance serves the Admin UI and reaches the identity provider.
+    fn ui<'a>(&'a self, t: &'a PodTarget) -> BoxFuture<'a, Result<UiReport, PodClientError>>;
 }
 
 /// Makes an [`InstanceApi`] for a cluster from its CA.
@@ -289,6 +306,10 @@ impl InstanceApi for MtlsInstanceClient {
         t: &'a PodTarget,
     ) -> BoxFuture<'a, Result<RelayReport, PodClientError>> {
         Box::pin(self.get_json(t, "/internal/v1/relays"))
+    }
+
+    fn ui<'a>(&'a self, t: &'a PodTarget) -> BoxFuture<'a, Result<UiReport, PodClientError>> {
+        Box::pin(self.get_json(t, "/internal/v1/ui"))
     }
 
     fn canary<'a>(

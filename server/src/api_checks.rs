@@ -25,6 +25,46 @@ pub fn internal_routes() -> Router<AppState> {
     Router::new()
         .route("/internal/v1/relays", get(relays))
         .route("/internal/v1/canary", post(canary))
+        .route("/internal/v1/ui", get(ui))
+}
+
+/// `GET /internal/v1/ui`: does this instance serve the Admin UI's sign-in page, how do
+/// browsers sign in, and does it reach the issuer's discovery document now.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct UiCheck {
+    /// The status of `GET /signin` rendered by this instance.
+    pub page_status: u16,
+    /// `oidc` (at the provider), `bootstrap` (standalone token) or `none`.
+    pub sign_in: String,
+    /// The discovery document fetched now: `Ok` or why not; absent without OIDC sign-in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discovery_error: Option<String>,
+}
+
+async fn ui(State(st): State<AppState>) -> Response {
+    use tower::ServiceExt;
+    let req = axum::http::Request::get("/signin")
+        .header(axum::http::header::ACCEPT, "text/html")
+        .body(axum::body::Body::empty())
+        .unwrap_or_default();
+    let page_status = crate::api::router(st.clone())
+        .oneshot(req)
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or_else(|never| match never {});
+    let (sign_in, discovery_error) = if st.auth.oidc_sign_in() {
+        ("oidc", st.auth.discover_now().await.err())
+    } else if st.auth.has_bootstrap() {
+        ("bootstrap", None)
+    } else {
+        ("none", None)
+    };
+    Json(UiCheck {
+        page_status,
+        sign_in: sign_in.into(),
+        discovery_error,
+    })
+    .into_response()
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]

@@ -171,9 +171,15 @@ impl Authenticator {
                         Some(s)
                     }
                 };
-                let http = reqwest::Client::builder()
+                let mut http = reqwest::Client::builder()
                     .timeout(Duration::from_secs(10))
-                    .redirect(reqwest::redirect::Policy::none())
+                    .redirect(reqwest::redirect::Policy::none());
+                if let Some(f) = &cfg.ca_file {
+                    for cert in issuer_cas(f)? {
+                        http = http.add_root_certificate(cert);
+                    }
+                }
+                let http = http
                     .build()
                     .map_err(|e| AuthError::KeysUnavailable(e.to_string()))?;
                 let o = Arc::new(Oidc {
@@ -252,6 +258,22 @@ impl Authenticator {
 
 /// Keeps the discovery document fresh: every few minutes once loaded, with a capped backoff
 /// after a failure. Ends when the authenticator is dropped.
+/// The certificates of `auth.oidc.ca_file` (at least one, or the file is refused).
+fn issuer_cas(f: &std::path::Path) -> Result<Vec<reqwest::Certificate>, AuthError> {
+    let refused = |why: String| {
+        AuthError::KeysUnavailable(format!("auth.oidc.ca_file {}: {why}", f.display()))
+    };
+    let pem = std::fs::read(f).map_err(|e| refused(e.to_string()))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem)
+        .map_err(|e| refused(format!("not PEM certificates: {e}")))?;
+    if certs.is_empty() {
+        return Err(refused(
+            "holds no certificate (expected PEM blocks: -----BEGIN CERTIFICATE-----)".into(),
+        ));
+    }
+    Ok(certs)
+}
+
 async fn discovery_loop(oidc: std::sync::Weak<Oidc>, mut ok: bool) {
     let mut retry = DISCOVERY_RETRY_FIRST;
     loop {
@@ -276,6 +298,11 @@ pub struct SignIn {
 }
 
 impl Authenticator {
+    /// Whether the bootstrap admin token can sign anyone in (standalone servers).
+    pub fn has_bootstrap(&self) -> bool {
+        self.bootstrap_hash.is_some()
+    }
+
     /// Whether browsers sign in at the OIDC provider (else with the bootstrap token).
     pub fn oidc_sign_in(&self) -> bool {
         self.oidc
@@ -294,6 +321,15 @@ impl Authenticator {
             .await
             .clone()
             .map_err(AuthError::KeysUnavailable)
+    }
+
+    /// Fetches the discovery document now (the post-cutover check: this instance reaches the
+    /// issuer), keeping it for sign-ins.
+    pub async fn discover_now(&self) -> Result<(), String> {
+        match &self.oidc {
+            Some(o) => o.discover().await,
+            None => Err("auth.oidc is not configured".into()),
+        }
     }
 
     /// The endpoints a sign-in needs (none when OIDC sign-in is not configured).
@@ -678,6 +714,7 @@ pub mod testing {
                 client_id: None,
                 client_secret_file: None,
                 redirect_url: None,
+                ca_file: None,
                 permissions_claim: "permissions".into(),
                 roles_claim: "roles".into(),
                 role_permissions: Default::default(),
@@ -779,6 +816,7 @@ pub mod fake_provider {
                 client_id: Some("im-ui".into()),
                 client_secret_file: None,
                 redirect_url: Some("https://im.test/auth/callback".into()),
+                ca_file: None,
                 permissions_claim: "permissions".into(),
                 roles_claim: "groups".into(),
                 role_permissions: [(

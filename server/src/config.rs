@@ -329,6 +329,9 @@ pub struct OidcConfig {
     pub client_secret_file: Option<PathBuf>,
     /// This server's `/auth/callback` as the provider knows it (required with `client_id`).
     pub redirect_url: Option<String>,
+    /// PEM certificates to trust for the issuer (discovery, keys, token endpoint) besides the
+    /// public roots: a corporate provider's private CA.
+    pub ca_file: Option<PathBuf>,
     #[serde(default = "default_permissions_claim")]
     pub permissions_claim: String,
     #[serde(default = "default_roles_claim")]

@@ -50,6 +50,11 @@ struct OidcToml {
     #[serde(skip_serializing_if = "Option::is_none")]
     jwks_url: Option<String>,
     permissions_claim: String,
+    /// The UI client (its secret and the issuer's CA are files: IM_* variables).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redirect_url: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -73,6 +78,8 @@ pub fn server_toml(imc: &IdentityMeshCluster) -> Result<String, toml::ser::Error
                 audience: o.audience.clone(),
                 jwks_url: o.jwks_url.clone(),
                 permissions_claim: o.permissions_claim.clone(),
+                client_id: o.ui.as_ref().map(|u| u.client_id.clone()),
+                redirect_url: o.ui.as_ref().map(|u| u.redirect_url.clone()),
             },
         }),
         engine: EngineToml {

@@ -195,6 +195,11 @@ pub struct Paths {
     pub licence_file: String,
     pub keyring_dir: String,
     pub keyring_file: String,
+    /// The UI client's secret and the issuer's CA (spec.oidc.ui.clientSecret, spec.oidc.ca).
+    pub oidc_client_dir: String,
+    pub oidc_client_secret_file: String,
+    pub oidc_ca_dir: String,
+    pub oidc_ca_file: String,
     pub data_dir: String,
     /// Where CSV drop folders are mounted, one sub-folder each (`<drop_dir><sep><name>`). Beside
     /// the data directory rather than inside it: the data volume is an emptyDir, and a volume
@@ -238,6 +243,10 @@ impl Paths {
             licence_file: file("licence", "licence.json"),
             keyring_dir: dir("keyring"),
             keyring_file: file("keyring", "keyring.json"),
+            oidc_client_dir: dir("oidc-client"),
+            oidc_client_secret_file: file("oidc-client", "client-secret"),
+            oidc_ca_dir: dir("oidc-ca"),
+            oidc_ca_file: file("oidc-ca", "ca.crt"),
             data_dir: data,
             drop_dir: drop,
             sep,

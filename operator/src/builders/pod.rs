@@ -89,13 +89,18 @@ fn secret_volume(name: &str, secret: &str, items: &[(&str, &str)]) -> Volume {
 }
 
 fn config_map_volume(name: &str, cm: &str, key: &str) -> Volume {
+    config_map_volume_as(name, cm, key, key)
+}
+
+/// A ConfigMap volume with one key, as the file `path`.
+fn config_map_volume_as(name: &str, cm: &str, key: &str, path: &str) -> Volume {
     Volume {
         name: name.into(),
         config_map: Some(ConfigMapVolumeSource {
             name: cm.into(),
             items: Some(vec![KeyToPath {
                 key: key.into(),
-                path: key.into(),
+                path: path.into(),
                 ..Default::default()
             }]),
             ..Default::default()
@@ -213,6 +218,25 @@ pub fn build_pod(imc: &IdentityMeshCluster, names: &Names, pod_name: &str) -> Po
     for d in drops {
         volumes.push(d.volume);
         mounts.push(d.mount);
+    }
+    if let Some(o) = &spec.oidc {
+        if let Some(secret) = o.ui.as_ref().and_then(|u| u.client_secret.as_ref()) {
+            volumes.push(secret_volume(
+                "oidc-client",
+                &secret.name,
+                &[(secret.key.as_str(), "client-secret")],
+            ));
+            mounts.push(mount("oidc-client", &paths.oidc_client_dir));
+            env_vars.push(env(
+                "IM_AUTH__OIDC__CLIENT_SECRET_FILE",
+                &paths.oidc_client_secret_file,
+            ));
+        }
+        if let Some(ca) = &o.ca {
+            volumes.push(config_map_volume_as("oidc-ca", &ca.name, &ca.key, "ca.crt"));
+            mounts.push(mount("oidc-ca", &paths.oidc_ca_dir));
+            env_vars.push(env("IM_AUTH__OIDC__CA_FILE", &paths.oidc_ca_file));
+        }
     }
 
     let (pod_security, container_security) = match os {
@@ -587,6 +611,96 @@ mod tests {
                 assert!(allowed.contains(&e.name.as_str()), "unexpected {}", e.name);
             }
         }
+    }
+
+    #[test]
+    fn the_ui_client_secret_and_the_issuer_ca_are_files_named_by_env() {
+        let mut imc = cluster("im", "prod");
+        let o = imc.spec.oidc.as_mut().expect("the fixture has oidc");
+        o.ui = Some(crate::crd::OidcUiSpec {
+            client_id: "identitymesh-ui".into(),
+            client_secret: Some(crate::crd::SecretKeyRef {
+                name: "kc-client".into(),
+                key: "secret".into(),
+            }),
+            redirect_url: "https://im.contoso.local/auth/callback".into(),
+        });
+        o.ca = Some(crate::crd::ConfigMapKeyRef {
+            name: "corp-ca".into(),
+            key: "bundle.pem".into(),
+        });
+        let names = Names::of(&imc);
+        let p = build_pod(&imc, &names, "im-a");
+        let spec = p.spec.as_ref().expect("spec");
+        let vols = spec.volumes.as_ref().expect("volumes");
+        let secret = vols
+            .iter()
+            .find(|v| v.name == "oidc-client")
+            .and_then(|v| v.secret.as_ref())
+            .expect("client secret volume");
+        assert_eq!(secret.secret_name.as_deref(), Some("kc-client"));
+        assert_eq!(
+            secret
+                .items
+                .as_ref()
+                .map(|i| (i[0].key.as_str(), i[0].path.as_str())),
+            Some(("secret", "client-secret"))
+        );
+        let ca = vols
+            .iter()
+            .find(|v| v.name == "oidc-ca")
+            .and_then(|v| v.config_map.as_ref())
+            .expect("issuer CA volume");
+        assert_eq!(
+            (
+                ca.name.as_str(),
+                ca.items
+                    .as_ref()
+                    .map(|i| (i[0].key.as_str(), i[0].path.as_str()))
+            ),
+            ("corp-ca", Some(("bundle.pem", "ca.crt")))
+        );
+        let c = &spec.containers[0];
+        let env: BTreeMap<_, _> = c
+            .env
+            .iter()
+            .flatten()
+            .filter_map(|e| Some((e.name.as_str(), e.value.as_deref()?)))
+            .collect();
+        let paths = Paths::for_os(NodeOs::Windows);
+        assert_eq!(
+            env.get("IM_AUTH__OIDC__CLIENT_SECRET_FILE"),
+            Some(&paths.oidc_client_secret_file.as_str())
+        );
+        assert_eq!(
+            env.get("IM_AUTH__OIDC__CA_FILE"),
+            Some(&paths.oidc_ca_file.as_str())
+        );
+        let mounts: Vec<_> = c
+            .volume_mounts
+            .iter()
+            .flatten()
+            .map(|m| (m.name.as_str(), m.mount_path.as_str()))
+            .collect();
+        assert!(
+            mounts.contains(&("oidc-client", paths.oidc_client_dir.as_str())),
+            "{mounts:?}"
+        );
+        assert!(
+            mounts.contains(&("oidc-ca", paths.oidc_ca_dir.as_str())),
+            "{mounts:?}"
+        );
+        // The client id and callback are in server.toml.
+        let toml: toml::Value =
+            toml::from_str(&super::super::config::server_toml(&imc).unwrap()).unwrap();
+        assert_eq!(
+            toml["auth"]["oidc"]["client_id"].as_str(),
+            Some("identitymesh-ui")
+        );
+        assert_eq!(
+            toml["auth"]["oidc"]["redirect_url"].as_str(),
+            Some("https://im.contoso.local/auth/callback")
+        );
     }
 
     #[test]

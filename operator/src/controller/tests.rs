@@ -12,7 +12,9 @@ use serde_json::{json, Value};
 
 use super::*;
 use crate::builders::test_support::cluster;
-use crate::podclient::{CanaryReport, CanaryRun, DemoteResponse, InternalStatus, RelayReport};
+use crate::podclient::{
+    CanaryReport, CanaryRun, DemoteResponse, InternalStatus, RelayReport, UiReport,
+};
 
 // ------------------------------------------------------------------------------- fake apiserver
 
@@ -331,6 +333,8 @@ struct Servers {
     /// Per pod: what /internal/v1/canary answers (default: no canary connector).
     canary: BTreeMap<String, Fake<CanaryReport>>,
     relay_calls: Vec<String>,
+    /// Per pod: what /internal/v1/ui answers (default: served, OIDC sign-in, issuer read).
+    ui: BTreeMap<String, Fake<UiReport>>,
     /// Pods whose promote fails with a transport error (e.g. SQL unreachable from that pod).
     promote_fails: Vec<String>,
     /// Runs once, inside the first promote, on the API store (a concurrent writer).
@@ -469,6 +473,17 @@ impl InstanceApi for FakePods {
         let r = Fake::answer(&t.pod, s.relays.get(&t.pod));
         Box::pin(futures::future::ready(r))
     }
+    fn ui<'a>(&'a self, t: &'a PodTarget) -> BoxFuture<'a, Result<UiReport, PodClientError>> {
+        let s = self.0.lock().expect("servers");
+        let served = Fake::Ok(UiReport {
+            page_status: 200,
+            sign_in: "oidc".into(),
+            discovery_error: None,
+        });
+        let r = Fake::answer(&t.pod, Some(s.ui.get(&t.pod).unwrap_or(&served)));
+        Box::pin(futures::future::ready(r))
+    }
+
     fn canary<'a>(
         &'a self,
         t: &'a PodTarget,
@@ -1593,6 +1608,51 @@ async fn relays_are_asked_of_the_new_active_after_a_switchover() {
             .map(String::as_str),
         Some("im-b")
     );
+}
+
+#[tokio::test]
+async fn admin_ui_is_checked_on_the_active_and_after_a_switchover_on_the_new_one() {
+    let h = Harness::new(true);
+    h.converge().await;
+    let c = condition_of(&h, "AdminUiReady");
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str(), c.message.as_str()),
+        (
+            "True",
+            "UiServed",
+            "im-a serves the Admin UI and reads the issuer's discovery document"
+        )
+    );
+    // Unchanged answers write no status.
+    h.take_writes();
+    h.reconcile().await;
+    assert_eq!(h.take_writes(), Vec::<String>::new());
+    // The standby cannot reach the issuer: after the switchover the condition says so.
+    h.pods.0.lock().expect("p").ui.insert(
+        "im-b".into(),
+        Fake::Ok(UiReport {
+            page_status: 200,
+            sign_in: "oidc".into(),
+            discovery_error: Some(
+                "OIDC discovery document https://login/x: connection refused".into(),
+            ),
+        }),
+    );
+    request_switchover(&h);
+    h.converge().await;
+    assert_eq!(h.status().active_pod.as_deref(), Some("im-b"));
+    let c = condition_of(&h, "AdminUiReady");
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("False", "IssuerUnreachable")
+    );
+    assert!(
+        c.message
+            .starts_with("im-b serves the Admin UI but cannot read"),
+        "{}",
+        c.message
+    );
+    assert!(c.message.ends_with("connection refused"), "{}", c.message);
 }
 
 // ------------------------------------------------------------------------------- stale reads

@@ -21,6 +21,7 @@ const TOKEN: &str = "imb_0123456789abcdef";
 struct App {
     _dir: tempfile::TempDir,
     router: Router,
+    internal: Router,
     sessions: Arc<Sessions>,
     store: Arc<dyn Store>,
 }
@@ -62,7 +63,8 @@ async fn app(active: bool) -> App {
     };
     App {
         _dir: dir,
-        router: router(st),
+        router: router(st.clone()),
+        internal: crate::api::internal_router(st),
         sessions,
         store,
     }
@@ -450,4 +452,21 @@ async fn assets_ship_in_the_binary_and_a_browser_gets_a_refusal_page() {
         .send("GET", "/auth/callback?code=c&state=s", &[], None)
         .await;
     assert_eq!(h["content-type"], "application/problem+json");
+}
+
+#[tokio::test]
+async fn the_operator_check_sees_the_sign_in_page_served() {
+    let a = app(true).await;
+    let req = Request::get("/internal/v1/ui").body(Body::empty()).unwrap();
+    let res = a.internal.clone().oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let bytes = axum::body::to_bytes(res.into_body(), 1 << 16)
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    // No provider here: the bootstrap token signs in, and no discovery is asked for.
+    assert_eq!(
+        v,
+        serde_json::json!({"page_status": 200, "sign_in": "bootstrap"})
+    );
 }
