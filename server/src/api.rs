@@ -75,7 +75,7 @@ pub const ROUTES: &[RouteSpec] = &[
         method: "get",
         path: "/api/audit",
         permission: Permission::AuditRead,
-        summary: "The audit log, newest first (?limit=1..1000)",
+        summary: "The audit log, newest first (?actor=SUBJECT&action=NAME&since=T&until=T&limit=1..1000): actor exact; action exact, or a prefix when it ends with `.` (action=connector.); since inclusive, until exclusive, both RFC 3339 (bad ones: 422)",
     },
     RouteSpec {
         method: "get",
@@ -124,6 +124,18 @@ pub const ROUTES: &[RouteSpec] = &[
         path: "/api/connectors/{id}/clear",
         permission: Permission::ConnectorsWrite,
         summary: "Remove every object of the connector and its identity contributions",
+    },
+    RouteSpec {
+        method: "get",
+        path: "/api/connectors/{id}/objects",
+        permission: Permission::DashboardRead,
+        summary: "The connector space, paged by anchor (?search=TEXT&after=ANCHOR&limit=1..500, 422 outside): items {anchor, object_type, dn, deleted, identity_id}, next_after (null on the last page), total. search: case-insensitive substring of the anchor or of the stored attributes JSON (DN, attribute names, text values; binary values only as base64)",
+    },
+    RouteSpec {
+        method: "get",
+        path: "/api/connectors/{id}/objects/{anchor}",
+        permission: Permission::DashboardRead,
+        summary: "One connector-space object, the anchor percent-encoded as one path segment (`,` `=` `/` `\\` and spaces too): type, dn, deleted, pending, seen_in_run, updated_at, identity_id, attributes [{name, values: [{value, binary}]}], binary values as base64",
     },
     RouteSpec {
         method: "get",
@@ -430,8 +442,33 @@ async fn instance_rows(st: &AppState) -> Result<Response, Problem> {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct AuditQuery {
+    actor: Option<String>,
+    action: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
     limit: Option<i64>,
+}
+
+/// `?since=` / `?until=` as milliseconds, or a 422 naming the parameter and the format.
+pub(crate) fn query_time(name: &str, value: Option<&str>) -> Result<Option<i64>, Problem> {
+    let Some(v) = value.map(str::trim).filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    // An unencoded `+` of an offset arrives as a space: take it as the `+` it was.
+    chrono::DateTime::parse_from_rfc3339(v)
+        .or_else(|e| chrono::DateTime::parse_from_rfc3339(&v.replace(' ', "+")).map_err(|_| e))
+        .map(|t| Some(t.timestamp_millis()))
+        .map_err(|e| {
+            Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!(
+                    "{name} must be an RFC 3339 timestamp such as 2026-01-31T08:00:00Z or \
+                     2026-01-31T09:00:00+01:00; got {v:?} ({e})"
+                ),
+            )
+        })
 }
 
 async fn audit(
@@ -444,10 +481,18 @@ async fn audit(
     if !(1..=1000).contains(&limit) {
         return Err(Problem::bad_request("limit must be between 1 and 1000"));
     }
+    let given = |v: Option<String>| v.map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
+    let filter = crate::store::AuditFilter {
+        since_ms: query_time("since", q.since.as_deref())?,
+        until_ms: query_time("until", q.until.as_deref())?,
+        actor: given(q.actor),
+        action: given(q.action),
+        limit,
+    };
     let rows = st
         .engine
         .store()
-        .audit(limit)
+        .audit(&filter)
         .await
         .map_err(store_problem)?;
     Ok(Json(rows).into_response())
@@ -735,6 +780,12 @@ mod tests {
     use tower::ServiceExt;
 
     async fn app() -> (tempfile::TempDir, Router, TestIssuer) {
+        let (dir, app, issuer, _) = app_with_store().await;
+        (dir, app, issuer)
+    }
+
+    /// As [`app`], with the store behind it, for tests that put rows there first.
+    async fn app_with_store() -> (tempfile::TempDir, Router, TestIssuer, Arc<dyn Store>) {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> =
             Arc::new(SqliteStore::open(&dir.path().join("im.db")).await.unwrap());
@@ -755,7 +806,7 @@ mod tests {
         // A real sync engine, so a request a permission must not reach is refused by its
         // handler, not stopped by a missing engine.
         let secrets =
-            crate::secrets::Secrets::new(store, identitymesh_keyring::KeyRing::generate());
+            crate::secrets::Secrets::new(store.clone(), identitymesh_keyring::KeyRing::generate());
         let sync = crate::sync::runner::SyncEngine::new(
             engine.clone(),
             secrets,
@@ -770,7 +821,7 @@ mod tests {
             sync: Some(sync),
             sessions: None,
         };
-        (dir, router(st), issuer)
+        (dir, router(st), issuer, store)
     }
 
     async fn call(app: &Router, method: &str, path: &str, token: Option<&str>) -> StatusCode {
@@ -796,7 +847,9 @@ mod tests {
         token: Option<&str>,
         body: Option<String>,
     ) -> (StatusCode, String) {
-        let path = path.replace("{id}", "0123");
+        let path = path
+            .replace("{id}", "0123")
+            .replace("{anchor}", "uid%3D0123%2Cou%3Dpeople");
         let mut req = Request::builder()
             .method(method.to_uppercase().as_str())
             .uri(path);
@@ -1053,5 +1106,445 @@ mod tests {
         );
         assert_eq!(call(&app, "get", "/api/audit?limit=0", Some(&t)).await, 400);
         assert_eq!(call(&app, "get", "/api/audit?limit=5", Some(&t)).await, 200);
+    }
+
+    /// `s` as one path segment or query value: everything but unreserved characters
+    /// percent-encoded, as a browser's encodeURIComponent does with `,` `=` `/` `\` and spaces.
+    fn encode(s: &str) -> String {
+        s.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect()
+    }
+
+    async fn get_json(app: &Router, path: &str, token: &str) -> (StatusCode, serde_json::Value) {
+        let (status, body) = call_with(app, "get", path, Some(token), None).await;
+        let v = serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body));
+        (status, v)
+    }
+
+    const DOE: &str = r"cn=Doe\, John/Ops,ou=people,dc=example,dc=org";
+
+    /// A connector `c1` whose connector space holds `people` objects `uid=p00..` as the LDAP
+    /// connector stores them, Doe's DN with a binary objectGUID and a value that is not
+    /// UTF-8, and Doe joined to an identity.
+    async fn connector_space_fixture(store: &Arc<dyn Store>, people: usize) -> String {
+        use crate::store::{
+            ComposeWrite, ConnectorRow, CsObject, FenceToken, IdentityRow, ImportBatch, LinkRow,
+        };
+        use identitymesh_connectors::model::{Attributes, ConnectorObject, Value};
+        store
+            .put_connector(&ConnectorRow {
+                id: "c1".into(),
+                name: "corp".into(),
+                kind: "ldap".into(),
+                config_json: "{}".into(),
+                rules_json: "{}".into(),
+                relay_id: None,
+                is_canary: false,
+                created_at_ms: 1,
+                updated_at_ms: 1,
+            })
+            .await
+            .unwrap();
+        let object = |anchor: &str, dn: Option<&str>, attributes: Attributes| {
+            let o = ConnectorObject {
+                anchor: anchor.into(),
+                object_type: "people".into(),
+                dn: dn.map(str::to_string),
+                attributes,
+                location: None,
+            };
+            CsObject {
+                anchor: o.anchor.clone(),
+                object_type: o.object_type.clone(),
+                attributes_json: o.attributes_json(),
+            }
+        };
+        let mut doe = Attributes::new();
+        doe.insert("cn".into(), vec![Value::Text("John Doe".into())]);
+        doe.insert(
+            "objectGUID".into(),
+            vec![Value::Binary(vec![0, 159, 255, 10])],
+        );
+        doe.insert(
+            "description".into(),
+            vec![Value::Text("plain".into()), Value::Binary(vec![0xff, 0xfe])],
+        );
+        let mut objects = vec![object(DOE, Some(DOE), doe)];
+        for i in 0..people {
+            let mut a = Attributes::new();
+            a.insert("cn".into(), vec![Value::Text(format!("Person {i:02}"))]);
+            let uid = format!("uid=p{i:02},ou=people,dc=example,dc=org");
+            objects.push(object(&uid, Some(&uid), a));
+        }
+        let t = FenceToken {
+            instance: "t".into(),
+            incarnation: "space-test".into(),
+            epoch: store.fence().await.unwrap().epoch + 1,
+        };
+        store.promote(&t).await.unwrap();
+        let batch = ImportBatch {
+            connector: "c1".into(),
+            object_type: "people".into(),
+            objects,
+            watermark: None,
+            seen_in_run: Some("run-1".into()),
+            compose: false,
+            composed: None,
+        };
+        store.commit_import_batch(&t, &batch, 1).await.unwrap();
+        let identity = IdentityRow {
+            id: "idn-doe".into(),
+            display_name: "John Doe".into(),
+            attributes_json: "{}".into(),
+            created_at_ms: 1,
+            updated_at_ms: 1,
+        };
+        store
+            .commit_compose(
+                &t,
+                &[
+                    ComposeWrite::PutIdentity {
+                        identity,
+                        keys: Vec::new(),
+                    },
+                    ComposeWrite::PutLink(LinkRow {
+                        connector_id: "c1".into(),
+                        anchor: DOE.into(),
+                        identity_id: "idn-doe".into(),
+                        precedence: 1,
+                        contribution_json: "{}".into(),
+                    }),
+                ],
+                2,
+            )
+            .await
+            .unwrap();
+        "c1".into()
+    }
+
+    #[tokio::test]
+    async fn connector_objects_page_by_anchor_and_search() {
+        let (_d, app, issuer, store) = app_with_store().await;
+        let c = connector_space_fixture(&store, 6).await;
+        let t = issuer.token(&["dashboard.read"], 300);
+
+        // Pages of 3 by anchor, each cursor from the page before, the last without one.
+        let mut seen = Vec::new();
+        let mut after: Option<String> = None;
+        let mut pages = 0;
+        loop {
+            let cursor = after
+                .as_deref()
+                .map(|a| format!("&after={}", encode(a)))
+                .unwrap_or_default();
+            let (st, page) = get_json(
+                &app,
+                &format!("/api/connectors/{c}/objects?limit=3{cursor}"),
+                &t,
+            )
+            .await;
+            assert_eq!(st, 200, "{page}");
+            assert_eq!(page["total"], 7, "{page}");
+            pages += 1;
+            let items = page["items"].as_array().unwrap();
+            seen.extend(
+                items
+                    .iter()
+                    .map(|i| i["anchor"].as_str().unwrap().to_string()),
+            );
+            match page["next_after"].as_str() {
+                Some(next) => {
+                    assert_eq!(items.len(), 3, "{page}");
+                    assert_eq!(Some(next), items.last().unwrap()["anchor"].as_str());
+                    after = Some(next.to_string());
+                }
+                None => {
+                    assert!(page["next_after"].is_null(), "{page}");
+                    break;
+                }
+            }
+        }
+        assert_eq!(pages, 3);
+        let mut want: Vec<String> = (0..6)
+            .map(|i| format!("uid=p{i:02},ou=people,dc=example,dc=org"))
+            .collect();
+        want.push(DOE.into());
+        want.sort();
+        assert_eq!(seen, want, "every object once, in anchor order");
+
+        // An item: anchor, type, dn, deleted, the joined identity.
+        let (_, all) = get_json(&app, &format!("/api/connectors/{c}/objects"), &t).await;
+        let doe = all["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["anchor"] == DOE)
+            .unwrap()
+            .clone();
+        assert_eq!(
+            doe,
+            serde_json::json!({"anchor": DOE, "object_type": "people", "dn": DOE, "deleted": false, "identity_id": "idn-doe"})
+        );
+        assert!(all["items"][1]["identity_id"].is_null(), "{all}");
+
+        // Search: a substring of the anchor or of the attributes, ignoring case.
+        let search = |q: &str| {
+            let (app, t, q) = (app.clone(), t.clone(), encode(q));
+            async move {
+                let (st, v) =
+                    get_json(&app, &format!("/api/connectors/c1/objects?search={q}"), &t).await;
+                assert_eq!(st, 200, "{v}");
+                v["items"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|i| i["anchor"].as_str().unwrap().to_string())
+                    .collect::<Vec<_>>()
+            }
+        };
+        assert_eq!(
+            search("person 03").await,
+            vec!["uid=p03,ou=people,dc=example,dc=org".to_string()]
+        );
+        assert_eq!(search(r"DOE\, JOHN").await, vec![DOE.to_string()]);
+        assert_eq!(
+            search("uid=P05").await,
+            vec!["uid=p05,ou=people,dc=example,dc=org".to_string()]
+        );
+        assert_eq!(
+            search("AJ//Cg==").await,
+            vec![DOE.to_string()],
+            "bytes by their base64"
+        );
+        assert!(search("nobody").await.is_empty());
+        assert_eq!(search("dc=example").await.len(), 7);
+        // Search and paging together.
+        let (_, page) = get_json(
+            &app,
+            &format!("/api/connectors/{c}/objects?search=person&limit=4"),
+            &t,
+        )
+        .await;
+        assert_eq!(page["items"].as_array().unwrap().len(), 4);
+        let next = encode(page["next_after"].as_str().unwrap());
+        let (_, page) = get_json(
+            &app,
+            &format!("/api/connectors/{c}/objects?search=person&limit=4&after={next}"),
+            &t,
+        )
+        .await;
+        assert_eq!(page["items"].as_array().unwrap().len(), 2, "{page}");
+        assert!(page["next_after"].is_null());
+    }
+
+    #[tokio::test]
+    async fn connector_objects_refuse_bad_limits_and_unknown_connectors() {
+        let (_d, app, issuer, store) = app_with_store().await;
+        let c = connector_space_fixture(&store, 1).await;
+        let t = issuer.token(&["dashboard.read"], 300);
+        for limit in ["0", "501", "-1"] {
+            let (st, v) = get_json(
+                &app,
+                &format!("/api/connectors/{c}/objects?limit={limit}"),
+                &t,
+            )
+            .await;
+            assert_eq!(st, 422, "limit={limit}: {v}");
+            assert!(
+                v["detail"].as_str().unwrap().contains("between 1 and 500"),
+                "{v}"
+            );
+        }
+        for limit in ["1", "500"] {
+            let (st, v) = get_json(
+                &app,
+                &format!("/api/connectors/{c}/objects?limit={limit}"),
+                &t,
+            )
+            .await;
+            assert_eq!(st, 200, "limit={limit}: {v}");
+        }
+        let (st, v) = get_json(&app, &format!("/api/connectors/{c}/objects?limit=many"), &t).await;
+        assert_eq!(st, 400, "{v}");
+        let (st, v) = get_json(&app, &format!("/api/connectors/{c}/objects?serch=x"), &t).await;
+        assert_eq!(st, 400, "an unknown parameter is refused, not ignored: {v}");
+        for path in [
+            "/api/connectors/nope/objects".to_string(),
+            format!("/api/connectors/nope/objects/{}", encode(DOE)),
+        ] {
+            let (st, v) = get_json(&app, &path, &t).await;
+            assert_eq!(st, 404, "{path}: {v}");
+            assert!(
+                v["detail"].as_str().unwrap().contains("no connector"),
+                "{v}"
+            );
+        }
+        let (st, v) = get_json(
+            &app,
+            &format!("/api/connectors/{c}/objects/{}", encode("uid=nobody")),
+            &t,
+        )
+        .await;
+        assert_eq!(st, 404, "{v}");
+        assert!(v["detail"].as_str().unwrap().contains("uid=nobody"), "{v}");
+    }
+
+    #[tokio::test]
+    async fn a_connector_object_shows_its_attributes_with_binary_values_as_base64() {
+        let (_d, app, issuer, store) = app_with_store().await;
+        let c = connector_space_fixture(&store, 1).await;
+        let t = issuer.token(&["dashboard.read"], 300);
+        // The DN's `,` `=` ` ` `/` and `\` round-trip through one percent-encoded segment.
+        let (st, o) = get_json(
+            &app,
+            &format!("/api/connectors/{c}/objects/{}", encode(DOE)),
+            &t,
+        )
+        .await;
+        assert_eq!(st, 200, "{o}");
+        assert_eq!(o["anchor"], DOE);
+        assert_eq!(o["dn"], DOE);
+        assert_eq!(o["connector_id"], "c1");
+        assert_eq!(o["object_type"], "people");
+        assert_eq!(o["deleted"], false);
+        assert_eq!(o["seen_in_run"], "run-1");
+        assert_eq!(o["identity_id"], "idn-doe");
+        assert!(
+            o["updated_at"]
+                .as_str()
+                .unwrap()
+                .starts_with("1970-01-01T00:00:00.001"),
+            "{o}"
+        );
+        assert_eq!(
+            o["attributes"],
+            serde_json::json!([
+                {"name": "cn", "values": [{"value": "John Doe", "binary": false}]},
+                {"name": "description", "values": [
+                    {"value": "plain", "binary": false},
+                    {"value": "//4=", "binary": true}
+                ]},
+                {"name": "objectGUID", "values": [{"value": "AJ//Cg==", "binary": true}]}
+            ]),
+            "{o}"
+        );
+        assert!(
+            o.get("attributes_json").is_none(),
+            "the stored form parsed: {o}"
+        );
+        // An unlinked object, by its encoded anchor too.
+        let uid = "uid=p00,ou=people,dc=example,dc=org";
+        let (st, o) = get_json(
+            &app,
+            &format!("/api/connectors/{c}/objects/{}", encode(uid)),
+            &t,
+        )
+        .await;
+        assert_eq!(st, 200, "{o}");
+        assert_eq!(o["anchor"], uid);
+        assert!(o["identity_id"].is_null(), "{o}");
+    }
+
+    #[tokio::test]
+    async fn audit_filters_narrow_the_log() {
+        let (_d, app, issuer, store) = app_with_store().await;
+        let t = issuer.token(&["audit.read"], 300);
+        let at = |s: &str| {
+            chrono::DateTime::parse_from_rfc3339(s)
+                .unwrap()
+                .timestamp_millis()
+        };
+        for (when, actor, action) in [
+            ("2026-01-01T10:00:00Z", "alice", "connector.create"),
+            ("2026-01-02T10:00:00Z", "bob", "connector.delete"),
+            ("2026-01-03T10:00:00Z", "alice", "schedule.create"),
+            ("2026-01-04T10:00:00Z", "bob", "connectors.other"),
+        ] {
+            store
+                .append_audit(&crate::store::AuditEntry {
+                    at_ms: at(when),
+                    actor: actor.into(),
+                    action: action.into(),
+                    target: when.into(),
+                    detail: String::new(),
+                })
+                .await
+                .unwrap();
+        }
+        let targets = |q: &'static str| {
+            let (app, t) = (app.clone(), t.clone());
+            async move {
+                let (st, v) = get_json(&app, &format!("/api/audit{q}"), &t).await;
+                assert_eq!(st, 200, "{q}: {v}");
+                v.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|e| e["target"].as_str().unwrap()[8..10].to_string())
+                    .collect::<Vec<_>>()
+            }
+        };
+        assert_eq!(
+            targets("").await,
+            ["04", "03", "02", "01"],
+            "all, newest first"
+        );
+        assert_eq!(targets("?actor=alice").await, ["03", "01"]);
+        assert_eq!(targets("?action=connector.create").await, ["01"], "exact");
+        assert_eq!(
+            targets("?action=connector.").await,
+            ["02", "01"],
+            "a prefix ending with a dot"
+        );
+        assert!(
+            targets("?action=connector").await.is_empty(),
+            "no prefix without the dot"
+        );
+        assert_eq!(
+            targets("?since=2026-01-03T10:00:00Z").await,
+            ["04", "03"],
+            "since is inclusive"
+        );
+        assert_eq!(
+            targets("?until=2026-01-02T10:00:00Z").await,
+            ["01"],
+            "until is exclusive"
+        );
+        // An offset, its `+` encoded, and one sent bare (a query string makes it a space).
+        assert_eq!(
+            targets("?since=2026-01-02T11:00:00%2B01:00").await,
+            ["04", "03", "02"]
+        );
+        assert_eq!(
+            targets("?since=2026-01-02T11:00:00+01:00").await,
+            ["04", "03", "02"]
+        );
+        assert_eq!(targets("?limit=1").await, ["04"]);
+        assert_eq!(
+            targets("?actor=bob&action=connector.&since=2026-01-02T00:00:00Z").await,
+            ["02"]
+        );
+
+        for (q, name) in [
+            ("?since=yesterday", "since"),
+            ("?until=2026-13-01T00:00:00Z", "until"),
+            ("?since=2026-01-01", "since"),
+        ] {
+            let (st, v) = get_json(&app, &format!("/api/audit{q}"), &t).await;
+            assert_eq!(st, 422, "{q}: {v}");
+            let detail = v["detail"].as_str().unwrap();
+            assert!(
+                detail.starts_with(&format!("{name} must be an RFC 3339 timestamp")),
+                "{detail}"
+            );
+            assert!(detail.contains("2026-01-31T08:00:00Z"), "{detail}");
+        }
+        let (st, v) = get_json(&app, "/api/audit?actr=alice", &t).await;
+        assert_eq!(st, 400, "an unknown filter is refused, not ignored: {v}");
     }
 }

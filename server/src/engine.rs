@@ -337,7 +337,11 @@ mod tests {
     }
 
     async fn demote_entries(e: &Engine) -> Vec<serde_json::Value> {
-        let log = e.store().audit(100).await.unwrap();
+        let log = e
+            .store()
+            .audit(&crate::store::AuditFilter::latest(100))
+            .await
+            .unwrap();
         log.iter()
             .filter(|a| a.action == "demote")
             .map(|a| serde_json::from_str(&a.detail).unwrap())

@@ -229,7 +229,10 @@ mod tests {
             s.reveal("nope").await,
             Err(SecretError::NotFound(_))
         ));
-        let audit = store.audit(10).await.unwrap();
+        let audit = store
+            .audit(&crate::store::AuditFilter::latest(10))
+            .await
+            .unwrap();
         assert!(audit.iter().any(|a| a.action == "secret.set"));
         assert!(!format!("{audit:?}").contains("S3cret"));
         assert!(s.delete("ldap-bind", "test").await.unwrap());

@@ -356,7 +356,7 @@ async fn tokens_and_audit_round_trip() {
             .await
             .unwrap();
             assert!(s
-                .audit(50)
+                .audit(&AuditFilter::latest(50))
                 .await
                 .unwrap()
                 .iter()
@@ -1363,7 +1363,7 @@ async fn compose_writes_identities_links_and_clears_marks() {
                 "by precedence"
             );
             assert!(s
-                .audit(1000)
+                .audit(&AuditFilter::latest(1000))
                 .await
                 .unwrap()
                 .iter()
@@ -1507,7 +1507,7 @@ async fn compose_writes_identities_links_and_clears_marks() {
             assert!(s.identity(&id2).await.unwrap().is_some());
             assert_eq!(s.identities_by_key("mail", &mail).await.unwrap(), vec![id2]);
             assert!(!s
-                .audit(1000)
+                .audit(&AuditFilter::latest(1000))
                 .await
                 .unwrap()
                 .iter()
@@ -1852,6 +1852,344 @@ async fn identities_search_and_page_by_id() {
     .await;
 }
 
+/// An object in the connectors' stored form (`{"dn"?, "attributes"}`).
+fn space_object(anchor: &str, dn: Option<&str>, attributes: serde_json::Value) -> CsObject {
+    let mut stored = serde_json::json!({ "attributes": attributes });
+    if let Some(dn) = dn {
+        stored["dn"] = dn.into();
+    }
+    CsObject {
+        anchor: anchor.into(),
+        object_type: "person".into(),
+        attributes_json: stored.to_string(),
+    }
+}
+
+#[tokio::test]
+async fn connector_space_pages_by_anchor_searches_and_shows_links() {
+    run(|s| {
+        Box::pin(async move {
+            let (conn, other) = (unique("conn"), unique("conn"));
+            let (idn, run1) = (unique("idn"), unique("run"));
+            let t = promoted(&s).await;
+            let doe = r"cn=Doe\, John/Ops,ou=people,dc=x";
+            let objects = vec![
+                space_object(
+                    doe,
+                    Some(doe),
+                    serde_json::json!({"cn": ["John Doe"], "objectGUID": [{"base64": "AJ//Cg=="}]}),
+                ),
+                space_object(
+                    "uid=ann,ou=people",
+                    Some("uid=ann,ou=people"),
+                    serde_json::json!({"mail": ["Ann@Example.org"]}),
+                ),
+                space_object(
+                    "uid=bob,ou=people",
+                    None,
+                    serde_json::json!({"title": ["100% sure"]}),
+                ),
+                space_object(
+                    "uid=zed,ou=people",
+                    None,
+                    serde_json::json!({"title": ["gone"]}),
+                ),
+            ];
+            let mut b = ImportBatch {
+                connector: conn.clone(),
+                object_type: "person".into(),
+                objects: objects.clone(),
+                watermark: None,
+                seen_in_run: None,
+                compose: true,
+                composed: None,
+            };
+            s.commit_import_batch(&t, &b, 1).await.unwrap();
+            // A full import that sees all but zed: zed is marked deleted, the others seen by it.
+            b.objects.truncate(3);
+            b.seen_in_run = Some(run1.clone());
+            s.commit_import_batch(&t, &b, 2).await.unwrap();
+            assert_eq!(
+                s.finish_full_import(&t, &conn, "person", &run1, 3)
+                    .await
+                    .unwrap(),
+                1
+            );
+            s.commit_compose(
+                &t,
+                &[
+                    ComposeWrite::PutIdentity {
+                        identity: identity(&idn, "Ann", 4),
+                        keys: Vec::new(),
+                    },
+                    ComposeWrite::PutLink(LinkRow {
+                        connector_id: conn.clone(),
+                        anchor: "uid=ann,ou=people".into(),
+                        identity_id: idn.clone(),
+                        precedence: 1,
+                        contribution_json: "{}".into(),
+                    }),
+                ],
+                4,
+            )
+            .await
+            .unwrap();
+            // Another connector's objects never show.
+            s.commit_import_batch(&t, &batch(&other, 2, 0, "1"), 5)
+                .await
+                .unwrap();
+
+            let page = |search: Option<&'static str>, after: Option<String>, limit: i64| {
+                let (s, conn) = (s.clone(), conn.clone());
+                async move {
+                    s.connector_space(&conn, search, after.as_deref(), limit)
+                        .await
+                        .unwrap()
+                }
+            };
+            let anchors =
+                |rows: Vec<SpaceObjectRow>| rows.into_iter().map(|r| r.anchor).collect::<Vec<_>>();
+            let all = page(None, None, 100).await;
+            assert_eq!(
+                all,
+                vec![
+                    SpaceObjectRow {
+                        anchor: doe.into(),
+                        object_type: "person".into(),
+                        dn: Some(doe.into()),
+                        deleted: false,
+                        identity_id: None,
+                    },
+                    SpaceObjectRow {
+                        anchor: "uid=ann,ou=people".into(),
+                        object_type: "person".into(),
+                        dn: Some("uid=ann,ou=people".into()),
+                        deleted: false,
+                        identity_id: Some(idn.clone()),
+                    },
+                    SpaceObjectRow {
+                        anchor: "uid=bob,ou=people".into(),
+                        object_type: "person".into(),
+                        dn: None,
+                        deleted: false,
+                        identity_id: None,
+                    },
+                    SpaceObjectRow {
+                        anchor: "uid=zed,ou=people".into(),
+                        object_type: "person".into(),
+                        dn: None,
+                        deleted: true,
+                        identity_id: None,
+                    },
+                ],
+                "ordered by anchor, deleted ones included, links joined"
+            );
+            // Keyset paging.
+            assert_eq!(
+                anchors(page(None, None, 2).await),
+                vec![doe.to_string(), "uid=ann,ou=people".into()]
+            );
+            assert_eq!(
+                anchors(page(None, Some("uid=ann,ou=people".into()), 2).await),
+                vec!["uid=bob,ou=people".to_string(), "uid=zed,ou=people".into()]
+            );
+            assert!(page(None, Some("uid=zed,ou=people".into()), 2)
+                .await
+                .is_empty());
+
+            // Search: the anchor or the attributes JSON, substring, ignoring case.
+            let found = |q: &'static str| {
+                let page = &page;
+                async move { anchors(page(Some(q), None, 100).await) }
+            };
+            assert_eq!(
+                found("john doe").await,
+                vec![doe.to_string()],
+                "a text value"
+            );
+            assert_eq!(
+                found(r"DOE\, JOHN/ops").await,
+                vec![doe.to_string()],
+                "the DN, backslash and all"
+            );
+            assert_eq!(
+                found("ann@EXAMPLE").await,
+                vec!["uid=ann,ou=people".to_string()]
+            );
+            assert_eq!(
+                found("uid=b").await,
+                vec!["uid=bob,ou=people".to_string()],
+                "the anchor"
+            );
+            assert_eq!(
+                found("AJ//Cg==").await,
+                vec![doe.to_string()],
+                "bytes by their base64"
+            );
+            assert_eq!(
+                found("objectguid").await,
+                vec![doe.to_string()],
+                "attribute names"
+            );
+            // Wildcards are literal.
+            assert_eq!(found("100%").await, vec!["uid=bob,ou=people".to_string()]);
+            assert_eq!(found("%").await, vec!["uid=bob,ou=people".to_string()]);
+            assert!(found("_").await.is_empty());
+            assert!(found("j_hn").await.is_empty());
+            assert!(found("nobody-here").await.is_empty());
+            // Search and cursor together.
+            assert_eq!(
+                anchors(page(Some("ou=people"), Some(doe.into()), 1).await),
+                vec!["uid=ann,ou=people".to_string()]
+            );
+
+            // One object, with everything stored about it.
+            let one = s.connector_object(&conn, doe).await.unwrap().unwrap();
+            assert_eq!(
+                (
+                    one.anchor.as_str(),
+                    one.object_type.as_str(),
+                    one.attributes_json.as_str()
+                ),
+                (doe, "person", objects[0].attributes_json.as_str())
+            );
+            assert_eq!(
+                (
+                    one.deleted,
+                    one.seen_run.as_deref(),
+                    one.identity_id.as_deref()
+                ),
+                (false, Some(run1.as_str()), None)
+            );
+            assert_eq!(
+                one.updated_at_ms, 1,
+                "written once: the full import found it unchanged"
+            );
+            let ann = s
+                .connector_object(&conn, "uid=ann,ou=people")
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(ann.identity_id.as_deref(), Some(idn.as_str()));
+            let zed = s
+                .connector_object(&conn, "uid=zed,ou=people")
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(
+                zed.deleted && zed.pending && zed.seen_run.is_none(),
+                "{zed:?}"
+            );
+            assert_eq!(s.connector_object(&conn, "uid=nobody").await.unwrap(), None);
+            assert_eq!(s.connector_object(&other, doe).await.unwrap(), None);
+        })
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn audit_filters_by_actor_action_and_time() {
+    run(|s| {
+        Box::pin(async move {
+            let (alice, bob, p) = (unique("alice"), unique("bob"), unique("act"));
+            let entries = [
+                (1_000, &alice, format!("{p}.create")),
+                (2_000, &bob, format!("{p}.create")),
+                (3_000, &alice, format!("{p}.delete")),
+                (4_000, &alice, format!("{p}x.create")),
+            ];
+            for (at, actor, action) in &entries {
+                s.append_audit(&AuditEntry {
+                    at_ms: *at,
+                    actor: actor.to_string(),
+                    action: action.clone(),
+                    target: format!("t{at}"),
+                    detail: "{}".into(),
+                })
+                .await
+                .unwrap();
+            }
+            let got = |f: AuditFilter| {
+                let s = s.clone();
+                async move {
+                    s.audit(&f)
+                        .await
+                        .unwrap()
+                        .into_iter()
+                        .map(|e| e.at_ms)
+                        .collect::<Vec<_>>()
+                }
+            };
+            let by = |actor: &str| AuditFilter {
+                actor: Some(actor.into()),
+                ..AuditFilter::latest(100)
+            };
+            assert_eq!(
+                got(by(&alice)).await,
+                vec![4_000, 3_000, 1_000],
+                "newest first"
+            );
+            assert_eq!(got(by(&bob)).await, vec![2_000]);
+            let action = |a: String| AuditFilter {
+                action: Some(a),
+                ..AuditFilter::latest(100)
+            };
+            assert_eq!(
+                got(action(format!("{p}.create"))).await,
+                vec![2_000, 1_000],
+                "exact"
+            );
+            assert!(
+                got(action(format!("{p}.cre"))).await.is_empty(),
+                "no prefix without the dot"
+            );
+            assert_eq!(
+                got(action(format!("{p}."))).await,
+                vec![3_000, 2_000, 1_000],
+                "a prefix ending with a dot"
+            );
+            assert!(
+                got(action("%.".into())).await.is_empty(),
+                "wildcards are literal"
+            );
+            let window = AuditFilter {
+                since_ms: Some(2_000),
+                until_ms: Some(4_000),
+                ..by(&alice)
+            };
+            assert_eq!(
+                got(window).await,
+                vec![3_000],
+                "since inclusive, until exclusive"
+            );
+            let since = AuditFilter {
+                since_ms: Some(3_000),
+                ..by(&alice)
+            };
+            assert_eq!(got(since).await, vec![4_000, 3_000]);
+            let until = AuditFilter {
+                until_ms: Some(1_001),
+                ..action(format!("{p}."))
+            };
+            assert_eq!(got(until).await, vec![1_000]);
+            assert_eq!(
+                got(AuditFilter {
+                    limit: 1,
+                    ..by(&alice)
+                })
+                .await,
+                vec![4_000]
+            );
+            let both = AuditFilter {
+                action: Some(format!("{p}.create")),
+                ..by(&alice)
+            };
+            assert_eq!(got(both).await, vec![1_000], "every filter holds");
+        })
+    })
+    .await;
+}
+
 /// More objects than one statement of either backend holds (SQLite's 500 rows, SQL Server's
 /// 695 for objects), so the batched paths split pages and lists across statements.
 const MANY: usize = 1200;
@@ -2015,7 +2353,7 @@ async fn compose_commits_and_prefetch_reads_larger_than_a_statement() {
             s.commit_compose(&t, &writes, 2).await.unwrap();
             assert!(s.dirty_objects(&conn, 10).await.unwrap().is_empty());
             let audited = s
-                .audit(100_000)
+                .audit(&AuditFilter::latest(100_000))
                 .await
                 .unwrap()
                 .into_iter()

@@ -316,6 +316,72 @@ pub struct DirtyObject {
     pub rev: i64,
 }
 
+/// One object of a connector space as a listing shows it (see [`Store::connector_space`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SpaceObjectRow {
+    pub anchor: String,
+    pub object_type: String,
+    /// The stored `dn` (LDAP objects), when the attributes JSON has one as text.
+    pub dn: Option<String>,
+    /// Gone from the source, waiting for the composer to drop it.
+    pub deleted: bool,
+    /// The identity the object is joined to, if it is linked.
+    pub identity_id: Option<String>,
+}
+
+/// One connector-space object with everything stored about it (see [`Store::connector_object`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SpaceObject {
+    pub anchor: String,
+    pub object_type: String,
+    /// As stored: `{"dn"?: "...", "attributes": {name: [value]}}`, a value a JSON string
+    /// (text) or `{"base64": "..."}` (bytes); see the connectors' model.
+    pub attributes_json: String,
+    pub deleted: bool,
+    /// Changed since the composer last saw it.
+    pub pending: bool,
+    /// The full-import run that last saw it.
+    pub seen_run: Option<String>,
+    pub updated_at_ms: i64,
+    pub identity_id: Option<String>,
+}
+
+/// Which audit entries [`Store::audit`] returns, newest first. Every filter set must hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditFilter {
+    /// The actor exactly.
+    pub actor: Option<String>,
+    /// The action exactly, or, when it ends with `.`, every action that starts with it
+    /// (`connector.` matches `connector.create` and `connector.delete`).
+    pub action: Option<String>,
+    /// Entries at or after this time (ms).
+    pub since_ms: Option<i64>,
+    /// Entries before this time (ms).
+    pub until_ms: Option<i64>,
+    pub limit: i64,
+}
+
+impl AuditFilter {
+    /// The newest `limit` entries, unfiltered.
+    pub fn latest(limit: i64) -> Self {
+        AuditFilter {
+            actor: None,
+            action: None,
+            since_ms: None,
+            until_ms: None,
+            limit,
+        }
+    }
+
+    /// The action filter as the statements take it: `(exact, prefix)`, at most one set.
+    fn action_match(&self) -> (Option<&str>, Option<&str>) {
+        match self.action.as_deref() {
+            Some(a) if a.ends_with('.') => (None, Some(a)),
+            other => (other, None),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct LinkRow {
     pub connector_id: String,
@@ -693,6 +759,25 @@ pub trait Store: Send + Sync + 'static {
         limit: i64,
     ) -> Result<Vec<IdentityRow>, StoreError>;
     async fn count_identities(&self) -> Result<i64, StoreError>;
+    /// A page of the connector's connector space (deleted-marked objects included), ordered by
+    /// anchor as the backend's key compares anchors, keyset-paged with `after` (the last anchor
+    /// of the previous page). `search` matches, as a substring and ignoring case (ASCII letters
+    /// on SQLite, the collation's rule on SQL Server), the anchor or the stored attributes JSON
+    /// (the DN, attribute names and text values as the JSON spells them; bytes only by their
+    /// base64). `%`, `_` and the like are literal characters.
+    async fn connector_space(
+        &self,
+        connector: &str,
+        search: Option<&str>,
+        after: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<SpaceObjectRow>, StoreError>;
+    /// One object of the connector's connector space, deleted-marked or not.
+    async fn connector_object(
+        &self,
+        connector: &str,
+        anchor: &str,
+    ) -> Result<Option<SpaceObject>, StoreError>;
     /// Applies the composer's writes in order, in one fenced transaction.
     async fn commit_compose(
         &self,
@@ -712,7 +797,8 @@ pub trait Store: Send + Sync + 'static {
         before_ms: i64,
         limit: i64,
     ) -> Result<u64, StoreError>;
-    async fn audit(&self, limit: i64) -> Result<Vec<AuditEntry>, StoreError>;
+    /// The entries `filter` selects, newest first, at most `filter.limit`.
+    async fn audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEntry>, StoreError>;
     /// Ordered journal of fenced commits (kind, epoch), for proving commit order in tests.
     async fn journal(&self) -> Result<Vec<(String, i64)>, StoreError>;
 }
@@ -753,6 +839,17 @@ pub async fn open(backend: &Backend) -> Result<std::sync::Arc<dyn Store>, StoreE
 
 pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
+}
+
+/// The search text as it appears inside stored JSON (the attributes JSON serde_json writes):
+/// `"`, `\` and control characters escaped, everything else as it is.
+fn json_escaped(q: &str) -> String {
+    let quoted = serde_json::to_string(q).unwrap_or_default();
+    quoted
+        .strip_prefix('"')
+        .and_then(|r| r.strip_suffix('"'))
+        .unwrap_or(q)
+        .to_string()
 }
 
 /// A list of names as the JSON array the object-type statements take (SQLite's `json_each`,

@@ -68,8 +68,9 @@ pub mod sql {
     pub const TOKEN: &str = "SELECT token_hash FROM api_tokens WHERE name = @P1";
     pub const INSERT_AUDIT: &str =
         "INSERT INTO audit_log (at, actor, action, target, detail) VALUES (@P1, @P2, @P3, @P4, @P5)";
-    pub const AUDIT: &str =
-        "SELECT TOP (@P1) at, actor, action, target, detail FROM audit_log ORDER BY seq DESC";
+    /// @P1 actor, @P2 action exactly, @P3 an action prefix as a LIKE pattern (escaped with
+    /// `\`), @P4 since (inclusive), @P5 until (exclusive), @P6 the limit; NULL: no filter.
+    pub const AUDIT: &str = "SELECT TOP (@P6) at, actor, action, target, detail FROM audit_log WHERE (@P1 IS NULL OR actor = @P1) AND (@P2 IS NULL OR action = @P2) AND (@P3 IS NULL OR action LIKE @P3 ESCAPE '\\') AND (@P4 IS NULL OR at >= @P4) AND (@P5 IS NULL OR at < @P5) ORDER BY seq DESC";
 
     pub const INSERT_RELAY: &str =
         "INSERT INTO relays (id, name, token_hash, created_at) VALUES (@P1, @P2, @P3, @P4)";
@@ -144,6 +145,14 @@ pub mod sql {
     /// under a case-sensitive collation too.
     pub const IDENTITIES: &str = "SELECT TOP (@P4) id, display_name, attributes_json, created_at, updated_at FROM identities WHERE (@P1 IS NULL OR LOWER(display_name) LIKE LOWER(@P1) ESCAPE '\\' OR id = @P2) AND (@P3 IS NULL OR id > @P3) ORDER BY id";
     pub const COUNT_IDENTITIES: &str = "SELECT COUNT_BIG(*) FROM identities";
+    /// A page of a connector space: @P1 connector, @P2 the anchor's LIKE pattern and @P3 the
+    /// attributes JSON's (escaped with `\`; NULL: no search), @P4 the page size. LOWER as in
+    /// IDENTITIES. The `dn` is read only from valid JSON (JSON_VALUE fails on invalid text).
+    pub const CONNECTOR_SPACE: &str = "SELECT TOP (@P4) o.anchor, o.object_type, CASE WHEN ISJSON(o.attributes_json) = 1 THEN JSON_VALUE(o.attributes_json, '$.dn') END, o.deleted, l.identity_id FROM cs_objects o LEFT JOIN identity_links l ON l.connector_id = o.connector_id AND l.anchor = o.anchor WHERE o.connector_id = @P1 AND (@P2 IS NULL OR LOWER(o.anchor) LIKE LOWER(@P2) ESCAPE '\\' OR LOWER(o.attributes_json) LIKE LOWER(@P3) ESCAPE '\\') ORDER BY o.anchor";
+    /// CONNECTOR_SPACE after the keyset cursor @P5: a separate statement, so the clustered key
+    /// is sought to the cursor instead of read from the connector's first row.
+    pub const CONNECTOR_SPACE_AFTER: &str = "SELECT TOP (@P4) o.anchor, o.object_type, CASE WHEN ISJSON(o.attributes_json) = 1 THEN JSON_VALUE(o.attributes_json, '$.dn') END, o.deleted, l.identity_id FROM cs_objects o LEFT JOIN identity_links l ON l.connector_id = o.connector_id AND l.anchor = o.anchor WHERE o.connector_id = @P1 AND o.anchor > @P5 AND (@P2 IS NULL OR LOWER(o.anchor) LIKE LOWER(@P2) ESCAPE '\\' OR LOWER(o.attributes_json) LIKE LOWER(@P3) ESCAPE '\\') ORDER BY o.anchor";
+    pub const CONNECTOR_OBJECT: &str = "SELECT o.anchor, o.object_type, o.attributes_json, o.deleted, o.dirty, o.seen_run, o.updated_at, l.identity_id FROM cs_objects o LEFT JOIN identity_links l ON l.connector_id = o.connector_id AND l.anchor = o.anchor WHERE o.connector_id = @P1 AND o.anchor = @P2";
 
     /// All of the above, for the syntax test.
     pub const ALL: &[&str] = &[
@@ -229,6 +238,9 @@ pub mod sql {
         IDENTITY,
         IDENTITIES,
         COUNT_IDENTITIES,
+        CONNECTOR_SPACE,
+        CONNECTOR_SPACE_AFTER,
+        CONNECTOR_OBJECT,
     ];
 }
 
@@ -1126,8 +1138,12 @@ fn is_unique_violation(e: &StoreError) -> bool {
 /// A LIKE pattern matching `q` as a literal substring: `\`, `%`, `_` and T-SQL's `[` are
 /// escaped with the backslash the statement names in `ESCAPE '\'`.
 fn like_pattern(q: &str) -> String {
+    format!("%{}", like_prefix(q))
+}
+
+/// A LIKE pattern matching what starts with `q`, escaped as [`like_pattern`]'s.
+fn like_prefix(q: &str) -> String {
     let mut p = String::with_capacity(q.len() + 2);
-    p.push('%');
     for ch in q.chars() {
         if matches!(ch, '\\' | '%' | '_' | '[') {
             p.push('\\');
@@ -2058,6 +2074,58 @@ impl Store for MssqlStore {
         Ok(v.into_iter().next().unwrap_or(0))
     }
 
+    async fn connector_space(
+        &self,
+        connector: &str,
+        search: Option<&str>,
+        after: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<SpaceObjectRow>, StoreError> {
+        let anchor_pattern = search.map(like_pattern);
+        let json_pattern = search.map(|q| like_pattern(&json_escaped(q)));
+        let mut params: Vec<&dyn ToSql> = vec![&connector, &anchor_pattern, &json_pattern, &limit];
+        let q = match &after {
+            Some(a) => {
+                params.push(a);
+                sql::CONNECTOR_SPACE_AFTER
+            }
+            None => sql::CONNECTOR_SPACE,
+        };
+        self.read(q, &params, |r| {
+            Ok(SpaceObjectRow {
+                anchor: text(r, 0)?,
+                object_type: text(r, 1)?,
+                dn: opt::<&str>(r, 2)?.map(str::to_string),
+                deleted: col(r, 3)?,
+                identity_id: opt::<&str>(r, 4)?.map(str::to_string),
+            })
+        })
+        .await
+    }
+
+    async fn connector_object(
+        &self,
+        connector: &str,
+        anchor: &str,
+    ) -> Result<Option<SpaceObject>, StoreError> {
+        Ok(self
+            .read(sql::CONNECTOR_OBJECT, &[&connector, &anchor], |r| {
+                Ok(SpaceObject {
+                    anchor: text(r, 0)?,
+                    object_type: text(r, 1)?,
+                    attributes_json: text(r, 2)?,
+                    deleted: col(r, 3)?,
+                    pending: col(r, 4)?,
+                    seen_run: opt::<&str>(r, 5)?.map(str::to_string),
+                    updated_at_ms: col(r, 6)?,
+                    identity_id: opt::<&str>(r, 7)?.map(str::to_string),
+                })
+            })
+            .await?
+            .into_iter()
+            .next())
+    }
+
     async fn commit_compose(
         &self,
         token: &FenceToken,
@@ -2087,8 +2155,18 @@ impl Store for MssqlStore {
         Ok(())
     }
 
-    async fn audit(&self, limit: i64) -> Result<Vec<AuditEntry>, StoreError> {
-        self.read(sql::AUDIT, &[&limit], |r| {
+    async fn audit(&self, f: &AuditFilter) -> Result<Vec<AuditEntry>, StoreError> {
+        let (exact, prefix) = f.action_match();
+        let prefix = prefix.map(like_prefix);
+        let params: [&dyn ToSql; 6] = [
+            &f.actor.as_deref(),
+            &exact,
+            &prefix,
+            &f.since_ms,
+            &f.until_ms,
+            &f.limit,
+        ];
+        self.read(sql::AUDIT, &params, |r| {
             Ok(AuditEntry {
                 at_ms: col(r, 0)?,
                 actor: text(r, 1)?,

@@ -1394,13 +1394,7 @@ impl Store for SqliteStore {
         after: Option<&str>,
         limit: i64,
     ) -> Result<Vec<IdentityRow>, StoreError> {
-        let pattern = search.map(|q| {
-            let escaped = q
-                .replace('\\', "\\\\")
-                .replace('%', "\\%")
-                .replace('_', "\\_");
-            format!("%{escaped}%")
-        });
+        let pattern = search.map(like_pattern);
         let rows = sqlx::query(&format!(
             "{IDENTITY_COLUMNS} WHERE (? IS NULL OR display_name LIKE ? ESCAPE '\\' OR id = ?) \
              AND (? IS NULL OR id > ?) ORDER BY id LIMIT ?"
@@ -1420,6 +1414,75 @@ impl Store for SqliteStore {
         Ok(sqlx::query_scalar("SELECT COUNT(*) FROM identities")
             .fetch_one(&self.pool)
             .await?)
+    }
+
+    async fn connector_space(
+        &self,
+        connector: &str,
+        search: Option<&str>,
+        after: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<SpaceObjectRow>, StoreError> {
+        let anchor_pattern = search.map(like_pattern);
+        let json_pattern = search.map(|q| like_pattern(&json_escaped(q)));
+        // The cursor is in the statement only when there is one: `?2 IS NULL OR anchor > ?2`
+        // would read every row before it instead of seeking to it.
+        let after_clause = if after.is_some() {
+            "AND o.anchor > ?2"
+        } else {
+            ""
+        };
+        let rows = sqlx::query(&format!(
+            "{SPACE_PAGE_HEAD} {after_clause} {SPACE_PAGE_TAIL}"
+        ))
+        .bind(connector)
+        .bind(after)
+        .bind(&anchor_pattern)
+        .bind(&json_pattern)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(SpaceObjectRow {
+                    anchor: r.try_get(0)?,
+                    object_type: r.try_get(1)?,
+                    dn: r.try_get(2)?,
+                    deleted: r.try_get::<i64, _>(3)? != 0,
+                    identity_id: r.try_get(4)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn connector_object(
+        &self,
+        connector: &str,
+        anchor: &str,
+    ) -> Result<Option<SpaceObject>, StoreError> {
+        let row = sqlx::query(
+            "SELECT o.anchor, o.object_type, o.attributes_json, o.deleted, o.dirty, o.seen_run, \
+             o.updated_at, l.identity_id FROM cs_objects o LEFT JOIN identity_links l \
+             ON l.connector_id = o.connector_id AND l.anchor = o.anchor \
+             WHERE o.connector_id = ? AND o.anchor = ?",
+        )
+        .bind(connector)
+        .bind(anchor)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            Ok(SpaceObject {
+                anchor: r.try_get(0)?,
+                object_type: r.try_get(1)?,
+                attributes_json: r.try_get(2)?,
+                deleted: r.try_get::<i64, _>(3)? != 0,
+                pending: r.try_get::<i64, _>(4)? != 0,
+                seen_run: r.try_get(5)?,
+                updated_at_ms: r.try_get(6)?,
+                identity_id: r.try_get(7)?,
+            })
+        })
+        .transpose()
     }
 
     async fn commit_compose(
@@ -1487,11 +1550,22 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn audit(&self, limit: i64) -> Result<Vec<AuditEntry>, StoreError> {
+    async fn audit(&self, f: &AuditFilter) -> Result<Vec<AuditEntry>, StoreError> {
+        let (exact, prefix) = f.action_match();
+        // The prefix compared as `=` compares (not LIKE, which ignores ASCII case here).
         let rows = sqlx::query(
-            "SELECT at, actor, action, target, detail FROM audit_log ORDER BY seq DESC LIMIT ?",
+            "SELECT at, actor, action, target, detail FROM audit_log \
+             WHERE (?1 IS NULL OR actor = ?1) AND (?2 IS NULL OR action = ?2) \
+             AND (?3 IS NULL OR substr(action, 1, length(?3)) = ?3) \
+             AND (?4 IS NULL OR at >= ?4) AND (?5 IS NULL OR at < ?5) \
+             ORDER BY seq DESC LIMIT ?6",
         )
-        .bind(limit)
+        .bind(f.actor.as_deref())
+        .bind(exact)
+        .bind(prefix)
+        .bind(f.since_ms)
+        .bind(f.until_ms)
+        .bind(f.limit)
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
@@ -1515,6 +1589,25 @@ impl Store for SqliteStore {
             .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
             .collect()
     }
+}
+
+/// `connector_space`: @1 connector, (@2 the cursor), @3 the anchor's LIKE pattern, @4 the
+/// attributes JSON's, @5 the page size.
+const SPACE_PAGE_HEAD: &str = "SELECT o.anchor, o.object_type, \
+     CASE WHEN json_valid(o.attributes_json) THEN CASE WHEN json_type(o.attributes_json, '$.dn') = 'text' \
+     THEN json_extract(o.attributes_json, '$.dn') END END, o.deleted, l.identity_id \
+     FROM cs_objects o LEFT JOIN identity_links l \
+     ON l.connector_id = o.connector_id AND l.anchor = o.anchor WHERE o.connector_id = ?1";
+const SPACE_PAGE_TAIL: &str = "AND (?3 IS NULL OR o.anchor LIKE ?3 ESCAPE '\\' \
+     OR o.attributes_json LIKE ?4 ESCAPE '\\') ORDER BY o.anchor LIMIT ?5";
+
+/// A LIKE pattern (for `ESCAPE '\'`) matching `q` as a literal substring.
+fn like_pattern(q: &str) -> String {
+    let escaped = q
+        .replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace('_', "\\_");
+    format!("%{escaped}%")
 }
 
 const RELAY_COLUMNS: &str = "SELECT id, name, created_at, revoked_at, last_seen, version, connected_instance, connected_since FROM relays";
@@ -1684,6 +1777,43 @@ mod tests {
                     .iter()
                     .any(|d| d == &format!("SCAN {table}") || d == "SCAN t"),
                 "{head}: {plan:?}"
+            );
+        }
+    }
+
+    /// A connector-space page seeks to its cursor on the primary key and reads in its order:
+    /// no scan from the connector's first object, no sort of the connector space.
+    #[tokio::test]
+    async fn connector_space_pages_seek_on_the_primary_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("t.db")).await.unwrap();
+        store.migrate().await.unwrap();
+        for (after, seek) in [
+            ("AND o.anchor > ?2", "(connector_id=? AND anchor>?)"),
+            ("", "(connector_id=?)"),
+        ] {
+            let plan: Vec<String> = sqlx::query(&format!(
+                "EXPLAIN QUERY PLAN {SPACE_PAGE_HEAD} {after} {SPACE_PAGE_TAIL}"
+            ))
+            .bind("c")
+            .bind("a")
+            .bind("%x%")
+            .bind("%x%")
+            .bind(10)
+            .fetch_all(&store.pool)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<String, _>(3))
+            .collect();
+            assert!(
+                plan.iter()
+                    .any(|d| d.starts_with("SEARCH o USING INDEX") && d.ends_with(seek)),
+                "{after}: {plan:?}"
+            );
+            assert!(
+                !plan.iter().any(|d| d.contains("TEMP B-TREE")),
+                "{after}: {plan:?}"
             );
         }
     }

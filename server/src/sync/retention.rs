@@ -163,7 +163,10 @@ mod tests {
             .unwrap()
             .1;
         assert_eq!(audit, old as u64, "in two batches of at most {BATCH}");
-        let left = store.audit(10_000).await.unwrap();
+        let left = store
+            .audit(&crate::store::AuditFilter::latest(10_000))
+            .await
+            .unwrap();
         assert!(left.iter().any(|a| a.action == "recent"));
         assert!(
             left.iter().all(|a| a.at_ms >= now - 400 * DAY_MS),
