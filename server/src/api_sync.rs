@@ -817,10 +817,30 @@ async fn sync_state(State(st): State<AppState>, _c: Caller) -> Result<Response, 
         .into_iter()
         .map(|(c, r)| json!({"connector_id": c, "run_id": r}))
         .collect();
-    Ok(
-        Json(json!({"paused": paused, "role": st.engine.status().role, "running": running}))
-            .into_response(),
-    )
+    // The last cutover is the newest promotion in the audit log (every promote is audited).
+    let promote = crate::store::AuditFilter {
+        action: Some("promote".into()),
+        ..crate::store::AuditFilter::latest(1)
+    };
+    let last_cutover = st
+        .engine
+        .store()
+        .audit(&promote)
+        .await
+        .map_err(store_problem)?
+        .into_iter()
+        .next()
+        .map(|e| {
+            let epoch = serde_json::from_str::<Json_>(&e.detail)
+                .ok()
+                .and_then(|d| d["epoch"].as_i64());
+            json!({"at": rfc3339(e.at_ms), "instance": e.target, "epoch": epoch, "by": e.actor})
+        });
+    Ok(Json(json!({
+        "paused": paused, "role": st.engine.status().role, "running": running,
+        "last_cutover": last_cutover,
+    }))
+    .into_response())
 }
 
 async fn set_paused(st: AppState, who: String, paused: bool) -> Result<Response, Problem> {

@@ -212,6 +212,10 @@ async fn the_overview_shows_the_active_instance_and_the_session_csrf_token() {
     assert_eq!(s, StatusCode::OK, "{b}");
     assert!(b.contains(r#"data-testid="active-instance">im-a<"#), "{b}");
     assert!(b.contains("Pause all schedules"), "{b}");
+    assert!(
+        b.contains("Last cutover: <strong>im-a</strong> became active at epoch 1"),
+        "{b}"
+    );
     let (_, _, session) = a
         .send("GET", "/auth/session", &[("cookie", &cookie)], None)
         .await;
@@ -408,7 +412,11 @@ async fn schedules_are_disabled_and_enabled_through_the_api() {
         )
         .await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{b}");
-    let log = a.store.audit(10).await.unwrap();
+    let log = a
+        .store
+        .audit(&crate::store::AuditFilter::latest(10))
+        .await
+        .unwrap();
     assert!(
         log.iter().any(|e| e.action == "schedule.disable")
             && log.iter().any(|e| e.action == "schedule.enable"),

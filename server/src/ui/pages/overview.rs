@@ -101,7 +101,12 @@ fn instances_table(v: &Value) -> Markup {
 
 fn sync_state(ctx: &Ctx, s: &Value) -> Markup {
     let paused = s["paused"].as_bool().unwrap_or(false);
+    let last = &s["last_cutover"];
     html! {
+        @if last.is_object() {
+            p data-testid="last-cutover" { "Last cutover: " strong { (text(&last["instance"])) } " became active at epoch "
+                (text(&last["epoch"])) ", " (when(&last["at"])) " (by " (text(&last["by"])) ")." }
+        }
         p.lead {
             "Schedules are "
             @if paused { strong data-testid="sync-state" { "paused" } ": no new run starts; running ones finish." }

@@ -46,6 +46,7 @@ pub async fn list(
             input id="o-search" type="search" name="search" value=(search) placeholder="part of a DN or of an attribute value";
             button type="submit" { "Search" }
         }
+        p.lead { (text(&v["total"])) " objects in this connector space." }
         @if items.is_empty() {
             p.empty { "No object matches." }
         } @else {
@@ -81,13 +82,16 @@ pub async fn one(ctx: Ctx, Path((id, anchor)): Path<(String, String)>) -> Respon
         Err(r) => return layout::refused(&ctx, "/connectors", "Connector object", r),
     };
     let attrs = o["attributes"].as_array().cloned().unwrap_or_default();
+    // Attributes the server could not parse are shown as stored.
+    let unparsed = o["attributes_json"].as_str().map(str::to_string);
     let body = html! {
         p { a href={ "/connectors/" (enc(&id)) "/objects" } { "Back to the connector space" } }
         dl.facts {
             dt { "Anchor" } dd { code { (anchor) } }
             dt { "Type" } dd { (text(&o["object_type"])) }
             dt { "State" } dd { @if o["deleted"] == true { (badge("deleted")) } @else { (badge("present")) } }
-            dt { "Last seen by run" } dd { @match o["seen_run"].as_str() {
+            @if let Some(dn) = o["dn"].as_str() { dt { "DN" } dd { code { (dn) } } }
+            dt { "Last seen by run" } dd { @match o["seen_in_run"].as_str() {
                 Some(r) => a href={ "/runs/" (enc(r)) } { code { (r) } },
                 None => "—",
             } }
@@ -97,13 +101,16 @@ pub async fn one(ctx: Ctx, Path((id, anchor)): Path<(String, String)>) -> Respon
             } }
         }
         h2 { "Attributes as imported" }
+        @if let Some(raw) = &unparsed { pre.json { (raw) } }
         table {
             thead { tr { th scope="col" { "Attribute" } th scope="col" { "Values" } } }
             tbody {
                 @for a in &attrs {
                     tr {
-                        th scope="row" { (text(&a["name"])) @if a["binary"] == true { " " span.hint { "(binary, base64)" } } }
-                        td { ul.values { @for v in a["values"].as_array().into_iter().flatten() { li { code { (text(v)) } } } } }
+                        th scope="row" { (text(&a["name"])) }
+                        td { ul.values { @for v in a["values"].as_array().into_iter().flatten() {
+                            li { code { (text(&v["value"])) } @if v["binary"] == true { " " span.hint { "(binary, base64)" } } }
+                        } } }
                     }
                 }
             }
