@@ -61,22 +61,31 @@ pub fn realm(redirects: &[String]) -> serde_json::Value {
     })
 }
 
+/// Redirects the realm's client allows: any loopback HTTPS port (the servers pick free ports).
+pub fn loopback_redirects() -> Vec<String> {
+    vec![
+        "https://127.0.0.1:*".to_string(),
+        "https://127.0.0.1/*".to_string(),
+    ]
+}
+
 /// Keycloak from the fixture (the distribution fetched once and cached) under `dir`, with
-/// [`realm`] imported, redirects allowed to any loopback HTTPS port (the servers pick free
-/// ports); and the realm's issuer URL.
+/// [`realm`] imported for [`loopback_redirects`]; and the realm's issuer URL.
 pub async fn start_keycloak(dir: &Path) -> (Keycloak, String) {
+    start_keycloak_with(dir, Options::default(), &realm(&loopback_redirects())).await
+}
+
+/// Keycloak started with `options`, with `realm` (a representation named [`REALM`]) imported.
+pub async fn start_keycloak_with(
+    dir: &Path,
+    options: Options,
+    realm: &serde_json::Value,
+) -> (Keycloak, String) {
     let dist = Distribution::ensure().expect("fetching Keycloak");
-    let kc = Keycloak::start(&dist, dir, Options::default())
+    let kc = Keycloak::start(&dist, dir, options)
         .await
         .expect("starting Keycloak");
-    let admin = kc.admin().unwrap();
-    admin
-        .import_realm(&realm(&[
-            "https://127.0.0.1:*".to_string(),
-            "https://127.0.0.1/*".to_string(),
-        ]))
-        .await
-        .unwrap();
+    kc.admin().unwrap().import_realm(realm).await.unwrap();
     let issuer = format!("{}/realms/{REALM}", kc.base_url());
     (kc, issuer)
 }
