@@ -8,104 +8,11 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use common::oidc::{start_keycloak, start_server, Server};
 use common::*;
-use identitymesh_test_support::keycloak::{Distribution, Keycloak, Options};
 use serde_json::json;
-
-const REALM: &str = "im";
-const CLIENT: &str = "identitymesh-ui";
-const CLIENT_SECRET: &str = "ui-client-secret-7d1f";
-
-fn realm(redirects: &[String]) -> serde_json::Value {
-    let user = |name: &str, group: &str| {
-        json!({
-            "username": name, "enabled": true, "emailVerified": true,
-            "firstName": name, "lastName": "Operator", "email": format!("{name}@example.org"),
-            "groups": [format!("/{group}")], "requiredActions": [],
-            "credentials": [{"type": "password", "value": format!("{name}-pw"), "temporary": false}]
-        })
-    };
-    json!({
-        "realm": REALM,
-        "enabled": true,
-        "groups": [{"name": "im-admins"}, {"name": "im-viewers"}],
-        "users": [user("alice", "im-admins"), user("bob", "im-viewers")],
-        "clients": [{
-            "clientId": CLIENT,
-            "enabled": true,
-            "publicClient": false,
-            "clientAuthenticatorType": "client-secret",
-            "secret": CLIENT_SECRET,
-            "standardFlowEnabled": true,
-            "directAccessGrantsEnabled": false,
-            "redirectUris": redirects,
-            "attributes": {"pkce.code.challenge.method": "S256"},
-            "protocolMappers": [{
-                "name": "groups",
-                "protocol": "openid-connect",
-                "protocolMapper": "oidc-group-membership-mapper",
-                "config": {"claim.name": "groups", "full.path": "false", "id.token.claim": "true",
-                           "access.token.claim": "true", "userinfo.token.claim": "true"}
-            }]
-        }]
-    })
-}
-
-/// The server's config: the realm as issuer, the UI client, groups mapped to permissions.
-fn server_toml(dir: &Path, issuer: &str, port: u16, keyring: Option<&Path>) -> PathBuf {
-    let secret = dir.join("client-secret");
-    std::fs::write(&secret, CLIENT_SECRET).unwrap();
-    let keyring = keyring
-        .map(|k| format!("[keyring]\nfile = \"{}\"\n", k.display()))
-        .unwrap_or_default();
-    let text = format!(
-        r#"{keyring}
-[auth.oidc]
-issuer = "{issuer}"
-audience = "identitymesh"
-client_id = "{CLIENT}"
-client_secret_file = "{secret}"
-redirect_url = "https://127.0.0.1:{port}/auth/callback"
-roles_claim = "groups"
-[auth.oidc.role_permissions]
-"im-admins" = ["dashboard.read", "schedules.manage", "relays.manage"]
-"im-viewers" = ["dashboard.read"]
-"#,
-        secret = secret.display()
-    );
-    let f = dir.join("server.toml");
-    std::fs::write(&f, text).unwrap();
-    f
-}
-
-struct Server {
-    proc: Proc,
-    base: String,
-}
-
-async fn start_server(dir: &Path, issuer: &str, keyring: Option<&Path>) -> Server {
-    std::fs::create_dir_all(dir).unwrap();
-    let port = free_port();
-    let cfg = server_toml(dir, issuer, port, keyring);
-    let data = dir.join("data");
-    let listen = format!("127.0.0.1:{port}");
-    let args = [
-        "standalone",
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--listen",
-        &listen,
-        "--config",
-        cfg.to_str().unwrap(),
-    ];
-    let proc = Proc::spawn(&args, &[], dir);
-    let base = format!("https://127.0.0.1:{port}");
-    wait_up(&insecure_client(), &format!("{base}/health/live"), &proc).await;
-    Server { proc, base }
-}
 
 /// A minimal browser: follows redirects itself and keeps cookies per origin (scheme, host and
 /// port), so the test sees and controls every hop.
@@ -278,20 +185,8 @@ async fn call(
 #[tokio::test]
 async fn sign_in_at_keycloak_and_the_session_survives_a_failover() {
     let tmp = tempfile::tempdir().unwrap();
-    let dist = Distribution::ensure().expect("fetching Keycloak");
-    let mut kc = Keycloak::start(&dist, &tmp.path().join("keycloak"), Options::default())
-        .await
-        .expect("starting Keycloak");
-    let admin = kc.admin().unwrap();
-    let issuer = format!("{}/realms/{REALM}", kc.base_url());
-    // Redirect URIs: any loopback HTTPS port (the servers pick free ports).
-    admin
-        .import_realm(&realm(&[
-            "https://127.0.0.1:*".to_string(),
-            "https://127.0.0.1/*".to_string(),
-        ]))
-        .await
-        .unwrap();
+    // The realm's redirect URIs: any loopback HTTPS port (the servers pick free ports).
+    let (mut kc, issuer) = start_keycloak(&tmp.path().join("keycloak")).await;
 
     let a = start_server(&tmp.path().join("a"), &issuer, None).await;
     let mut browser = Browser::new();

@@ -18,11 +18,16 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     // The Keycloak fixture (crates/test-support): fetched with mvn, unpacked with unzip.
     ("mvn", "maven"),
     ("unzip", "unzip"),
+    // The browser tests (crates/test-support/src/browser.rs): Debian's chromium, headless,
+    // driven from node by playwright-core (which never downloads a browser).
+    ("chromium", "chromium"),
+    ("node", "nodejs"),
+    ("npm", "npm"),
 ];
 
 /// Folders (relative to the workspace root) whose npm dependencies the tests need; `npm ci` (or
 /// `npm install` without a lockfile) runs in each that exists.
-const NPM_DIRS: &[&str] = &["relay/signalr/interop"];
+const NPM_DIRS: &[&str] = &["relay/signalr/interop", "tests/browser"];
 
 #[derive(Parser)]
 #[command(about = "IdentityMesh project tasks")]

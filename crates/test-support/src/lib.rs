@@ -2,7 +2,10 @@
 //!
 //! - [`keycloak`]: a Keycloak server fetched from Maven Central, started per test with its own
 //!   data, and a small admin REST client (realms, LDAP user federation, sync, counts).
+//! - [`browser`]: Debian's headless chromium driven by playwright-core (tests/browser/driver.mjs),
+//!   step by step, with screenshots in a run directory.
 //! - [`procfs`]: memory and CPU figures of a process, for benches.
 
+pub mod browser;
 pub mod keycloak;
 pub mod procfs;
