@@ -460,7 +460,15 @@ async fn callback(
     let mut s = SessionData::new(&user.principal, &user.display_name, now);
     s.idp = st.auth.sign_in().await.ok().and_then(|si| {
         let end = si.end_session_endpoint?;
-        reqwest::Url::parse_with_params(&end, &[("client_id", si.client_id.as_str())])
+        // Back to this server's sign-in page afterwards (register it at the provider as a
+        // post-logout redirect URI): the callback's sibling.
+        let back = si
+            .redirect_url
+            .strip_suffix("/auth/callback")
+            .map(|origin| format!("{origin}/signin"));
+        let mut params = vec![("client_id", si.client_id.clone())];
+        params.extend(back.map(|b| ("post_logout_redirect_uri", b)));
+        reqwest::Url::parse_with_params(&end, &params)
             .ok()
             .map(|u| u.to_string())
     });
@@ -889,6 +897,13 @@ pub(crate) mod tests {
         assert!(
             a.body
                 .contains(&format!("{}/logout?client_id=im-ui", p.base)),
+            "{}",
+            a.body
+        );
+        // ...and comes back to this server's sign-in page afterwards.
+        assert!(
+            a.body
+                .contains("post_logout_redirect_uri=https%3A%2F%2Fim.test%2Fsignin"),
             "{}",
             a.body
         );
