@@ -140,6 +140,15 @@ pub fn text(v: &Value) -> String {
     }
 }
 
+/// An attribute's values: a list for a multi-valued one, the text for one value.
+pub fn values(v: &Value) -> Markup {
+    match v.as_array() {
+        Some(a) if a.len() == 1 => html! { (text(&a[0])) },
+        Some(a) => html! { ul.values { @for x in a { li { (text(x)) } } } },
+        None => html! { (text(v)) },
+    }
+}
+
 /// An RFC 3339 timestamp as a `<time>` element, shown in UTC to the second.
 pub fn when(v: &Value) -> Markup {
     match v.as_str() {

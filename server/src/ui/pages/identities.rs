@@ -7,7 +7,7 @@ use maud::html;
 use serde::Deserialize;
 
 use super::connector_link;
-use crate::ui::layout::{self, json_block, text, when};
+use crate::ui::layout::{self, json_block, text, values, when};
 use crate::ui::{enc, Ctx};
 
 #[derive(Deserialize)]
@@ -38,7 +38,7 @@ pub async fn list(
     let body = html! {
         form.search method="get" action="/identities" role="search" {
             label for="i-search" { "Search" }
-            input id="i-search" type="search" name="search" value=(search) placeholder="name, mail, any attribute value";
+            input id="i-search" type="search" name="search" value=(search) placeholder="part of the name, or an identity id";
             button type="submit" { "Search" }
         }
         p.lead { (text(&v["total"])) " identities in all." }
@@ -88,7 +88,7 @@ pub async fn one(ctx: Ctx, Path(id): Path<String>) -> Response {
                     @for (name, value) in &attrs {
                         tr {
                             th scope="row" { (name) }
-                            td { (text(value)) }
+                            td { (values(value)) }
                             td { (connector_link(&names, v["sources"][name].as_str().unwrap_or_default())) }
                         }
                     }
