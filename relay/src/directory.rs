@@ -6,6 +6,9 @@
 //! - `DirectoryImport(connector, objectType, mode)`: streams one [`Page`] per StreamItem and
 //!   completes with the [`ImportSummary`].
 //! - `DirectoryTest(connector)`: completes with the [`TestReport`].
+//! - `DirectoryCheckFolder(folder)`: completes with `{"folder": <resolved>}` when a CSV folder
+//!   resolves inside this relay's drop roots, or fails saying why (the server's save-time check
+//!   of a relay-bound CSV connector).
 //!
 //! `connector` is `{"kind": "ldap" | "csv", "config": <connector config>, "password": <string |
 //! null>}`. Pages go through a channel of [`PAGE_CHANNEL`] pages and each StreamItem send waits
@@ -34,6 +37,7 @@ use crate::handlers::{HandlerRegistry, ItemSink};
 /// The hub method names (the server's `RELAY_IMPORT_METHOD` / `RELAY_TEST_METHOD`).
 pub const IMPORT_METHOD: &str = "DirectoryImport";
 pub const TEST_METHOD: &str = "DirectoryTest";
+pub const CHECK_FOLDER_METHOD: &str = "DirectoryCheckFolder";
 
 /// Pages buffered between the connector and the hub connection.
 pub const PAGE_CHANNEL: usize = 2;
@@ -54,9 +58,30 @@ pub fn register(registry: &mut HandlerRegistry, csv_roots: DropRoots) {
     registry.register(IMPORT_METHOD, move |args, sink| {
         directory_import(args, sink, r.clone())
     });
+    let r = roots.clone();
     registry.register(TEST_METHOD, move |args, sink| {
-        directory_test(args, sink, roots.clone())
+        directory_test(args, sink, r.clone())
     });
+    registry.register(
+        CHECK_FOLDER_METHOD,
+        move |args: Vec<Value>, _sink: ItemSink| {
+            let roots = roots.clone();
+            async move { check_folder(&args, &roots) }
+        },
+    );
+}
+
+/// `DirectoryCheckFolder(folder)`: where `folder` resolves inside the drop roots, or why not.
+pub fn check_folder(args: &[Value], csv_roots: &DropRoots) -> Result<Value, String> {
+    check_arity(CHECK_FOLDER_METHOD, args, 1, "folder")?;
+    let Some(folder) = args[0].as_str() else {
+        return Err(format!(
+            "{CHECK_FOLDER_METHOD}: folder must be a string, got {}",
+            type_name(&args[0])
+        ));
+    };
+    let resolved = csv_roots.resolve(std::path::Path::new(folder))?;
+    Ok(serde_json::json!({"folder": resolved.display().to_string()}))
 }
 
 /// A connector described by the server, not yet built.
@@ -483,6 +508,29 @@ async fn directory_test(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_folder_is_checked_against_the_relays_roots() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("hr")).unwrap();
+        let roots = csv_roots(&[root.path().to_path_buf()]);
+        let inside = root.path().join("hr");
+        let ok = check_folder(&[json!(inside.to_str().unwrap())], &roots).unwrap();
+        assert_eq!(
+            ok["folder"],
+            json!(inside.canonicalize().unwrap().display().to_string())
+        );
+        let e = check_folder(&[json!("/etc")], &roots).unwrap_err();
+        assert!(e.contains(CSV_ROOTS_SETTING), "{e}");
+        let e = check_folder(&[json!(1)], &roots).unwrap_err();
+        assert!(e.contains("folder must be a string"), "{e}");
+        assert!(check_folder(&[], &roots)
+            .unwrap_err()
+            .contains("expects 1 argument"));
+        // No roots: every folder is refused.
+        let none = csv_roots(&[]);
+        assert!(check_folder(&[json!(inside.to_str().unwrap())], &none).is_err());
+    }
     use identitymesh_signalr::protocol::HubMessage;
     use serde_json::json;
     use std::time::Duration;

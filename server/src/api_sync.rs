@@ -117,9 +117,70 @@ fn view(c: ConnectorRow) -> ConnectorView {
     }
 }
 
+/// A saved connector's answer: its view and what could not be checked (`warnings`).
+fn saved(row: ConnectorRow, warnings: Vec<String>) -> Json_ {
+    let mut v = serde_json::to_value(view(row)).unwrap_or_default();
+    v["warnings"] = json!(warnings);
+    v
+}
+
+/// A connector body that passed [`validate`], and what could not be checked now.
+struct Valid {
+    config_json: String,
+    rules_json: String,
+    /// Saved anyway, said in the answer's `warnings` (e.g. a relay that is not connected).
+    warnings: Vec<String>,
+}
+
+/// What a relay says of a CSV folder on its host at save time.
+enum RelayFolder {
+    Inside,
+    Refused(String),
+    NotChecked(String),
+}
+
+/// Asks relay `relay` (named `name`) whether `folder` is inside its drop roots.
+async fn relay_folder(st: &AppState, relay: &str, name: &str, folder: &str) -> RelayFolder {
+    let not_checked = |why: &str| {
+        RelayFolder::NotChecked(format!(
+            "config.folder was not checked: {why}; relay {name:?} checks it again on every read"
+        ))
+    };
+    let Some(hub) = st.hub.as_ref() else {
+        return not_checked("this server has no relay hub");
+    };
+    let Some(conn) = hub.connections_of(relay).into_iter().next() else {
+        return not_checked("the relay is not connected");
+    };
+    let asked = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        hub.invoke(
+            &conn,
+            crate::sync::source::RELAY_CHECK_FOLDER_METHOD,
+            vec![json!(folder)],
+        ),
+    )
+    .await;
+    match asked {
+        Ok(Ok(_)) => RelayFolder::Inside,
+        Ok(Err(identitymesh_signalr::hub::InvokeError::Remote(m)))
+            if m.contains("is not implemented by this relay") =>
+        {
+            not_checked("the relay is an older version without the check")
+        }
+        Ok(Err(identitymesh_signalr::hub::InvokeError::Remote(m))) => {
+            RelayFolder::Refused(format!("config.folder: {m} (on relay {name:?})"))
+        }
+        Ok(Err(e)) => not_checked(&e.to_string()),
+        Err(_) => not_checked("the relay did not answer within 10 s"),
+    }
+}
+
 /// Checks a connector body completely and reports every problem at once, with field paths.
-async fn validate(st: &AppState, b: &ConnectorBody) -> Result<(String, String), Problem> {
+async fn validate(st: &AppState, b: &ConnectorBody) -> Result<Valid, Problem> {
     let mut errors = Vec::new();
+    let mut warnings = Vec::new();
+    let mut relay_csv_folder = None;
     let name = b.name.trim();
     if name.is_empty()
         || name.len() > 128
@@ -141,6 +202,7 @@ async fn validate(st: &AppState, b: &ConnectorBody) -> Result<(String, String), 
                 }
             }
         }
+        Ok(SourceConfig::Csv(c)) => relay_csv_folder = Some(c.folder.display().to_string()),
         Ok(_) => {}
     }
     // Without rules a connector only imports: its objects join no identities.
@@ -174,11 +236,25 @@ async fn validate(st: &AppState, b: &ConnectorBody) -> Result<(String, String), 
             Some(r) if r.revoked_at_ms.is_some() => {
                 errors.push(format!("relay_id: relay {relay:?} is revoked"))
             }
-            Some(_) => {}
+            Some(r) => {
+                // A relay-bound CSV folder is on the relay's host: the relay says whether it is
+                // inside its own drop roots.
+                if let Some(folder) = &relay_csv_folder {
+                    match relay_folder(st, relay, &r.name, folder).await {
+                        RelayFolder::Inside => {}
+                        RelayFolder::Refused(m) => errors.push(m),
+                        RelayFolder::NotChecked(m) => warnings.push(m),
+                    }
+                }
+            }
         }
     }
     if errors.is_empty() {
-        Ok((config_json, rules_json))
+        Ok(Valid {
+            config_json,
+            rules_json,
+            warnings,
+        })
     } else {
         Err(unprocessable(
             format!("the connector is not valid: {}", errors.join("; ")),
@@ -279,7 +355,11 @@ async fn create_connector(
     Caller(who): Caller,
     JsonBody(b): JsonBody<ConnectorBody>,
 ) -> Result<Response, Problem> {
-    let (config_json, rules_json) = validate(&st, &b).await?;
+    let Valid {
+        config_json,
+        rules_json,
+        warnings,
+    } = validate(&st, &b).await?;
     check_entrusted(&who, &b.kind, None, &config_json, b.relay_id.as_deref())?;
     let now = now_ms();
     let row = ConnectorRow {
@@ -306,7 +386,7 @@ async fn create_connector(
         json!({"name": row.name, "kind": row.kind}),
     )
     .await;
-    Ok((StatusCode::CREATED, Json(view(row))).into_response())
+    Ok((StatusCode::CREATED, Json(saved(row, warnings))).into_response())
 }
 
 async fn update_connector(
@@ -316,7 +396,11 @@ async fn update_connector(
     JsonBody(b): JsonBody<ConnectorBody>,
 ) -> Result<Response, Problem> {
     let old = connector_row(&st, &id).await?;
-    let (config_json, rules_json) = validate(&st, &b).await?;
+    let Valid {
+        config_json,
+        rules_json,
+        warnings,
+    } = validate(&st, &b).await?;
     if b.kind != old.kind {
         return Err(unprocessable(
             "kind cannot change; create a new connector instead",
@@ -352,7 +436,7 @@ async fn update_connector(
         json!({"name": row.name}),
     )
     .await;
-    Ok(Json(view(row)).into_response())
+    Ok(Json(saved(row, warnings)).into_response())
 }
 
 async fn delete_connector(

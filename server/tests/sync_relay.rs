@@ -144,9 +144,14 @@ async fn ldap_import_through_a_real_relay() {
     assert!(server_cert.is_file(), "{} missing", server_cert.display());
     let relay_dir = dir.path().join("relay");
     let relay_config = relay_dir.join("relay.toml");
+    // The relay's own CSV drop root, on "its host".
+    let relay_drop = relay_dir.join("drop");
+    std::fs::create_dir_all(relay_drop.join("hr")).unwrap();
     let out = Command::new(&relay_bin)
         .args(["enroll", "--server", &s.base, "--ca-file"])
         .arg(&server_cert)
+        .arg("--csv-root")
+        .arg(&relay_drop)
         .arg("--config")
         .arg(&relay_config)
         .env("IDENTITYMESH_RELAY_TOKEN", &relay_token)
@@ -226,9 +231,48 @@ async fn ldap_import_through_a_real_relay() {
     assert!(!error.contains(WRONG), "{run}");
     assert_eq!(s.connector_space(&id).await.len(), expected);
 
+    // A relay-bound CSV folder is checked by the relay at save time, against its own roots.
+    let csv = |name: &str, folder: &str| {
+        json!({"name": name, "kind": "csv", "relay_id": relay_id,
+            "config": {"folder": folder, "object_type": "people", "anchor_column": "id"}})
+    };
+    let inside = relay_drop.join("hr");
+    let (st, body) = s
+        .post(
+            "/api/connectors",
+            csv("branch-hr", inside.to_str().unwrap()),
+        )
+        .await;
+    assert_eq!(st, 201, "{body}");
+    assert_eq!(body["warnings"], json!([]), "{body}");
+    for outside in ["/etc", &format!("{}/../..", relay_drop.display())] {
+        let (st, body) = s.post("/api/connectors", csv("branch-etc", outside)).await;
+        assert_eq!(st, 422, "{outside}: {body}");
+        let errors = body["errors"].to_string();
+        assert!(
+            errors.contains("config.folder")
+                && errors.contains("branch-office")
+                && errors.contains("csv_roots"),
+            "{outside}: the relay's refusal names the field, the relay and its roots: {body}"
+        );
+    }
+
     // The relay stops; a run now fails and says why.
     relay.stop();
     wait_relay_state(&s, &relay_id, "Disconnected", &relay).await;
+    // A relay-bound CSV folder saved while the relay is away: saved, with a warning.
+    let (st, body) = s
+        .post(
+            "/api/connectors",
+            csv("branch-hr-2", inside.to_str().unwrap()),
+        )
+        .await;
+    assert_eq!(st, 201, "{body}");
+    let warnings = body["warnings"].to_string();
+    assert!(
+        warnings.contains("config.folder was not checked") && warnings.contains("not connected"),
+        "{body}"
+    );
     let run = s.run(&id, "full").await;
     assert_eq!(run["status"], "failed", "{run}");
     let error = run["error"].to_string();

@@ -176,7 +176,17 @@ function urlMatches(url, s) {
 const OPS = {
   // {url, wait_until?: load|domcontentloaded|networkidle|commit} -> {url, status, title}
   async goto(s) {
-    const r = await page.goto(s.url, { waitUntil: s.wait_until ?? 'load', timeout: s.timeout_ms });
+    let r;
+    for (let attempt = 0; ; attempt++) {
+      try {
+        r = await page.goto(s.url, { waitUntil: s.wait_until ?? 'load', timeout: s.timeout_ms });
+        break;
+      } catch (e) {
+        // Chromium aborts a navigation when the host's interfaces change (a test harness
+        // creating network namespaces beside it); the request never reached the server.
+        if (attempt >= 2 || !String(e.message).includes('ERR_NETWORK_CHANGED')) throw e;
+      }
+    }
     return { url: page.url(), status: r ? r.status() : null, title: await page.title() };
   },
   // {<target>, value} -> {}

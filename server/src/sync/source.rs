@@ -17,6 +17,7 @@ use crate::store::ConnectorRow;
 /// The hub method a relay serves directory reads under (see relay/src/directory.rs).
 pub const RELAY_IMPORT_METHOD: &str = "DirectoryImport";
 pub const RELAY_TEST_METHOD: &str = "DirectoryTest";
+pub const RELAY_CHECK_FOLDER_METHOD: &str = "DirectoryCheckFolder";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Kind {

@@ -97,11 +97,29 @@
     box.append(el("pre", JSON.stringify(data, null, 2), "json"));
   }
 
+  // `go:/connectors/{id}` → the path with the answer's fields filled in.
+  function goal(how, data) {
+    return how.slice(3).replace(/\{(\w+)\}/g, (_, k) => encodeURIComponent(data?.[k] ?? ""));
+  }
+
   function then(how, data, box) {
+    // Saved, with something that could not be checked now: say so before moving on.
+    const warnings = Array.isArray(data?.warnings) ? data.warnings : [];
+    if (warnings.length && box) {
+      box.replaceChildren(el("p", "Saved, with warnings:"));
+      box.className = "outcome warning";
+      const ul = el("ul", undefined, "errors");
+      for (const w of warnings) ul.append(el("li", String(w)));
+      const next = how && how.startsWith("go:") ? goal(how, data) : location.pathname;
+      const a = el("a", "Continue");
+      a.href = next;
+      box.append(ul, a);
+      return;
+    }
     if (!how || how === "reload") { location.reload(); return; }
     if (how === "show") { showAnswer(box, data); return; }
     if (how.startsWith("go:")) {
-      location.assign(how.slice(3).replace(/\{(\w+)\}/g, (_, k) => encodeURIComponent(data?.[k] ?? "")));
+      location.assign(goal(how, data));
     }
   }
 
