@@ -12,120 +12,20 @@
 //! keep-alive connection. Reference measured in the same run: `GET /api/instances` with the
 //! same cookie, one of the reads the page makes, so the ratio says what rendering adds.
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
-use serde_json::{json, Value};
+use std::time::Instant;
 
-const BIN: &str = env!("CARGO_BIN_EXE_identitymesh-server");
+use common::{loadavg, median, Server};
+use serde_json::json;
+
 const TARGET_BYTES: usize = 300 * 1024;
 const TARGET_MS: f64 = 200.0;
 
 fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map(|v| {
-            v.parse()
-                .unwrap_or_else(|_| panic!("{name}: {v:?} is not a number"))
-        })
-        .unwrap_or(default)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Server {
-    child: Child,
-    base: String,
-    client: reqwest::Client,
-    token: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Server {
-    async fn start(dir: &Path) -> Server {
-        let data = dir.join("data");
-        let port = free_port();
-        let bin = std::env::var("BENCH_SERVER_BIN").unwrap_or_else(|_| BIN.to_string());
-        let mut cmd = Command::new(bin);
-        cmd.args(["standalone", "--data-dir"])
-            .arg(&data)
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(dir.join("stdout.txt")).unwrap())
-            .stderr(std::fs::File::create(dir.join("stderr.txt")).unwrap());
-        for (k, _) in std::env::vars() {
-            if k.starts_with("IM_") {
-                cmd.env_remove(k);
-            }
-        }
-        let child = cmd.spawn().expect("starting identitymesh-server");
-        let client = reqwest::Client::builder()
-            // The standalone server's self-signed development certificate.
-            .danger_accept_invalid_certs(true)
-            .timeout(Duration::from_secs(30))
-            .build()
-            .unwrap();
-        let base = format!("https://127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while client
-            .get(format!("{base}/health/live"))
-            .send()
-            .await
-            .is_err()
-        {
-            assert!(
-                Instant::now() < deadline,
-                "the server did not start; see {}",
-                dir.display()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let token = std::fs::read_to_string(data.join("admin.token"))
-            .unwrap()
-            .trim()
-            .to_string();
-        Server {
-            child,
-            base,
-            client,
-            token,
-        }
-    }
-
-    async fn api(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
-        let r = self
-            .client
-            .request(method, format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status();
-        let v: Value = r.json().await.unwrap_or(Value::Null);
-        assert!(status.is_success(), "{path}: {status} {v}");
-        v
-    }
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    let v = common::arg(name, &default.to_string());
+    v.parse()
+        .unwrap_or_else(|_| panic!("{name}: {v:?} is not a number"))
 }
 
 fn p95(v: &mut [f64]) -> f64 {
@@ -166,27 +66,8 @@ async fn main() {
             json!({"connector_id": id, "kind": "interval", "spec": "1h", "mode": "full"}),
         )
         .await;
-        let run = s
-            .api(
-                reqwest::Method::POST,
-                &format!("/api/connectors/{id}/runs"),
-                json!({"mode": "full"}),
-            )
-            .await;
-        let run_id = run["id"].as_str().unwrap().to_string();
-        loop {
-            let r = s
-                .api(
-                    reqwest::Method::GET,
-                    &format!("/api/runs/{run_id}"),
-                    Value::Null,
-                )
-                .await;
-            if r["status"] != "running" {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let run = s.run(&id, "full").await;
+        assert_eq!(run["status"], "succeeded", "{run}");
     }
     for i in 0..5 {
         s.api(
@@ -250,7 +131,7 @@ async fn main() {
     let total = page.len() + assets;
     let (pm, am) = (median(&mut page_ms), median(&mut api_ms));
     println!("ui_page: {connectors} connectors with a schedule and a finished run each, 5 relays; {reps} reps, load {}",
-        std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split_whitespace().take(3).collect::<Vec<_>>().join(" "));
+        loadavg());
     println!("  first page transfer: {total} bytes ({} HTML + {assets} CSS and script), target < {TARGET_BYTES}: {}",
         page.len(), if total < TARGET_BYTES { "met" } else { "MISSED" });
     println!("  GET / (overview, rendered from 4 API reads): median {pm:.2} ms, p95 {:.2} ms, target < {TARGET_MS} ms: {}",
