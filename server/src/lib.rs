@@ -2,9 +2,6 @@
 //! The contract with pods and the operator is in `server/README.md`.
 
 pub mod api;
-pub mod api_auth;
-pub mod api_checks;
-pub mod api_sync;
 pub mod app;
 pub mod auth;
 pub mod config;
