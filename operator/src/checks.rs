@@ -33,6 +33,9 @@ pub const CANARY_MAX_AGE: Duration = Duration::from_secs(15 * 60);
 const MAX_NAMES: usize = 10;
 /// Characters kept of one connector's error.
 const MAX_ERROR: usize = 160;
+/// Characters kept of the active's error reading the issuer: the discovery URL and the cause
+/// below it (a refused connection, a certificate spec.oidc.ca does not vouch for) both fit.
+const MAX_ISSUER_ERROR: usize = 400;
 
 /// A condition's status, reason and message.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -189,7 +192,7 @@ pub fn admin_ui_condition(active: &str, r: Result<&UiReport, &PodClientError>) -
             "IssuerUnreachable",
             format!(
                 "{active} serves the Admin UI but cannot read the issuer's discovery document, so no one can sign in: {}",
-                truncate(e, MAX_ERROR)
+                truncate(e, MAX_ISSUER_ERROR)
             ),
         ),
         ("bootstrap", _) => CondValue::new(
@@ -473,9 +476,18 @@ mod tests {
         assert_eq!(reason(&ui(200, "bootstrap", None)), "UiServed");
         assert_eq!(reason(&ui(503, "oidc", None)), "UiNotServed");
         assert_eq!(reason(&ui(200, "none", None)), "NoSignIn");
-        let c = admin_ui_condition("im-a", Ok(&ui(200, "oidc", Some(&"x".repeat(500)))));
+        let c = admin_ui_condition("im-a", Ok(&ui(200, "oidc", Some(&"x".repeat(5000)))));
         assert_eq!((c.status, c.reason), ("False", "IssuerUnreachable"));
-        assert!(c.message.chars().count() < 300, "{}", c.message);
+        assert!(c.message.chars().count() < 600, "{}", c.message);
+        // A real one keeps its cause, after the URL.
+        let e = "OIDC discovery document https://login.contoso.local/realms/identitymesh/.well-known/openid-configuration: error sending request: client error (Connect): invalid peer certificate: UnknownIssuer";
+        let c = admin_ui_condition("im-a", Ok(&ui(200, "oidc", Some(e))));
+        assert!(
+            c.message
+                .ends_with("invalid peer certificate: UnknownIssuer"),
+            "{}",
+            c.message
+        );
         assert!(admin_ui_condition("im-a", Ok(&ui(200, "none", None)))
             .message
             .contains("spec.oidc.ui"));

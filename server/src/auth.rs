@@ -387,11 +387,9 @@ impl Authenticator {
             }
             None => form.push(("client_id", client_id.as_str())),
         }
-        let res = req
-            .form(&form)
-            .send()
-            .await
-            .map_err(|e| AuthError::KeysUnavailable(format!("token endpoint {url}: {e}")))?;
+        let res = req.form(&form).send().await.map_err(|e| {
+            AuthError::KeysUnavailable(format!("token endpoint {url}: {}", http_error(e)))
+        })?;
         let status = res.status();
         let body: serde_json::Value = res.json().await.unwrap_or_default();
         if !status.is_success() {
@@ -455,6 +453,24 @@ fn form_encode(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
+/// A failed call to the provider as one line: what reqwest says and each cause below it (a
+/// refused connection, a certificate the configured CAs do not vouch for), without the URL,
+/// which the caller names once. reqwest's own text stops at "error sending request".
+fn http_error(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut out = e.to_string();
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        let t = c.to_string();
+        if !t.is_empty() && !out.contains(&t) {
+            out.push_str(": ");
+            out.push_str(&t);
+        }
+        cause = c.source();
+    }
+    out
+}
+
 /// At most 200 characters of a provider's message.
 pub fn short(s: &str) -> String {
     s.chars().take(200).filter(|c| !c.is_control()).collect()
@@ -472,13 +488,8 @@ impl Oidc {
     async fn discover(&self) -> Result<(), String> {
         let url = self.discovery_url();
         let got: Result<Discovery, String> = async {
-            let res = self
-                .http
-                .get(&url)
-                .send()
-                .await
-                .map_err(|e| e.to_string())?;
-            let res = res.error_for_status().map_err(|e| e.to_string())?;
+            let res = self.http.get(&url).send().await.map_err(http_error)?;
+            let res = res.error_for_status().map_err(http_error)?;
             let d: Discovery = res
                 .json()
                 .await
@@ -520,10 +531,12 @@ impl Oidc {
                 .send()
                 .await
                 .and_then(|r| r.error_for_status())
-                .map_err(|e| AuthError::KeysUnavailable(format!("JWKS URL {u}: {e}")))?
+                .map_err(|e| {
+                    AuthError::KeysUnavailable(format!("JWKS URL {u}: {}", http_error(e)))
+                })?
                 .text()
                 .await
-                .map_err(|e| AuthError::KeysUnavailable(format!("JWKS URL {u}: {e}")))
+                .map_err(|e| AuthError::KeysUnavailable(format!("JWKS URL {u}: {}", http_error(e))))
         };
         let text = match &self.source {
             JwksSource::File(p) => tokio::fs::read_to_string(p).await.map_err(|e| {
@@ -977,6 +990,9 @@ mod tests {
         let a = Authenticator::new(None, Some(cfg)).await.unwrap();
         let e = a.discovery().await.unwrap_err().to_string();
         assert!(e.contains(&addr.to_string()), "{e}");
+        // Why, and the URL once: the operator's AdminUiReady shows this to whoever must fix it.
+        assert!(e.to_lowercase().contains("refused"), "the cause: {e}");
+        assert_eq!(e.matches(&addr.to_string()).count(), 1, "{e}");
         let up = super::fake_provider::FakeProvider::on(
             tokio::net::TcpListener::bind(addr).await.unwrap(),
         )

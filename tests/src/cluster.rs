@@ -78,6 +78,9 @@ pub struct Cluster {
     proxy: ServiceProxy,
     agent: NodeAgent,
     forwarders: Vec<JoinHandle<()>>,
+    /// Host ports exposed in the node namespaces, and front doors ([`Cluster::expose_host_port`],
+    /// [`Cluster::front_door`]).
+    extra_forwarders: std::sync::Mutex<Vec<JoinHandle<()>>>,
     runtime: Arc<RuntimeCtx>,
     client: kube::Client,
     control_plane: ControlPlane,
@@ -178,6 +181,7 @@ impl Cluster {
             proxy,
             agent,
             forwarders,
+            extra_forwarders: Default::default(),
             runtime,
             client,
             control_plane,
@@ -295,6 +299,47 @@ impl Cluster {
         }
     }
 
+    /// Makes the host's loopback port `port` reachable from every node's network namespace, so
+    /// from every pod, at the same address `127.0.0.1:<port>`: a listener created inside each
+    /// namespace forwards each connection to `127.0.0.1:<port>` on the host. For fixtures on host
+    /// loopback (an identity provider, a directory) that pods and the test (or its browser) must
+    /// reach at one URL; the traffic stays on loopback and the veths. Stopped with the cluster.
+    pub async fn expose_host_port(&self, port: u16) -> Result<()> {
+        let target = SocketAddr::from(([127, 0, 0, 1], port));
+        let nets = self.network().map(|n| n.nodes.clone()).unwrap_or_default();
+        for net in nets {
+            let listener = crate::netns::bind_in_netns(&net.netns_path(), target).await?;
+            let task = forward_all(listener, target);
+            lock(&self.extra_forwarders).push(task);
+        }
+        Ok(())
+    }
+
+    /// A load balancer in front of port `port` of Service `ns/name`: each connection accepted on
+    /// `listener` (a loopback port the test chose, e.g. to give a browser one origin for the
+    /// whole run) goes to the Service proxy's listener for that port as it is at that moment;
+    /// none yet, and the connection is closed. Stopped with the cluster.
+    pub fn front_door(
+        &self,
+        listener: std::net::TcpListener,
+        ns: &str,
+        name: &str,
+        port: u16,
+    ) -> Result<SocketAddr> {
+        let addr = listener.local_addr().ctx(|| "front door address".into())?;
+        listener
+            .set_nonblocking(true)
+            .ctx(|| format!("front door on {addr}"))?;
+        let listener =
+            tokio::net::TcpListener::from_std(listener).ctx(|| format!("front door on {addr}"))?;
+        let lookup = self.proxy.lookup();
+        let (ns, name) = (ns.to_string(), name.to_string());
+        let task =
+            crate::service_proxy::forward_each(listener, move || lookup.addr(&ns, &name, port));
+        lock(&self.extra_forwarders).push(task);
+        Ok(addr)
+    }
+
     /// Pids of the running containers of a pod (empty when none runs).
     pub fn pod_pids(&self, ns: &str, pod: &str) -> Vec<u32> {
         self.runtime
@@ -343,7 +388,14 @@ impl Drop for Cluster {
         for f in &self.forwarders {
             f.abort();
         }
+        for f in lock(&self.extra_forwarders).iter() {
+            f.abort();
+        }
     }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Polls `check` every 100 ms until it returns true or `timeout` passes.

@@ -10,7 +10,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -210,6 +210,35 @@ impl Network {
         self.node(node)
             .ok_or_else(|| Error::Other(format!("no node named {node} in this harness")))
     }
+}
+
+/// Binds a TCP listener on `addr` inside the network namespace at `netns`.
+///
+/// A socket keeps the namespace it was created in, so a short-lived thread enters the namespace
+/// (setns affects only the calling thread), binds, and hands the listener back.
+pub async fn bind_in_netns(netns: &Path, addr: SocketAddr) -> Result<tokio::net::TcpListener> {
+    let path = netns.to_path_buf();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let result = (|| {
+            let ns = File::open(&path)?;
+            // SAFETY: setns on a valid namespace fd; affects only this thread, which ends below.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let l = std::net::TcpListener::bind(addr)?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        })();
+        let _ = tx.send(result);
+    });
+    let what = || format!("bind {addr} in {}", netns.display());
+    let l = rx
+        .await
+        .map_err(|_| std::io::Error::other("bind thread vanished"))
+        .ctx(what)?
+        .ctx(what)?;
+    tokio::net::TcpListener::from_std(l).ctx(what)
 }
 
 impl Drop for Network {

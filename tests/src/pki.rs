@@ -111,3 +111,53 @@ impl Pki {
         Ok(pki)
     }
 }
+
+/// A test CA and a serving certificate it signed for `127.0.0.1` (an IP SAN) and `localhost`,
+/// as PEM files: for a fixture that serves HTTPS on loopback (an identity provider), which pods
+/// reach at the same address through [`crate::Cluster::expose_host_port`].
+#[derive(Debug, Clone)]
+pub struct LoopbackTls {
+    pub ca_pem: String,
+    pub ca_cert: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl LoopbackTls {
+    /// Writes `ca.crt`, `tls.crt` and `tls.key` into `dir` (created); `name` goes into the
+    /// certificates' common names.
+    pub fn generate(dir: &Path, name: &str) -> Result<LoopbackTls> {
+        std::fs::create_dir_all(dir).ctx(|| format!("create {}", dir.display()))?;
+        let ca_key = KeyPair::generate()?;
+        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+        ca_params.distinguished_name = dn(&format!("{name} test CA"), None);
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca_cert = ca_params.self_signed(&ca_key)?;
+        let issuer = Issuer::new(ca_params, &ca_key);
+        let key = KeyPair::generate()?;
+        // A string that parses as an IP address becomes an IP SAN.
+        let mut params = CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])?;
+        params.distinguished_name = dn(name, None);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        let cert = params.signed_by(&key, &issuer)?;
+        let tls = LoopbackTls {
+            ca_pem: ca_cert.pem(),
+            ca_cert: dir.join("ca.crt"),
+            cert: dir.join("tls.crt"),
+            key: dir.join("tls.key"),
+        };
+        write(&tls.ca_cert, &tls.ca_pem)?;
+        write(&tls.cert, &cert.pem())?;
+        write(&tls.key, &key.serialize_pem())?;
+        Ok(tls)
+    }
+}

@@ -54,6 +54,11 @@ impl ServiceProxy {
             .map(|e| e.addr)
     }
 
+    /// A handle that finds the current listener of a Service port later.
+    pub fn lookup(&self) -> ProxyLookup {
+        ProxyLookup(self.listeners.clone())
+    }
+
     /// Every (namespace, name, port) → address.
     pub fn all(&self) -> Vec<((String, String, u16), SocketAddr)> {
         lock(&self.listeners)
@@ -278,18 +283,116 @@ async fn forward(
 }
 
 /// Forwards every connection accepted on `listener` to `target` (used to let pods reach the
-/// apiserver at their node's host-side address).
+/// apiserver at their node's host-side address, and host loopback ports at the same address
+/// inside the node namespaces). The connections are tasks of the returned one: aborting it
+/// closes them too.
 pub fn forward_all(listener: TcpListener, target: SocketAddr) -> JoinHandle<()> {
+    forward_each(listener, move || Some(target))
+}
+
+/// Forwards every connection accepted on `listener` to the address `target` names at that
+/// moment (none: the connection is refused by closing it). Aborting the returned task closes
+/// the connections it forwards.
+pub fn forward_each<F>(listener: TcpListener, target: F) -> JoinHandle<()>
+where
+    F: Fn() -> Option<SocketAddr> + Send + 'static,
+{
     tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
         loop {
-            let Ok((mut client, _)) = listener.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                if let Ok(mut up) = TcpStream::connect(target).await {
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let Ok((mut client, _)) = accepted else {
+                        // e.g. out of file descriptors: do not spin.
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    };
+                    let Some(to) = target() else { continue };
+                    conns.spawn(async move {
+                        if let Ok(Ok(mut up)) =
+                            tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(to)).await
+                        {
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
+                        }
+                    });
                 }
-            });
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            }
         }
     })
+}
+
+/// Looks up the proxy's current listener for a Service port from anywhere (e.g. a front door's
+/// task), while the proxy runs.
+#[derive(Clone)]
+pub struct ProxyLookup(Arc<Mutex<Listeners>>);
+
+impl ProxyLookup {
+    pub fn addr(&self, ns: &str, name: &str, port: u16) -> Option<SocketAddr> {
+        lock(&self.0)
+            .get(&(ns.to_string(), name.to_string(), port))
+            .map(|e| e.addr)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// An echo server on loopback.
+    async fn echo() -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        addr
+    }
+
+    async fn round_trip(addr: SocketAddr) -> std::io::Result<Vec<u8>> {
+        let mut c = TcpStream::connect(addr).await?;
+        c.write_all(b"ping").await?;
+        let mut buf = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(5), c.read_exact(&mut buf))
+            .await
+            .map_err(|_| std::io::Error::other("no answer"))??;
+        Ok(buf.to_vec())
+    }
+
+    /// Each connection goes where the target names at that moment; none closes it; aborting
+    /// the task closes the connections it forwards too.
+    #[tokio::test]
+    async fn forward_each_follows_the_target_and_stops_with_its_task() {
+        let up = echo().await;
+        let open = Arc::new(AtomicBool::new(false));
+        let o = open.clone();
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let front = l.local_addr().unwrap();
+        let task = forward_each(l, move || o.load(Ordering::SeqCst).then_some(up));
+        assert!(
+            round_trip(front).await.is_err(),
+            "no target: the connection is closed"
+        );
+        open.store(true, Ordering::SeqCst);
+        assert_eq!(round_trip(front).await.unwrap(), b"ping");
+        let mut held = TcpStream::connect(front).await.unwrap();
+        held.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        held.read_exact(&mut buf).await.unwrap();
+        task.abort();
+        let n = tokio::time::timeout(Duration::from_secs(5), held.read(&mut buf))
+            .await
+            .expect("the forwarded connection is closed when the task stops");
+        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+        assert!(TcpStream::connect(front).await.is_err(), "nothing listens");
+    }
 }

@@ -228,6 +228,19 @@ struct Pending {
     nonce: String,
     verifier: String,
     exp: i64,
+    /// Where to go once signed in: the page that sent the browser to sign in (a local path).
+    /// A cookie sealed by a server without it (an upgrade in flight) goes to `/`.
+    #[serde(default = "root_path")]
+    next: String,
+}
+
+fn root_path() -> String {
+    "/".into()
+}
+
+#[derive(Deserialize)]
+struct LoginQuery {
+    next: Option<String>,
 }
 
 pub const LOGIN_COOKIE: &str = "im_login";
@@ -260,9 +273,15 @@ fn redirect(to: &str, cookies: &[String]) -> Response {
     res
 }
 
-/// `GET /auth/login`: leaves for the provider's authorization endpoint (code flow, PKCE S256,
-/// random `state` and `nonce`), remembering the sign-in in a sealed cookie for ten minutes.
-async fn login_at_provider(State(st): State<AppState>) -> Result<Response, Problem> {
+/// `GET /auth/login[?next=/path]`: leaves for the provider's authorization endpoint (code flow,
+/// PKCE S256, random `state` and `nonce`), remembering the sign-in (and the local page to come
+/// back to) in a sealed cookie for ten minutes.
+async fn login_at_provider(
+    State(st): State<AppState>,
+    q: Result<axum::extract::Query<LoginQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Problem> {
+    let next = q.ok().and_then(|axum::extract::Query(q)| q.next);
+    let next = crate::ui::local_path(next.as_deref()).to_string();
     let sessions = sessions(&st)?;
     if !st.auth.oidc_sign_in() {
         return Err(Problem::new(
@@ -281,6 +300,7 @@ async fn login_at_provider(State(st): State<AppState>) -> Result<Response, Probl
         nonce: random_b64(24),
         verifier: random_b64(32),
         exp: now + session::LOGIN_TTL_S,
+        next,
     };
     let url = reqwest::Url::parse_with_params(
         &si.authorization_endpoint,
@@ -476,7 +496,9 @@ async fn callback(
     crate::api::audit_action(&st, &s.sub, "session.sign_in", &s.sub, "oidc").await;
     let cookie = sessions.set_cookie(SESSION_COOKIE, &sessions.seal(&s), sessions.absolute_s);
     let clear = sessions.set_cookie_at(LOGIN_COOKIE, "", 0, "/auth");
-    Ok(redirect("/", &[cookie, clear]))
+    // Checked again: the cookie is sealed, but the rule is the rule.
+    let next = crate::ui::local_path(Some(&pending.next));
+    Ok(redirect(next, &[cookie, clear]))
 }
 
 #[cfg(test)]
@@ -742,14 +764,13 @@ pub(crate) mod tests {
     }
 
     async fn start_sign_in(app: &Router, base: &str) -> Flight {
+        start_sign_in_at(app, base, "/auth/login").await
+    }
+
+    async fn start_sign_in_at(app: &Router, base: &str, login: &str) -> Flight {
         let res = app
             .clone()
-            .oneshot(
-                Request::builder()
-                    .uri("/auth/login")
-                    .body(Body::empty())
-                    .unwrap(),
-            )
+            .oneshot(Request::builder().uri(login).body(Body::empty()).unwrap())
             .await
             .unwrap();
         assert_eq!(res.status(), 303);
@@ -914,6 +935,35 @@ pub(crate) mod tests {
         assert_eq!(a.status, 400, "{}", a.body);
         assert!(a.body.contains("replayed state"), "{}", a.body);
         assert!(a.set_cookie.is_none());
+    }
+
+    /// The page that sent the browser to sign in is where the callback leads: `/auth/login`
+    /// keeps `next` in the sealed sign-in cookie, and only a local path is followed.
+    #[tokio::test]
+    async fn oidc_sign_in_comes_back_to_the_page_that_asked_for_it() {
+        let p = crate::auth::fake_provider::FakeProvider::start().await;
+        let ring = KeyRing::generate();
+        let (_d, app) = app_with(&ring, Some(p.config())).await;
+        for (login, landing) in [
+            (
+                "/auth/login?next=%2Fconnectors%2Fc1%3Fx%3D1",
+                "/connectors/c1?x=1",
+            ),
+            ("/auth/login", "/"),
+            ("/auth/login?next=https%3A%2F%2Fevil.example%2F", "/"),
+            ("/auth/login?next=%2F%2Fevil.example%2F", "/"),
+        ] {
+            let f = start_sign_in_at(&app, &p.base, login).await;
+            p.answer_id_token(&f.nonce, serde_json::json!({}));
+            let a = come_back(&app, &f, &f.state).await;
+            assert_eq!(a.status, 303, "{login}: {}", a.body);
+            assert!(
+                a.body.starts_with(&format!("location={landing} ")),
+                "{login}: {}",
+                a.body
+            );
+            assert!(a.set_cookie.is_some(), "{login}: signed in");
+        }
     }
 
     #[tokio::test]

@@ -25,9 +25,9 @@ pub fn openapi_document() -> serde_json::Value {
         entry[r.method] = op;
     }
     for (method, path, summary) in [
-        ("get", "/auth/login", "Browser sign-in: 303 to the identity provider (code flow, PKCE)"),
+        ("get", "/auth/login", "Browser sign-in: 303 to the identity provider (code flow, PKCE); ?next=/path is where the callback leads back to (local paths only)"),
         ("post", "/auth/login", "Standalone sign-in with the bootstrap admin token (form field `token`); sets the session cookie"),
-        ("get", "/auth/callback", "The provider's redirect back (?code&state): sets the session cookie, 303 to /"),
+        ("get", "/auth/callback", "The provider's redirect back (?code&state): sets the session cookie, 303 to the sign-in's next page (/ by default)"),
         ("get", "/auth/session", "The session cookie's user, permissions and CSRF token"),
         ("post", "/auth/logout", "Clears the session cookie (X-CSRF-Token); answers the provider's end-session URL"),
     ] {

@@ -23,6 +23,7 @@ use crate::api::AppState;
 
 pub(crate) use call::enc;
 pub use call::Refusal;
+pub(crate) use pages::signin::local_path;
 
 /// The UI's state: the Admin API router it reads through, and the server's state.
 pub struct Ui {

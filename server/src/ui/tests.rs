@@ -282,7 +282,19 @@ async fn a_viewer_sees_no_editing_controls_and_the_api_still_refuses() {
     assert!(
         !b.contains("Pause all schedules")
             && !b.contains(r#"href="/secrets""#)
-            && !b.contains(r#"href="/audit""#),
+            && !b.contains(r#"href="/audit""#)
+            && !b.contains("Register one"),
+        "{b}"
+    );
+    // Who may register relays is invited to.
+    let (_, b) = a
+        .page(
+            "/",
+            &a.cookie(&[Permission::DashboardRead, Permission::RelaysManage]),
+        )
+        .await;
+    assert!(
+        b.contains("No relay is registered.") && b.contains("Register one"),
         "{b}"
     );
     let (s, b) = a.page("/connectors/new", &viewer).await;

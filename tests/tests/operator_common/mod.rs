@@ -517,6 +517,7 @@ pub struct Env {
     pub pods: Api<Pod>,
     ca_pem: Option<String>,
     proxy: Option<SocketAddr>,
+    unhealthy_after_seconds: u32,
 }
 
 impl Drop for Env {
@@ -608,6 +609,14 @@ impl Env {
     /// installs the CRD with kubectl, creates the namespace and Secrets, starts the operator
     /// and creates the IdentityMeshCluster.
     pub async fn start(opts: EnvOptions) -> Env {
+        let env = Env::boot(&opts).await;
+        env.create_cluster(json!({})).await;
+        env
+    }
+
+    /// [`Env::start`] without the IdentityMeshCluster: the harness, the CRD, the namespace with
+    /// its Secrets and the operator; [`Env::create_cluster`] creates the cluster resource.
+    pub async fn boot(opts: &EnvOptions) -> Env {
         let dir = std::env::temp_dir()
             .join("identitymesh-operator-e2e")
             .join(format!(
@@ -705,23 +714,6 @@ impl Env {
             Operator::start(&operator_kubeconfig, Some(&ns), &ns, &log)
         };
 
-        let imc = json!({
-            "apiVersion": "identitymesh.io/v1alpha1",
-            "kind": "IdentityMeshCluster",
-            "metadata": {"name": CLUSTER, "namespace": ns},
-            "spec": {
-                "version": "0.1.0",
-                "database": {"name": "im-db", "key": "connectionString"},
-                "licence": {"name": "im-licence", "key": "licence.json"},
-                "failover": {"policy": "Automatic", "unhealthyAfterSeconds": opts.unhealthy_after_seconds},
-                "drainTimeoutSeconds": 5
-            }
-        });
-        cluster
-            .kubectl_with_stdin(&["apply", "-f", "-"], Some(&imc.to_string()))
-            .await
-            .expect("kubectl apply the IdentityMeshCluster");
-
         let ar = ApiResource::from_gvk_with_plural(
             &GroupVersionKind::gvk("identitymesh.io", "v1alpha1", "IdentityMeshCluster"),
             "identitymeshclusters",
@@ -739,7 +731,33 @@ impl Env {
             pods,
             ca_pem: None,
             proxy: None,
+            unhealthy_after_seconds: opts.unhealthy_after_seconds,
         }
+    }
+
+    /// Creates the IdentityMeshCluster (kubectl apply): the e2e spec, with the fields of
+    /// `extra_spec` (an object, e.g. `{"oidc": ...}`) added or replacing top-level ones.
+    pub async fn create_cluster(&self, extra_spec: Value) {
+        let mut spec = json!({
+            "version": "0.1.0",
+            "database": {"name": "im-db", "key": "connectionString"},
+            "licence": {"name": "im-licence", "key": "licence.json"},
+            "failover": {"policy": "Automatic", "unhealthyAfterSeconds": self.unhealthy_after_seconds},
+            "drainTimeoutSeconds": 5
+        });
+        if let (Some(s), Some(extra)) = (spec.as_object_mut(), extra_spec.as_object()) {
+            s.extend(extra.clone());
+        }
+        let imc = json!({
+            "apiVersion": "identitymesh.io/v1alpha1",
+            "kind": "IdentityMeshCluster",
+            "metadata": {"name": CLUSTER, "namespace": self.ns},
+            "spec": spec
+        });
+        self.cluster
+            .kubectl_with_stdin(&["apply", "-f", "-"], Some(&imc.to_string()))
+            .await
+            .unwrap_or_else(|e| self.fail(&format!("kubectl apply the IdentityMeshCluster: {e}")));
     }
 
     pub async fn status(&self) -> Option<Status> {

@@ -6,7 +6,8 @@
 //! - [`Keycloak::start`] runs `kc.sh start --optimized` with development settings: HTTP on
 //!   127.0.0.1 and a free port, a local (non-clustered) cache, an H2 file database and a data
 //!   folder of its own, the bootstrap admin from the environment, extra CAs trusted through
-//!   `--truststore-paths`. Stopped by its process group on [`Keycloak::stop`] and on drop.
+//!   `--truststore-paths`, and optionally HTTPS beside HTTP with a given certificate
+//!   ([`Options::https`]). Stopped by its process group on [`Keycloak::stop`] and on drop.
 //! - [`Admin`] is the admin REST client: realms, LDAP user federation and its group mapper,
 //!   synchronisation, user and group counts.
 //!
@@ -20,7 +21,7 @@ mod server;
 pub use admin::{Admin, SyncResult};
 pub use dist::Distribution;
 pub use ldap::{EditMode, GroupMapper, LdapFederation};
-pub use server::{Keycloak, Options};
+pub use server::{Https, Keycloak, Options};
 
 /// The Keycloak release the fixture fetches.
 pub const VERSION: &str = "26.5.6";

@@ -28,6 +28,17 @@ pub struct Options {
     pub start_timeout: Duration,
     /// More `kc.sh start` options.
     pub extra_args: Vec<String>,
+    /// Serve HTTPS too, on 127.0.0.1 and a free port of its own, with this certificate; the
+    /// HTTP port stays (the admin client and the readiness check use it).
+    pub https: Option<Https>,
+}
+
+/// A serving certificate for Keycloak's HTTPS listener (`--https-certificate-file`,
+/// `--https-certificate-key-file`): PEM files, e.g. a test CA's certificate for 127.0.0.1.
+#[derive(Debug, Clone)]
+pub struct Https {
+    pub certificate_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 impl Default for Options {
@@ -39,6 +50,7 @@ impl Default for Options {
             trusted_ca_files: Vec::new(),
             start_timeout: Duration::from_secs(300),
             extra_args: Vec::new(),
+            https: None,
         }
     }
 }
@@ -49,6 +61,8 @@ pub struct Keycloak {
     child: Option<Child>,
     dir: PathBuf,
     port: u16,
+    /// With [`Options::https`]: the HTTPS port.
+    https_port: Option<u16>,
     options: Options,
 }
 
@@ -91,6 +105,10 @@ impl Keycloak {
                 child: None,
                 dir: dir.to_path_buf(),
                 port: free_port()?,
+                https_port: match options.https {
+                    Some(_) => Some(free_port()?),
+                    None => None,
+                },
                 options: options.clone(),
             };
             kc.spawn(dist, &home, &tmp)?;
@@ -120,6 +138,18 @@ impl Keycloak {
             .arg("--hostname-strict=false")
             // No clustering: nothing listens beyond loopback or looks for peers.
             .arg("--cache=local");
+        if let (Some(https), Some(port)) = (&self.options.https, self.https_port) {
+            // --http-host binds the HTTPS listener too.
+            cmd.arg(format!("--https-port={port}"))
+                .arg(format!(
+                    "--https-certificate-file={}",
+                    https.certificate_file.display()
+                ))
+                .arg(format!(
+                    "--https-certificate-key-file={}",
+                    https.key_file.display()
+                ));
+        }
         if !self.options.trusted_ca_files.is_empty() {
             let paths: Vec<String> = self
                 .options
@@ -175,7 +205,15 @@ impl Keycloak {
                 }
             }
             if let Ok(r) = http.get(&url).send().await {
-                if r.status().is_success() {
+                // Both listeners open together; a connect shows the HTTPS one is there too.
+                let https_up = self.https_port.is_none_or(|p| {
+                    std::net::TcpStream::connect_timeout(
+                        &std::net::SocketAddr::from(([127, 0, 0, 1], p)),
+                        Duration::from_secs(2),
+                    )
+                    .is_ok()
+                });
+                if r.status().is_success() && https_up {
                     return Ok(());
                 }
             }
@@ -193,6 +231,16 @@ impl Keycloak {
     /// `http://127.0.0.1:PORT`
     pub fn base_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// `https://127.0.0.1:PORT` when started with [`Options::https`].
+    pub fn https_base_url(&self) -> Option<String> {
+        self.https_port.map(|p| format!("https://127.0.0.1:{p}"))
+    }
+
+    /// The HTTPS port, when started with [`Options::https`].
+    pub fn https_port(&self) -> Option<u16> {
+        self.https_port
     }
 
     pub fn options(&self) -> &Options {

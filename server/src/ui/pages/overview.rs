@@ -59,7 +59,7 @@ pub async fn page(ctx: Ctx) -> Response {
         section aria-labelledby="h-relays" {
             h2 id="h-relays" { "Relays" }
             @match &relays {
-                Ok(v) => (relay_summary(v)),
+                Ok(v) => (relay_summary(&ctx, v)),
                 Err(r) => (r.markup()),
             }
         }
@@ -132,7 +132,7 @@ pub fn pause_button(paused: bool) -> Markup {
     }
 }
 
-fn relay_summary(v: &Value) -> Markup {
+fn relay_summary(ctx: &Ctx, v: &Value) -> Markup {
     let rows: Vec<&Value> = v
         .as_array()
         .into_iter()
@@ -142,7 +142,13 @@ fn relay_summary(v: &Value) -> Markup {
     let connected = rows.iter().filter(|r| r["state"] == "Connected").count();
     html! {
         @if rows.is_empty() {
-            p.empty { "No relay is registered. " a href="/relays" { "Register one" } " to reach directories on other networks." }
+            p.empty {
+                "No relay is registered."
+                // Only for those who may: the relays page has no form for anyone else.
+                @if ctx.session.may(Permission::RelaysManage) {
+                    " " a href="/relays" { "Register one" } " to reach directories on other networks."
+                }
+            }
         } @else {
             p.lead { (connected) " of " (rows.len()) " relays connected." }
             ul.relays {

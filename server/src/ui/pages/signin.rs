@@ -24,6 +24,16 @@ pub fn local_path(next: Option<&str>) -> &str {
     }
 }
 
+/// The way to the provider, carrying the page that sent the browser here (`/auth/login` keeps
+/// it in the sealed sign-in cookie and the callback leads back to it).
+fn provider_link(next: &str) -> String {
+    if next == "/" {
+        "/auth/login".into()
+    } else {
+        format!("/auth/login?next={}", crate::ui::enc(next))
+    }
+}
+
 pub async fn page(
     State(ui): State<Arc<Ui>>,
     signed_in: Result<Ctx, Response>,
@@ -40,7 +50,7 @@ pub async fn page(
     let body = if ui.app.auth.oidc_sign_in() {
         html! {
             p { "Sign in with your organisation's account." }
-            p { a.button href="/auth/login" data-testid="signin-provider" { "Sign in with the identity provider" } }
+            p { a.button href=(provider_link(&next)) data-testid="signin-provider" { "Sign in with the identity provider" } }
         }
     } else {
         html! {
@@ -61,7 +71,16 @@ pub async fn page(
 
 #[cfg(test)]
 mod tests {
-    use super::local_path;
+    use super::{local_path, provider_link};
+
+    #[test]
+    fn the_provider_link_carries_the_page_to_come_back_to() {
+        assert_eq!(provider_link("/"), "/auth/login");
+        assert_eq!(
+            provider_link("/connectors/c1?x=1&y=2"),
+            "/auth/login?next=%2Fconnectors%2Fc1%3Fx%3D1%26y%3D2"
+        );
+    }
 
     #[test]
     fn only_local_paths_are_followed_after_sign_in() {
