@@ -183,6 +183,25 @@ async fn sign_in_in_chromium_and_the_session_survives_a_failover() {
         "url": "/api/sync/pause", "method": "POST", "headers": {"x-csrf-token": bob_csrf}
     }));
     assert_eq!(w.status, 403, "{}", w.body);
+    // Sign-out from the UI ends the session here and at the provider, and comes back to the
+    // sign-in page; signing in again asks for the password again.
+    bob.goto(&format!("{}/", b.base));
+    bob.wait_text("Schedules are");
+    bob.click_role("button", "Sign out");
+    bob.wait_text("Do you want to log out?");
+    bob.screenshot("bob-keycloak-logout");
+    bob.click_role("button", "Logout");
+    let back = bob.wait_url_prefix(&format!("{}/signin", b.base));
+    assert_eq!(back, format!("{}/signin", b.base));
+    bob.screenshot("bob-signed-out");
+    let s = bob.fetch("/auth/session");
+    assert_eq!(s.status, 401, "{}", s.body);
+    let again = bob.goto(&format!("{}/auth/login", b.base));
+    assert!(
+        again["url"].as_str().unwrap().starts_with(&kc_base),
+        "{again}"
+    );
+    bob.wait_text("Sign in to your account");
     assert!(bob.close(), "the browser closed by itself");
     println!("browser part took {:?}", t_browser.elapsed());
 

@@ -93,6 +93,8 @@ impl FromRequestParts<Arc<Ui>> for Ctx {
         if let Some(page) = standby_page(ui).await {
             return Err(page);
         }
+        let had_cookie = crate::session::cookie(&parts.headers, crate::session::SESSION_COOKIE)
+            .is_some_and(|c| !c.is_empty());
         let forward = [header::COOKIE, header::AUTHORIZATION]
             .into_iter()
             .flat_map(|h| {
@@ -133,6 +135,11 @@ impl FromRequestParts<Arc<Ui>> for Ctx {
                     csrf: text("csrf_token"),
                 };
                 Ok(ctx)
+            }
+            // A cookie that was sent and refused (tampered, foreign, ended): say why, here.
+            Err(Refusal::SignIn(why)) if had_cookie => {
+                let next = pages::signin::local_path(Some(&ctx.here)).to_string();
+                Err(ctx.finish(pages::signin::render(ui, &next, Some(&why))))
             }
             Err(Refusal::SignIn(_)) => {
                 let to = format!("/signin?next={}", enc(&ctx.here));

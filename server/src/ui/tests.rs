@@ -171,16 +171,29 @@ async fn a_page_without_a_session_sends_the_browser_to_sign_in() {
     let (s, h, _) = a.send("GET", "/connectors?x=1", &[], None).await;
     assert_eq!(s, StatusCode::SEE_OTHER);
     assert_eq!(h["location"], "/signin?next=%2Fconnectors%3Fx%3D1");
-    // A tampered cookie: the same, and the cookie is cleared.
-    let (s, h, _) = a
-        .send("GET", "/", &[("cookie", "im_session=AAAA")], None)
+    // A tampered cookie: the sign-in page says why, and the cookie is cleared.
+    let (s, h, b) = a
+        .send("GET", "/runs", &[("cookie", "im_session=AAAA")], None)
         .await;
-    assert_eq!(s, StatusCode::SEE_OTHER);
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{b}");
     assert!(
         h.get_all("set-cookie")
             .iter()
             .any(|c| c.to_str().unwrap().contains("Max-Age=0")),
         "{h:?}"
+    );
+    assert!(
+        b.contains("You are signed out: ") && b.contains(r#"data-signin="/runs""#),
+        "{b}"
+    );
+    // One sealed under another key ring (a foreign cookie): the same, naming that reason.
+    let other = app(true).await;
+    let foreign = other.admin();
+    let (s, _, b) = a.send("GET", "/", &[("cookie", &foreign)], None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{b}");
+    assert!(
+        b.contains("You are signed out: ") && b.contains("key"),
+        "{b}"
     );
     // The sign-in page offers the bootstrap token (no provider configured).
     let (s, _, b) = a.send("GET", "/signin?next=/runs", &[], None).await;

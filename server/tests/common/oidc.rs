@@ -49,7 +49,9 @@ pub fn realm(redirects: &[String]) -> serde_json::Value {
             "standardFlowEnabled": true,
             "directAccessGrantsEnabled": false,
             "redirectUris": redirects,
-            "attributes": {"pkce.code.challenge.method": "S256"},
+            // Sign-out at Keycloak comes back to the server's sign-in page.
+            "attributes": {"pkce.code.challenge.method": "S256",
+                           "post.logout.redirect.uris": "https://127.0.0.1:*"},
             "protocolMappers": [{
                 "name": "groups",
                 "protocol": "openid-connect",

@@ -43,14 +43,19 @@ pub async fn page(
     let next = local_path(next.as_deref()).to_string();
     match signed_in {
         Ok(ctx) => return ctx.finish(redirect(&next)),
-        // A standby's page, or a server without sessions: shown as it is.
+        // A standby's page, a refused cookie's notice, a server without sessions: as it is.
         Err(res) if res.status() != axum::http::StatusCode::SEE_OTHER => return res,
         Err(_) => {}
     }
-    let body = if ui.app.auth.oidc_sign_in() {
+    render(&ui, &next, None)
+}
+
+/// The sign-in page; `notice` says why the browser is signed out (a refused session cookie).
+pub fn render(ui: &Ui, next: &str, notice: Option<&str>) -> Response {
+    let form = if ui.app.auth.oidc_sign_in() {
         html! {
             p { "Sign in with your organisation's account." }
-            p { a.button href=(provider_link(&next)) data-testid="signin-provider" { "Sign in with the identity provider" } }
+            p { a.button href=(provider_link(next)) data-testid="signin-provider" { "Sign in with the identity provider" } }
         }
     } else {
         html! {
@@ -66,7 +71,16 @@ pub async fn page(
             }
         }
     };
-    layout::bare("Sign in", body)
+    let body = html! {
+        @if let Some(why) = notice {
+            section.refusal role="alert" { p { "You are signed out: " (why) "." } }
+        }
+        (form)
+    };
+    match notice {
+        None => layout::bare("Sign in", body),
+        Some(_) => layout::bare_with_status(axum::http::StatusCode::UNAUTHORIZED, "Sign in", body),
+    }
 }
 
 #[cfg(test)]
