@@ -1,8 +1,9 @@
-//! The sync engine: composer rules and expressions (pure), connector sources, runs, the
-//! composer's writes, schedules and retention.
+//! The sync engine: the compose rules and expressions (pure: `compose_rules`, `expr`),
+//! connector sources, runs, the compose writes (`compose_writes`: the store side of the rules),
+//! schedules and retention.
 
-pub mod compose;
-pub mod composer;
+pub mod compose_rules;
+pub mod compose_writes;
 pub mod expr;
 pub mod retention;
 pub mod runner;

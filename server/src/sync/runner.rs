@@ -12,8 +12,8 @@ use identitymesh_signalr::hub::HubHandle;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Notify};
 
-use super::compose::{self, ComposeContext, ObjectError};
-use super::composer::ConnectorRules;
+use super::compose_rules::ConnectorRules;
+use super::compose_writes::{self, ComposeContext, ObjectError};
 use super::source::{Source, SourceError};
 use crate::engine::Engine;
 use crate::secrets::Secrets;
@@ -296,7 +296,7 @@ impl SyncEngine {
     async fn execute(
         &self,
         row: &ConnectorRow,
-        rules: &super::composer::CompiledRules,
+        rules: &super::compose_rules::CompiledRules,
         key_attributes: &BTreeSet<String>,
         mode: RunMode,
         mut run: RunRow,
@@ -322,7 +322,7 @@ impl SyncEngine {
     async fn import_and_compose(
         &self,
         row: &ConnectorRow,
-        rules: &super::composer::CompiledRules,
+        rules: &super::compose_rules::CompiledRules,
         key_attributes: &BTreeSet<String>,
         mode: RunMode,
         run: &mut RunRow,
@@ -403,8 +403,8 @@ impl SyncEngine {
         ctx: &ComposeContext<'_>,
         imported: &AtomicBool,
         wake: &Notify,
-    ) -> Result<compose::ComposeCounts, RunFailure> {
-        let mut counts = compose::ComposeCounts::default();
+    ) -> Result<compose_writes::ComposeCounts, RunFailure> {
+        let mut counts = compose_writes::ComposeCounts::default();
         loop {
             let last = imported.load(Ordering::SeqCst);
             counts.add(self.compose_pending(ctx, last).await?);
@@ -421,17 +421,20 @@ impl SyncEngine {
         &self,
         ctx: &ComposeContext<'_>,
         settle: bool,
-    ) -> Result<compose::ComposeCounts, RunFailure> {
+    ) -> Result<compose_writes::ComposeCounts, RunFailure> {
         if settle {
-            compose::settle_unruled(&self.store, &self.engine, ctx).await?;
+            compose_writes::settle_unruled(&self.store, &self.engine, ctx).await?;
         }
-        Ok(compose::compose_pending(&self.store, &self.engine, &self.compose_serial, ctx).await?)
+        Ok(
+            compose_writes::compose_pending(&self.store, &self.engine, &self.compose_serial, ctx)
+                .await?,
+        )
     }
 
     async fn import(
         &self,
         row: &ConnectorRow,
-        rules: &super::composer::CompiledRules,
+        rules: &super::compose_rules::CompiledRules,
         mode: RunMode,
         run: &mut RunRow,
         errors: &mut Vec<ObjectError>,
@@ -515,7 +518,7 @@ impl SyncEngine {
     async fn prepare_compose(
         &self,
         row: &ConnectorRow,
-        rules: &super::composer::CompiledRules,
+        rules: &super::compose_rules::CompiledRules,
         key_attributes: &BTreeSet<String>,
     ) -> Result<Option<(String, String)>, RunFailure> {
         // Identities are indexed by the attributes some connector joins on; a new join attribute
@@ -523,7 +526,7 @@ impl SyncEngine {
         let keys_json = serde_json::to_string(key_attributes).unwrap_or_default();
         if self.store.setting(KEY_ATTRIBUTES_SETTING).await?.as_deref() != Some(keys_json.as_str())
         {
-            let n = compose::reindex_keys(
+            let n = compose_writes::reindex_keys(
                 &self.store,
                 &self.engine,
                 &self.compose_serial,
@@ -622,7 +625,7 @@ impl SyncEngine {
                         objects: objects.into_iter().map(cs_object).collect(),
                         ..template.clone()
                     },
-                    compose::ComposeCounts::default(),
+                    compose_writes::ComposeCounts::default(),
                 ),
             };
             let batch = &batch;
@@ -658,7 +661,7 @@ impl SyncEngine {
         template: &ImportBatch,
         page: Vec<ConnectorObject>,
         ctx: &ComposeContext<'_>,
-    ) -> Result<(ImportBatch, compose::ComposeCounts), RunFailure> {
+    ) -> Result<(ImportBatch, compose_writes::ComposeCounts), RunFailure> {
         let anchors: Vec<String> = page.iter().map(|o| o.anchor.clone()).collect();
         let stored = self
             .store
@@ -681,12 +684,13 @@ impl SyncEngine {
                 && StoredObject::changed_by(s, &cs)
             {
                 composed.anchors.insert(cs.anchor.clone());
-                items.push(compose::Item::imported(o));
+                items.push(compose_writes::Item::imported(o));
             }
             objects.push(cs);
         }
-        let mut counts = compose::ComposeCounts::default();
-        composed.writes = compose::compose_items(&self.store, ctx, items, &mut counts).await?;
+        let mut counts = compose_writes::ComposeCounts::default();
+        composed.writes =
+            compose_writes::compose_items(&self.store, ctx, items, &mut counts).await?;
         let batch = ImportBatch {
             objects,
             composed: Some(composed),
@@ -742,11 +746,11 @@ fn report_duplicates(
     }
 }
 
-impl From<compose::ComposeError> for RunFailure {
-    fn from(e: compose::ComposeError) -> Self {
+impl From<compose_writes::ComposeError> for RunFailure {
+    fn from(e: compose_writes::ComposeError) -> Self {
         match e {
-            compose::ComposeError::NotActive => RunFailure::NotActive,
-            compose::ComposeError::Store(s) => RunFailure::Store(s),
+            compose_writes::ComposeError::NotActive => RunFailure::NotActive,
+            compose_writes::ComposeError::Store(s) => RunFailure::Store(s),
         }
     }
 }

@@ -14,7 +14,7 @@ use crate::api::{audit_action, rfc3339, store_problem, AppState, Caller, RouteSp
 use crate::auth::{Permission, Principal};
 use crate::problem::{JsonBody, Problem};
 use crate::store::{now_ms, ConnectorRow};
-use crate::sync::composer::ConnectorRules;
+use crate::sync::compose_rules::ConnectorRules;
 use crate::sync::source::entrusts_secret;
 use crate::sync::source::Source;
 use crate::sync::source::SourceConfig;

@@ -2,7 +2,7 @@
 //! touched identity from all its contributions, and write identities, links, join keys, audit
 //! entries and the "composed" marks in one fenced transaction per chunk.
 //!
-//! Decisions are the pure functions of [`super::composer`]; this module only looks things up
+//! Decisions are the pure functions of [`super::compose_rules`]; this module only looks things up
 //! and keeps an overlay of what the current chunk already changed, so an object later in the
 //! chunk sees an identity created or re-keyed earlier in it.
 
@@ -14,7 +14,7 @@ use tokio::sync::Mutex;
 use identitymesh_connectors::model::{Attributes, ConnectorObject, Value};
 use serde::{Deserialize, Serialize};
 
-use super::composer::{self, CompiledRules, Contribution, JoinDecision, MergedIdentity};
+use super::compose_rules::{self, CompiledRules, Contribution, JoinDecision, MergedIdentity};
 use crate::engine::Engine;
 use crate::store::{
     now_ms, AuditEntry, ComposeWrite, DirtyObject, IdentityRow, LinkRow, Store, StoreError,
@@ -419,7 +419,7 @@ fn keys_of(m: &MergedIdentity, key_attributes: &BTreeSet<String>) -> Vec<(String
         for v in m.attributes.get(attr).into_iter().flatten() {
             if let Value::Text(t) = v {
                 if !t.is_empty() {
-                    keys.push((attr.clone(), composer::join_value(t)));
+                    keys.push((attr.clone(), compose_rules::join_value(t)));
                 }
             }
         }
@@ -429,7 +429,7 @@ fn keys_of(m: &MergedIdentity, key_attributes: &BTreeSet<String>) -> Vec<(String
     keys
 }
 
-fn contributions(links: &[LinkRow]) -> Vec<composer::SourceContribution> {
+fn contributions(links: &[LinkRow]) -> Vec<compose_rules::SourceContribution> {
     links
         .iter()
         .map(|l| {
@@ -529,7 +529,7 @@ async fn compose_one(
                 }
                 per_rule.push(free);
             }
-            match composer::decide(None, &per_rule, ctx.rules.project(&object_type)) {
+            match compose_rules::decide(None, &per_rule, ctx.rules.project(&object_type)) {
                 JoinDecision::Join(id) | JoinDecision::Linked(id) => id,
                 JoinDecision::Project => {
                     // A fresh id: known absent, so nothing is looked up for it. Time-ordered
@@ -632,7 +632,7 @@ async fn apply(
         }
         return Ok(());
     }
-    let merged = composer::merge(&contributions(&links));
+    let merged = compose_rules::merge(&contributions(&links));
     let row = IdentityRow {
         id: identity_id.to_string(),
         display_name: display_name(&merged, identity_id),
@@ -694,7 +694,7 @@ fn audit(
         "run": ctx.run_id,
         "connector": ctx.connector_id,
         "anchor": anchor,
-        "changes": composer::diff(before, after),
+        "changes": compose_rules::diff(before, after),
     });
     ComposeWrite::Audit(AuditEntry {
         at_ms: now,
