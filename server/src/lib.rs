@@ -16,6 +16,8 @@ pub mod serve;
 pub mod session;
 pub mod store;
 pub mod sync;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod tls;
 pub mod ui;
 #[cfg(windows)]

@@ -506,10 +506,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::api::router;
     use crate::auth::{hash_token, Authenticator};
-    use crate::config::EngineConfig;
-    use crate::engine::Engine;
-    use crate::store::sqlite::SqliteStore;
-    use crate::store::Store;
+
     use axum::body::Body;
     use axum::http::Request;
     use identitymesh_keyring::KeyRing;
@@ -527,29 +524,13 @@ pub(crate) mod tests {
         ring: &KeyRing,
         oidc: Option<crate::config::OidcConfig>,
     ) -> (tempfile::TempDir, Router) {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> =
-            Arc::new(SqliteStore::open(&dir.path().join("im.db")).await.unwrap());
-        store.migrate().await.unwrap();
+        let p = crate::testing::parts("t").await;
         let auth = Authenticator::new(Some(hash_token(TOKEN)), oidc)
             .await
             .unwrap();
-        let engine = Engine::new(
-            store.clone(),
-            "t".into(),
-            "h".into(),
-            "1".into(),
-            EngineConfig::default(),
-        );
-        let st = AppState {
-            engine,
-            auth,
-            licence_file: None,
-            hub: None,
-            sync: None,
-            sessions: Some(Arc::new(Sessions::new(ring, 1800, 43_200, true).unwrap())),
-        };
-        (dir, router(st))
+        let sessions = Arc::new(Sessions::new(ring, 1800, 43_200, true).unwrap());
+        let st = p.state(auth, ring.clone(), Some(sessions));
+        (p.dir, router(st))
     }
 
     pub struct Answer {

@@ -4,8 +4,6 @@
 use super::openapi::openapi_document;
 use super::*;
 use crate::auth::testing::TestIssuer;
-use crate::config::EngineConfig;
-use crate::store::sqlite::SqliteStore;
 use crate::store::Store;
 use axum::body::Body;
 use axum::http::Request;
@@ -18,42 +16,15 @@ async fn app() -> (tempfile::TempDir, Router, TestIssuer) {
 
 /// As [`app`], with the store behind it, for tests that put rows there first.
 async fn app_with_store() -> (tempfile::TempDir, Router, TestIssuer, Arc<dyn Store>) {
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> =
-        Arc::new(SqliteStore::open(&dir.path().join("im.db")).await.unwrap());
-    store.migrate().await.unwrap();
+    let p = crate::testing::parts("t").await;
     let issuer = TestIssuer::new();
-    let jwks = dir.path().join("jwks.json");
+    let jwks = p.dir.path().join("jwks.json");
     std::fs::write(&jwks, &issuer.jwks_json).unwrap();
     let auth = Authenticator::new(None, Some(issuer.config(jwks)))
         .await
         .unwrap();
-    let engine = Engine::new(
-        store.clone(),
-        "t".into(),
-        "h".into(),
-        "1".into(),
-        EngineConfig::default(),
-    );
-    // A real sync engine, so a request a permission must not reach is refused by its
-    // handler, not stopped by a missing engine.
-    let secrets =
-        crate::secrets::Secrets::new(store.clone(), identitymesh_keyring::KeyRing::generate());
-    let sync = crate::sync::runner::SyncEngine::new(
-        engine.clone(),
-        secrets,
-        None,
-        identitymesh_connectors::roots::DropRoots::default(),
-    );
-    let st = AppState {
-        engine,
-        auth,
-        licence_file: None,
-        hub: None,
-        sync: Some(sync),
-        sessions: None,
-    };
-    (dir, router(st), issuer, store)
+    let st = p.state(auth, identitymesh_keyring::KeyRing::generate(), None);
+    (p.dir, router(st), issuer, p.store)
 }
 
 async fn call(app: &Router, method: &str, path: &str, token: Option<&str>) -> StatusCode {

@@ -92,9 +92,8 @@ pub async fn run_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::EngineConfig;
-    use crate::store::sqlite::SqliteStore;
-    use crate::store::{AuditEntry, Store};
+
+    use crate::store::AuditEntry;
 
     #[test]
     fn zero_days_keeps_a_table_for_ever() {
@@ -116,17 +115,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_pass_deletes_old_rows_in_batches_and_only_on_the_active() {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> =
-            Arc::new(SqliteStore::open(&dir.path().join("im.db")).await.unwrap());
-        store.migrate().await.unwrap();
-        let engine = Engine::new(
-            store.clone(),
-            "a".into(),
-            "h".into(),
-            "1".into(),
-            EngineConfig::default(),
-        );
+        let crate::testing::Parts {
+            dir: _dir,
+            store,
+            engine,
+        } = crate::testing::parts("a").await;
         let now = 1_000 * DAY_MS;
         let old = BATCH as usize + 7;
         for i in 0..old {

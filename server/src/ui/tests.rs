@@ -8,12 +8,11 @@ use axum::http::{Request, StatusCode};
 use axum::Router;
 use tower::ServiceExt;
 
-use crate::api::{router, AppState};
+use crate::api::router;
 use crate::auth::{hash_token, Authenticator, Permission, Principal};
 use crate::config::EngineConfig;
 use crate::engine::Engine;
 use crate::session::{SessionData, Sessions, SESSION_COOKIE};
-use crate::store::sqlite::SqliteStore;
 use crate::store::Store;
 
 const TOKEN: &str = "imb_0123456789abcdef";
@@ -27,46 +26,22 @@ struct App {
 }
 
 async fn app(active: bool) -> App {
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> =
-        Arc::new(SqliteStore::open(&dir.path().join("im.db")).await.unwrap());
-    store.migrate().await.unwrap();
+    let p = crate::testing::parts("im-a").await;
+    if active {
+        p.engine.promote(1, "test").await.unwrap();
+    }
     let auth = Authenticator::new(Some(hash_token(TOKEN)), None)
         .await
         .unwrap();
-    let engine = Engine::new(
-        store.clone(),
-        "im-a".into(),
-        "host-a".into(),
-        "1.2.3".into(),
-        EngineConfig::default(),
-    );
-    if active {
-        engine.promote(1, "test").await.unwrap();
-    }
     let ring = identitymesh_keyring::KeyRing::generate();
     let sessions = Arc::new(Sessions::new(&ring, 1800, 43_200, true).unwrap());
-    let secrets = crate::secrets::Secrets::new(store.clone(), ring);
-    let sync = crate::sync::runner::SyncEngine::new(
-        engine.clone(),
-        secrets,
-        None,
-        identitymesh_connectors::roots::DropRoots::default(),
-    );
-    let st = AppState {
-        engine: engine.clone(),
-        auth,
-        licence_file: None,
-        hub: None,
-        sync: Some(sync),
-        sessions: Some(sessions.clone()),
-    };
+    let st = p.state(auth, ring, Some(sessions.clone()));
     App {
-        _dir: dir,
+        _dir: p.dir,
         router: router(st.clone()),
         internal: crate::api::internal_router(st),
         sessions,
-        store,
+        store: p.store,
     }
 }
 

@@ -4,43 +4,23 @@
 use axum::extract::{Path, Query};
 use axum::response::Response;
 use maud::html;
-use serde::Deserialize;
 
-use super::connector_link;
+use super::{connector_link, Paging};
 use crate::ui::layout::{self, json_block, text, values, when};
 use crate::ui::{enc, Ctx};
 
-#[derive(Deserialize)]
-pub struct ListQuery {
-    search: Option<String>,
-    after: Option<String>,
-}
-
 pub async fn list(
     ctx: Ctx,
-    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+    q: Result<Query<Paging>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    let (search, after) = q
-        .map(|Query(q)| (q.search.unwrap_or_default(), q.after.unwrap_or_default()))
-        .unwrap_or_default();
-    let mut path = "/api/identities?limit=50".to_string();
-    if !search.is_empty() {
-        path.push_str(&format!("&search={}", enc(&search)));
-    }
-    if !after.is_empty() {
-        path.push_str(&format!("&after={}", enc(&after)));
-    }
-    let v = match ctx.get(&path).await {
+    let paging = Paging::of(q);
+    let v = match ctx.get(&paging.api_path("/api/identities?limit=50")).await {
         Ok(v) => v,
         Err(r) => return layout::refused(&ctx, "/identities", "Identities", r),
     };
     let items = v["items"].as_array().cloned().unwrap_or_default();
     let body = html! {
-        form.search method="get" action="/identities" role="search" {
-            label for="i-search" { "Search" }
-            input id="i-search" type="search" name="search" value=(search) placeholder="part of the name, or an identity id";
-            button type="submit" { "Search" }
-        }
+        (paging.form("/identities", "i-search", "part of the name, or an identity id"))
         p.lead { (text(&v["total"])) " identities in all." }
         @if items.is_empty() {
             p.empty { "No identity matches." }
@@ -58,9 +38,7 @@ pub async fn list(
                 }
             }
         }
-        @if let Some(next) = v["next"].as_str() {
-            p { a rel="next" href={ "/identities?search=" (enc(&search)) "&after=" (enc(next)) } { "Next page" } }
-        }
+        (paging.next_link("/identities", v["next"].as_str()))
     };
     layout::page(&ctx, "/identities", "Identities", body)
 }

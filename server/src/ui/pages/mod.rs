@@ -15,8 +15,9 @@ pub mod space;
 use std::collections::BTreeMap;
 
 use maud::{html, Markup};
+use serde::Deserialize;
 
-use super::{Ctx, Refusal};
+use super::{enc, Ctx, Refusal};
 
 impl Ctx {
     /// Connector id → name, for pages that show connector ids.
@@ -42,6 +43,56 @@ pub fn connector_link(names: &BTreeMap<String, String>, id: &str) -> Markup {
         @match names.get(id) {
             Some(n) => a href={ "/connectors/" (super::enc(id)) } { (n) },
             None => code { (id) },
+        }
+    }
+}
+
+/// `?search=&after=` of a searched, paged list page.
+#[derive(Deserialize, Default)]
+pub struct Paging {
+    #[serde(default)]
+    search: String,
+    #[serde(default)]
+    after: String,
+}
+
+impl Paging {
+    /// The page's query, or none (an unreadable query shows the first page).
+    pub fn of(
+        q: Result<axum::extract::Query<Paging>, axum::extract::rejection::QueryRejection>,
+    ) -> Paging {
+        q.map(|axum::extract::Query(p)| p).unwrap_or_default()
+    }
+
+    /// `api` (which already has `?limit=`) with this page's search and position.
+    pub fn api_path(&self, api: &str) -> String {
+        let mut path = api.to_string();
+        if !self.search.is_empty() {
+            path.push_str(&format!("&search={}", enc(&self.search)));
+        }
+        if !self.after.is_empty() {
+            path.push_str(&format!("&after={}", enc(&self.after)));
+        }
+        path
+    }
+
+    /// The search box, posting back to `action`.
+    pub fn form(&self, action: &str, id: &str, placeholder: &str) -> Markup {
+        html! {
+            form.search method="get" action=(action) role="search" {
+                label for=(id) { "Search" }
+                input id=(id) type="search" name="search" value=(self.search) placeholder=(placeholder);
+                button type="submit" { "Search" }
+            }
+        }
+    }
+
+    /// "Next page" when the API named a next position.
+    pub fn next_link(&self, action: &str, next: Option<&str>) -> Markup {
+        html! {
+            @if let Some(next) = next {
+                p { a rel="next" href={ (action) "?search=" (enc(&self.search)) "&after=" (enc(next)) } { "Next page" } }
+            }
         }
     }
 }

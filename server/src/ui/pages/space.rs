@@ -4,35 +4,21 @@
 use axum::extract::{Path, Query};
 use axum::response::Response;
 use maud::html;
-use serde::Deserialize;
 
+use super::Paging;
 use crate::ui::layout::{self, badge, text};
 use crate::ui::{enc, Ctx};
-
-#[derive(Deserialize)]
-pub struct ListQuery {
-    search: Option<String>,
-    after: Option<String>,
-}
 
 pub async fn list(
     ctx: Ctx,
     Path(id): Path<String>,
-    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+    q: Result<Query<Paging>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    let (search, after) = q
-        .map(|Query(q)| (q.search.unwrap_or_default(), q.after.unwrap_or_default()))
-        .unwrap_or_default();
+    let paging = Paging::of(q);
     let names = ctx.connector_names().await.unwrap_or_default();
     let name = names.get(&id).cloned().unwrap_or_else(|| id.clone());
     let title = format!("Connector space of {name}");
-    let mut path = format!("/api/connectors/{}/objects?limit=50", enc(&id));
-    if !search.is_empty() {
-        path.push_str(&format!("&search={}", enc(&search)));
-    }
-    if !after.is_empty() {
-        path.push_str(&format!("&after={}", enc(&after)));
-    }
+    let path = paging.api_path(&format!("/api/connectors/{}/objects?limit=50", enc(&id)));
     let v = match ctx.get(&path).await {
         Ok(v) => v,
         Err(r) => return layout::refused(&ctx, "/connectors", &title, r),
@@ -41,11 +27,7 @@ pub async fn list(
     let base = format!("/connectors/{}/objects", enc(&id));
     let body = html! {
         p { a href={ "/connectors/" (enc(&id)) } { "Back to the connector" } }
-        form.search method="get" action=(base) role="search" {
-            label for="o-search" { "Search" }
-            input id="o-search" type="search" name="search" value=(search) placeholder="part of a DN or of an attribute value";
-            button type="submit" { "Search" }
-        }
+        (paging.form(&base, "o-search", "part of a DN or of an attribute value"))
         p.lead { (text(&v["total"])) " objects in this connector space." }
         @if items.is_empty() {
             p.empty { "No object matches." }
@@ -68,9 +50,7 @@ pub async fn list(
                 }
             }
         }
-        @if let Some(next) = v["next_after"].as_str() {
-            p { a rel="next" href={ (base) "?search=" (enc(&search)) "&after=" (enc(next)) } { "Next page" } }
-        }
+        (paging.next_link(&base, v["next_after"].as_str()))
     };
     layout::page(&ctx, "/connectors", &title, body)
 }
