@@ -91,14 +91,18 @@ fn artifacts(who: &str) -> PathBuf {
 /// server's permissions as the client's roles, granted through the groups, and a mapper that
 /// puts the user's roles of this client into the `permissions` claim of the ID token.
 fn realm(redirect: &str) -> Value {
-    let user = |name: &str, group: &str| {
-        json!({
-            "username": name, "enabled": true, "emailVerified": true,
-            "firstName": name, "lastName": "Operator", "email": format!("{name}@example.org"),
-            "groups": [format!("/{group}")], "requiredActions": [],
-            "credentials": [{"type": "password", "value": format!("{name}-pw"), "temporary": false}]
-        })
-    };
+    use identitymesh_test_support::keycloak::realm::{ui_client, user};
+    let permissions = json!([{
+        "name": "permissions",
+        "protocol": "openid-connect",
+        "protocolMapper": "oidc-usermodel-client-role-mapper",
+        "config": {
+            "usermodel.clientRoleMapping.clientId": CLIENT,
+            "claim.name": "permissions", "multivalued": "true", "jsonType.label": "String",
+            "id.token.claim": "true", "access.token.claim": "true",
+            "userinfo.token.claim": "true"
+        }
+    }]);
     json!({
         "realm": REALM,
         "enabled": true,
@@ -108,28 +112,7 @@ fn realm(redirect: &str) -> Value {
             {"name": "im-viewers", "clientRoles": {CLIENT: VIEWER_PERMISSIONS}}
         ],
         "users": [user("alice", "im-admins"), user("bob", "im-viewers")],
-        "clients": [{
-            "clientId": CLIENT,
-            "enabled": true,
-            "publicClient": false,
-            "clientAuthenticatorType": "client-secret",
-            "secret": CLIENT_SECRET,
-            "standardFlowEnabled": true,
-            "directAccessGrantsEnabled": false,
-            "redirectUris": [redirect],
-            "attributes": {"pkce.code.challenge.method": "S256"},
-            "protocolMappers": [{
-                "name": "permissions",
-                "protocol": "openid-connect",
-                "protocolMapper": "oidc-usermodel-client-role-mapper",
-                "config": {
-                    "usermodel.clientRoleMapping.clientId": CLIENT,
-                    "claim.name": "permissions", "multivalued": "true", "jsonType.label": "String",
-                    "id.token.claim": "true", "access.token.claim": "true",
-                    "userinfo.token.claim": "true"
-                }
-            }]
-        }]
+        "clients": [ui_client(CLIENT, CLIENT_SECRET, &[redirect.to_string()], permissions)]
     })
 }
 

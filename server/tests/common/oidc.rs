@@ -27,39 +27,20 @@ pub const ROLE_PERMISSIONS: &[(&str, &[&str])] = &[
 /// password `<name>-pw`, and the confidential UI client (code flow with S256 PKCE, a groups
 /// claim) allowed to redirect to `redirects`.
 pub fn realm(redirects: &[String]) -> serde_json::Value {
-    let user = |name: &str, group: &str| {
-        json!({
-            "username": name, "enabled": true, "emailVerified": true,
-            "firstName": name, "lastName": "Operator", "email": format!("{name}@example.org"),
-            "groups": [format!("/{group}")], "requiredActions": [],
-            "credentials": [{"type": "password", "value": format!("{name}-pw"), "temporary": false}]
-        })
-    };
+    use identitymesh_test_support::keycloak::realm::{ui_client, user};
+    let groups = json!([{
+        "name": "groups",
+        "protocol": "openid-connect",
+        "protocolMapper": "oidc-group-membership-mapper",
+        "config": {"claim.name": "groups", "full.path": "false", "id.token.claim": "true",
+                   "access.token.claim": "true", "userinfo.token.claim": "true"}
+    }]);
     json!({
         "realm": REALM,
         "enabled": true,
         "groups": [{"name": "im-admins"}, {"name": "im-viewers"}],
         "users": [user("alice", "im-admins"), user("bob", "im-viewers")],
-        "clients": [{
-            "clientId": CLIENT,
-            "enabled": true,
-            "publicClient": false,
-            "clientAuthenticatorType": "client-secret",
-            "secret": CLIENT_SECRET,
-            "standardFlowEnabled": true,
-            "directAccessGrantsEnabled": false,
-            "redirectUris": redirects,
-            // Sign-out at Keycloak comes back to the server's sign-in page.
-            "attributes": {"pkce.code.challenge.method": "S256",
-                           "post.logout.redirect.uris": "https://127.0.0.1:*"},
-            "protocolMappers": [{
-                "name": "groups",
-                "protocol": "openid-connect",
-                "protocolMapper": "oidc-group-membership-mapper",
-                "config": {"claim.name": "groups", "full.path": "false", "id.token.claim": "true",
-                           "access.token.claim": "true", "userinfo.token.claim": "true"}
-            }]
-        }]
+        "clients": [ui_client(CLIENT, CLIENT_SECRET, redirects, groups)]
     })
 }
 

@@ -16,6 +16,7 @@
 mod admin;
 mod dist;
 mod ldap;
+pub mod realm;
 mod server;
 
 pub use admin::{Admin, SyncResult};
