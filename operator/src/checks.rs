@@ -140,6 +140,12 @@ pub fn relays_condition(active: &str, r: Result<&RelayReport, &PodClientError>) 
 /// RelaysReconnected when the active is not asked: None keeps the condition as it is (a
 /// cutover is moving the relays; the next steady reconcile reports them).
 pub fn relays_not_asked(active: Option<&str>, cutover_running: bool) -> Option<CondValue> {
+    not_asked("relays", active, cutover_running)
+}
+
+/// A per-reconcile check of the active that was not made: kept while a cutover runs, else
+/// Unknown saying whether there is no active or it does not answer.
+fn not_asked(what: &str, active: Option<&str>, cutover_running: bool) -> Option<CondValue> {
     if cutover_running {
         return None;
     }
@@ -148,7 +154,7 @@ pub fn relays_not_asked(active: Option<&str>, cutover_running: bool) -> Option<C
         Some(a) => CondValue::new(
             "Unknown",
             "ActiveUnreachable",
-            format!("relays not checked: the internal API of active {a} does not answer"),
+            format!("{what} not checked: the internal API of active {a} does not answer"),
         ),
     })
 }
@@ -212,17 +218,7 @@ pub fn admin_ui_condition(active: &str, r: Result<&UiReport, &PodClientError>) -
 
 /// AdminUiReady when the active is not asked (None: keep it while a cutover runs).
 pub fn admin_ui_not_asked(active: Option<&str>, cutover_running: bool) -> Option<CondValue> {
-    if cutover_running {
-        return None;
-    }
-    Some(match active {
-        None => CondValue::new("Unknown", "NotChecked", "no active instance yet".into()),
-        Some(a) => CondValue::new(
-            "Unknown",
-            "ActiveUnreachable",
-            format!("Admin UI not checked: the internal API of active {a} does not answer"),
-        ),
-    })
+    not_asked("Admin UI", active, cutover_running)
 }
 
 // --------------------------------------------------------------------------------- canary
@@ -494,6 +490,10 @@ mod tests {
         let c = admin_ui_condition("im-a", Err(&transport()));
         assert_eq!((c.status, c.reason), ("Unknown", "ActiveUnreachable"));
         assert_eq!(admin_ui_not_asked(Some("im-a"), true), None);
+        assert_eq!(
+            admin_ui_not_asked(Some("im-a"), false).map(|c| c.message),
+            Some("Admin UI not checked: the internal API of active im-a does not answer".into())
+        );
     }
 
     #[test]
