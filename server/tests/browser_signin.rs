@@ -28,16 +28,14 @@ use identitymesh_test_support::keycloak::{GroupMapper, LdapFederation, Options};
 use serde_json::json;
 
 /// The groups' permissions here: admins may also edit connectors, viewers only read.
+const ADMIN_PERMISSIONS: &[&str] = &[
+    "dashboard.read",
+    "connectors.write",
+    "schedules.manage",
+    "relays.manage",
+];
 const ROLES: &[(&str, &[&str])] = &[
-    (
-        "im-admins",
-        &[
-            "dashboard.read",
-            "connectors.write",
-            "schedules.manage",
-            "relays.manage",
-        ],
-    ),
+    ("im-admins", ADMIN_PERMISSIONS),
     ("im-viewers", &["dashboard.read"]),
 ];
 
@@ -115,12 +113,7 @@ async fn sign_in_in_chromium_and_the_session_survives_a_failover() {
     assert_eq!(s.json["name"], "alice Operator", "{}", s.body);
     assert_eq!(
         s.json["permissions"],
-        json!([
-            "dashboard.read",
-            "connectors.write",
-            "schedules.manage",
-            "relays.manage"
-        ]),
+        json!(ADMIN_PERMISSIONS),
         "{}",
         s.body
     );
@@ -307,12 +300,7 @@ async fn sign_in_with_a_directory_account_federated_from_slapd() {
     assert_eq!(s.json["name"], "Alice Directory", "{}", s.body);
     assert_eq!(
         s.json["permissions"],
-        json!([
-            "dashboard.read",
-            "connectors.write",
-            "schedules.manage",
-            "relays.manage"
-        ]),
+        json!(ADMIN_PERMISSIONS),
         "{}",
         s.body
     );
