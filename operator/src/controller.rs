@@ -2117,4 +2117,6 @@ fn display(pod: &str) -> &str {
 
 mod canary;
 #[cfg(test)]
+mod fakes;
+#[cfg(test)]
 mod tests;
