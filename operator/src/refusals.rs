@@ -388,7 +388,7 @@ mod tests {
         assert_eq!(m, "422 Invalid: Pod \"im-a\" is invalid: spec.tolerations[0].operator: Invalid value: \"Exists\": value must be empty when `operator` is 'Exists'");
         assert!(!m.contains("Status {"), "{m}");
         // The controller's error Display goes through it too.
-        let err = crate::controller::Error::Kube(e);
+        let err = crate::controller::Error::ApplyObject(e);
         assert!(!err.to_string().contains("Status {"), "{err}");
         assert!(err.to_string().contains("value must be empty"), "{err}");
     }

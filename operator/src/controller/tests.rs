@@ -6,9 +6,14 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use super::driver::STEADY_REQUEUE;
 use super::fakes::{put, selector_of, Fake, Harness, Store};
+use super::status::{POD_START_CONDITION, SPEC_REJECTED_CONDITION};
 use super::*;
-use crate::podclient::{CanaryReport, CanaryRun, RelayReport, UiReport};
+use crate::builders::ANNOTATION_SWITCHOVER;
+use crate::crd::Role;
+use crate::podclient::{CanaryReport, CanaryRun, InstanceRow, RelayReport, UiReport};
+use crate::{certs, observe};
 
 // ------------------------------------------------------------------------------- tests
 
