@@ -1,4 +1,4 @@
-//! Prometheus metrics: cutovers by kind, cutover duration, reconcile errors.
+//! Prometheus metrics: cutovers by kind, cutover duration, reconcile errors by reason and step.
 
 use std::sync::Arc;
 
@@ -16,6 +16,8 @@ pub struct KindLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabel {
     pub reason: String,
+    /// The reconcile step that failed (`controller::Error::step`).
+    pub step: String,
 }
 
 fn duration_histogram() -> Histogram {
@@ -56,7 +58,7 @@ impl Metrics {
         );
         r.register(
             "reconcile_errors",
-            "Reconcile errors by reason",
+            "Reconcile errors by reason and failed step",
             reconcile_errors.clone(),
         );
         r.register("reconciles", "Reconcile runs", reconciles.clone());
@@ -77,10 +79,11 @@ impl Metrics {
         self.cutover_duration.get_or_create(&l).observe(seconds);
     }
 
-    pub fn reconcile_error(&self, reason: &str) {
+    pub fn reconcile_error(&self, reason: &str, step: &str) {
         self.reconcile_errors
             .get_or_create(&ErrorLabel {
                 reason: reason.to_string(),
+                step: step.to_string(),
             })
             .inc();
     }
@@ -128,7 +131,7 @@ mod tests {
         let m = Metrics::new();
         m.cutover_finished("Switchover", 1.2);
         m.cutover_finished("Failover", 4.0);
-        m.reconcile_error("Kube");
+        m.reconcile_error("Kube", "read_secret");
         let out = m.render();
         assert!(
             out.contains("identitymesh_operator_cutovers_total{kind=\"Switchover\"} 1"),
@@ -139,7 +142,9 @@ mod tests {
             "{out}"
         );
         assert!(
-            out.contains("identitymesh_operator_reconcile_errors_total{reason=\"Kube\"} 1"),
+            out.contains(
+                "identitymesh_operator_reconcile_errors_total{reason=\"Kube\",step=\"read_secret\"} 1"
+            ),
             "{out}"
         );
     }

@@ -139,7 +139,7 @@ pub fn error_policy(
     err: &Error,
     ctx: Arc<Context>,
 ) -> ReconcileAction {
-    ctx.metrics.reconcile_error(err.metric_reason());
+    ctx.metrics.reconcile_error(err.metric_reason(), err.step());
     let key = format!("{}/{}", imc.namespace().unwrap_or_default(), imc.name_any());
     let attempts = match ctx.failures.lock() {
         Ok(mut m) => {
@@ -150,7 +150,13 @@ pub fn error_policy(
         Err(_) => 1,
     };
     let delay = refusals::backoff(attempts);
-    tracing::warn!(error = %err, attempts, retry_in_s = delay.as_secs(), "reconcile failed");
+    tracing::warn!(
+        error = %err,
+        step = err.step(),
+        attempts,
+        retry_in_s = delay.as_secs(),
+        "reconcile failed"
+    );
     ReconcileAction::requeue(delay)
 }
 

@@ -1536,6 +1536,32 @@ async fn failed_reconciles_back_off() {
     );
 }
 
+/// A failed reconcile is counted under the step that failed, and the reason it always had.
+#[tokio::test]
+async fn failed_reconciles_are_counted_by_step() {
+    let h = Harness::new(true);
+    let imc = Arc::new(h.cluster());
+    let gone = || {
+        let s: kube::core::Status = serde_json::from_value(json!({
+            "status": "Failure", "code": 503, "reason": "ServiceUnavailable", "message": "etcd"
+        }))
+        .expect("status");
+        kube::Error::Api(Box::new(s))
+    };
+    error_policy(imc.clone(), &Error::ReadSecret(gone()), h.ctx.clone());
+    let wrapped = Error::Finalizer(Box::new(kube::runtime::finalizer::Error::ApplyFailed(
+        Error::Conflict("im".into()),
+    )));
+    error_policy(imc, &wrapped, h.ctx.clone());
+    let out = h.ctx.metrics.render();
+    for line in [
+        r#"identitymesh_operator_reconcile_errors_total{reason="Kube",step="read_secret"} 1"#,
+        r#"identitymesh_operator_reconcile_errors_total{reason="Conflict",step="write_status"} 1"#,
+    ] {
+        assert!(out.contains(line), "{line} not in {out}");
+    }
+}
+
 /// The kubelet's part for pods that cannot start: the server container waits with `reason`.
 fn kubelet_waiting(h: &Harness, reason: &str, message: &str) {
     let mut s = h.store.lock().expect("store");
