@@ -2,8 +2,9 @@
 //! write is conditional on the resourceVersion this reconcile builds on, and our own write
 //! becomes the version later writes build on.
 
-use kube::api::{Api, Patch, PatchParams, PostParams};
 use std::sync::Arc;
+
+use kube::api::{Api, Patch, PatchParams, PostParams};
 
 use super::status::{self, Inputs, Steps, SWITCHOVER_CONDITION};
 use super::{Error, Reconciler};
