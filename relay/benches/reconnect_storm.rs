@@ -441,15 +441,11 @@ fn main() {
     let tmp = tempfile::tempdir().unwrap();
     let mut trust = Trust::PublicRoots;
     if tls {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec![HOST.to_string()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
-        std::fs::write(tmp.path().join("cert.der"), cert.der()).unwrap();
-        std::fs::write(tmp.path().join("key.der"), key.serialize_der()).unwrap();
+        let leaf = identitymesh_test_support::pki::self_signed(&[HOST]).unwrap();
+        std::fs::write(tmp.path().join("cert.der"), &leaf.cert_der).unwrap();
+        std::fs::write(tmp.path().join("key.der"), &leaf.key_der).unwrap();
         // Self-signed leaf as its own trust anchor stands in for the cluster CA here.
-        trust = Trust::Ca(vec![cert.der().clone()]);
+        trust = Trust::Ca(vec![leaf.cert_der.into()]);
     }
     let tls_dir = tls.then(|| tmp.path().to_path_buf());
     let scheme = if tls { "https" } else { "http" };

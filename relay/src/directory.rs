@@ -34,10 +34,7 @@ use tokio::sync::mpsc;
 
 use crate::handlers::{HandlerRegistry, ItemSink};
 
-/// The hub method names (the server's `RELAY_IMPORT_METHOD` / `RELAY_TEST_METHOD`).
-pub const IMPORT_METHOD: &str = "DirectoryImport";
-pub const TEST_METHOD: &str = "DirectoryTest";
-pub const CHECK_FOLDER_METHOD: &str = "DirectoryCheckFolder";
+use identitymesh_contract::hub::{DIRECTORY_CHECK_FOLDER, DIRECTORY_IMPORT, DIRECTORY_TEST};
 
 /// Pages buffered between the connector and the hub connection.
 pub const PAGE_CHANNEL: usize = 2;
@@ -55,15 +52,15 @@ pub fn csv_roots(paths: &[PathBuf]) -> DropRoots {
 pub fn register(registry: &mut HandlerRegistry, csv_roots: DropRoots) {
     let roots = Arc::new(csv_roots);
     let r = roots.clone();
-    registry.register(IMPORT_METHOD, move |args, sink| {
+    registry.register(DIRECTORY_IMPORT, move |args, sink| {
         directory_import(args, sink, r.clone())
     });
     let r = roots.clone();
-    registry.register(TEST_METHOD, move |args, sink| {
+    registry.register(DIRECTORY_TEST, move |args, sink| {
         directory_test(args, sink, r.clone())
     });
     registry.register(
-        CHECK_FOLDER_METHOD,
+        DIRECTORY_CHECK_FOLDER,
         move |args: Vec<Value>, _sink: ItemSink| {
             let roots = roots.clone();
             async move { check_folder(&args, &roots) }
@@ -73,10 +70,10 @@ pub fn register(registry: &mut HandlerRegistry, csv_roots: DropRoots) {
 
 /// `DirectoryCheckFolder(folder)`: where `folder` resolves inside the drop roots, or why not.
 pub fn check_folder(args: &[Value], csv_roots: &DropRoots) -> Result<Value, String> {
-    check_arity(CHECK_FOLDER_METHOD, args, 1, "folder")?;
+    check_arity(DIRECTORY_CHECK_FOLDER, args, 1, "folder")?;
     let Some(folder) = args[0].as_str() else {
         return Err(format!(
-            "{CHECK_FOLDER_METHOD}: folder must be a string, got {}",
+            "{DIRECTORY_CHECK_FOLDER}: folder must be a string, got {}",
             type_name(&args[0])
         ));
     };
@@ -278,7 +275,7 @@ pub fn parse_connector(v: &Value) -> Result<ConnectorSpec, String> {
 /// `DirectoryImport(connector, objectType, mode)`.
 pub fn parse_import_args(args: &[Value]) -> Result<ImportRequest, String> {
     check_arity(
-        IMPORT_METHOD,
+        DIRECTORY_IMPORT,
         args,
         3,
         "connector, object type, import mode",
@@ -306,7 +303,7 @@ pub fn parse_import_args(args: &[Value]) -> Result<ImportRequest, String> {
 
 /// `DirectoryTest(connector)`.
 pub fn parse_test_args(args: &[Value]) -> Result<ConnectorSpec, String> {
-    check_arity(TEST_METHOD, args, 1, "connector")?;
+    check_arity(DIRECTORY_TEST, args, 1, "connector")?;
     parse_connector(&args[0])
 }
 

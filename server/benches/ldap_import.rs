@@ -44,8 +44,11 @@ use identitymesh_connectors::testing::{
 use identitymesh_test_support::procfs;
 use serde_json::{json, Value};
 
+mod common;
 #[path = "ldap_import/keycloak_peer.rs"]
 mod keycloak_peer;
+
+use common::{arg_value, free_port, loadavg};
 
 const BIN: &str = env!("CARGO_BIN_EXE_identitymesh-server");
 
@@ -62,13 +65,6 @@ const TARGET_RATIO: f64 = 3.0;
 const MEMORY_INDEPENDENT_MAX: f64 = 1.5;
 
 // ---------------------------------------------------------------- arguments
-
-fn arg_value(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-}
 
 fn setting(flag: &str, env: &str) -> Option<String> {
     arg_value(flag).or_else(|| std::env::var(env).ok())
@@ -183,20 +179,6 @@ impl Variant {
 }
 
 // ---------------------------------------------------------------- small helpers
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
-}
 
 fn signal(pid: u32, sig: i32) {
     if let Ok(pid) = i32::try_from(pid) {

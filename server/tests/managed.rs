@@ -222,6 +222,20 @@ async fn promotion_fences_the_old_active() {
     let act: Vec<_> = rows.iter().filter(|r| r["role"] == "active").collect();
     assert_eq!(act.len(), 1, "{rows:?}");
     assert_eq!(act[0]["instance"], "im-b");
+    // ... and reads as the contract's rows, as the operator reads them.
+    let typed: Vec<identitymesh_contract::internal::InstanceRow> =
+        serde_json::from_value(serde_json::Value::Array(rows.clone())).unwrap();
+    let act: Vec<_> = typed
+        .iter()
+        .filter(|r| r.role == identitymesh_contract::internal::Role::Active)
+        .collect();
+    assert_eq!(act.len(), 1, "{typed:?}");
+    assert_eq!(act[0].instance, "im-b");
+    let st: identitymesh_contract::internal::InternalStatus =
+        serde_json::from_value(status(&op, &b).await).unwrap();
+    assert_eq!(st.instance, "im-b");
+    assert_eq!(st.role, identitymesh_contract::internal::Role::Active);
+    assert!(!st.incarnation.is_empty(), "{st:?}");
 
     // Epochs not greater than the stored one are refused, with a problem body.
     for epoch in [1, 2] {

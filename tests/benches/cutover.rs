@@ -13,13 +13,10 @@
 //! come from the bench's own profile dir (`cargo build --release --workspace --bins`) or from
 //! `IDENTITYMESH_BIN_DIR`, e.g. `IDENTITYMESH_BIN_DIR=$CARGO_TARGET_DIR/debug`.
 
-#[path = "../tests/operator_common/mod.rs"]
-mod operator_common;
-
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use operator_common::*;
+use identitymesh_tests::operator_env::*;
 
 const POLL: Duration = Duration::from_millis(50);
 

@@ -1,7 +1,7 @@
 //! etcd, kube-apiserver, kube-controller-manager and kube-scheduler as local processes on
 //! 127.0.0.1 with free ports, plus an admin kubeconfig.
 
-use std::net::{IpAddr, Ipv4Addr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -47,8 +47,7 @@ pub struct ControlPlane {
 
 /// A port that was free a moment ago (bound then released).
 pub fn free_port() -> Result<u16> {
-    let l = TcpListener::bind("127.0.0.1:0").ctx(|| "bind a free port".into())?;
-    Ok(l.local_addr().ctx(|| "read bound port".into())?.port())
+    identitymesh_test_support::net::try_free_port().ctx(|| "bind a free port".into())
 }
 
 fn encode(data: &[u8]) -> String {

@@ -19,6 +19,7 @@ pub mod error;
 pub mod faults;
 pub mod netns;
 pub mod node_agent;
+pub mod operator_env;
 pub mod pki;
 pub mod pod_runtime;
 pub mod probe;

@@ -3,10 +3,8 @@
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose,
-};
+use identitymesh_test_support::pki::TestCa;
+use rcgen::KeyPair;
 
 use crate::error::{IoContext, Result};
 
@@ -32,15 +30,6 @@ fn write(path: &Path, contents: &str) -> Result<()> {
     std::fs::write(path, contents).ctx(|| format!("write {}", path.display()))
 }
 
-fn dn(cn: &str, org: Option<&str>) -> DistinguishedName {
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, cn);
-    if let Some(o) = org {
-        dn.push(DnType::OrganizationName, o);
-    }
-    dn
-}
-
 impl Pki {
     /// Generates a CA, the apiserver serving certificate (valid for loopback, the given extra
     /// addresses and the in-cluster names), an admin client certificate (system:masters) and a
@@ -48,19 +37,7 @@ impl Pki {
     pub fn generate(dir: &Path, extra_ips: &[IpAddr]) -> Result<Pki> {
         std::fs::create_dir_all(dir).ctx(|| format!("create {}", dir.display()))?;
 
-        let ca_key = KeyPair::generate()?;
-        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-        ca_params.distinguished_name = dn("identitymesh-harness-ca", None);
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let ca_cert = ca_params.self_signed(&ca_key)?;
-        let ca_pem = ca_cert.pem();
-        let issuer = Issuer::new(ca_params, &ca_key);
-
+        let ca = TestCa::new("identitymesh-harness-ca")?;
         let mut sans: Vec<String> = vec![
             "127.0.0.1".into(),
             "localhost".into(),
@@ -72,17 +49,9 @@ impl Pki {
             "10.96.0.1".into(),
         ];
         sans.extend(extra_ips.iter().map(|ip| ip.to_string()));
-        let api_key = KeyPair::generate()?;
-        let mut api_params = CertificateParams::new(sans)?;
-        api_params.distinguished_name = dn("kube-apiserver", None);
-        api_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let api_cert = api_params.signed_by(&api_key, &issuer)?;
-
-        let admin_key = KeyPair::generate()?;
-        let mut admin_params = CertificateParams::new(Vec::<String>::new())?;
-        admin_params.distinguished_name = dn("harness-admin", Some("system:masters"));
-        admin_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let admin_cert = admin_params.signed_by(&admin_key, &issuer)?;
+        let sans: Vec<&str> = sans.iter().map(String::as_str).collect();
+        let api = ca.server("kube-apiserver", &sans)?;
+        let admin = ca.client("harness-admin", Some("system:masters"))?;
 
         let sa_key = KeyPair::generate()?;
 
@@ -96,14 +65,14 @@ impl Pki {
             admin_key: dir.join("admin.key"),
             sa_key: dir.join("sa.key"),
             sa_pub: dir.join("sa.pub"),
-            ca_pem,
-            admin_cert_pem: admin_cert.pem(),
-            admin_key_pem: admin_key.serialize_pem(),
+            ca_pem: ca.cert_pem().to_string(),
+            admin_cert_pem: admin.cert_pem,
+            admin_key_pem: admin.key_pem,
         };
         write(&pki.ca_cert, &pki.ca_pem)?;
-        write(&pki.ca_key, &ca_key.serialize_pem())?;
-        write(&pki.apiserver_cert, &api_cert.pem())?;
-        write(&pki.apiserver_key, &api_key.serialize_pem())?;
+        write(&pki.ca_key, &ca.cert().key_pem)?;
+        write(&pki.apiserver_cert, &api.cert_pem)?;
+        write(&pki.apiserver_key, &api.key_pem)?;
         write(&pki.admin_cert, &pki.admin_cert_pem)?;
         write(&pki.admin_key, &pki.admin_key_pem)?;
         write(&pki.sa_key, &sa_key.serialize_pem())?;
@@ -128,36 +97,18 @@ impl LoopbackTls {
     /// certificates' common names.
     pub fn generate(dir: &Path, name: &str) -> Result<LoopbackTls> {
         std::fs::create_dir_all(dir).ctx(|| format!("create {}", dir.display()))?;
-        let ca_key = KeyPair::generate()?;
-        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-        ca_params.distinguished_name = dn(&format!("{name} test CA"), None);
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let ca_cert = ca_params.self_signed(&ca_key)?;
-        let issuer = Issuer::new(ca_params, &ca_key);
-        let key = KeyPair::generate()?;
+        let ca = TestCa::new(&format!("{name} test CA"))?;
         // A string that parses as an IP address becomes an IP SAN.
-        let mut params = CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])?;
-        params.distinguished_name = dn(name, None);
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        let cert = params.signed_by(&key, &issuer)?;
+        let cert = ca.server(name, &["127.0.0.1", "localhost"])?;
         let tls = LoopbackTls {
-            ca_pem: ca_cert.pem(),
+            ca_pem: ca.cert_pem().to_string(),
             ca_cert: dir.join("ca.crt"),
             cert: dir.join("tls.crt"),
             key: dir.join("tls.key"),
         };
         write(&tls.ca_cert, &tls.ca_pem)?;
-        write(&tls.cert, &cert.pem())?;
-        write(&tls.key, &key.serialize_pem())?;
+        write(&tls.cert, &cert.cert_pem)?;
+        write(&tls.key, &cert.key_pem)?;
         Ok(tls)
     }
 }

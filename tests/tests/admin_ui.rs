@@ -39,17 +39,15 @@
 //! tests/browser's npm packages, Keycloak's distribution (fetched with mvn on first use) and
 //! `cargo build --workspace --bins`.
 
-mod operator_common;
-
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use identitymesh_connectors::testing::{Slapd, PEOPLE_BASE, ROOT_DN, ROOT_PASSWORD};
 use identitymesh_test_support::browser::Browser;
 use identitymesh_test_support::keycloak::{Distribution, Https, Keycloak, Options};
+use identitymesh_tests::operator_env::*;
 use identitymesh_tests::pki::LoopbackTls;
 use identitymesh_tests::process::pid_alive;
-use operator_common::*;
 use serde_json::{json, Value};
 
 const REALM: &str = "im";

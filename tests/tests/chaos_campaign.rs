@@ -37,8 +37,6 @@
 //!
 //! Needs root, `cargo xtask tools`, slapd, the sqlite3 CLI and `cargo build --workspace --bins`.
 
-mod operator_common;
-
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -60,12 +58,12 @@ use identitymesh_tests::chaos::history::{
 use identitymesh_tests::chaos::relay::RelayProcess;
 use identitymesh_tests::chaos::report::Report;
 use identitymesh_tests::chaos::schedule::{Action, FaultKind, NodeRole, Schedule, ScheduleConfig};
+use identitymesh_tests::operator_env::*;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::ListParams;
 use kube::runtime::watcher;
 use kube::Api;
-use operator_common::*;
 use serde_json::{json, Value};
 
 /// The default campaign (the test command's): chosen so that its faults cover every enabled

@@ -7,12 +7,10 @@
 //!
 //! Needs root, `cargo xtask tools`, the sqlite3 CLI and `cargo build --workspace --bins`.
 
-mod operator_common;
-
 use std::time::{Duration, Instant};
 
+use identitymesh_tests::operator_env::*;
 use identitymesh_tests::process::pid_alive;
-use operator_common::*;
 
 /// (a): both pods Ready on different Windows nodes, status says who is active, the Service
 /// reaches the active over HTTPS signed by the cluster CA.

@@ -4,11 +4,9 @@
 //!
 //! Needs root, `cargo xtask tools`, the sqlite3 CLI and `cargo build --workspace --bins`.
 
-mod operator_common;
-
 use std::time::{Duration, Instant};
 
-use operator_common::*;
+use identitymesh_tests::operator_env::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn operator_killed_mid_switchover_resumes_with_the_same_epoch() {

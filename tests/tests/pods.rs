@@ -261,15 +261,11 @@ async fn crd_pod_service_and_deletion() {
 
     // HTTPS readiness probe (no certificate verification, as kubelet) against a server whose
     // certificate comes from a secret volume at a Windows path.
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["web-tls".to_string()])
-        .unwrap()
-        .self_signed(&key)
-        .unwrap();
+    let cert = identitymesh_test_support::pki::self_signed(&["web-tls"]).unwrap();
     let secret: Secret = serde_json::from_value(serde_json::json!({
         "apiVersion": "v1", "kind": "Secret",
         "metadata": {"name": "tls"},
-        "stringData": {"tls.crt": cert.pem(), "tls.key": key.serialize_pem()}
+        "stringData": {"tls.crt": cert.cert_pem, "tls.key": cert.key_pem}
     }))
     .unwrap();
     Api::<Secret>::namespaced(cluster.client(), "default")

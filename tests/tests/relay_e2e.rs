@@ -3,13 +3,11 @@
 //! cluster CA), and after a planned switchover and after a kill -9 of the active it is connected
 //! to the new active by itself, with no help from the test.
 
-mod operator_common;
-
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use operator_common::*;
+use identitymesh_tests::operator_env::*;
 use sha2::{Digest, Sha256};
 
 /// The relay process; killed by pid when the test ends.

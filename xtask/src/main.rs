@@ -27,7 +27,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
 
 /// Folders (relative to the workspace root) whose npm dependencies the tests need; `npm ci` (or
 /// `npm install` without a lockfile) runs in each that exists.
-const NPM_DIRS: &[&str] = &["relay/signalr/interop", "tests/browser"];
+const NPM_DIRS: &[&str] = &["crates/signalr/interop", "tests/browser"];
 
 #[derive(Parser)]
 #[command(about = "IdentityMesh project tasks")]

@@ -29,23 +29,13 @@ pub struct Pki {
 
 impl Pki {
     pub fn new() -> Pki {
-        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "IdentityMesh test CA");
-        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-        let key = KeyPair::generate().unwrap();
-        let leaf = CertificateParams::new(vec![HOST.to_string(), "localhost".to_string()])
-            .unwrap()
-            .signed_by(&key, &ca)
-            .unwrap();
+        let ca = identitymesh_test_support::pki::TestCa::new("IdentityMesh test CA").unwrap();
+        let leaf = ca.server(HOST, &[HOST, "localhost"]).unwrap();
         Pki {
-            ca_pem: ca.pem(),
-            ca_der: ca.der().clone(),
-            cert_der: leaf.der().clone(),
-            key_der: key.serialize_der(),
+            ca_pem: ca.cert_pem().to_string(),
+            ca_der: CertificateDer::from(ca.cert().cert_der.clone()),
+            cert_der: CertificateDer::from(leaf.cert_der),
+            key_der: leaf.key_der,
         }
     }
 
@@ -219,12 +209,5 @@ pub fn settings(server: &TlsServer, pki: &Pki, token: &str) -> RelaySettings {
     }
 }
 
-pub async fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let start = std::time::Instant::now();
-    while !f() {
-        if start.elapsed() > timeout {
-            panic!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+#[allow(unused_imports)]
+pub use identitymesh_test_support::wait::wait_until;

@@ -10,13 +10,7 @@ use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_identitymesh-server");
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use identitymesh_test_support::net::free_port;
 
 pub fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
@@ -32,13 +26,17 @@ pub fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-/// `--name N` from the command line, or `default`.
-pub fn arg(name: &str, default: &str) -> String {
+/// `--name N` from the command line.
+pub fn arg_value(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
     args.iter()
         .position(|a| a == name)
         .and_then(|i| args.get(i + 1).cloned())
-        .unwrap_or_else(|| default.to_string())
+}
+
+/// `--name N` from the command line, or `default`.
+pub fn arg(name: &str, default: &str) -> String {
+    arg_value(name).unwrap_or_else(|| default.to_string())
 }
 
 pub struct Server {

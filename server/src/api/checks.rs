@@ -8,7 +8,9 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::{Deserialize, Serialize};
+use identitymesh_contract::internal::{
+    paths, CanaryReport, CanaryRequest, CanaryRun, RelayReport, UiReport,
+};
 
 use crate::api::{store_problem, AppState};
 use crate::problem::Problem;
@@ -23,22 +25,9 @@ const MAX_CANARY_WAIT_MS: u64 = 120_000;
 
 pub fn internal_routes() -> Router<AppState> {
     Router::new()
-        .route("/internal/v1/relays", get(relays))
-        .route("/internal/v1/canary", post(canary))
-        .route("/internal/v1/ui", get(ui))
-}
-
-/// `GET /internal/v1/ui`: does this instance serve the Admin UI's sign-in page, how do
-/// browsers sign in, and does it reach the issuer's discovery document now.
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct UiCheck {
-    /// The status of `GET /signin` rendered by this instance.
-    pub page_status: u16,
-    /// `oidc` (at the provider), `bootstrap` (standalone token) or `none`.
-    pub sign_in: String,
-    /// The discovery document fetched now: `Ok` or why not; absent without OIDC sign-in.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub discovery_error: Option<String>,
+        .route(paths::RELAYS, get(relays))
+        .route(paths::CANARY, post(canary))
+        .route(paths::UI, get(ui))
 }
 
 async fn ui(State(st): State<AppState>) -> Response {
@@ -59,7 +48,7 @@ async fn ui(State(st): State<AppState>) -> Response {
     } else {
         ("none", None)
     };
-    Json(UiCheck {
+    Json(UiReport {
         page_status,
         sign_in: sign_in.into(),
         discovery_error,
@@ -67,21 +56,12 @@ async fn ui(State(st): State<AppState>) -> Response {
     .into_response()
 }
 
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct RelayCheck {
-    /// Relays (by name) that were connected recently and are not revoked.
-    pub expected: Vec<String>,
-    /// Relays with a live hub connection to this instance.
-    pub connected_here: Vec<String>,
-    pub missing: Vec<String>,
-}
-
 /// Pure: which expected relays are missing, given who is connected here.
 pub fn relay_check(
     relays: &[crate::store::RelayRow],
     connected_ids: &BTreeSet<String>,
     now_ms: i64,
-) -> RelayCheck {
+) -> RelayReport {
     let mut expected = Vec::new();
     let mut here = Vec::new();
     let mut missing = Vec::new();
@@ -100,7 +80,7 @@ pub fn relay_check(
             }
         }
     }
-    RelayCheck {
+    RelayReport {
         expected,
         connected_here: here,
         missing,
@@ -120,21 +100,6 @@ async fn relays(State(st): State<AppState>) -> Result<Response, Problem> {
         })
         .unwrap_or_default();
     Ok(Json(relay_check(&rows, &connected, now_ms())).into_response())
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct CanaryRequest {
-    wait_ms: Option<u64>,
-}
-
-#[derive(Serialize)]
-struct CanaryRun {
-    connector_id: String,
-    connector: String,
-    run_id: Option<String>,
-    status: String,
-    error: Option<String>,
 }
 
 /// Runs every canary connector (delta) and waits, within a bound, for them to finish.
@@ -203,11 +168,7 @@ async fn canary(State(st): State<AppState>, body: axum::body::Bytes) -> Result<R
             runs[i].error = done.error;
         }
     }
-    let ok = (!runs.is_empty()).then(|| {
-        runs.iter()
-            .all(|r| r.status == "succeeded" || r.status == "completed_with_errors")
-    });
-    Ok(Json(serde_json::json!({"ok": ok, "runs": runs})).into_response())
+    Ok(Json(CanaryReport::of(runs)).into_response())
 }
 
 #[cfg(test)]

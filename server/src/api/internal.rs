@@ -4,29 +4,31 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::{Deserialize, Serialize};
+use identitymesh_contract::internal::{
+    paths, DemoteRequest, DemoteResponse, InternalStatus, PromoteRequest, PromoteResponse,
+};
 
 use super::admin::instance_rows;
 use super::{store_problem, AppState, PeerName};
 use crate::problem::{JsonBody, Problem};
 use crate::store::{Role, StoreError};
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/internal/v1/status", get(internal_status))
-        .route("/internal/v1/instances", get(internal_instances))
-        .route("/internal/v1/promote", post(promote))
-        .route("/internal/v1/demote", post(demote))
+/// The role as the internal API writes it.
+fn wire(role: Role) -> identitymesh_contract::internal::Role {
+    use identitymesh_contract::internal::Role as Wire;
+    match role {
+        Role::Standby => Wire::Standby,
+        Role::Active => Wire::Active,
+        Role::Fenced => Wire::Fenced,
+    }
 }
 
-#[derive(Serialize)]
-struct InternalStatus {
-    instance: String,
-    /// This process's part of the fence holder: a recreated pod of the same name differs.
-    incarnation: String,
-    role: Role,
-    epoch: i64,
-    version: String,
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route(paths::STATUS, get(internal_status))
+        .route(paths::INSTANCES, get(internal_instances))
+        .route(paths::PROMOTE, post(promote))
+        .route(paths::DEMOTE, post(demote))
 }
 
 async fn internal_status(State(st): State<AppState>) -> Json<InternalStatus> {
@@ -34,9 +36,9 @@ async fn internal_status(State(st): State<AppState>) -> Json<InternalStatus> {
     Json(InternalStatus {
         instance: st.engine.instance().into(),
         incarnation: st.engine.incarnation().into(),
-        role: s.role,
+        role: wire(s.role),
         epoch: s.epoch,
-        version: st.engine.version().into(),
+        version: Some(st.engine.version().into()),
     })
 }
 
@@ -44,12 +46,6 @@ async fn internal_status(State(st): State<AppState>) -> Json<InternalStatus> {
 /// client certificate, not an OIDC token).
 async fn internal_instances(State(st): State<AppState>) -> Result<Response, Problem> {
     instance_rows(&st).await
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PromoteRequest {
-    epoch: i64,
 }
 
 async fn promote(
@@ -62,7 +58,11 @@ async fn promote(
     }
     let actor = peer.map(|p| p.0 .0).unwrap_or_else(|| "internal".into());
     match st.engine.promote(req.epoch, &actor).await {
-        Ok(s) => Ok(Json(serde_json::json!({"role": s.role, "epoch": s.epoch})).into_response()),
+        Ok(s) => Ok(Json(PromoteResponse {
+            role: wire(s.role),
+            epoch: s.epoch,
+        })
+        .into_response()),
         Err(StoreError::StaleEpoch {
             requested,
             stored,
@@ -82,19 +82,17 @@ async fn promote(
     }
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct DemoteRequest {
-    #[serde(default)]
-    reason: Option<String>,
-}
-
 async fn demote(
     State(st): State<AppState>,
     peer: Option<axum::Extension<PeerName>>,
     JsonBody(req): JsonBody<DemoteRequest>,
-) -> Json<crate::engine::DemoteOutcome> {
+) -> Json<DemoteResponse> {
     let actor = peer.map(|p| p.0 .0).unwrap_or_else(|| "internal".into());
     let reason = req.reason.unwrap_or_else(|| "requested".into());
-    Json(st.engine.demote(&actor, &reason).await)
+    let d = st.engine.demote(&actor, &reason).await;
+    Json(DemoteResponse {
+        role: wire(d.role),
+        epoch: d.epoch,
+        drained: d.drained,
+    })
 }

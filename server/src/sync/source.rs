@@ -14,10 +14,7 @@ use tokio::sync::mpsc::Sender;
 use crate::secrets::Secrets;
 use crate::store::ConnectorRow;
 
-/// The hub method a relay serves directory reads under (see relay/src/directory.rs).
-pub const RELAY_IMPORT_METHOD: &str = "DirectoryImport";
-pub const RELAY_TEST_METHOD: &str = "DirectoryTest";
-pub const RELAY_CHECK_FOLDER_METHOD: &str = "DirectoryCheckFolder";
+use identitymesh_contract::hub;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Kind {
@@ -240,7 +237,7 @@ impl RelaySource {
         let v = tokio::time::timeout(
             std::time::Duration::from_secs(60),
             self.hub
-                .invoke(&conn, RELAY_TEST_METHOD, vec![self.connector.clone()]),
+                .invoke(&conn, hub::DIRECTORY_TEST, vec![self.connector.clone()]),
         )
         .await
         .map_err(|_| self.err("the connection test did not finish within 60 s"))?
@@ -262,7 +259,7 @@ impl RelaySource {
         ];
         let mut stream = self
             .hub
-            .invoke_stream(&conn, RELAY_IMPORT_METHOD, args, 2)
+            .invoke_stream(&conn, hub::DIRECTORY_IMPORT, args, 2)
             .await
             .map_err(|e| self.err(e.to_string()))?;
         loop {

@@ -11,13 +11,10 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_identitymesh-server");
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use identitymesh_test_support::net::free_port;
+// Not every test binary that includes this module waits.
+#[allow(unused_imports)]
+pub use identitymesh_test_support::wait::eventually;
 
 /// A server process that is killed (by pid) if the test ends without stopping it.
 pub struct Proc {
@@ -131,22 +128,6 @@ pub async fn wait_up(client: &reqwest::Client, url: &str, p: &Proc) {
     panic!("{url} never answered; {}", p.output());
 }
 
-/// Polls `check` until it returns true within `within`.
-pub async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("timed out waiting for: {what}");
-}
-
 /// A cluster CA with a serving certificate and an operator client certificate, as PEM files.
 pub struct Pki {
     pub ca: PathBuf,
@@ -159,37 +140,16 @@ pub struct Pki {
 }
 
 pub fn pki(dir: &Path) -> Pki {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    };
     std::fs::create_dir_all(dir).unwrap();
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "test cluster CA");
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca_params, ca_key);
-
-    let srv_key = KeyPair::generate().unwrap();
-    let mut sp = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
-    sp.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    let srv = sp.signed_by(&srv_key, &issuer).unwrap();
-
-    let cl_key = KeyPair::generate().unwrap();
-    let mut cp = CertificateParams::new(Vec::<String>::new()).unwrap();
-    cp.distinguished_name
-        .push(DnType::CommonName, "identitymesh-operator");
-    cp.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    let cl = cp.signed_by(&cl_key, &issuer).unwrap();
-
+    let ca = identitymesh_test_support::pki::TestCa::new("test cluster CA").unwrap();
+    let srv = ca.server("localhost", &["localhost", "127.0.0.1"]).unwrap();
+    let cl = ca.client("identitymesh-operator", None).unwrap();
     let p = Pki {
         ca: dir.join("ca.crt"),
         cert: dir.join("tls.crt"),
         key: dir.join("tls.key"),
-        client_pem: format!("{}{}", cl.pem(), cl_key.serialize_pem()),
-        ca_pem: ca_cert.pem(),
+        client_pem: cl.identity_pem(),
+        ca_pem: ca.cert_pem().to_string(),
         keyring: dir.join("keyring.json"),
     };
     std::fs::write(
@@ -197,9 +157,9 @@ pub fn pki(dir: &Path) -> Pki {
         identitymesh_keyring::KeyRing::generate().to_json(),
     )
     .unwrap();
-    std::fs::write(&p.ca, ca_cert.pem()).unwrap();
-    std::fs::write(&p.cert, srv.pem()).unwrap();
-    std::fs::write(&p.key, srv_key.serialize_pem()).unwrap();
+    std::fs::write(&p.ca, &p.ca_pem).unwrap();
+    std::fs::write(&p.cert, &srv.cert_pem).unwrap();
+    std::fs::write(&p.key, &srv.key_pem).unwrap();
     p
 }
 

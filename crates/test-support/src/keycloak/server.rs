@@ -5,7 +5,6 @@
 //! its data folder (H2 database, transaction log, generated truststore) from the home, so
 //! instances share nothing they write.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -67,8 +66,7 @@ pub struct Keycloak {
 }
 
 fn free_port() -> Result<u16, KeycloakError> {
-    let l = TcpListener::bind("127.0.0.1:0").map_err(io("finding a free port"))?;
-    Ok(l.local_addr().map_err(io("finding a free port"))?.port())
+    crate::net::try_free_port().map_err(io("finding a free port"))
 }
 
 /// The per-instance home: kc.sh resolves the home from its own location, so it is copied, and

@@ -157,7 +157,7 @@ async fn relay_folder(st: &AppState, relay: &str, name: &str, folder: &str) -> R
         std::time::Duration::from_secs(10),
         hub.invoke(
             &conn,
-            crate::sync::source::RELAY_CHECK_FOLDER_METHOD,
+            identitymesh_contract::hub::DIRECTORY_CHECK_FOLDER,
             vec![json!(folder)],
         ),
     )

@@ -1,5 +1,5 @@
 // Drives the official SignalR JavaScript client against our hub. The Rust test
-// (relay/signalr/tests/interop_node.rs) reads the lines printed here and restarts the server.
+// (crates/signalr/tests/interop_node.rs) reads the lines printed here and restarts the server.
 // Usage: node client.mjs <hub url> <token>
 import * as signalR from "@microsoft/signalr";
 

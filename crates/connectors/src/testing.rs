@@ -4,7 +4,7 @@
 //! Only for tests and benches (feature `testing`).
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use ldap3::{Ldap, LdapConnAsync, Mod};
 use rand::{Rng, SeedableRng};
+
+use identitymesh_test_support::net::try_free_port;
+use identitymesh_test_support::pki::{PkiError, TestCa};
 
 use crate::ldap::{LdapConfig, ObjectTypeConfig, SearchScope, WatermarkAttribute};
 
@@ -61,38 +64,15 @@ struct Pki {
 }
 
 fn generate_pki() -> Result<Pki, FixtureError> {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-        KeyPair, KeyUsagePurpose,
-    };
-    let e = |e: rcgen::Error| err(format!("generating test certificates: {e}"));
-    let ca_key = KeyPair::generate().map_err(e)?;
-    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(e)?;
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(DnType::CommonName, "IdentityMesh test directory CA");
-    ca.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let ca_cert = ca.self_signed(&ca_key).map_err(e)?;
-    let issuer = Issuer::new(ca, ca_key);
-
-    let key = KeyPair::generate().map_err(e)?;
-    let mut srv = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+    let e = |e: PkiError| err(format!("generating test certificates: {e}"));
+    let ca = TestCa::new("IdentityMesh test directory CA").map_err(e)?;
+    let leaf = ca
+        .server("localhost", &["127.0.0.1", "localhost"])
         .map_err(e)?;
-    srv.distinguished_name.push(DnType::CommonName, "localhost");
-    srv.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    srv.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
-    let cert = srv.signed_by(&key, &issuer).map_err(e)?;
     Ok(Pki {
-        ca_pem: ca_cert.pem(),
-        server_cert_pem: cert.pem(),
-        server_key_pem: key.serialize_pem(),
+        ca_pem: ca.cert_pem().to_string(),
+        server_cert_pem: leaf.cert_pem,
+        server_key_pem: leaf.key_pem,
     })
 }
 
@@ -102,10 +82,7 @@ pub fn unrelated_ca_pem() -> Result<String, FixtureError> {
 }
 
 fn free_port() -> Result<u16, FixtureError> {
-    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| err(format!("no free port: {e}")))?;
-    l.local_addr()
-        .map(|a| a.port())
-        .map_err(|e| err(format!("no free port: {e}")))
+    try_free_port().map_err(|e| err(format!("no free port: {e}")))
 }
 
 impl Slapd {

@@ -123,15 +123,8 @@ impl Drop for TestServer {
     }
 }
 
-pub async fn wait_until(what: &str, timeout: std::time::Duration, mut f: impl FnMut() -> bool) {
-    let start = std::time::Instant::now();
-    while !f() {
-        if start.elapsed() > timeout {
-            panic!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-}
+#[allow(unused_imports)]
+pub use identitymesh_test_support::wait::wait_until;
 
 /// The previous instance's socket may linger for a moment after a kill; retry the bind.
 pub fn bind_retry(port: u16) -> std::net::TcpListener {

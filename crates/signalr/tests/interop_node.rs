@@ -2,7 +2,7 @@
 //! handshake, invoke + completion, an error completion, a server→client invocation with a
 //! client result, pings, and automatic reconnect after the server is killed and restarted.
 //!
-//! Needs `npm ci` in relay/signalr/interop (done by `cargo xtask test`). Missing modules fail
+//! Needs `npm ci` in crates/signalr/interop (done by `cargo xtask test`). Missing modules fail
 //! the test on purpose: interop that silently does not run is not tested.
 
 mod common;
