@@ -14,6 +14,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 
 use crate::crd::{CutoverKind, TransitionRecord};
+use identitymesh_contract::internal::paths;
+
 use crate::podclient::{CanaryReport, CanaryRun, PodClientError, RelayReport, UiReport};
 
 /// How long the active may take for the canary runs.
@@ -99,7 +101,7 @@ pub fn relays_condition(active: &str, r: Result<&RelayReport, &PodClientError>) 
                 "ActiveUnreachable",
                 format!(
                     "relays not checked: {}",
-                    error_summary(active, "/internal/v1/relays", e)
+                    error_summary(active, paths::RELAYS, e)
                 ),
             )
         }
@@ -169,7 +171,7 @@ pub fn admin_ui_condition(active: &str, r: Result<&UiReport, &PodClientError>) -
                 "ActiveUnreachable",
                 format!(
                     "Admin UI not checked: {}",
-                    error_summary(active, "/internal/v1/ui", e)
+                    error_summary(active, paths::UI, e)
                 ),
             )
         }
@@ -315,11 +317,6 @@ pub fn canary_plan(
     }
 }
 
-/// A run that counts as a successful sync (the server's own definition of ok).
-fn run_ok(r: &CanaryRun) -> bool {
-    r.status == "succeeded" || r.status == "completed_with_errors"
-}
-
 fn run_name(r: &CanaryRun) -> &str {
     if r.connector.is_empty() {
         &r.connector_id
@@ -344,7 +341,7 @@ pub fn canary_condition(
                 "ActiveUnreachable",
                 format!(
                     "{p}canary not run: {}",
-                    error_summary(pod, "/internal/v1/canary", e)
+                    error_summary(pod, paths::CANARY, e)
                 ),
             )
         }
@@ -362,7 +359,7 @@ pub fn canary_condition(
     let failed: Vec<String> = r
         .runs
         .iter()
-        .filter(|x| !run_ok(x) && x.status != "running")
+        .filter(|x| !x.synced() && x.status != "running")
         .map(|x| {
             let what = match x.status.as_str() {
                 "busy" => "busy (a run was already in progress)".to_string(),

@@ -587,6 +587,18 @@ pub enum Role {
     Unknown,
 }
 
+/// The role an instance reports on the internal API; a fenced instance is neither.
+impl From<identitymesh_contract::internal::Role> for Role {
+    fn from(r: identitymesh_contract::internal::Role) -> Role {
+        use identitymesh_contract::internal::Role as Wire;
+        match r {
+            Wire::Active => Role::Active,
+            Wire::Standby => Role::Standby,
+            Wire::Fenced | Wire::Unknown => Role::Unknown,
+        }
+    }
+}
+
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct InstanceStatus {

@@ -9,11 +9,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
-use serde::{Deserialize, Serialize};
+use identitymesh_contract::internal::{paths, CanaryRequest, DemoteRequest, PromoteRequest};
 
 use crate::builders::INTERNAL_PORT;
 use crate::certs::{self, CertAndKey};
-use crate::crd::Role;
 
 /// Where to reach one pod's internal API.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,106 +34,9 @@ impl PodTarget {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
-pub struct InternalStatus {
-    pub instance: String,
-    pub role: String,
-    pub epoch: i64,
-    #[serde(default)]
-    pub version: Option<String>,
-}
-
-impl InternalStatus {
-    pub fn role(&self) -> Role {
-        match self.role.as_str() {
-            "active" => Role::Active,
-            "standby" => Role::Standby,
-            _ => Role::Unknown,
-        }
-    }
-}
-
-/// One alive row of the engine-instance registry in SQL (`GET /internal/v1/instances`).
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
-pub struct InstanceRow {
-    pub instance: String,
-    pub role: String,
-    pub epoch: i64,
-    #[serde(default)]
-    pub host: Option<String>,
-    #[serde(default)]
-    pub version: Option<String>,
-}
-
-impl InstanceRow {
-    pub fn is_active(&self) -> bool {
-        self.role == "active"
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
-pub struct DemoteResponse {
-    pub role: String,
-    pub epoch: i64,
-    #[serde(default)]
-    pub drained: bool,
-}
-
-/// `GET /internal/v1/relays`: which relays the instance expects back and which are connected
-/// to it (names, not ids).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
-pub struct RelayReport {
-    /// Non-revoked relays seen in the last 10 minutes, or connected now.
-    #[serde(default)]
-    pub expected: Vec<String>,
-    /// Relays with a live hub connection to this instance.
-    #[serde(default)]
-    pub connected_here: Vec<String>,
-    /// Expected but not connected here.
-    #[serde(default)]
-    pub missing: Vec<String>,
-}
-
-/// `GET /internal/v1/ui`: does the instance serve the Admin UI's sign-in page, how browsers
-/// sign in there, and whether it read the issuer's discovery document just now.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
-pub struct UiReport {
-    /// The HTTP status of the sign-in page rendered by the instance.
-    #[serde(default)]
-    pub page_status: u16,
-    /// `oidc`, `bootstrap` or `none`.
-    #[serde(default)]
-    pub sign_in: String,
-    /// Why the discovery document could not be read (OIDC sign-in only).
-    #[serde(default)]
-    pub discovery_error: Option<String>,
-}
-
-/// One canary connector's run in a [`CanaryReport`].
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
-pub struct CanaryRun {
-    #[serde(default)]
-    pub connector_id: String,
-    #[serde(default)]
-    pub connector: String,
-    #[serde(default)]
-    pub run_id: Option<String>,
-    /// The run's final status (`succeeded`, `completed_with_errors`, `failed`, ...), `running`
-    /// when it had not finished at the deadline, `busy` when a run was already in progress.
-    #[serde(default)]
-    pub status: String,
-    #[serde(default)]
-    pub error: Option<String>,
-}
-
-/// `POST /internal/v1/canary`: `ok` is None when no connector is flagged canary.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
-pub struct CanaryReport {
-    #[serde(default)]
-    pub ok: Option<bool>,
-    #[serde(default)]
-    pub runs: Vec<CanaryRun>,
-}
+pub use identitymesh_contract::internal::{
+    CanaryReport, CanaryRun, DemoteResponse, InstanceRow, InternalStatus, RelayReport, UiReport,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PodClientError {
@@ -291,25 +193,25 @@ impl InstanceApi for MtlsInstanceClient {
         &'a self,
         t: &'a PodTarget,
     ) -> BoxFuture<'a, Result<InternalStatus, PodClientError>> {
-        Box::pin(self.get_json(t, "/internal/v1/status"))
+        Box::pin(self.get_json(t, paths::STATUS))
     }
 
     fn instances<'a>(
         &'a self,
         t: &'a PodTarget,
     ) -> BoxFuture<'a, Result<Vec<InstanceRow>, PodClientError>> {
-        Box::pin(self.get_json(t, "/internal/v1/instances"))
+        Box::pin(self.get_json(t, paths::INSTANCES))
     }
 
     fn relays<'a>(
         &'a self,
         t: &'a PodTarget,
     ) -> BoxFuture<'a, Result<RelayReport, PodClientError>> {
-        Box::pin(self.get_json(t, "/internal/v1/relays"))
+        Box::pin(self.get_json(t, paths::RELAYS))
     }
 
     fn ui<'a>(&'a self, t: &'a PodTarget) -> BoxFuture<'a, Result<UiReport, PodClientError>> {
-        Box::pin(self.get_json(t, "/internal/v1/ui"))
+        Box::pin(self.get_json(t, paths::UI))
     }
 
     fn canary<'a>(
@@ -322,8 +224,10 @@ impl InstanceApi for MtlsInstanceClient {
             let http = self.http(t, wait + CANARY_MARGIN)?;
             let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
             let resp = http
-                .post(Self::url(t, "/internal/v1/canary"))
-                .json(&serde_json::json!({ "wait_ms": wait_ms }))
+                .post(Self::url(t, paths::CANARY))
+                .json(&CanaryRequest {
+                    wait_ms: Some(wait_ms),
+                })
                 .send()
                 .await
                 .map_err(|e| transport(t, e))?;
@@ -349,8 +253,8 @@ impl InstanceApi for MtlsInstanceClient {
         Box::pin(async move {
             let http = self.http(t, Duration::from_secs(10))?;
             let resp = http
-                .post(Self::url(t, "/internal/v1/promote"))
-                .json(&serde_json::json!({ "epoch": epoch }))
+                .post(Self::url(t, paths::PROMOTE))
+                .json(&PromoteRequest { epoch })
                 .send()
                 .await
                 .map_err(|e| transport(t, e))?;
@@ -381,8 +285,8 @@ impl InstanceApi for MtlsInstanceClient {
         Box::pin(async move {
             let http = self.http(t, timeout)?;
             let resp = http
-                .post(Self::url(t, "/internal/v1/demote"))
-                .json(&serde_json::json!({}))
+                .post(Self::url(t, paths::DEMOTE))
+                .json(&DemoteRequest::default())
                 .send()
                 .await
                 .map_err(|e| transport(t, e))?;
@@ -443,6 +347,7 @@ impl InstanceApiFactory for MtlsFactory {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crd::Role;
 
     #[test]
     fn parses_status_and_roles() {
@@ -450,11 +355,11 @@ mod tests {
             r#"{"instance":"im-a","role":"active","epoch":3,"version":"0.1.0"}"#,
         )
         .expect("status");
-        assert_eq!(s.role(), Role::Active);
+        assert_eq!(Role::from(s.role), Role::Active);
         let s: InternalStatus =
             serde_json::from_str(r#"{"instance":"im-a","role":"standby","epoch":0}"#)
                 .expect("status");
-        assert_eq!(s.role(), Role::Standby);
+        assert_eq!(Role::from(s.role), Role::Standby);
         let d: DemoteResponse =
             serde_json::from_str(r#"{"role":"standby","epoch":3,"drained":false}"#)
                 .expect("demote");
@@ -607,7 +512,7 @@ mod tests {
             .status(&loopback_target(port))
             .await
             .expect("status over mTLS");
-        assert_eq!((s.role(), s.epoch), (Role::Standby, 4));
+        assert_eq!((Role::from(s.role), s.epoch), (Role::Standby, 4));
         server.join().expect("server thread");
     }
 

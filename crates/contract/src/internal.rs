@@ -66,6 +66,12 @@ pub struct InstanceRow {
     pub version: Option<String>,
 }
 
+impl InstanceRow {
+    pub fn is_active(&self) -> bool {
+        self.role == Role::Active
+    }
+}
+
 /// `POST /internal/v1/promote`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

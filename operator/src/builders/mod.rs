@@ -18,7 +18,7 @@ use crate::crd::{IdentityMeshCluster, NodeOs};
 pub const LABEL_CLUSTER: &str = "identitymesh.io/cluster";
 pub const LABEL_INSTANCE: &str = "identitymesh.io/instance";
 pub const LABEL_VERSION: &str = "identitymesh.io/version";
-pub const ANNOTATION_SWITCHOVER: &str = "identitymesh.io/switchover";
+pub use identitymesh_contract::annotations::SWITCHOVER as ANNOTATION_SWITCHOVER;
 /// Hash of the desired object; equal hash means nothing to write (steady state makes no writes).
 pub const ANNOTATION_SPEC_HASH: &str = "identitymesh.io/spec-hash";
 pub const FIELD_MANAGER: &str = "identitymesh-operator";

@@ -261,13 +261,13 @@ impl Reconciler {
             Ok(s) => s,
             Err(_) => return Ok(StepResult::NotYetVerified),
         };
-        if s.role() != Role::Active || s.epoch != epoch {
+        if Role::from(s.role) != Role::Active || s.epoch != epoch {
             return Ok(StepResult::TargetNotActive);
         }
         if let Some(peer) = self.names.peer(pod) {
             if let Some(pt) = world.target(&peer) {
                 if let Ok(ps) = api.status(&pt).await {
-                    if ps.role() == Role::Active {
+                    if Role::from(ps.role) == Role::Active {
                         // Fenced already; tell it so only one instance reports active.
                         let _ = api.demote(&pt, Duration::from_secs(5)).await;
                         return Ok(StepResult::NotYetVerified);

@@ -19,6 +19,8 @@ use serde_json::{json, Value};
 use super::{reconcile, Context};
 use crate::builders::test_support::cluster;
 use crate::certs::CertAndKey;
+use identitymesh_contract::internal::Role as WireRole;
+
 use crate::crd::{IdentityMeshCluster, IdentityMeshClusterStatus, Phase, Role};
 use crate::metrics::Metrics;
 use crate::podclient::{
@@ -407,10 +409,11 @@ impl InstanceApi for FakePods {
         let (role, epoch) = s.roles.get(&t.pod).copied().unwrap_or((Role::Standby, 0));
         Box::pin(futures::future::ready(Ok(InternalStatus {
             instance: t.pod.clone(),
+            incarnation: format!("{}-1", t.pod),
             role: if role == Role::Active {
-                "active".into()
+                WireRole::Active
             } else {
-                "standby".into()
+                WireRole::Standby
             },
             epoch,
             version: Some("1.2.3".into()),
@@ -463,7 +466,7 @@ impl InstanceApi for FakePods {
         let epoch = s.roles.get(&t.pod).map(|r| r.1).unwrap_or(0);
         s.roles.insert(t.pod.clone(), (Role::Standby, epoch));
         Box::pin(futures::future::ready(Ok(DemoteResponse {
-            role: "standby".into(),
+            role: WireRole::Standby,
             epoch,
             drained: true,
         })))
@@ -530,9 +533,9 @@ impl FakePods {
             .map(|(pod, (role, epoch))| InstanceRow {
                 instance: pod.clone(),
                 role: if *role == Role::Active {
-                    "active".into()
+                    WireRole::Active
                 } else {
-                    "standby".into()
+                    WireRole::Standby
                 },
                 epoch: *epoch,
                 host: None,

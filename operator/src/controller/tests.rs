@@ -558,7 +558,7 @@ async fn verification_waits_until_the_registry_shows_one_active() {
     // A cut-off old instance still registered as active (the operator cannot reach it).
     h.pods.0.lock().expect("p").extra_rows = vec![InstanceRow {
         instance: "im-ghost".into(),
-        role: "active".into(),
+        role: identitymesh_contract::internal::Role::Active,
         epoch: 1,
         host: None,
         version: None,
@@ -983,7 +983,7 @@ async fn a_stale_cached_object_never_regresses_the_selector_or_the_cutover_inten
                              // A ghost active row keeps the switchover open in Verifying (after the swing).
     h.pods.0.lock().expect("p").extra_rows = vec![InstanceRow {
         instance: "im-ghost".into(),
-        role: "active".into(),
+        role: identitymesh_contract::internal::Role::Active,
         epoch: 1,
         host: None,
         version: None,

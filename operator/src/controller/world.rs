@@ -87,7 +87,7 @@ impl Reconciler {
                 .map(|ip| PodTarget::new(&name, ip, self.names.pod_dns_name(&name)));
             let server = match (&target, api) {
                 (Some(t), Some(api)) => api.status(t).await.ok().map(|s| ServerView {
-                    role: s.role(),
+                    role: s.role.into(),
                     epoch: s.epoch,
                     version: s.version.clone(),
                 }),
