@@ -6,8 +6,7 @@ pub(super) async fn heartbeat(store: &MssqlStore, hb: &Heartbeat) -> Result<(), 
     let mut conn = store.begin().await?;
     let r = async {
         let fence = fence::read_locked(&mut conn).await?;
-        let role = fencing::heartbeat_role(&fence, hb);
-        let stale = role != hb.role;
+        let (role, answer) = fencing::heartbeat(&fence, hb);
         upsert(
             &mut conn,
             sql::UPDATE_INSTANCE,
@@ -24,18 +23,10 @@ pub(super) async fn heartbeat(store: &MssqlStore, hb: &Heartbeat) -> Result<(), 
             ],
         )
         .await?;
-        Ok((stale, fence))
+        Ok(answer)
     }
     .await;
-    let (stale, fence) = store.finish(conn, r).await?;
-    if stale {
-        return Err(StoreError::Fenced {
-            stored: fence.epoch,
-            holder: fence.holder_label(),
-            own: hb.epoch,
-        });
-    }
-    Ok(())
+    store.finish(conn, r).await?
 }
 
 pub(super) async fn instances(

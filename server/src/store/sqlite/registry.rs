@@ -7,8 +7,7 @@ use super::*;
 pub(super) async fn heartbeat(store: &SqliteStore, hb: &Heartbeat) -> Result<(), StoreError> {
     let (_slot, mut tx) = store.begin_locked().await?;
     let fence = fence::read_locked(&mut tx).await?;
-    let role = fencing::heartbeat_role(&fence, hb);
-    let stale = role != hb.role;
+    let (role, answer) = fencing::heartbeat(&fence, hb);
     sqlx::query(
         "INSERT INTO engine_instances (instance, incarnation, host, role, epoch, version, started_at, last_heartbeat) \
          VALUES (?, ?, ?, ?, ?, ?, ?, ?) \
@@ -26,14 +25,7 @@ pub(super) async fn heartbeat(store: &SqliteStore, hb: &Heartbeat) -> Result<(),
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    if stale {
-        return Err(StoreError::Fenced {
-            stored: fence.epoch,
-            holder: fence.holder_label(),
-            own: hb.epoch,
-        });
-    }
-    Ok(())
+    answer
 }
 
 pub(super) async fn instances(
