@@ -10,6 +10,7 @@ use std::collections::HashMap;
 
 use async_trait::async_trait;
 
+mod conflicts;
 pub mod fencing;
 pub mod migrations;
 pub mod mssql;
@@ -72,19 +73,6 @@ pub async fn audit(store: &dyn Store, entry: AuditEntry) {
     if let Err(e) = store.append_audit(&entry).await {
         tracing::warn!(error = %e, action = %entry.action, "audit write failed");
     }
-}
-
-/// Why a connector with a run of the current epoch cannot be deleted yet.
-fn running_conflict(connector: &str, run: &str) -> String {
-    format!(
-        "connector {connector} has a run in progress (run {run}); wait for it to finish, or pause \
-         the sync engine and wait, then delete the connector"
-    )
-}
-
-/// Why a run of a connector deleted after the run was requested does not start.
-fn deleted_conflict(connector: &str) -> String {
-    format!("connector {connector} was deleted; nothing to run")
 }
 
 /// The store every backend implements; the conformance suite in `conformance.rs` runs against each.

@@ -65,10 +65,7 @@ pub(super) async fn put_connector(store: &MssqlStore, c: &ConnectorRow) -> Resul
     )
     .await;
     match store.finish(conn, r).await {
-        Err(e) if is_unique_violation(&e) => Err(StoreError::Conflict(format!(
-            "a connector named {:?} already exists; pick another name",
-            c.name
-        ))),
+        Err(e) if is_unique_violation(&e) => Err(conflicts::connector_name_taken(&c.name)),
         other => other,
     }
 }
@@ -102,10 +99,7 @@ pub(super) async fn delete_connector(store: &MssqlStore, id: &str) -> Result<boo
             None => 0,
         };
         if objects > 0 {
-            return Err(StoreError::Conflict(format!(
-                "connector {id} still has {objects} objects in its connector space; clear it first \
-                 (POST /api/connectors/{id}/clear) so its identity contributions are removed"
-            )));
+            return Err(conflicts::objects_left(id, objects));
         }
         let running = rows(&mut conn, sql::CURRENT_EPOCH_RUN, &[&id])
             .await?
@@ -113,7 +107,7 @@ pub(super) async fn delete_connector(store: &MssqlStore, id: &str) -> Result<boo
             .map(|r| text(r, 0))
             .transpose()?;
         if let Some(run) = running {
-            return Err(StoreError::Conflict(running_conflict(id, &run)));
+            return Err(conflicts::run_in_progress(id, &run));
         }
         exec(&mut conn, sql::DELETE_CONNECTOR_SCHEDULES, &[&id]).await?;
         exec(&mut conn, sql::DELETE_CONNECTOR_WATERMARKS, &[&id]).await?;

@@ -35,9 +35,7 @@ pub(super) async fn create_relay(
         Err(StoreError::Backend(m))
             if m.contains("2627") || m.contains("2601") || m.contains("UNIQUE") =>
         {
-            Err(StoreError::Conflict(format!(
-                "a relay named `{name}` already exists; pick another name or revoke it first"
-            )))
+            Err(conflicts::relay_name_taken(name))
         }
         other => other.map(|_| ()),
     }

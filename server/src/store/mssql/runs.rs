@@ -263,17 +263,14 @@ pub(super) async fn start_run(
             .map(|r| text(r, 0))
             .transpose()?;
         if let Some(other) = running {
-            return Err(StoreError::Conflict(format!(
-                "connector {} is already running (run {other}); wait for it to finish",
-                run.connector_id
-            )));
+            return Err(conflicts::already_running(&run.connector_id, &other));
         }
         let connector = run.connector_id.as_str();
         if rows(&mut conn, sql::CONNECTOR_EXISTS, &[&connector])
             .await?
             .is_empty()
         {
-            return Err(StoreError::Conflict(deleted_conflict(connector)));
+            return Err(conflicts::connector_deleted(connector));
         }
         exec(
             &mut conn,

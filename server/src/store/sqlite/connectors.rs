@@ -97,10 +97,7 @@ pub(super) async fn put_connector(store: &SqliteStore, c: &ConnectorRow) -> Resu
     .await;
     match r {
         Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-            Err(StoreError::Conflict(format!(
-                "a connector named {:?} already exists; pick another name",
-                c.name
-            )))
+            Err(conflicts::connector_name_taken(&c.name))
         }
         other => other.map(|_| ()).map_err(Into::into),
     }
@@ -133,10 +130,7 @@ pub(super) async fn delete_connector(store: &SqliteStore, id: &str) -> Result<bo
         .fetch_one(&mut *tx)
         .await?;
     if objects > 0 {
-        return Err(StoreError::Conflict(format!(
-            "connector {id} still has {objects} objects in its connector space; clear it first \
-             (POST /api/connectors/{id}/clear) so its identity contributions are removed"
-        )));
+        return Err(conflicts::objects_left(id, objects));
     }
     // Runs of older epochs are abandoned (their writes are fenced); one of the current
     // epoch may still commit objects.
@@ -148,7 +142,7 @@ pub(super) async fn delete_connector(store: &SqliteStore, id: &str) -> Result<bo
     .fetch_optional(&mut *tx)
     .await?;
     if let Some(run) = running {
-        return Err(StoreError::Conflict(running_conflict(id, &run)));
+        return Err(conflicts::run_in_progress(id, &run));
     }
     for stmt in [
         "DELETE FROM schedules WHERE connector_id = ?",

@@ -36,9 +36,9 @@ pub(super) async fn create_relay(
             .await;
     match r {
         Ok(_) => Ok(()),
-        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(StoreError::Conflict(
-            format!("a relay named `{name}` already exists; pick another name or revoke it first"),
-        )),
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+            Err(conflicts::relay_name_taken(name))
+        }
         Err(e) => Err(e.into()),
     }
 }

@@ -268,17 +268,14 @@ pub(super) async fn start_run(
     .fetch_optional(&mut *tx)
     .await?;
     if let Some(other) = running {
-        return Err(StoreError::Conflict(format!(
-            "connector {} is already running (run {other}); wait for it to finish",
-            run.connector_id
-        )));
+        return Err(conflicts::already_running(&run.connector_id, &other));
     }
     let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM connectors WHERE id = ?")
         .bind(&run.connector_id)
         .fetch_optional(&mut *tx)
         .await?;
     if exists.is_none() {
-        return Err(StoreError::Conflict(deleted_conflict(&run.connector_id)));
+        return Err(conflicts::connector_deleted(&run.connector_id));
     }
     sqlx::query(
         "INSERT INTO runs (id, connector_id, instance, epoch, status, started_at, run_mode, trigger_kind) \
