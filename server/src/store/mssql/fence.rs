@@ -1,4 +1,4 @@
-//! The fence row and its journal: reading the fence under the write lock, the promotion,
+//! The fence row and its journal: reading the fence under its update lock, the promotion,
 //! the check every fenced write makes (the decisions are `store::fencing`'s), and the
 //! active engine's liveness tick.
 
@@ -13,11 +13,14 @@ fn fence_from(row: Option<&Row>) -> Result<Fence, StoreError> {
     })
 }
 
+/// The fence row, read `WITH (UPDLOCK, HOLDLOCK)`: held until the transaction ends, so a
+/// promotion waits for it.
 pub(super) async fn read_locked(w: &mut dyn Wire) -> Result<Fence, StoreError> {
     let rows = rows(w, sql::FENCE_LOCKED, &[]).await?;
     fence_from(rows.first())
 }
 
+/// Reads the fence under its lock and refuses a token that no longer holds it.
 pub(super) async fn check(w: &mut dyn Wire, token: &FenceToken) -> Result<(), StoreError> {
     fencing::check(&read_locked(w).await?, token)
 }

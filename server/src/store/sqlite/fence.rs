@@ -16,6 +16,8 @@ fn fence_row(r: &sqlx::sqlite::SqliteRow) -> Result<Fence, StoreError> {
     })
 }
 
+/// The fence row, read inside the caller's `BEGIN IMMEDIATE` transaction, under the write lock a
+/// promotion needs too.
 pub(super) async fn read_locked(tx: &mut Tx<'_>) -> Result<Fence, StoreError> {
     let row = sqlx::query(FENCE_SELECT).fetch_one(&mut **tx).await?;
     fence_row(&row)
