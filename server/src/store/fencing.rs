@@ -19,11 +19,17 @@ pub fn check(fence: &Fence, token: &FenceToken) -> Result<(), StoreError> {
     if holds(fence, token) {
         return Ok(());
     }
-    Err(StoreError::Fenced {
+    Err(fenced(fence, token.epoch))
+}
+
+/// The error of a write, or a heartbeat, made with epoch `own` by a process that does not hold
+/// the fence.
+fn fenced(fence: &Fence, own: i64) -> StoreError {
+    StoreError::Fenced {
         stored: fence.epoch,
         holder: fence.holder_label(),
-        own: token.epoch,
-    })
+        own,
+    }
 }
 
 /// Whether a promotion to `claim.epoch` by `claim`'s process may be written. Idempotent only
@@ -55,6 +61,18 @@ pub fn heartbeat_role(fence: &Fence, hb: &Heartbeat) -> Role {
         Role::Fenced
     } else {
         hb.role
+    }
+}
+
+/// What a heartbeat writes and what it answers: the role [`heartbeat_role`] records and, when
+/// that is not the role claimed, [`StoreError::Fenced`], returned once the row is written (the
+/// registry must show the demotion even though the call fails).
+pub fn heartbeat(fence: &Fence, hb: &Heartbeat) -> (Role, Result<(), StoreError>) {
+    let role = heartbeat_role(fence, hb);
+    if role == hb.role {
+        (role, Ok(()))
+    } else {
+        (role, Err(fenced(fence, hb.epoch)))
     }
 }
 
@@ -138,6 +156,37 @@ mod tests {
             heartbeat_role(&f, &hb(Role::Standby, "p1", 6)),
             Role::Standby
         );
+    }
+
+    #[test]
+    fn a_heartbeat_fails_only_when_it_records_another_role_than_claimed() {
+        let f = fence(7, "im-b", "p2");
+        let cases = [
+            // (claimed role, incarnation, epoch) -> (recorded role, answer: Err(own epoch))
+            ((Role::Active, "p2", 7), (Role::Active, Ok(()))),
+            ((Role::Active, "p1", 7), (Role::Fenced, Err(7))),
+            ((Role::Active, "p2", 6), (Role::Fenced, Err(6))),
+            ((Role::Standby, "p1", 6), (Role::Standby, Ok(()))),
+            ((Role::Fenced, "p1", 6), (Role::Fenced, Ok(()))),
+        ];
+        for ((role, incarnation, epoch), want) in cases {
+            let hb = Heartbeat {
+                instance: "im-b".into(),
+                incarnation: incarnation.into(),
+                host: "h".into(),
+                role,
+                epoch,
+                version: "v".into(),
+                started_at_ms: 0,
+                now_ms: 0,
+            };
+            let (recorded, answer) = heartbeat(&f, &hb);
+            let answer = answer.map_err(|e| match e {
+                StoreError::Fenced { stored: 7, own, .. } => own,
+                other => panic!("{other}"),
+            });
+            assert_eq!((recorded, answer), want, "{hb:?}");
+        }
     }
 
     #[test]
