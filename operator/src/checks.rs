@@ -1,7 +1,7 @@
 //! Pure decisions for the post-cutover checks reported as conditions: `RelaysReconnected` and
 //! `AdminUiReady` (asked of the active on every reconcile) and `CanarySync` (run once on the
 //! new active after each verified switchover, failover or upgrade). Their names are constants
-//! in [`crate::controller::status`], with every other condition's.
+//! in [`crate::conditions`], with every other condition's.
 //!
 //! Messages must stay identical while nothing changes: an unchanged condition must not cause a
 //! status write, so they carry no times or counters that move on their own. The canary's
@@ -429,7 +429,7 @@ pub fn canary_condition(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::controller::status::CANARY_CONDITION;
+    use crate::conditions::CANARY_CONDITION;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
     fn ts(s: i64) -> Timestamp {

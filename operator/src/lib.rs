@@ -6,6 +6,7 @@ pub mod admission_cases;
 pub mod builders;
 pub mod certs;
 pub mod checks;
+pub mod conditions;
 pub mod controller;
 pub mod crd;
 pub mod cutover;

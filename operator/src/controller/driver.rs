@@ -7,10 +7,11 @@ use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::runtime::controller::Action as ReconcileAction;
 use kube::runtime::events::EventType;
 
-use super::status::{self, Steps, PAUSED_CONDITION};
+use super::status::{self, Steps};
 use super::world::World;
 use super::{Error, Reconciler};
 use crate::builders::secret::ca_from_secret;
+use crate::conditions::PAUSED_CONDITION;
 use crate::crd::IdentityMeshClusterStatus;
 use crate::cutover::{health, selector_target};
 use crate::observe;

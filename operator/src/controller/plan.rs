@@ -7,10 +7,10 @@ use std::time::Duration;
 use kube::runtime::events::EventType;
 use kube::ResourceExt;
 
-use super::status::{FAILOVER_REQUIRED_CONDITION, SWITCHOVER_CONDITION};
 use super::world::World;
 use super::{display, phase_of, Error, Reconciler};
 use crate::builders::ANNOTATION_SWITCHOVER;
+use crate::conditions::{FAILOVER_REQUIRED_CONDITION, SWITCHOVER_CONDITION};
 use crate::crd::{IdentityMeshClusterStatus, Phase};
 use crate::cutover::{self, plan, Plan, PlanInput};
 use crate::observe::{self, set_condition};

@@ -7,13 +7,13 @@ use std::sync::Arc;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::events::EventType;
 
-use super::status::CANARY_CONDITION;
 use super::world::World;
 use super::Reconciler;
 use crate::checks::{
     admin_ui_condition, admin_ui_not_asked, canary_condition, canary_plan, relays_condition,
     relays_not_asked, CanaryPlan, CondValue, CANARY_WAIT,
 };
+use crate::conditions::CANARY_CONDITION;
 use crate::crd::IdentityMeshClusterStatus;
 use crate::observe;
 use crate::podclient::InstanceApi;

@@ -8,7 +8,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::events::EventType;
 
-use super::status::{CERTIFICATES_CONDITION, KEYRING_CONDITION, SECRETS_CONDITION};
 use super::{Error, Reconciler};
 use crate::builders::config::build_ca_config_map;
 use crate::builders::secret::{
@@ -16,6 +15,7 @@ use crate::builders::secret::{
 };
 use crate::builders::FIELD_MANAGER;
 use crate::certs::{self, CertAndKey};
+use crate::conditions::{CERTIFICATES_CONDITION, KEYRING_CONDITION, SECRETS_CONDITION};
 use crate::crd::{CertificateExpiry, IdentityMeshClusterStatus};
 use crate::keyring::{KeyRing, KEYRING_KEY};
 use crate::observe;

@@ -6,9 +6,10 @@ use std::sync::Arc;
 
 use kube::api::{Api, Patch, PatchParams, PostParams};
 
-use super::status::{self, Inputs, Steps, SWITCHOVER_CONDITION};
+use super::status::{self, Inputs, Steps};
 use super::{Error, Reconciler};
 use crate::builders::{ANNOTATION_SWITCHOVER, FIELD_MANAGER};
+use crate::conditions::SWITCHOVER_CONDITION;
 use crate::crd::{IdentityMeshCluster, IdentityMeshClusterStatus};
 use crate::observe::set_condition;
 

@@ -8,9 +8,9 @@ use serde_json::{json, Value};
 
 use super::driver::STEADY_REQUEUE;
 use super::fakes::{put, selector_of, Fake, Harness, Store};
-use super::status::{POD_START_CONDITION, SPEC_REJECTED_CONDITION};
 use super::*;
 use crate::builders::ANNOTATION_SWITCHOVER;
+use crate::conditions::{POD_START_CONDITION, SPEC_REJECTED_CONDITION};
 use crate::crd::Role;
 use crate::podclient::{CanaryReport, CanaryRun, InstanceRow, RelayReport, UiReport};
 use crate::{certs, observe};
