@@ -17,7 +17,7 @@
 use identitymesh_relay::agent::{Agent, AgentStats};
 use identitymesh_relay::backoff::RetryPolicy;
 use identitymesh_relay::config::RelaySettings;
-use identitymesh_relay::connect::{Endpoint, ResolveOverride};
+use identitymesh_relay::endpoint::{Endpoint, ResolveOverride};
 use identitymesh_relay::handlers::HandlerRegistry;
 use identitymesh_relay::tls::Trust;
 use identitymesh_signalr::hub::{

@@ -1,7 +1,7 @@
 //! Relay configuration: a TOML file written by `enroll`, overridable by flags.
 
 use crate::backoff::RetryPolicy;
-use crate::connect::{Endpoint, ResolveOverride};
+use crate::endpoint::{Endpoint, ResolveOverride};
 use crate::tls::Trust;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};

@@ -5,6 +5,7 @@ pub mod backoff;
 pub mod config;
 pub mod connect;
 pub mod directory;
+pub mod endpoint;
 pub mod handlers;
 pub mod session;
 pub mod tls;

@@ -14,6 +14,7 @@ pub mod problem;
 pub mod secrets;
 pub mod serve;
 pub mod session;
+pub mod state;
 pub mod store;
 pub mod sync;
 #[cfg(test)]

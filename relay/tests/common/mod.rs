@@ -4,7 +4,7 @@
 
 use identitymesh_relay::backoff::RetryPolicy;
 use identitymesh_relay::config::RelaySettings;
-use identitymesh_relay::connect::{Endpoint, ResolveOverride};
+use identitymesh_relay::endpoint::{Endpoint, ResolveOverride};
 use identitymesh_relay::tls::Trust;
 use identitymesh_signalr::hub::{
     router, AuthError, ConnectionInfo, HubBackend, HubConfig, HubHandle, InvocationContext,
@@ -172,22 +172,7 @@ impl Drop for TlsServer {
     }
 }
 
-pub fn bind_retry(port: u16) -> std::net::TcpListener {
-    let mut tries = 0;
-    loop {
-        match std::net::TcpListener::bind(("127.0.0.1", port)) {
-            Ok(l) => {
-                l.set_nonblocking(true).unwrap();
-                return l;
-            }
-            Err(_) if tries < 50 => {
-                tries += 1;
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            Err(e) => panic!("bind 127.0.0.1:{port}: {e}"),
-        }
-    }
-}
+pub use identitymesh_test_support::net::bind_retry;
 
 /// Settings for an in-process agent with fast retries.
 pub fn settings(server: &TlsServer, pki: &Pki, token: &str) -> RelaySettings {

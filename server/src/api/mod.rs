@@ -5,9 +5,6 @@
 //! the OpenAPI document ([`openapi`]) derive from that one table. This module holds what the
 //! areas share: the state, the caller, the problem mapping, the routers.
 
-use std::path::PathBuf;
-use std::sync::Arc;
-
 use axum::extract::DefaultBodyLimit;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::Router;
@@ -20,26 +17,14 @@ pub mod internal;
 pub mod openapi;
 pub mod sync;
 
-use crate::auth::{Authenticator, Permission, Principal};
-use crate::engine::Engine;
+use crate::auth::{Permission, Principal};
 use crate::problem::Problem;
 use crate::store::StoreError;
 
+pub use crate::state::AppState;
+
 /// Requests larger than this are refused with 413 before they are parsed.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
-
-#[derive(Clone)]
-pub struct AppState {
-    pub engine: Arc<Engine>,
-    pub auth: Arc<Authenticator>,
-    pub licence_file: Option<PathBuf>,
-    /// The relay hub, to disconnect a revoked relay at once.
-    pub hub: Option<identitymesh_signalr::hub::HubHandle>,
-    /// Connector runs, schedules, secrets (absent in tests of the bare API).
-    pub sync: Option<Arc<crate::sync::runner::SyncEngine>>,
-    /// Browser sessions sealed with the key ring's cookie keys (absent: bearer tokens only).
-    pub sessions: Option<Arc<crate::session::Sessions>>,
-}
 
 /// Every Admin API route's slice of the route table.
 const ROUTE_TABLE: &[&[RouteSpec]] = &[

@@ -3,7 +3,10 @@
 
 use super::openapi::openapi_document;
 use super::*;
+use std::sync::Arc;
+
 use crate::auth::testing::TestIssuer;
+use crate::auth::Authenticator;
 use crate::store::Store;
 use axum::body::Body;
 use axum::http::Request;

@@ -19,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 
-use crate::api::AppState;
+use crate::state::AppState;
 
 pub(crate) use call::enc;
 pub use call::Refusal;

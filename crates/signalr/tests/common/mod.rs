@@ -126,21 +126,4 @@ impl Drop for TestServer {
 #[allow(unused_imports)]
 pub use identitymesh_test_support::wait::wait_until;
 
-/// The previous instance's socket may linger for a moment after a kill; retry the bind.
-pub fn bind_retry(port: u16) -> std::net::TcpListener {
-    let mut tries = 0;
-    loop {
-        match std::net::TcpListener::bind(("127.0.0.1", port)) {
-            Ok(l) => {
-                l.set_nonblocking(true).unwrap();
-                return l;
-            }
-            Err(e) if tries < 50 => {
-                tries += 1;
-                let _ = e;
-                std::thread::sleep(std::time::Duration::from_millis(100));
-            }
-            Err(e) => panic!("bind 127.0.0.1:{port}: {e}"),
-        }
-    }
-}
+pub use identitymesh_test_support::net::bind_retry;
