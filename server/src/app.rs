@@ -80,7 +80,8 @@ pub async fn run(
         handshake_timeout: Duration::from_millis(cfg.hub.handshake_timeout_ms),
         ..Default::default()
     };
-    let (hub_routes, hub) = crate::hub::start(engine.clone(), hub_config, stop_rx.clone());
+    let (hub_routes, hub, hub_task) =
+        crate::hub::start(engine.clone(), hub_config, stop_rx.clone());
     let ring = load_keyring(mode, &cfg)?;
     let sessions = sessions(mode, &cfg, &ring)?;
     let secrets = crate::secrets::Secrets::new(store.clone(), ring);
@@ -149,6 +150,7 @@ pub async fn run(
     for s in servers {
         let _ = s.await;
     }
+    let _ = hub_task.await;
     let _ = engine_task.await;
     let _ = schedule_task.await;
     let _ = retention_task.await;

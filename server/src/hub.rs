@@ -153,12 +153,18 @@ impl HubBackend for RelayBackend {
     }
 }
 
-/// Builds the hub routes and starts the tasks that follow the role and refresh last-seen times.
+/// How long a stopping server waits for its relay connections to send their Close and end.
+const CLOSE_DRAIN: Duration = Duration::from_secs(3);
+
+/// Builds the hub routes and starts the task that follows the role and refreshes last-seen
+/// times. The task ends once `stop` fired and the connections it closed have ended (at most
+/// [`CLOSE_DRAIN`]): awaiting it before the process exits is what lets every relay read its
+/// Close with allowReconnect instead of a dropped socket.
 pub fn start<S: Clone + Send + Sync + 'static>(
     engine: Arc<Engine>,
     config: HubConfig,
     mut stop: watch::Receiver<bool>,
-) -> (axum::Router<S>, HubHandle) {
+) -> (axum::Router<S>, HubHandle, tokio::task::JoinHandle<()>) {
     let backend = Arc::new(RelayBackend {
         engine: engine.clone(),
         refused: std::sync::Mutex::new(RefusedCredentials::new(Duration::from_secs(30), 4096)),
@@ -167,7 +173,7 @@ pub fn start<S: Clone + Send + Sync + 'static>(
     let mut roles = engine.subscribe();
     let h = handle.clone();
     let e = engine.clone();
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let mut seen = tokio::time::interval(Duration::from_secs(10));
         loop {
             let active = roles.borrow_and_update().role == Role::Active;
@@ -189,12 +195,16 @@ pub fn start<S: Clone + Send + Sync + 'static>(
                 _ = stop.changed() => {
                     h.set_accepting(false);
                     h.close_all(Some("server shutting down".into()));
+                    let deadline = tokio::time::Instant::now() + CLOSE_DRAIN;
+                    while h.connection_count() > 0 && tokio::time::Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
                     break;
                 }
             }
         }
     });
-    (router, handle)
+    (router, handle, task)
 }
 
 #[cfg(test)]
