@@ -174,8 +174,19 @@ async fn main() {
             .collect(),
         Err(_) => vec![Kind::Switchover, Kind::Kill, Kind::Heartbeat],
     };
+    // kube-proxy's sync lag on a real cluster; IM_BENCH_PROXY_DELAY_MS=0 measures without it.
+    let proxy_delay = Duration::from_millis(
+        std::env::var("IM_BENCH_PROXY_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1000),
+    );
     init_tracing();
-    let mut env = Env::start(EnvOptions::default()).await;
+    let mut env = Env::start(EnvOptions {
+        proxy_delay,
+        ..EnvOptions::default()
+    })
+    .await;
     let st = env.wait_settled("the first settled state").await;
     env.wait_service_active(st.epoch, WAIT).await;
     let addr = env.proxy_addr().await;
@@ -183,9 +194,10 @@ async fn main() {
     let poller = Poller::start(addr, env.service_dns(), ca);
 
     println!(
-        "cutover bench: {reps} repetitions per kind; failover.unhealthyAfterSeconds {UNHEALTHY_AFTER_SECONDS}; node-monitor-grace-period {}; client polls every {} ms",
+        "cutover bench: {reps} repetitions per kind; failover.unhealthyAfterSeconds {UNHEALTHY_AFTER_SECONDS}; node-monitor-grace-period {}; client polls every {} ms; Service proxy applies EndpointSlice changes {} ms after they happen",
         identitymesh_tests::controlplane::NODE_MONITOR_GRACE_PERIOD,
-        POLL.as_millis()
+        POLL.as_millis(),
+        proxy_delay.as_millis()
     );
     let mut report = Vec::new();
     for kind in kinds {

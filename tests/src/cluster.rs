@@ -30,6 +30,9 @@ pub struct ClusterOptions {
     pub linux_nodes: usize,
     /// Image repository (tag stripped, e.g. `test/http`) → local binary run for it.
     pub images: HashMap<String, PathBuf>,
+    /// How long after an EndpointSlice or Service change the Service proxy applies it (kube-proxy's
+    /// sync lag on a real cluster, about 1 s); zero by default so tests settle quickly.
+    pub proxy_delay: Duration,
 }
 
 impl ClusterOptions {
@@ -38,6 +41,11 @@ impl ClusterOptions {
             windows_nodes: nodes,
             ..Default::default()
         }
+    }
+
+    pub fn proxy_delay(mut self, delay: Duration) -> ClusterOptions {
+        self.proxy_delay = delay;
+        self
     }
 
     pub fn image(mut self, repository: &str, binary: impl Into<PathBuf>) -> ClusterOptions {
@@ -175,7 +183,7 @@ impl Cluster {
                 .collect(),
         )
         .await?;
-        let proxy = ServiceProxy::start(client.clone());
+        let proxy = ServiceProxy::start(client.clone(), opts.proxy_delay);
         teardown.keep = false;
         Ok(Cluster {
             proxy,

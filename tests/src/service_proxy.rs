@@ -4,12 +4,17 @@
 //! Endpoints are chosen per connection (round robin over the ready ones, re-resolved on every
 //! new connection); forwarded connections whose endpoint leaves the ready set are closed, as
 //! conntrack flushing does for removed endpoints.
+//!
+//! A change of Services or EndpointSlices reaches the listeners `delay` after the proxy saw it
+//! ([`ServiceProxy::start`]): on a real cluster kube-proxy programs its rules on a sync period
+//! (about 1 s), so a cutover's clients see the swing that much later. Each change keeps its own
+//! delay (a snapshot per change, applied when due), so a burst is not applied early.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Service;
@@ -41,9 +46,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl ServiceProxy {
-    pub fn start(client: kube::Client) -> ServiceProxy {
+    /// Watches Services and EndpointSlices and applies what they say `delay` after each change.
+    pub fn start(client: kube::Client, delay: Duration) -> ServiceProxy {
         let listeners: Arc<Mutex<Listeners>> = Arc::default();
-        let task = tokio::spawn(sync_loop(client, listeners.clone()));
+        let task = tokio::spawn(sync_loop(client, listeners.clone(), delay));
         ServiceProxy { listeners, task }
     }
 
@@ -77,7 +83,10 @@ impl Drop for ServiceProxy {
     }
 }
 
-async fn sync_loop(client: kube::Client, listeners: Arc<Mutex<Listeners>>) {
+/// What the listeners should forward to: (namespace, service, port) → ready endpoints.
+type Wanted = HashMap<(String, String, u16), BTreeSet<SocketAddr>>;
+
+async fn sync_loop(client: kube::Client, listeners: Arc<Mutex<Listeners>>, delay: Duration) {
     let (svc_reader, svc_writer) = reflector::store::<Service>();
     let (eps_reader, eps_writer) = reflector::store::<EndpointSlice>();
     let (tx, mut rx) = watch::channel(0u64);
@@ -113,17 +122,67 @@ async fn sync_loop(client: kube::Client, listeners: Arc<Mutex<Listeners>>) {
         }
     }
     let _guard = AbortOnDrop(vec![w1, w2]);
+    let mut pending = Delayed::new(delay);
     loop {
         tokio::select! {
-            r = rx.changed() => if r.is_err() { return },
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            r = rx.changed() => {
+                if r.is_err() { return }
+                pending.push(Instant::now(), wanted(&svc_reader, &eps_reader));
+            }
+            _ = sleep_until(pending.next_due()) => {}
+            // A periodic resync, as kube-proxy's, in case a notification was coalesced.
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                pending.push(Instant::now(), wanted(&svc_reader, &eps_reader));
+            }
         }
-        sync(&svc_reader, &eps_reader, &listeners).await;
+        if let Some(w) = pending.take_due(Instant::now()) {
+            apply(w, &listeners);
+        }
     }
 }
 
-async fn sync(svcs: &Store<Service>, eps: &Store<EndpointSlice>, listeners: &Mutex<Listeners>) {
-    let mut wanted: HashMap<(String, String, u16), BTreeSet<SocketAddr>> = HashMap::new();
+/// Snapshots taken when a change was seen, each due `delay` later.
+struct Delayed<T> {
+    delay: Duration,
+    queue: VecDeque<(Instant, T)>,
+}
+
+impl<T> Delayed<T> {
+    fn new(delay: Duration) -> Self {
+        Delayed {
+            delay,
+            queue: VecDeque::new(),
+        }
+    }
+
+    fn push(&mut self, seen: Instant, snapshot: T) {
+        self.queue.push_back((seen + self.delay, snapshot));
+    }
+
+    fn next_due(&self) -> Option<Instant> {
+        self.queue.front().map(|(due, _)| *due)
+    }
+
+    /// The newest snapshot that is due at `now` (older due ones are superseded by it).
+    fn take_due(&mut self, now: Instant) -> Option<T> {
+        let mut due = None;
+        while self.queue.front().is_some_and(|(at, _)| *at <= now) {
+            due = self.queue.pop_front().map(|(_, w)| w);
+        }
+        due
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Pure: the forwarding the Services and their slices ask for now.
+fn wanted(svcs: &Store<Service>, eps: &Store<EndpointSlice>) -> Wanted {
+    let mut wanted = Wanted::new();
     for svc in svcs.state() {
         let ns = svc.metadata.namespace.clone().unwrap_or_default();
         let name = svc.metadata.name.clone().unwrap_or_default();
@@ -176,6 +235,10 @@ async fn sync(svcs: &Store<Service>, eps: &Store<EndpointSlice>, listeners: &Mut
             }
         }
     }
+    wanted
+}
+
+fn apply(wanted: Wanted, listeners: &Mutex<Listeners>) {
     let mut map = lock(listeners);
     map.retain(|k, e| {
         let keep = wanted.contains_key(k);
@@ -370,6 +433,34 @@ mod tests {
 
     /// Each connection goes where the target names at that moment; none closes it; aborting
     /// the task closes the connections it forwards too.
+    #[test]
+    fn a_change_is_applied_only_once_its_delay_has_passed() {
+        let t0 = Instant::now();
+        let s = Duration::from_millis;
+        let mut d = Delayed::new(s(1000));
+        assert_eq!(d.take_due(t0), None);
+        d.push(t0, "swing");
+        d.push(t0 + s(400), "swing again");
+        assert_eq!(d.next_due(), Some(t0 + s(1000)));
+        assert_eq!(d.take_due(t0 + s(999)), None, "not before its delay");
+        assert_eq!(d.take_due(t0 + s(1000)), Some("swing"));
+        assert_eq!(
+            d.take_due(t0 + s(1000)),
+            None,
+            "the later change keeps its own delay"
+        );
+        assert_eq!(d.take_due(t0 + s(1400)), Some("swing again"));
+        // Both due at once: the newer one is what the proxy applies.
+        d.push(t0, "a");
+        d.push(t0 + s(1), "b");
+        assert_eq!(d.take_due(t0 + s(5000)), Some("b"));
+        assert_eq!(d.next_due(), None);
+        // No delay: due at once.
+        let mut z = Delayed::new(Duration::ZERO);
+        z.push(t0, 1);
+        assert_eq!(z.take_due(t0), Some(1));
+    }
+
     #[tokio::test]
     async fn forward_each_follows_the_target_and_stops_with_its_task() {
         let up = echo().await;

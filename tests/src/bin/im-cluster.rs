@@ -1,9 +1,10 @@
 //! Starts a harness cluster for manual use and keeps it up until Ctrl-C.
 //!
-//! `im-cluster [--windows N] [--linux N] [--image REPO=BINARY]...`
+//! `im-cluster [--windows N] [--linux N] [--proxy-delay-ms MS] [--image REPO=BINARY]...`
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use identitymesh_tests::{Cluster, ClusterOptions};
 
@@ -12,6 +13,7 @@ fn parse() -> anyhow::Result<ClusterOptions> {
         windows_nodes: 2,
         linux_nodes: 0,
         images: HashMap::new(),
+        proxy_delay: Duration::ZERO,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -22,6 +24,7 @@ fn parse() -> anyhow::Result<ClusterOptions> {
         match a.as_str() {
             "--windows" => opts.windows_nodes = value()?.parse()?,
             "--linux" => opts.linux_nodes = value()?.parse()?,
+            "--proxy-delay-ms" => opts.proxy_delay = Duration::from_millis(value()?.parse()?),
             "--image" => {
                 let v = value()?;
                 let (repo, bin) = v

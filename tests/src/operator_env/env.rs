@@ -28,6 +28,8 @@ pub struct EnvOptions {
     /// the operator's pods do not get): the harness runs a wrapper script that sets it and
     /// execs the server, so the pod's own spec stays what the operator built.
     pub server_env: Vec<(String, String)>,
+    /// The Service proxy's propagation lag ([`ClusterOptions::proxy_delay`]).
+    pub proxy_delay: Duration,
 }
 
 impl Default for EnvOptions {
@@ -37,6 +39,7 @@ impl Default for EnvOptions {
             unhealthy_after_seconds: UNHEALTHY_AFTER_SECONDS,
             helm: false,
             server_env: Vec::new(),
+            proxy_delay: Duration::ZERO,
         }
     }
 }
@@ -218,7 +221,9 @@ impl Env {
             server = server_wrapper(&dir, &server, &opts.server_env);
         }
         let cluster = Cluster::start(
-            ClusterOptions::windows(opts.windows_nodes).image(SERVER_IMAGE, &server),
+            ClusterOptions::windows(opts.windows_nodes)
+                .proxy_delay(opts.proxy_delay)
+                .image(SERVER_IMAGE, &server),
         )
         .await
         .unwrap_or_else(|e| {
