@@ -169,7 +169,7 @@ async fn csv_import(
     ];
     let mut stream = server
         .handle
-        .invoke_stream(&cid, "DirectoryImport", args, 4)
+        .invoke_stream(&cid, identitymesh_contract::hub::DIRECTORY_IMPORT, args, 4)
         .await
         .map_err(|e| e.to_string())?;
     loop {

@@ -29,3 +29,15 @@ pub mod tools;
 
 pub use cluster::{Cluster, ClusterOptions};
 pub use error::{Error, Result};
+
+/// Log lines of the harness into the test's output (shown when a test fails), at `default`
+/// (e.g. `identitymesh_tests=info`) unless RUST_LOG says otherwise. Once per process.
+pub fn init_test_tracing(default: &str) {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default.into()),
+        )
+        .with_test_writer()
+        .try_init();
+}

@@ -41,14 +41,9 @@ pub const WAIT: Duration = Duration::from_secs(90);
 /// has two cores shared with other work.
 pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// The operator tests log the harness's warnings only: their cutovers are many.
 pub fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "identitymesh_tests=warn".into()),
-        )
-        .with_test_writer()
-        .try_init();
+    crate::init_test_tracing("identitymesh_tests=warn");
 }
 
 fn workspace_root() -> PathBuf {

@@ -19,13 +19,7 @@ pub fn options() -> ClusterOptions {
 }
 
 pub fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "identitymesh_tests=info".into()),
-        )
-        .with_test_writer()
-        .try_init();
+    identitymesh_tests::init_test_tracing("identitymesh_tests=info");
 }
 
 /// One HTTP/1.1 GET; returns (status, body).
