@@ -22,7 +22,7 @@ pub struct RoleStatus {
     pub epoch: i64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct DemoteOutcome {
     pub role: Role,
     pub epoch: i64,
