@@ -166,8 +166,18 @@ impl Cluster {
             forwarders.push(forward_all(listener, api_target));
         }
 
+        // Services first, so their names resolve and their ClusterIPs answer in the node
+        // namespaces by the time pods start.
+        let dns = crate::cluster_dns::ClusterDns::default();
+        let proxy = ServiceProxy::start(
+            client.clone(),
+            opts.proxy_delay,
+            node_nets.clone(),
+            dns.clone(),
+        );
         let runtime = Arc::new(RuntimeCtx {
             client: client.clone(),
+            dns,
             run_dir: run_dir.clone(),
             images: opts.images.clone(),
             table: teardown.table.clone(),
@@ -183,7 +193,6 @@ impl Cluster {
                 .collect(),
         )
         .await?;
-        let proxy = ServiceProxy::start(client.clone(), opts.proxy_delay);
         teardown.keep = false;
         Ok(Cluster {
             proxy,

@@ -182,6 +182,7 @@ impl ControlPlane {
                     cwd: Some(run_dir),
                     log: &logs.join(format!("{name}.log")),
                     netns: None,
+                    sandbox: None,
                 },
             )?;
             children.push(child);
@@ -199,7 +200,7 @@ impl ControlPlane {
             format!("--service-account-key-file={}", p(&pki.sa_pub)),
             format!("--service-account-signing-key-file={}", p(&pki.sa_key)),
             s("--service-account-issuer=https://kubernetes.default.svc.cluster.local"),
-            s("--service-cluster-ip-range=10.96.0.0/16"),
+            format!("--service-cluster-ip-range={}", crate::netns::SERVICE_CIDR),
             s("--authorization-mode=RBAC"),
             s("--allow-privileged=true"),
             s("--profiling=false"),

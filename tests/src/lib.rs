@@ -14,6 +14,7 @@
 
 pub mod chaos;
 pub mod cluster;
+pub mod cluster_dns;
 pub mod controlplane;
 pub mod error;
 pub mod faults;

@@ -20,6 +20,10 @@ use crate::tools::ip_command;
 
 const LOCK_DIR: &str = "/run/identitymesh-harness";
 const NETNS_DIR: &str = "/var/run/netns";
+/// The apiserver's --service-cluster-ip-range.
+pub const SERVICE_CIDR: &str = "10.96.0.0/16";
+/// The `kubernetes` Service's ClusterIP: the first address of [`SERVICE_CIDR`].
+pub const KUBERNETES_SERVICE_IP: &str = "10.96.0.1";
 /// Nodes per slot: each takes a /30 of the slot's /24.
 pub const MAX_NODES: usize = 64;
 
@@ -164,6 +168,31 @@ impl Network {
             ])?;
             r(&["-n", &net.netns, "link", "set", &ns_veth, "up"])?;
             r(&["-n", &net.netns, "link", "set", "lo", "up"])?;
+            // Pod to pod across nodes: through the host, which forwards between this slot's
+            // veths only (per-interface forwarding; the host's own setting is left alone).
+            r(&[
+                "-n",
+                &net.netns,
+                "route",
+                "add",
+                &format!("10.201.{slot}.0/24"),
+                "via",
+                &net.host_ip.to_string(),
+            ])?;
+            let fwd = format!("/proc/sys/net/ipv4/conf/{}/forwarding", net.host_veth);
+            std::fs::write(&fwd, "1").ctx(|| format!("write {fwd}"))?;
+            // Every ClusterIP is local here, so the Service proxy can listen on it inside the
+            // namespace (kube-proxy's rules would catch it on the way out instead).
+            r(&[
+                "-n",
+                &net.netns,
+                "route",
+                "add",
+                "local",
+                SERVICE_CIDR,
+                "dev",
+                "lo",
+            ])?;
         }
         Ok(network)
     }

@@ -46,7 +46,7 @@ impl Pki {
             "kubernetes.default.svc".into(),
             "kubernetes.default.svc.cluster.local".into(),
             // First address of the service CIDR: the `kubernetes` Service's ClusterIP.
-            "10.96.0.1".into(),
+            crate::netns::KUBERNETES_SERVICE_IP.into(),
         ];
         sans.extend(extra_ips.iter().map(|ip| ip.to_string()));
         let sans: Vec<&str> = sans.iter().map(String::as_str).collect();

@@ -119,6 +119,131 @@ pub struct Spec<'a> {
     pub log: &'a Path,
     /// Network namespace file (e.g. /var/run/netns/NAME) to enter before exec.
     pub netns: Option<&'a Path>,
+    /// A mount and UTS namespace of its own, set up before exec (a pod's container).
+    pub sandbox: Option<&'a Sandbox>,
+}
+
+/// What a container sees that the host does not: its hostname and its bind mounts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Sandbox {
+    pub hostname: String,
+    /// Applied in order, so a mount under another one comes after it.
+    pub binds: Vec<Bind>,
+}
+
+/// `source` (a host path) appears at `target` inside the sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bind {
+    pub source: std::path::PathBuf,
+    pub target: std::path::PathBuf,
+    pub read_only: bool,
+}
+
+impl Sandbox {
+    /// Creates each missing mount point on the host (a directory for a directory source, an
+    /// empty file for a file): a bind mount needs an existing target of the same kind. Empty
+    /// mount points are all a sandbox leaves on the host.
+    pub fn prepare(&self) -> Result<()> {
+        for b in &self.binds {
+            if b.target.exists() {
+                continue;
+            }
+            if b.source.is_dir() {
+                std::fs::create_dir_all(&b.target)
+                    .ctx(|| format!("create mount point {}", b.target.display()))?;
+            } else {
+                if let Some(parent) = b.target.parent() {
+                    std::fs::create_dir_all(parent)
+                        .ctx(|| format!("create {}", parent.display()))?;
+                }
+                OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(&b.target)
+                    .ctx(|| format!("create mount point {}", b.target.display()))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The sandbox as C strings, made before fork: the child may only make syscalls.
+struct SandboxC {
+    hostname: std::ffi::CString,
+    binds: Vec<(std::ffi::CString, std::ffi::CString, bool)>,
+}
+
+fn c_path(p: &Path) -> Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| {
+        crate::error::Error::Other(format!("path {} contains a NUL byte", p.display()))
+    })
+}
+
+impl SandboxC {
+    fn new(s: &Sandbox) -> Result<SandboxC> {
+        let hostname = std::ffi::CString::new(s.hostname.as_bytes()).map_err(|_| {
+            crate::error::Error::Other(format!("hostname {:?} contains a NUL byte", s.hostname))
+        })?;
+        let binds = s
+            .binds
+            .iter()
+            .map(|b| Ok((c_path(&b.source)?, c_path(&b.target)?, b.read_only)))
+            .collect::<Result<_>>()?;
+        Ok(SandboxC { hostname, binds })
+    }
+
+    /// In the child, between fork and exec: new mount and UTS namespaces, nothing propagated
+    /// back to the host, then the hostname and the bind mounts.
+    ///
+    /// # Safety
+    /// Only syscalls on memory prepared before fork.
+    unsafe fn enter(&self) -> std::io::Result<()> {
+        let err = std::io::Error::last_os_error;
+        if libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWUTS) != 0 {
+            return Err(err());
+        }
+        let root = c"/";
+        if libc::mount(
+            std::ptr::null(),
+            root.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(err());
+        }
+        let name = self.hostname.as_bytes();
+        if libc::sethostname(self.hostname.as_ptr(), name.len()) != 0 {
+            return Err(err());
+        }
+        for (source, target, read_only) in &self.binds {
+            if libc::mount(
+                source.as_ptr(),
+                target.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND | libc::MS_REC,
+                std::ptr::null(),
+            ) != 0
+            {
+                return Err(err());
+            }
+            if *read_only
+                && libc::mount(
+                    std::ptr::null(),
+                    target.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+                    std::ptr::null(),
+                ) != 0
+            {
+                return Err(err());
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Starts a process, records its pid and returns the child (reaped by tokio).
@@ -146,7 +271,15 @@ pub fn spawn(table: &ProcessTable, spec: Spec<'_>) -> Result<(u32, Child)> {
         None => None,
     };
     let netns_fd = netns.as_ref().map(|f| f.as_raw_fd());
-    // SAFETY: the closure only makes async-signal-safe syscalls (prctl, setns).
+    let sandbox = match spec.sandbox {
+        Some(s) => {
+            s.prepare()?;
+            Some(SandboxC::new(s)?)
+        }
+        None => None,
+    };
+    // SAFETY: the closure only makes async-signal-safe syscalls (prctl, setns, unshare, mount,
+    // sethostname) on memory prepared before fork.
     unsafe {
         cmd.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
@@ -156,6 +289,9 @@ pub fn spawn(table: &ProcessTable, spec: Spec<'_>) -> Result<(u32, Child)> {
                 if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
+            }
+            if let Some(s) = &sandbox {
+                s.enter()?;
             }
             Ok(())
         });

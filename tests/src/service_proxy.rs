@@ -1,5 +1,8 @@
 //! A Service proxy, as kube-proxy would be: for every Service port a TCP listener on
-//! 127.0.0.1:<free port> forwarding to a ready endpoint from the Service's EndpointSlices.
+//! 127.0.0.1:<free port> (for the tests) and, inside every node's network namespace, one on the
+//! Service's ClusterIP and port (for pods, which reach it by its cluster DNS name), each
+//! forwarding to a ready endpoint from the Service's EndpointSlices. A node whose link is cut
+//! reaches no Service, as on a real cluster.
 //!
 //! Endpoints are chosen per connection (round robin over the ready ones, re-resolved on every
 //! new connection); forwarded connections whose endpoint leaves the ready set are closed, as
@@ -26,14 +29,27 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::cluster_dns::{self, ClusterDns};
+use crate::netns::NodeNet;
+
 /// (namespace, service, port) → listener address.
 type Listeners = HashMap<(String, String, u16), ListenerEntry>;
 
 struct ListenerEntry {
     addr: SocketAddr,
+    cluster_ip: Option<IpAddr>,
     /// Current ready endpoints; forwarding tasks watch it.
     endpoints: watch::Sender<BTreeSet<SocketAddr>>,
-    task: JoinHandle<()>,
+    /// The loopback listener's task, then one per node namespace (ClusterIP:port).
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl ListenerEntry {
+    fn stop(&self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
 }
 
 pub struct ServiceProxy {
@@ -46,10 +62,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl ServiceProxy {
-    /// Watches Services and EndpointSlices and applies what they say `delay` after each change.
-    pub fn start(client: kube::Client, delay: Duration) -> ServiceProxy {
+    /// Watches Services and EndpointSlices and applies what they say `delay` after each change,
+    /// for the tests on loopback and for the pods in the namespaces of `nodes`; keeps `dns`
+    /// current (at once: cluster DNS has no sync period to speak of).
+    pub fn start(
+        client: kube::Client,
+        delay: Duration,
+        nodes: Vec<NodeNet>,
+        dns: ClusterDns,
+    ) -> ServiceProxy {
         let listeners: Arc<Mutex<Listeners>> = Arc::default();
-        let task = tokio::spawn(sync_loop(client, listeners.clone(), delay));
+        let task = tokio::spawn(sync_loop(client, listeners.clone(), delay, nodes, dns));
         ServiceProxy { listeners, task }
     }
 
@@ -78,15 +101,29 @@ impl Drop for ServiceProxy {
     fn drop(&mut self) {
         self.task.abort();
         for (_, e) in lock(&self.listeners).drain() {
-            e.task.abort();
+            e.stop();
         }
     }
 }
 
-/// What the listeners should forward to: (namespace, service, port) → ready endpoints.
-type Wanted = HashMap<(String, String, u16), BTreeSet<SocketAddr>>;
+/// What one Service port should forward to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Want {
+    cluster_ip: Option<IpAddr>,
+    ready: BTreeSet<SocketAddr>,
+}
 
-async fn sync_loop(client: kube::Client, listeners: Arc<Mutex<Listeners>>, delay: Duration) {
+/// What the listeners should forward to: (namespace, service, port) → its ClusterIP and ready
+/// endpoints.
+type Wanted = HashMap<(String, String, u16), Want>;
+
+async fn sync_loop(
+    client: kube::Client,
+    listeners: Arc<Mutex<Listeners>>,
+    delay: Duration,
+    nodes: Vec<NodeNet>,
+    dns: ClusterDns,
+) {
     let (svc_reader, svc_writer) = reflector::store::<Service>();
     let (eps_reader, eps_writer) = reflector::store::<EndpointSlice>();
     let (tx, mut rx) = watch::channel(0u64);
@@ -128,6 +165,11 @@ async fn sync_loop(client: kube::Client, listeners: Arc<Mutex<Listeners>>, delay
             r = rx.changed() => {
                 if r.is_err() { return }
                 pending.push(Instant::now(), wanted(&svc_reader, &eps_reader));
+                let (svcs, slices) = (svc_reader.state(), eps_reader.state());
+                dns.set(cluster_dns::records(
+                    svcs.iter().map(|s| s.as_ref()),
+                    slices.iter().map(|s| s.as_ref()),
+                ));
             }
             _ = sleep_until(pending.next_due()) => {}
             // A periodic resync, as kube-proxy's, in case a notification was coalesced.
@@ -136,7 +178,7 @@ async fn sync_loop(client: kube::Client, listeners: Arc<Mutex<Listeners>>, delay
             }
         }
         if let Some(w) = pending.take_due(Instant::now()) {
-            apply(w, &listeners);
+            apply(w, &listeners, &nodes);
         }
     }
 }
@@ -230,24 +272,29 @@ fn wanted(svcs: &Store<Service>, eps: &Store<EndpointSlice>) -> Wanted {
                     }
                 }
             }
+            let cluster_ip = spec
+                .cluster_ip
+                .as_deref()
+                .and_then(|ip| ip.parse::<IpAddr>().ok());
             if let Ok(p) = u16::try_from(port.port) {
-                wanted.insert((ns.clone(), name.clone(), p), ready);
+                wanted.insert((ns.clone(), name.clone(), p), Want { cluster_ip, ready });
             }
         }
     }
     wanted
 }
 
-fn apply(wanted: Wanted, listeners: &Mutex<Listeners>) {
+fn apply(wanted: Wanted, listeners: &Mutex<Listeners>, nodes: &[NodeNet]) {
     let mut map = lock(listeners);
     map.retain(|k, e| {
-        let keep = wanted.contains_key(k);
+        // A Service deleted, or recreated with another ClusterIP: its listeners go.
+        let keep = wanted.get(k).is_some_and(|w| w.cluster_ip == e.cluster_ip);
         if !keep {
-            e.task.abort();
+            e.stop();
         }
         keep
     });
-    for (key, ready) in wanted {
+    for (key, Want { cluster_ip, ready }) in wanted {
         if let Some(e) = map.get(&key) {
             e.endpoints.send_if_modified(|cur| {
                 if *cur != ready {
@@ -275,19 +322,66 @@ fn apply(wanted: Wanted, listeners: &Mutex<Listeners>) {
             continue;
         };
         let (tx, rx) = watch::channel(ready);
-        let task = tokio::spawn(serve(listener, rx));
+        let mut tasks = vec![tokio::spawn(serve(listener, rx.clone(), None))];
+        if let Some(ip) = cluster_ip {
+            let at = SocketAddr::new(ip, key.2);
+            for node in nodes {
+                tasks.push(tokio::spawn(serve_in_node(node.clone(), at, rx.clone())));
+            }
+        }
         map.insert(
             key,
             ListenerEntry {
                 addr,
+                cluster_ip,
                 endpoints: tx,
-                task,
+                tasks,
             },
         );
     }
 }
 
-async fn serve(listener: TcpListener, endpoints: watch::Receiver<BTreeSet<SocketAddr>>) {
+/// The ClusterIP listener inside one node's namespace (its `local` route makes every ClusterIP
+/// bindable there); connections are forwarded from the host, while the node's link is up.
+async fn serve_in_node(
+    node: NodeNet,
+    at: SocketAddr,
+    endpoints: watch::Receiver<BTreeSet<SocketAddr>>,
+) {
+    match crate::netns::bind_in_netns(&node.netns_path(), at).await {
+        Ok(l) => serve(l, endpoints, Some(LinkGate(node.host_veth.clone()))).await,
+        Err(e) => tracing::warn!(node = %node.node, "service proxy: {e}"),
+    }
+}
+
+/// Whether a node's link is up (its host-side veth is not down): a pod on a cut node reaches
+/// no Service through its in-namespace listener either.
+#[derive(Clone)]
+struct LinkGate(String);
+
+impl LinkGate {
+    fn is_up(&self) -> bool {
+        std::fs::read_to_string(format!("/sys/class/net/{}/operstate", self.0))
+            .is_ok_and(|s| s.trim() != "down")
+    }
+
+    async fn down(gate: &Option<LinkGate>) {
+        match gate {
+            None => std::future::pending().await,
+            Some(g) => {
+                while g.is_up() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
+async fn serve(
+    listener: TcpListener,
+    endpoints: watch::Receiver<BTreeSet<SocketAddr>>,
+    gate: Option<LinkGate>,
+) {
     let next = AtomicUsize::new(0);
     let mut conns: Vec<JoinHandle<()>> = Vec::new();
     struct AbortAll<'a>(&'a mut Vec<JoinHandle<()>>);
@@ -304,6 +398,10 @@ async fn serve(listener: TcpListener, endpoints: watch::Receiver<BTreeSet<Socket
             continue;
         };
         guard.0.retain(|t| !t.is_finished());
+        if gate.as_ref().is_some_and(|g| !g.is_up()) {
+            drop(client);
+            continue;
+        }
         // Re-resolve on every connection.
         let ready: Vec<SocketAddr> = endpoints.borrow().iter().copied().collect();
         if ready.is_empty() {
@@ -313,13 +411,18 @@ async fn serve(listener: TcpListener, endpoints: watch::Receiver<BTreeSet<Socket
         }
         let target = ready[next.fetch_add(1, Ordering::Relaxed) % ready.len()];
         let mut rx = endpoints.clone();
+        let gate = gate.clone();
         guard.0.push(tokio::spawn(async move {
             let Ok(Ok(upstream)) =
                 tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(target)).await
             else {
                 return;
             };
-            forward(client, upstream, &mut rx, target).await;
+            tokio::select! {
+                _ = forward(client, upstream, &mut rx, target) => {}
+                // The node's link was cut: its connections break, as packets stop.
+                _ = LinkGate::down(&gate) => {}
+            }
         }));
     }
 }

@@ -5,6 +5,9 @@
 //! - `GET /readyz`  → 200, or 503 when `--ready-file` is given and that file is missing
 //! - `GET /env/NAME` → the value of env var NAME (404 if unset)
 //! - `GET /file?PATH` → contents of PATH
+//! - `GET /hostname` → the kernel's hostname (the pod's UTS namespace)
+//! - `GET /fetch?HOST:PORT/PATH` → the body of `GET /PATH` over plain HTTP from HOST:PORT, the
+//!   name resolved here (the pod's /etc/hosts), 502 with the error when that fails
 //! - anything else → `hello from <HOSTNAME>`
 //!
 //! Exits 0 on SIGTERM (after printing "terminating"), so graceful deletion is observable.
@@ -42,6 +45,11 @@ fn respond(req_line: &str, ready_file: &Option<String>) -> (u16, String) {
             Ok(v) => (200, v),
             Err(e) => (404, e.to_string()),
         },
+        "/hostname" => (200, hostname()),
+        p if p.starts_with("/fetch?") => match fetch(&p[7..]) {
+            Ok(v) => (200, v),
+            Err(e) => (502, e),
+        },
         _ => (
             200,
             format!(
@@ -50,6 +58,51 @@ fn respond(req_line: &str, ready_file: &Option<String>) -> (u16, String) {
             ),
         ),
     }
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it.
+    if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } != 0 {
+        return String::new();
+    }
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// `HOST:PORT/PATH` → the response body (status line checked).
+fn fetch(target: &str) -> Result<String, String> {
+    use std::net::ToSocketAddrs;
+    let (authority, path) = target.split_once('/').unwrap_or((target, ""));
+    let addrs: Vec<_> = authority
+        .to_socket_addrs()
+        .map_err(|e| format!("resolve {authority}: {e}"))?
+        .collect();
+    let addr = addrs
+        .first()
+        .ok_or_else(|| format!("{authority} has no address"))?;
+    let mut s = std::net::TcpStream::connect_timeout(addr, std::time::Duration::from_secs(3))
+        .map_err(|e| format!("connect {authority} ({addr}): {e}"))?;
+    let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+    let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
+    write!(
+        s,
+        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| format!("send to {authority}: {e}"))?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)
+        .map_err(|e| format!("read from {authority}: {e}"))?;
+    let (head, body) = resp
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("{authority} sent no HTTP response"))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(format!(
+            "{authority}: {}",
+            head.lines().next().unwrap_or_default()
+        ));
+    }
+    Ok(body.to_string())
 }
 
 fn handle<S: Read + Write>(stream: S, ready_file: &Option<String>) {

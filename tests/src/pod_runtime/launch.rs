@@ -75,14 +75,13 @@ pub(super) async fn build_launch(
         ),
         ("HOSTNAME".into(), name.clone()),
         ("HOME".into(), pod_dir.display().to_string()),
+        // The `kubernetes` Service, as on a real cluster (its ClusterIP answers inside every
+        // node namespace; the Service proxy forwards it to the apiserver).
         (
             "KUBERNETES_SERVICE_HOST".into(),
-            node.net.host_ip.to_string(),
+            crate::netns::KUBERNETES_SERVICE_IP.into(),
         ),
-        (
-            "KUBERNETES_SERVICE_PORT".into(),
-            ctx.apiserver_port.to_string(),
-        ),
+        ("KUBERNETES_SERVICE_PORT".into(), "443".into()),
         // Every node of this harness is a namespace on one host with one filesystem, so the
         // tests' shared SQLite file is safe; a real cluster needs SQL Server (the server refuses
         // sqlite:// in managed mode without this).

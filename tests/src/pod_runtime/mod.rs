@@ -51,6 +51,8 @@ pub struct RuntimeCtx {
     pub apiserver_port: u16,
     /// Set when the harness is torn down: runners stop touching processes and the API.
     pub shutdown: Arc<AtomicBool>,
+    /// Cluster DNS names, written into each pod's /etc/hosts.
+    pub dns: crate::cluster_dns::ClusterDns,
 }
 
 impl RuntimeCtx {
@@ -280,8 +282,20 @@ async fn run_pod(
             .as_ref()
             .map(|s| s.containers.clone())
             .unwrap_or_default();
+        let hosts = shared.dir.join("etc-hosts");
+        write_hosts(&ctx, &node, &pod, &hosts);
         for (idx, c) in containers.into_iter().enumerate() {
             let mounts = container_mounts(&c, volumes);
+            let mut binds = linux_binds(&c, volumes);
+            binds.push(crate::process::Bind {
+                source: hosts.clone(),
+                target: PathBuf::from("/etc/hosts"),
+                read_only: true,
+            });
+            let sandbox = crate::process::Sandbox {
+                hostname: pod_hostname(&pod),
+                binds,
+            };
             container_tasks.push(tokio::spawn(run_container(
                 ctx.clone(),
                 node.clone(),
@@ -289,6 +303,7 @@ async fn run_pod(
                 idx,
                 c.clone(),
                 mounts,
+                sandbox,
                 shared.clone(),
                 stop_rx.clone(),
             )));
@@ -312,6 +327,7 @@ async fn run_pod(
                 if let Err(e) = materialise_volumes(&ctx, &node, &pod, &shared.dir).await {
                     tracing::debug!(pod = %name, "volume refresh: {e}");
                 }
+                write_hosts(&ctx, &node, &pod, &hosts);
             }
             status.write(&shared, true).await;
         }
@@ -356,6 +372,33 @@ async fn run_pod(
     ctx.registry.remove(&ns, &name, &shared.uid);
 }
 
+/// The pod's hostname: `spec.hostname`, else its name (as kubelet sets it).
+fn pod_hostname(pod: &Pod) -> String {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.hostname.clone())
+        .or_else(|| pod.metadata.name.clone())
+        .unwrap_or_default()
+}
+
+/// The pod's /etc/hosts from the cluster's names, rewritten in place (the bind mount holds the
+/// inode, so a rename would not reach the pod) and only when it changed.
+fn write_hosts(ctx: &RuntimeCtx, node: &NodeCtx, pod: &Pod, path: &Path) {
+    let (ns, _) = pod_ns_name(pod);
+    let text = crate::cluster_dns::hosts_file(
+        &ctx.dns.get(),
+        &ns,
+        &pod_hostname(pod),
+        IpAddr::V4(node.net.node_ip),
+    );
+    if std::fs::read_to_string(path).ok().as_deref() == Some(text.as_str()) {
+        return;
+    }
+    if let Err(e) = std::fs::write(path, text) {
+        tracing::warn!("write {}: {e}", path.display());
+    }
+}
+
 fn exit_of(status: std::process::ExitStatus) -> (i32, String) {
     match (status.code(), status.signal()) {
         (Some(0), _) => (0, "Completed".into()),
@@ -373,6 +416,7 @@ async fn run_container(
     idx: usize,
     spec: Container,
     mounts: Vec<(String, PathBuf)>,
+    sandbox: crate::process::Sandbox,
     shared: Arc<PodShared>,
     mut stop_rx: watch::Receiver<Stop>,
 ) {
@@ -412,6 +456,7 @@ async fn run_container(
                 cwd: Some(&launch.cwd),
                 log: &log,
                 netns: Some(&node.net.netns_path()),
+                sandbox: Some(&sandbox),
             },
         );
         let (pid, mut child): (u32, Child) = match spawned {
@@ -514,7 +559,7 @@ mod volumes;
 
 use launch::build_launch;
 pub use launch::{expand, image_repository};
-use paths::container_mounts;
+use paths::{container_mounts, linux_binds};
 pub use paths::{rewrite_env_value, rewrite_paths};
 use probes::run_probes;
 use status::StatusWriter;

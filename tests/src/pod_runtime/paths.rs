@@ -2,13 +2,9 @@
 
 use super::*;
 
-/// mountPath → local path for one container, longest mountPath first.
-pub(super) fn container_mounts(
-    c: &Container,
-    volumes: &HashMap<String, PathBuf>,
-) -> Vec<(String, PathBuf)> {
-    let mut mounts: Vec<(String, PathBuf)> = c
-        .volume_mounts
+/// A container's volume mounts: (mountPath, local path, readOnly).
+fn mounts_of(c: &Container, volumes: &HashMap<String, PathBuf>) -> Vec<(String, PathBuf, bool)> {
+    c.volume_mounts
         .iter()
         .flatten()
         .filter_map(|m| {
@@ -17,11 +13,45 @@ pub(super) fn container_mounts(
                 Some(sub) if !sub.is_empty() => base.join(sub),
                 _ => base.clone(),
             };
-            Some((m.mount_path.clone(), local))
+            Some((m.mount_path.clone(), local, m.read_only == Some(true)))
         })
+        .collect()
+}
+
+/// Windows-form mountPath → local path for one container, longest mountPath first: these
+/// cannot exist on a Linux host, so references to them in env, args and workingDir are
+/// rewritten to the local directory instead.
+pub(super) fn container_mounts(
+    c: &Container,
+    volumes: &HashMap<String, PathBuf>,
+) -> Vec<(String, PathBuf)> {
+    let mut mounts: Vec<(String, PathBuf)> = mounts_of(c, volumes)
+        .into_iter()
+        .filter(|(p, _, _)| is_windows_path(p))
+        .map(|(p, local, _)| (p, local))
         .collect();
     mounts.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
     mounts
+}
+
+/// Linux-form mounts as bind mounts at their real paths, parents before what is mounted
+/// inside them, so the process finds them where the pod spec says (e.g. the service-account
+/// token at /var/run/secrets/kubernetes.io/serviceaccount).
+pub(super) fn linux_binds(
+    c: &Container,
+    volumes: &HashMap<String, PathBuf>,
+) -> Vec<crate::process::Bind> {
+    let mut binds: Vec<crate::process::Bind> = mounts_of(c, volumes)
+        .into_iter()
+        .filter(|(p, _, _)| !is_windows_path(p) && p.starts_with('/'))
+        .map(|(p, local, read_only)| crate::process::Bind {
+            source: local,
+            target: PathBuf::from(p),
+            read_only,
+        })
+        .collect();
+    binds.sort_by_key(|b| b.target.components().count());
+    binds
 }
 
 pub(super) fn is_windows_path(p: &str) -> bool {
@@ -121,6 +151,61 @@ pub(super) fn is_delimiter(b: u8) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn linux_paths_are_bind_mounted_and_windows_paths_rewritten() {
+        let c: Container = serde_json::from_value(serde_json::json!({
+            "name": "c",
+            "volumeMounts": [
+                {"name": "sa", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount", "readOnly": true},
+                {"name": "cfg", "mountPath": "/etc/app"},
+                {"name": "cfg", "mountPath": "/etc/app/extra/one.toml", "subPath": "one.toml"},
+                {"name": "tls", "mountPath": "C:\\identitymesh\\tls"},
+                {"name": "missing", "mountPath": "/nowhere"}
+            ]
+        }))
+        .unwrap();
+        let volumes: HashMap<String, PathBuf> = [
+            ("sa", "/p/volumes/sa"),
+            ("cfg", "/p/volumes/cfg"),
+            ("tls", "/p/volumes/tls"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), PathBuf::from(v)))
+        .collect();
+        assert_eq!(
+            container_mounts(&c, &volumes),
+            vec![(
+                "C:\\identitymesh\\tls".to_string(),
+                PathBuf::from("/p/volumes/tls")
+            )],
+            "only the Windows path is rewritten"
+        );
+        let binds = linux_binds(&c, &volumes);
+        let got: Vec<(&str, &str, bool)> = binds
+            .iter()
+            .map(|b| {
+                (
+                    b.target.to_str().unwrap(),
+                    b.source.to_str().unwrap(),
+                    b.read_only,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("/etc/app", "/p/volumes/cfg", false),
+                ("/etc/app/extra/one.toml", "/p/volumes/cfg/one.toml", false),
+                (
+                    "/var/run/secrets/kubernetes.io/serviceaccount",
+                    "/p/volumes/sa",
+                    true
+                ),
+            ],
+            "parents first; a volume the pod does not declare is not mounted"
+        );
+    }
 
     #[test]
     fn a_windows_path_list_becomes_a_local_one() {
