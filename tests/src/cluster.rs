@@ -377,6 +377,20 @@ impl Cluster {
         std::fs::read_to_string(shared.dir.join(format!("{container}.log"))).ok()
     }
 
+    /// (pod, log of `container`) for every pod of namespace `ns` that runs now.
+    pub fn pod_logs(&self, ns: &str, container: &str) -> Vec<(String, String)> {
+        self.runtime
+            .registry
+            .in_namespace(ns)
+            .into_iter()
+            .map(|(pod, shared)| {
+                let log = std::fs::read_to_string(shared.dir.join(format!("{container}.log")))
+                    .unwrap_or_default();
+                (pod, log)
+            })
+            .collect()
+    }
+
     /// Polls `check` every 100 ms until it returns true or `timeout` passes.
     pub async fn wait_until<F, Fut>(&self, timeout: Duration, what: &str, check: F) -> Result<()>
     where

@@ -7,6 +7,12 @@
 //! 10.201.s.(4j+1)/30) and `imn<s>x<j>` (namespace, 10.201.s.(4j+2)/30). The namespaces have no
 //! default route, and the host gets an `unreachable 10.201.s.0/24` route so that traffic to a
 //! node whose link is cut fails instead of leaving through the default route.
+//!
+//! Each node also has a Service namespace `im-<s>-<node>-svc`, joined to the node's by a veth
+//! pair `ims<s>x<j>` (node side, 10.202.s.(4j+1)/30) and `imp<s>x<j>` (10.202.s.(4j+2)/30):
+//! the node routes the service CIDR there, where every ClusterIP is local and the Service proxy
+//! listens. So pods reach Services by ClusterIP and port, as through kube-proxy's rules, while
+//! no Service port is taken in the node's own namespace (where pods bind 0.0.0.0).
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -32,6 +38,8 @@ pub const MAX_NODES: usize = 64;
 pub struct NodeNet {
     pub node: String,
     pub netns: String,
+    /// The node's Service namespace (ClusterIP listeners).
+    pub svc_netns: String,
     pub host_veth: String,
     pub host_ip: Ipv4Addr,
     pub node_ip: Ipv4Addr,
@@ -41,6 +49,11 @@ impl NodeNet {
     /// The namespace file, for `setns`.
     pub fn netns_path(&self) -> PathBuf {
         Path::new(NETNS_DIR).join(&self.netns)
+    }
+
+    /// The Service namespace file, for binding ClusterIP listeners.
+    pub fn svc_netns_path(&self) -> PathBuf {
+        Path::new(NETNS_DIR).join(&self.svc_netns)
     }
 }
 
@@ -127,6 +140,7 @@ impl Network {
             let net = NodeNet {
                 node: node.clone(),
                 netns: format!("im-{slot}-{node}"),
+                svc_netns: format!("im-{slot}-{node}-svc"),
                 host_veth: format!("imh{slot}x{j}"),
                 host_ip: Ipv4Addr::new(10, 201, slot, base + 1),
                 node_ip: Ipv4Addr::new(10, 201, slot, base + 2),
@@ -137,6 +151,7 @@ impl Network {
             r(&["netns", "add", &net.netns])?;
             // Record it before configuring so a failure below still removes it on drop.
             network.nodes.push(net.clone());
+            r(&["netns", "add", &net.svc_netns])?;
             r(&[
                 "link",
                 "add",
@@ -181,11 +196,58 @@ impl Network {
             ])?;
             let fwd = format!("/proc/sys/net/ipv4/conf/{}/forwarding", net.host_veth);
             std::fs::write(&fwd, "1").ctx(|| format!("write {fwd}"))?;
-            // Every ClusterIP is local here, so the Service proxy can listen on it inside the
-            // namespace (kube-proxy's rules would catch it on the way out instead).
+            // Services: the node routes the service CIDR to its Service namespace, where every
+            // ClusterIP is local.
+            let (node_side, svc_side) = (format!("ims{slot}x{j}"), format!("imp{slot}x{j}"));
+            let node_addr = Ipv4Addr::new(10, 202, slot, base + 1);
+            let svc_addr = Ipv4Addr::new(10, 202, slot, base + 2);
             r(&[
                 "-n",
                 &net.netns,
+                "link",
+                "add",
+                &node_side,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &svc_side,
+                "netns",
+                &net.svc_netns,
+            ])?;
+            r(&[
+                "-n",
+                &net.netns,
+                "addr",
+                "add",
+                &format!("{node_addr}/30"),
+                "dev",
+                &node_side,
+            ])?;
+            r(&["-n", &net.netns, "link", "set", &node_side, "up"])?;
+            r(&[
+                "-n",
+                &net.svc_netns,
+                "addr",
+                "add",
+                &format!("{svc_addr}/30"),
+                "dev",
+                &svc_side,
+            ])?;
+            r(&["-n", &net.svc_netns, "link", "set", &svc_side, "up"])?;
+            r(&["-n", &net.svc_netns, "link", "set", "lo", "up"])?;
+            r(&[
+                "-n",
+                &net.netns,
+                "route",
+                "add",
+                SERVICE_CIDR,
+                "via",
+                &svc_addr.to_string(),
+            ])?;
+            r(&[
+                "-n",
+                &net.svc_netns,
                 "route",
                 "add",
                 "local",
@@ -273,9 +335,11 @@ pub async fn bind_in_netns(netns: &Path, addr: SocketAddr) -> Result<tokio::net:
 impl Drop for Network {
     fn drop(&mut self) {
         for net in &self.nodes {
-            // Deleting the namespace destroys the veth pair with it.
-            if let Err(e) = run_ip(&self.ip, &["netns", "del", &net.netns]) {
-                eprintln!("harness: removing {}: {e}", net.netns);
+            // Deleting a namespace destroys its veth pairs with it.
+            for ns in [&net.netns, &net.svc_netns] {
+                if let Err(e) = run_ip(&self.ip, &["netns", "del", ns]) {
+                    eprintln!("harness: removing {ns}: {e}");
+                }
             }
         }
         let _ = run_ip(

@@ -1,6 +1,7 @@
 //! A Service proxy, as kube-proxy would be: for every Service port a TCP listener on
-//! 127.0.0.1:<free port> (for the tests) and, inside every node's network namespace, one on the
-//! Service's ClusterIP and port (for pods, which reach it by its cluster DNS name), each
+//! 127.0.0.1:<free port> (for the tests) and, in every node's Service namespace (see
+//! [`crate::netns`]), one on the Service's ClusterIP and port (for pods, which reach it by its
+//! cluster DNS name), each
 //! forwarding to a ready endpoint from the Service's EndpointSlices. A node whose link is cut
 //! reaches no Service, as on a real cluster.
 //!
@@ -341,14 +342,15 @@ fn apply(wanted: Wanted, listeners: &Mutex<Listeners>, nodes: &[NodeNet]) {
     }
 }
 
-/// The ClusterIP listener inside one node's namespace (its `local` route makes every ClusterIP
-/// bindable there); connections are forwarded from the host, while the node's link is up.
+/// The ClusterIP listener of one node, in its Service namespace (where a `local` route makes
+/// every ClusterIP bindable); connections are forwarded from the host, while the node's link is
+/// up.
 async fn serve_in_node(
     node: NodeNet,
     at: SocketAddr,
     endpoints: watch::Receiver<BTreeSet<SocketAddr>>,
 ) {
-    match crate::netns::bind_in_netns(&node.netns_path(), at).await {
+    match crate::netns::bind_in_netns(&node.svc_netns_path(), at).await {
         Ok(l) => serve(l, endpoints, Some(LinkGate(node.host_veth.clone()))).await,
         Err(e) => tracing::warn!(node = %node.node, "service proxy: {e}"),
     }

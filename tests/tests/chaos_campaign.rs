@@ -632,10 +632,10 @@ async fn inject(
             Ok((format!("{pod} pids {pids:?}"), None))
         }
         FaultKind::KillOperator => {
-            let old = env.operator.pid();
+            let old = env.operator_pid();
             env.restart_operator();
             Ok((
-                format!("operator pid {old} -> {}", env.operator.pid()),
+                format!("operator pid {old:?} -> {:?}", env.operator_pid()),
                 None,
             ))
         }

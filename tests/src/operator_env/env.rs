@@ -21,9 +21,14 @@ pub struct EnvOptions {
     pub windows_nodes: usize,
     pub unhealthy_after_seconds: u32,
     /// Install the operator with `helm install` of charts/identitymesh-operator (CRD, RBAC,
-    /// Deployment) and run the local operator process with the chart's ServiceAccount token,
-    /// instead of `kubectl apply -f crds/` and admin credentials.
+    /// Deployment): the chart's Deployment runs the operator binary as pods on Linux nodes, with
+    /// in-cluster credentials (the chart's ServiceAccount), instead of `kubectl apply -f crds/`
+    /// and a local operator process with admin credentials.
     pub helm: bool,
+    /// The chart's replicaCount (helm only); each replica gets a Linux node of its own (required
+    /// anti-affinity: the harness's pods on one node share its network namespace), and there is
+    /// one Linux node more for a rolling update's surge pod.
+    pub operator_replicas: usize,
     /// Extra environment for the server processes (e.g. a bootstrap admin token file, which
     /// the operator's pods do not get): the harness runs a wrapper script that sets it and
     /// execs the server, so the pod's own spec stays what the operator built.
@@ -38,6 +43,7 @@ impl Default for EnvOptions {
             windows_nodes: 3,
             unhealthy_after_seconds: UNHEALTHY_AFTER_SECONDS,
             helm: false,
+            operator_replicas: 1,
             server_env: Vec::new(),
             proxy_delay: Duration::ZERO,
         }
@@ -47,26 +53,21 @@ impl Default for EnvOptions {
 /// Namespace and release of the helm install.
 pub const OPERATOR_NS: &str = "identitymesh-system";
 pub const RELEASE: &str = "identitymesh-operator";
+/// The chart's default image repository; the harness runs the operator binary for it.
+pub const OPERATOR_IMAGE: &str = "identitymesh/operator";
+/// The operator Deployment's container.
+pub const OPERATOR_CONTAINER: &str = "operator";
 
-/// A kubeconfig for the harness's apiserver that authenticates with `token` (same server and
-/// CA as the admin kubeconfig).
-fn token_kubeconfig(admin: &Path, token: &str, out: &Path) {
-    let text = std::fs::read_to_string(admin).expect("read the admin kubeconfig");
-    let admin: Value = serde_yaml::from_str(&text).expect("parse the admin kubeconfig");
-    let cluster = admin["clusters"][0]["cluster"].clone();
-    assert!(
-        cluster["server"].is_string(),
-        "admin kubeconfig has a server: {admin}"
-    );
-    let doc = json!({
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "harness", "cluster": cluster}],
-        "users": [{"name": "operator", "user": {"token": token.trim()}}],
-        "contexts": [{"name": "harness", "context": {"cluster": "harness", "user": "operator"}}],
-        "current-context": "harness",
-    });
-    std::fs::write(out, doc.to_string()).expect("write the operator kubeconfig");
+/// Chart values for the e2e install: `replicas` replicas, each on a node of its own.
+fn helm_values(replicas: usize) -> Value {
+    json!({
+        "replicaCount": replicas,
+        "logLevel": std::env::var("IM_TEST_OPERATOR_LOG").unwrap_or_else(|_| "info,kube=warn".into()),
+        "affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{
+            "topologyKey": "kubernetes.io/hostname",
+            "labelSelector": {"matchLabels": {"app.kubernetes.io/name": RELEASE}}
+        }]}}
+    })
 }
 
 /// A `/bin/sh` script in `dir` that exports `env` and execs `server` with its arguments (exec,
@@ -98,7 +99,8 @@ fn server_wrapper(dir: &Path, server: &Path, env: &[(String, String)]) -> PathBu
 pub struct Env {
     // Drop order: monitor and operator before the harness.
     pub slices: SliceMonitor,
-    pub operator: Operator,
+    /// The local operator process; None when the chart's Deployment runs the operator.
+    pub operator: Option<Operator>,
     pub cluster: Cluster,
     pub ns: String,
     pub dir: PathBuf,
@@ -220,21 +222,27 @@ impl Env {
         if !opts.server_env.is_empty() {
             server = server_wrapper(&dir, &server, &opts.server_env);
         }
-        let cluster = Cluster::start(
-            ClusterOptions::windows(opts.windows_nodes)
-                .proxy_delay(opts.proxy_delay)
-                .image(SERVER_IMAGE, &server),
-        )
-        .await
-        .unwrap_or_else(|e| {
+        let mut cluster_opts = ClusterOptions::windows(opts.windows_nodes)
+            .proxy_delay(opts.proxy_delay)
+            .image(SERVER_IMAGE, &server);
+        if opts.helm {
+            // One node more than replicas: a rolling update's surge pod needs a free node.
+            cluster_opts.linux_nodes = opts.operator_replicas.max(1) + 1;
+            cluster_opts =
+                cluster_opts.image(OPERATOR_IMAGE, workspace_bin("identitymesh-operator"));
+        }
+        let cluster = Cluster::start(cluster_opts).await.unwrap_or_else(|e| {
             panic!("start harness (run `cargo xtask tools` if tools are missing): {e}")
         });
         let db = dir.join("im.db");
         let ns = "identitymesh".to_string();
         let client = cluster.client();
 
-        let operator_kubeconfig = if opts.helm {
+        if opts.helm {
             let chart = workspace_root().join("charts/identitymesh-operator");
+            let values = dir.join("operator-values.json");
+            std::fs::write(&values, helm_values(opts.operator_replicas).to_string())
+                .expect("write the chart values");
             let out = cluster
                 .helm(&[
                     "install",
@@ -243,32 +251,15 @@ impl Env {
                     "--namespace",
                     OPERATOR_NS,
                     "--create-namespace",
+                    "--values",
+                    values.to_str().expect("utf-8 path"),
                 ])
                 .await
                 .expect("helm install charts/identitymesh-operator");
             assert!(out.contains("STATUS: deployed"), "{out}");
-            // The harness cannot give a pod in-cluster credentials at the fixed path kube-rs
-            // reads (/var/run/secrets/kubernetes.io/serviceaccount), so the chart's Deployment
-            // is not what runs the controller here: the local process does, with the chart's
-            // ServiceAccount token, which proves the chart's RBAC is enough.
-            let token = cluster
-                .kubectl(&[
-                    "create",
-                    "token",
-                    RELEASE,
-                    "-n",
-                    OPERATOR_NS,
-                    "--duration=2h",
-                ])
-                .await
-                .expect("a token for the chart's ServiceAccount");
-            let kc = dir.join("operator.kubeconfig");
-            token_kubeconfig(cluster.kubeconfig_path(), &token, &kc);
-            kc
         } else {
             install_crd(&cluster).await;
-            cluster.kubeconfig_path().to_path_buf()
-        };
+        }
         wait_crd_established(&cluster).await;
 
         let nss: Api<Namespace> = Api::all(client.clone());
@@ -300,10 +291,14 @@ impl Env {
         let slices = SliceMonitor::start(client.clone(), &ns, CLUSTER);
         let log = dir.join("operator.log");
         let operator = if opts.helm {
-            // As the chart configures it: all namespaces, Lease in the release namespace.
-            Operator::start(&operator_kubeconfig, None, OPERATOR_NS, &log)
+            None
         } else {
-            Operator::start(&operator_kubeconfig, Some(&ns), &ns, &log)
+            Some(Operator::start(
+                cluster.kubeconfig_path(),
+                Some(&ns),
+                &ns,
+                &log,
+            ))
         };
 
         let ar = ApiResource::from_gvk_with_plural(
@@ -387,7 +382,7 @@ impl Env {
 
     /// Panics with context: the last lines of the operator's log and where the run dirs are.
     pub fn fail(&self, msg: &str) -> ! {
-        let log = std::fs::read_to_string(&self.operator.log).unwrap_or_default();
+        let log = self.operator_log();
         let tail: Vec<&str> = log.lines().rev().take(40).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
         // Which server pods the harness actually runs: a bound pod without a process points at
@@ -399,7 +394,7 @@ impl Env {
         panic!(
             "{msg}\n--- server pods: {}\n--- operator log (last 40 lines, full log {}):\n{}\n--- harness run dir: {}",
             pods.join("; "),
-            self.operator.log.display(),
+            self.operator_log_where(),
             tail.join("\n"),
             self.cluster.run_dir().display()
         );
@@ -539,14 +534,46 @@ impl Env {
     /// Kills the operator (SIGKILL, as a crashed pod) and starts a fresh one, as its Deployment
     /// would (admin credentials, watching the test namespace; not for helm installs).
     pub fn restart_operator(&mut self) {
-        self.operator.stop();
-        let log = self.operator.log.clone();
-        self.operator = Operator::start(
+        let Some(operator) = self.operator.as_mut() else {
+            panic!("restart_operator is for the local operator; kill the chart's pods instead");
+        };
+        operator.stop();
+        let log = operator.log.clone();
+        self.operator = Some(Operator::start(
             self.cluster.kubeconfig_path(),
             Some(&self.ns),
             &self.ns,
             &log,
-        );
+        ));
+    }
+
+    /// The operator's log: the local process's file, or the logs of the chart's operator pods
+    /// that run now (each headed by its pod's name).
+    pub fn operator_log(&self) -> String {
+        match &self.operator {
+            Some(op) => std::fs::read_to_string(&op.log).unwrap_or_default(),
+            None => self
+                .cluster
+                .pod_logs(OPERATOR_NS, OPERATOR_CONTAINER)
+                .into_iter()
+                .map(|(pod, log)| format!("=== pod {pod}\n{log}"))
+                .collect(),
+        }
+    }
+
+    fn operator_log_where(&self) -> String {
+        match &self.operator {
+            Some(op) => op.log.display().to_string(),
+            None => format!(
+                "the {OPERATOR_NS} pods under {}/pods",
+                self.cluster.run_dir().display()
+            ),
+        }
+    }
+
+    /// The local operator's pid (None when the chart's Deployment runs it).
+    pub fn operator_pid(&self) -> Option<u32> {
+        self.operator.as_ref().map(|o| o.pid())
     }
 
     /// Requests a planned switchover to the standby, as a user would: by annotating the cluster.

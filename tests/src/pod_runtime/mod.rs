@@ -126,6 +126,17 @@ type PodMap = HashMap<(String, String), Arc<PodShared>>;
 pub struct PodRegistry(Arc<Mutex<PodMap>>);
 
 impl PodRegistry {
+    /// The pods of namespace `ns` that run now: (name, state).
+    pub fn in_namespace(&self, ns: &str) -> Vec<(String, Arc<PodShared>)> {
+        let mut pods: Vec<(String, Arc<PodShared>)> = lock(&self.0)
+            .iter()
+            .filter(|((n, _), _)| n == ns)
+            .map(|((_, name), p)| (name.clone(), p.clone()))
+            .collect();
+        pods.sort_by(|a, b| a.0.cmp(&b.0));
+        pods
+    }
+
     pub fn get(&self, ns: &str, name: &str) -> Option<Arc<PodShared>> {
         lock(&self.0)
             .get(&(ns.to_string(), name.to_string()))
