@@ -691,7 +691,7 @@ mod tests {
         let notices = case.compose(&mut st, None);
         assert_eq!(notices.len(), 1, "{notices:?}");
         assert_eq!(
-            (notices[0].type_.clone(), notices[0].reason),
+            (notices[0].type_, notices[0].reason),
             (EventType::Warning, drain::BOTH_CORDONED)
         );
         let (status, reason, msg) = cond(&st, NODE_MAINTENANCE_CONDITION);
