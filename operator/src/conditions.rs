@@ -37,3 +37,6 @@ pub const RELAYS_CONDITION: &str = "RelaysReconnected";
 pub const CANARY_CONDITION: &str = "CanarySync";
 /// The active serves the Admin UI and its sign-in (`crate::checks`).
 pub const ADMIN_UI_CONDITION: &str = "AdminUiReady";
+/// True while a server pod's node is cordoned; the reason says which (ActiveNodeCordoned,
+/// StandbyNodeCordoned, BothNodesCordoned: no switchover possible, uncordon one). Absent otherwise.
+pub const NODE_MAINTENANCE_CONDITION: &str = "NodeMaintenance";

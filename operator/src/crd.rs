@@ -489,6 +489,9 @@ impl ServiceType {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct FailoverSpec {
+    /// Automatic: promote the standby when the active is unhealthy; Manual: report
+    /// FailoverRequired and wait. Either way, a cordon of the active's node (kubectl drain)
+    /// starts a planned switchover (reason NodeDrain) to a standby ready on a schedulable node.
     #[serde(default)]
     pub policy: FailoverPolicy,
     /// How long the active must be unhealthy before the standby is promoted (1–3600 s).

@@ -35,6 +35,11 @@ pub struct InstanceView {
     /// Node Ready condition: None when unknown (no node yet, or not readable).
     pub node_ready: Option<bool>,
     pub node_not_ready_since: Option<Timestamp>,
+    /// The node the pod is bound to (spec.nodeName), for messages.
+    pub node: Option<String>,
+    /// The node is cordoned (being drained, or kept for maintenance): None when the pod has no
+    /// node yet or the node could not be read, so nothing is decided on a guess.
+    pub node_cordoned: Option<bool>,
     /// Internal API status, when reachable.
     pub server: Option<ServerView>,
     /// When the operator first saw this pod unhealthy (kept in memory across reconciles).
@@ -733,6 +738,20 @@ pub fn plan(p: &PlanInput) -> Plan {
         };
     }
 
+    // The active's node is cordoned (a drain, OS patching): hand the role over before the
+    // rollout, which can wait; a drain cannot evict the active until it is the standby.
+    if drain::should_move_active(active, standby) {
+        return Plan::Start(intent(
+            CutoverKind::Switchover,
+            CutoverStep::Demoting,
+            &active.name,
+            &standby.name,
+            next_epoch,
+            drain::NODE_DRAIN_REASON.into(),
+            p.now,
+        ));
+    }
+
     // Rollout (version or template change): standby first, then switch, then the other.
     if !standby.up_to_date && standby.exists && !standby.deleting {
         return Plan::RollStandby {
@@ -786,5 +805,6 @@ pub fn selector_target<'a>(
     }
 }
 
+pub mod drain;
 #[cfg(test)]
 mod tests;

@@ -5,6 +5,8 @@
 pub mod admission_cases;
 pub mod builders;
 pub mod certs;
+#[cfg(test)]
+mod chart_rbac;
 pub mod checks;
 pub mod conditions;
 pub mod controller;

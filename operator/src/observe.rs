@@ -53,6 +53,23 @@ pub fn node_ready(node: &Node) -> (Option<bool>, Option<Timestamp>) {
     }
 }
 
+/// The taint `kubectl cordon` (and the node lifecycle controller) put on an unschedulable node.
+pub const UNSCHEDULABLE_TAINT: &str = "node.kubernetes.io/unschedulable";
+
+/// The node is cordoned: `spec.unschedulable`, or the unschedulable NoSchedule taint (what a
+/// cordon shows as where the taint is set, or the field not yet).
+pub fn node_cordoned(node: &Node) -> bool {
+    let Some(spec) = node.spec.as_ref() else {
+        return false;
+    };
+    spec.unschedulable == Some(true)
+        || spec
+            .taints
+            .iter()
+            .flatten()
+            .any(|t| t.key == UNSCHEDULABLE_TAINT && t.effect == "NoSchedule")
+}
+
 /// Pod has ended for good (evicted, or the process ran to completion): it must be recreated.
 pub fn pod_finished(pod: &Pod) -> bool {
     matches!(
@@ -96,6 +113,8 @@ pub fn instance_view(
         not_ready_since,
         node_ready: n_ready,
         node_not_ready_since: n_since,
+        node: pod_node(pod),
+        node_cordoned: node.map(node_cordoned),
         server,
         first_seen_unhealthy,
         up_to_date: desired_hash.is_none() || hash_of(&pod.metadata) == desired_hash,
@@ -225,6 +244,70 @@ mod tests {
             pod_ip(&pod("True", 0)),
             Some("10.0.0.7".parse().expect("ip"))
         );
+    }
+
+    #[test]
+    fn cordoned_by_field_or_taint() {
+        use k8s_openapi::api::core::v1::{NodeSpec, Taint};
+        let with = |unschedulable: Option<bool>, taints: Vec<(&str, &str)>| Node {
+            spec: Some(NodeSpec {
+                unschedulable,
+                taints: Some(
+                    taints
+                        .into_iter()
+                        .map(|(key, effect)| Taint {
+                            key: key.into(),
+                            effect: effect.into(),
+                            ..Default::default()
+                        })
+                        .collect(),
+                ),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert!(!node_cordoned(&Node::default()));
+        assert!(!node_cordoned(&with(None, vec![])));
+        assert!(!node_cordoned(&with(Some(false), vec![])));
+        assert!(node_cordoned(&with(Some(true), vec![])));
+        assert!(node_cordoned(&with(
+            None,
+            vec![(UNSCHEDULABLE_TAINT, "NoSchedule")]
+        )));
+        assert!(
+            !node_cordoned(&with(None, vec![(UNSCHEDULABLE_TAINT, "NoExecute")])),
+            "only the NoSchedule taint is a cordon"
+        );
+        assert!(!node_cordoned(&with(
+            None,
+            vec![("node.kubernetes.io/not-ready", "NoSchedule")]
+        )));
+    }
+
+    #[test]
+    fn views_carry_the_node_and_its_cordon() {
+        let mut p = pod("True", 0);
+        p.spec = Some(k8s_openapi::api::core::v1::PodSpec {
+            node_name: Some("node-1".into()),
+            ..Default::default()
+        });
+        let mut n = node("True");
+        n.spec = Some(k8s_openapi::api::core::v1::NodeSpec {
+            unschedulable: Some(true),
+            ..Default::default()
+        });
+        let v = instance_view("im-a", Some(&p), Some(&n), None, None, None);
+        assert_eq!(
+            (v.node.as_deref(), v.node_cordoned),
+            (Some("node-1"), Some(true))
+        );
+        let v = instance_view("im-a", Some(&p), None, None, None, None);
+        assert_eq!(
+            v.node_cordoned, None,
+            "an unread node is not a schedulable one"
+        );
+        let v = instance_view("im-a", Some(&p), Some(&node("True")), None, None, None);
+        assert_eq!(v.node_cordoned, Some(false));
     }
 
     #[test]

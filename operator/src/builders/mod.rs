@@ -2,6 +2,7 @@
 //! what it observed). No client here, so each is unit-tested on plain structs.
 
 pub mod config;
+pub mod disruption;
 pub mod pod;
 pub mod secret;
 pub mod service;
@@ -70,6 +71,10 @@ impl Names {
         }
     }
     pub fn client_service(&self) -> String {
+        self.cluster.clone()
+    }
+    /// The PodDisruptionBudget covering the active pod.
+    pub fn disruption_budget(&self) -> String {
         self.cluster.clone()
     }
     pub fn headless_service(&self) -> String {
@@ -401,6 +406,7 @@ mod tests {
             vec![
                 ("Service", n.client_service()),
                 ("Service", n.headless_service()),
+                ("PodDisruptionBudget", n.disruption_budget()),
                 ("Pod", a),
                 ("Pod", b),
                 ("ConfigMap", n.config_map()),

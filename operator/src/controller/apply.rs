@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use super::{Error, Reconciler, RefusedWrite};
 use crate::builders::config::build_config_map;
+use crate::builders::disruption::{budget_matches, build_disruption_budget};
 use crate::builders::service::{build_client_service, build_headless_service};
 use crate::builders::{foreign_owner, hash_of, FIELD_MANAGER};
 use crate::refusals;
@@ -35,13 +36,33 @@ impl Reconciler {
             + DeserializeOwned
             + std::fmt::Debug,
     {
+        self.apply_unless_same(obj, |_| true).await
+    }
+
+    /// Server-side apply `obj` unless the live object carries its hash and `same(live)` holds
+    /// (`same` catches edits of fields that must never drift, which leave the hash alone).
+    async fn apply_unless_same<K>(
+        &mut self,
+        obj: &K,
+        same: impl Fn(&K) -> bool,
+    ) -> Result<bool, Error>
+    where
+        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + Serialize
+            + DeserializeOwned
+            + std::fmt::Debug,
+    {
         let name = obj.meta().name.clone().unwrap_or_default();
         let api: Api<K> = self.api();
         if let Some(live) = api.get_opt(&name).await.map_err(Error::ApplyObject)? {
             if self.owned_elsewhere(&live) {
                 return Ok(false);
             }
-            if hash_of(live.meta()).is_some() && hash_of(live.meta()) == hash_of(obj.meta()) {
+            if hash_of(live.meta()).is_some()
+                && hash_of(live.meta()) == hash_of(obj.meta())
+                && same(&live)
+            {
                 return Ok(false);
             }
         }
@@ -114,6 +135,26 @@ impl Reconciler {
             .write_result("Service", &name, Some(&hash), r)
             .map_err(Error::ApplyObject)?
             .is_some())
+    }
+
+    /// The active's PodDisruptionBudget: it names the pod `active` names for the client
+    /// Service, and is applied right after the Service (in the routing step, and in the swing
+    /// once the Service write went through). That order is the safe one: the budget never
+    /// leaves the pod that still receives traffic (a failed or refused swing leaves both where
+    /// they were). Between the two writes the old active, already demoted and fenced by the new
+    /// epoch, is still covered and the new one not yet, for one API round trip; the reverse
+    /// order would expose the pod that still serves. Once written, the apiserver refuses
+    /// evictions under the budget until the disruption controller has processed the new
+    /// selector (observedGeneration < generation answers 429), so the new active is covered
+    /// before the budget's status catches up. A live budget whose selector or limits were edited
+    /// is rewritten like the Service's selector.
+    pub(super) async fn ensure_disruption_budget(
+        &mut self,
+        active: Option<&str>,
+    ) -> Result<bool, Error> {
+        let pdb = build_disruption_budget(&self.imc, &self.names, active);
+        self.apply_unless_same(&pdb, |live| budget_matches(live, &pdb))
+            .await
     }
 
     fn refused_key(&self, kind: &str, name: &str) -> String {

@@ -180,23 +180,18 @@ impl Reconciler {
                 },
                 _ => StepResult::PromoteFailed,
             },
-            Action::Swing { pod } => match self.ensure_client_service(Some(&pod)).await {
-                Ok(_)
-                    if self
-                        .conflicts
-                        .contains_key(&format!("Service/{}", self.names.client_service()))
-                        || self
-                            .refused
-                            .contains_key(&format!("Service/{}", self.names.client_service())) =>
-                {
-                    StepResult::SwingFailed
+            Action::Swing { pod } => {
+                let swung = self.swing(&pod).await;
+                if swung == StepResult::Swung {
+                    // The budget follows the Service at once, so the drain's next eviction of
+                    // the old active is allowed. Its failure does not undo the swing: the next
+                    // reconcile's routing step writes it again (and fails visibly if it must).
+                    if let Err(e) = self.ensure_disruption_budget(Some(&pod)).await {
+                        tracing::warn!(pod, error = %e, "moving the PodDisruptionBudget failed; retried next reconcile");
+                    }
                 }
-                Ok(_) => StepResult::Swung,
-                Err(e) => {
-                    tracing::warn!(error = %e, "swinging the Service failed");
-                    StepResult::SwingFailed
-                }
-            },
+                swung
+            }
             Action::Verify { pod, epoch } => self.verify(&pod, epoch, world, api).await?,
             Action::Replace { pod } => {
                 let view = world.views.iter().find(|v| v.name == pod);
@@ -234,6 +229,22 @@ impl Reconciler {
                 }
             }
         })
+    }
+
+    /// Write the client Service's selector to `pod`: Swung only when the write went through
+    /// (not when the Service belongs to someone else or the apiserver refused it).
+    async fn swing(&mut self, pod: &str) -> StepResult {
+        let svc = format!("Service/{}", self.names.client_service());
+        match self.ensure_client_service(Some(pod)).await {
+            Ok(_) if self.conflicts.contains_key(&svc) || self.refused.contains_key(&svc) => {
+                StepResult::SwingFailed
+            }
+            Ok(_) => StepResult::Swung,
+            Err(e) => {
+                tracing::warn!(error = %e, "swinging the Service failed");
+                StepResult::SwingFailed
+            }
+        }
     }
 
     /// Verification checklist: target live (internal API answers), Ready, active with the

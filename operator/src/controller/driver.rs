@@ -38,9 +38,11 @@ impl Reconciler {
         self.report_problems(&old, &findings).await;
         let pod_api = self.pod_client(ca.as_ref())?;
         let world = self.observe(pod_api.as_deref()).await?;
-        // The Service follows status (and the running cutover's step).
+        // The Service follows status (and the running cutover's step); the disruption budget
+        // follows the Service (why in that order: `ensure_disruption_budget`).
         let selected = selector_target(st.active_pod.as_deref(), st.cutover.as_ref());
         self.ensure_client_service(selected).await?;
+        self.ensure_disruption_budget(selected).await?;
         let plan_phase = self.plan(&mut st, &world, pod_api.as_deref()).await?;
         if st.cutover.is_some() {
             self.drive(&mut st, &world, pod_api.as_deref()).await?;

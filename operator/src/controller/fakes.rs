@@ -684,6 +684,38 @@ impl Harness {
         }
     }
 
+    /// `kubectl cordon`: spec.unschedulable (`by_taint`: the unschedulable taint only, as a
+    /// node whose field is not set yet shows it).
+    pub(super) fn cordon(&self, node: &str, by_taint: bool) {
+        let mut s = self.store.lock().expect("store");
+        let n = s
+            .objects
+            .get_mut(&("nodes".into(), String::new(), node.into()))
+            .expect("node");
+        if by_taint {
+            n["spec"]["taints"] =
+                json!([{"key":"node.kubernetes.io/unschedulable","effect":"NoSchedule"}]);
+        } else {
+            n["spec"]["unschedulable"] = json!(true);
+        }
+    }
+
+    /// `kubectl uncordon`.
+    pub(super) fn uncordon(&self, node: &str) {
+        let mut s = self.store.lock().expect("store");
+        let n = s
+            .objects
+            .get_mut(&("nodes".into(), String::new(), node.into()))
+            .expect("node");
+        n["spec"] = json!({});
+    }
+
+    /// The PodDisruptionBudget's matchLabels (None: no budget).
+    pub(super) fn budget_selector(&self) -> Option<Value> {
+        self.get("poddisruptionbudgets", "im")
+            .map(|b| b["spec"]["selector"]["matchLabels"].clone())
+    }
+
     pub(super) fn take_writes(&self) -> Vec<String> {
         std::mem::take(&mut self.store.lock().expect("store").writes)
     }

@@ -9,7 +9,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, ObjectReference, Pod, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::Timestamp;
 use k8s_openapi::NamespaceResourceScope;
 use kube::api::Api;
@@ -40,6 +41,7 @@ pub mod status;
 mod status_write;
 #[cfg(test)]
 mod tests;
+mod watches;
 mod world;
 
 pub use error::Error;
@@ -162,13 +164,14 @@ pub fn error_policy(
 
 /// Run the controller until shutdown.
 pub async fn run(client: Client, namespace: Option<String>, ctx: Arc<Context>) {
-    let (clusters, pods, services, secrets, config_maps) = match &namespace {
+    let (clusters, pods, services, secrets, config_maps, budgets) = match &namespace {
         Some(ns) => (
             Api::<IdentityMeshCluster>::namespaced(client.clone(), ns),
             Api::<Pod>::namespaced(client.clone(), ns),
             Api::<Service>::namespaced(client.clone(), ns),
             Api::<Secret>::namespaced(client.clone(), ns),
             Api::<ConfigMap>::namespaced(client.clone(), ns),
+            Api::<PodDisruptionBudget>::namespaced(client.clone(), ns),
         ),
         None => (
             Api::all(client.clone()),
@@ -176,15 +179,25 @@ pub async fn run(client: Client, namespace: Option<String>, ctx: Arc<Context>) {
             Api::all(client.clone()),
             Api::all(client.clone()),
             Api::all(client.clone()),
+            Api::all(client.clone()),
         ),
     };
+    // Nodes are cluster-scoped whatever the namespace: a cordon (or readiness change) of a
+    // node reconciles the clusters with a pod on it at once, not at the next requeue.
+    let nodes = Api::<Node>::all(client.clone());
     // Only our own children: keeps the caches small.
     let owned = watcher::Config::default().labels(LABEL_CLUSTER);
-    Controller::new(clusters, watcher::Config::default())
+    let controller = Controller::new(clusters, watcher::Config::default());
+    let known = controller.store();
+    controller
         .owns(pods, owned.clone())
         .owns(services, owned.clone())
         .owns(secrets, owned.clone())
-        .owns(config_maps, owned)
+        .owns(config_maps, owned.clone())
+        .owns(budgets, owned)
+        .watches(nodes, watcher::Config::default(), move |node: Node| {
+            watches::clusters_on_node(&node.name_any(), &known.state())
+        })
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {

@@ -12,7 +12,7 @@ use super::{display, phase_of, Error, Reconciler};
 use crate::builders::ANNOTATION_SWITCHOVER;
 use crate::conditions::{FAILOVER_REQUIRED_CONDITION, SWITCHOVER_CONDITION};
 use crate::crd::{IdentityMeshClusterStatus, Phase};
-use crate::cutover::{self, plan, Plan, PlanInput};
+use crate::cutover::{self, drain, plan, Plan, PlanInput};
 use crate::observe::{self, set_condition};
 use crate::podclient::InstanceApi;
 
@@ -74,6 +74,25 @@ impl Reconciler {
                         ),
                     )
                     .await;
+                    if c.reason == drain::NODE_DRAIN_REASON {
+                        let node = world
+                            .views
+                            .iter()
+                            .find(|v| v.name == c.from)
+                            .and_then(|v| v.node.clone())
+                            .unwrap_or_else(|| "(unknown)".into());
+                        self.event_about(
+                            Some(&c.from),
+                            EventType::Normal,
+                            drain::NODE_DRAIN_REASON,
+                            c.kind.as_str(),
+                            format!(
+                                "node {node} of active {} is cordoned: switching over to {} (epoch {}) so the drain can evict {} once it is the standby",
+                                c.from, c.target, c.epoch, c.from
+                            ),
+                        )
+                        .await;
+                    }
                     if let Some(req) = &request {
                         let msg = format!(
                             "switchover request {ANNOTATION_SWITCHOVER}={req} accepted: {} → {} with epoch {}",

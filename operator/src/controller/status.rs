@@ -13,12 +13,13 @@ use super::{display, phase_of, Error};
 use crate::builders::Names;
 use crate::conditions::{
     ACTIVE_LIVE_CONDITION, ACTIVE_READY_CONDITION, ADMIN_UI_CONDITION, CANARY_CONDITION,
-    CERTIFICATES_CONDITION, CONFLICT_CONDITION, KEYRING_CONDITION, PAUSED_CONDITION,
-    PODS_CREATED_CONDITION, POD_START_CONDITION, READY_CONDITION, RELAYS_CONDITION,
-    SECRETS_CONDITION, SINGLE_ACTIVE_CONDITION, SPEC_REJECTED_CONDITION, STALLED_CONDITION,
+    CERTIFICATES_CONDITION, CONFLICT_CONDITION, KEYRING_CONDITION, NODE_MAINTENANCE_CONDITION,
+    PAUSED_CONDITION, PODS_CREATED_CONDITION, POD_START_CONDITION, READY_CONDITION,
+    RELAYS_CONDITION, SECRETS_CONDITION, SINGLE_ACTIVE_CONDITION, SPEC_REJECTED_CONDITION,
+    STALLED_CONDITION,
 };
 use crate::crd::{IdentityMeshCluster, IdentityMeshClusterStatus, Phase, Role};
-use crate::cutover::{self, health};
+use crate::cutover::{self, drain, health};
 use crate::observe::{self, set_condition};
 use crate::refusals::{self, Stuck};
 
@@ -104,6 +105,7 @@ pub(super) fn compose(st: &mut IdentityMeshClusterStatus, i: &Inputs<'_>) -> Vec
     set_conditions(st, i);
     set_pods_created(st, i);
     let mut notices = Vec::new();
+    notices.extend(set_node_maintenance(st, i));
     notices.extend(set_conflicts(st, i));
     notices.extend(set_refused(st, i));
     notices.extend(set_stuck_pods(st, i));
@@ -349,6 +351,38 @@ fn set_pods_created(st: &mut IdentityMeshClusterStatus, i: &Inputs<'_>) {
         gen,
         now,
     );
+}
+
+/// NodeMaintenance from the nodes of the active and the standby (removed while neither is
+/// cordoned); an Event when both become cordoned, once: not again while they stay so.
+fn set_node_maintenance(st: &mut IdentityMeshClusterStatus, i: &Inputs<'_>) -> Option<Notice> {
+    let views = &i.steps.world.views;
+    let view = |pod: Option<&str>| pod.and_then(|p| views.iter().find(|v| v.name == p));
+    let found = match (
+        view(st.active_pod.as_deref()),
+        view(st.standby_pod.as_deref()),
+    ) {
+        (Some(a), Some(s)) => drain::condition(a, s, st.cutover.as_ref()),
+        _ => None,
+    };
+    let Some((reason, msg)) = found else {
+        observe::remove_condition(&mut st.conditions, NODE_MAINTENANCE_CONDITION);
+        return None;
+    };
+    let known = observe::get_condition(&st.conditions, NODE_MAINTENANCE_CONDITION)
+        .is_some_and(|c| c.status == "True" && c.reason == reason);
+    let notice = (reason == drain::BOTH_CORDONED && !known)
+        .then(|| Notice::warning(None, drain::BOTH_CORDONED, "NodeMaintenance", msg.clone()));
+    set_condition(
+        &mut st.conditions,
+        NODE_MAINTENANCE_CONDITION,
+        "True",
+        reason,
+        &msg,
+        i.imc.metadata.generation,
+        i.now,
+    );
+    notice
 }
 
 /// The Conflict condition (removed when there is none); an Event when its message changes.
@@ -644,6 +678,44 @@ mod tests {
         case.conflicts.clear();
         case.compose(&mut st, None);
         assert!(observe::get_condition(&st.conditions, CONFLICT_CONDITION).is_none());
+    }
+
+    #[test]
+    fn both_nodes_cordoned_is_a_condition_announced_once() {
+        let mut case = Case::healthy();
+        for (v, node) in case.world.views.iter_mut().zip(["node-1", "node-2"]) {
+            v.node = Some(node.into());
+            v.node_cordoned = Some(true);
+        }
+        let mut st = with_active("im-a");
+        let notices = case.compose(&mut st, None);
+        assert_eq!(notices.len(), 1, "{notices:?}");
+        assert_eq!(
+            (notices[0].type_, notices[0].reason),
+            (EventType::Warning, drain::BOTH_CORDONED)
+        );
+        let (status, reason, msg) = cond(&st, NODE_MAINTENANCE_CONDITION);
+        assert_eq!((status, reason), ("True", drain::BOTH_CORDONED));
+        assert!(msg.contains("uncordon"), "{msg}");
+        // Stable: no second Event and no change while both stay cordoned.
+        let before = st.clone();
+        assert_eq!(case.compose(&mut st, None), []);
+        assert_eq!(st, before);
+        // The standby's node uncordoned: the condition says the active's is, without an Event.
+        case.world.views[1].node_cordoned = Some(false);
+        assert_eq!(case.compose(&mut st, None), []);
+        assert_eq!(
+            cond(&st, NODE_MAINTENANCE_CONDITION).1,
+            drain::ACTIVE_CORDONED
+        );
+        // Both schedulable: the condition goes.
+        case.world.views[0].node_cordoned = Some(false);
+        case.compose(&mut st, None);
+        assert!(observe::get_condition(&st.conditions, NODE_MAINTENANCE_CONDITION).is_none());
+        // Cordoned both again: announced again (a new episode).
+        case.world.views[0].node_cordoned = Some(true);
+        case.world.views[1].node_cordoned = Some(true);
+        assert_eq!(case.compose(&mut st, None).len(), 1);
     }
 
     #[test]

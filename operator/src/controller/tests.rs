@@ -10,7 +10,7 @@ use super::driver::STEADY_REQUEUE;
 use super::fakes::{put, selector_of, Fake, Harness, Store};
 use super::*;
 use crate::builders::ANNOTATION_SWITCHOVER;
-use crate::conditions::{POD_START_CONDITION, SPEC_REJECTED_CONDITION};
+use crate::conditions::{NODE_MAINTENANCE_CONDITION, POD_START_CONDITION, SPEC_REJECTED_CONDITION};
 use crate::crd::Role;
 use crate::podclient::{CanaryReport, CanaryRun, InstanceRow, RelayReport, UiReport};
 use crate::{certs, observe};
@@ -1645,4 +1645,283 @@ async fn pods_that_cannot_start_are_reported_with_the_kubelets_message() {
     h.kubelet();
     h.converge().await;
     assert!(observe::get_condition(&h.status().conditions, POD_START_CONDITION).is_none());
+}
+
+// ------------------------------------------------------------------------------- node drain
+
+fn calls(h: &Harness) -> Vec<String> {
+    h.pods.0.lock().expect("p").calls.clone()
+}
+
+fn node_maintenance(h: &Harness) -> Option<(String, String, String)> {
+    observe::get_condition(&h.status().conditions, NODE_MAINTENANCE_CONDITION)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+/// The budget covers what the Service selects: cluster and the active's instance label.
+fn budget_names(h: &Harness, active: &str) {
+    let sel = h.budget_selector().expect("budget");
+    assert_eq!(
+        sel,
+        json!({"identitymesh.io/cluster": "im", "identitymesh.io/instance": active})
+    );
+    let svc = h.get("services", "im").expect("svc");
+    assert_eq!(
+        sel, svc["spec"]["selector"],
+        "budget and Service name one pod"
+    );
+}
+
+#[tokio::test]
+async fn a_cordon_of_the_active_node_switches_over_with_reason_node_drain() {
+    let h = Harness::new(true);
+    h.converge().await;
+    h.pods.0.lock().expect("p").calls.clear();
+    h.cordon("node-1", false);
+    h.converge().await;
+    let st = h.status();
+    assert_eq!(st.active_pod.as_deref(), Some("im-b"));
+    assert_eq!(st.epoch, 2);
+    let lt = st.last_transition.clone().expect("transition");
+    assert_eq!(
+        (
+            lt.kind,
+            lt.from.as_str(),
+            lt.to.as_str(),
+            lt.reason.as_str()
+        ),
+        (CutoverKind::Switchover, "im-a", "im-b", "NodeDrain")
+    );
+    assert_eq!(lt.outcome.as_deref(), Some("Succeeded"));
+    assert_eq!(
+        calls(&h),
+        ["demote im-a", "promote im-b 2"],
+        "a planned switchover: demote first"
+    );
+    let events = events_with_reason(&h, "NodeDrain");
+    assert_eq!(events.len(), 1, "{events:?}");
+    let note = events[0]["note"].as_str().unwrap_or_default();
+    assert!(
+        note.contains("node node-1 of active im-a is cordoned"),
+        "{note}"
+    );
+    assert_eq!(selector_of(&h.get("services", "im").expect("svc")), "im-b");
+    budget_names(&h, "im-b");
+    // The old active stays, as the standby on the cordoned node; the condition says so.
+    assert!(h.get("pods", "im-a").is_some());
+    let (status, reason, _) = node_maintenance(&h).expect("condition");
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("True", "StandbyNodeCordoned")
+    );
+
+    // Never switched back, and nothing else written while it stays so.
+    h.take_writes();
+    for _ in 0..3 {
+        h.reconcile().await;
+    }
+    assert_eq!(h.take_writes(), Vec::<String>::new());
+    assert_eq!(calls(&h).len(), 2, "{:?}", calls(&h));
+    assert_eq!(h.status().active_pod.as_deref(), Some("im-b"));
+}
+
+#[tokio::test]
+async fn a_cordon_of_the_standby_node_does_not_switch_over_and_an_evicted_standby_is_recreated() {
+    let h = Harness::new(true);
+    h.converge().await;
+    h.pods.0.lock().expect("p").calls.clear();
+    // The taint alone is a cordon too.
+    h.cordon("node-2", true);
+    for _ in 0..3 {
+        h.reconcile().await;
+    }
+    assert_eq!(calls(&h), Vec::<String>::new(), "nothing to cut over");
+    assert_eq!(h.status().active_pod.as_deref(), Some("im-a"));
+    assert_eq!(h.status().phase, Some(Phase::Running));
+    assert_eq!(
+        node_maintenance(&h).map(|c| c.1).as_deref(),
+        Some("StandbyNodeCordoned")
+    );
+    budget_names(&h, "im-a");
+    // The drain evicts the standby (the budget does not cover it): it is recreated.
+    let old_uid = h.get("pods", "im-b").expect("pod")["metadata"]["uid"].clone();
+    h.store
+        .lock()
+        .expect("store")
+        .objects
+        .remove(&("pods".into(), "prod".into(), "im-b".into()));
+    h.reconcile().await;
+    let new = h.get("pods", "im-b").expect("standby recreated");
+    assert_ne!(new["metadata"]["uid"], old_uid);
+    assert_eq!(calls(&h), Vec::<String>::new(), "still no cutover");
+    assert_eq!(h.status().active_pod.as_deref(), Some("im-a"));
+}
+
+#[tokio::test]
+async fn both_nodes_cordoned_is_reported_once_and_nothing_switches_until_one_is_uncordoned() {
+    let h = Harness::new(true);
+    h.converge().await;
+    h.pods.0.lock().expect("p").calls.clear();
+    h.cordon("node-1", false);
+    h.cordon("node-2", false);
+    h.reconcile().await;
+    let (status, reason, msg) = node_maintenance(&h).expect("condition");
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("True", "BothNodesCordoned")
+    );
+    assert!(msg.contains("kubectl uncordon node-2"), "{msg}");
+    assert_eq!(events_with_reason(&h, "BothNodesCordoned").len(), 1);
+    // Stable: no switchover, no second Event, no writes at all.
+    h.take_writes();
+    for _ in 0..5 {
+        h.reconcile().await;
+    }
+    assert_eq!(
+        h.take_writes(),
+        Vec::<String>::new(),
+        "no flapping, no rewrites"
+    );
+    assert_eq!(calls(&h), Vec::<String>::new());
+    assert_eq!(h.status().active_pod.as_deref(), Some("im-a"));
+    assert_eq!(events_with_reason(&h, "BothNodesCordoned").len(), 1);
+    budget_names(&h, "im-a");
+    // What the condition says to do works: uncordon the standby's node and the active moves.
+    h.uncordon("node-2");
+    h.converge().await;
+    let lt = h.status().last_transition.expect("transition");
+    assert_eq!((lt.to.as_str(), lt.reason.as_str()), ("im-b", "NodeDrain"));
+    assert_eq!(calls(&h), ["demote im-a", "promote im-b 2"]);
+}
+
+#[tokio::test]
+async fn a_cordon_during_another_cutover_waits_for_it_to_finish() {
+    let h = Harness::new(true);
+    h.converge().await;
+    // A switchover im-a → im-b is under way (persisted at Promoting), and im-b's node, the
+    // target's, is cordoned meanwhile.
+    edit_cluster(&h, |o| {
+        o["status"]["cutover"] = json!({
+            "kind": "Switchover", "step": "Promoting", "from": "im-a", "target": "im-b", "epoch": 5,
+            "reason": "test", "started": "2026-01-01T00:00:00Z", "stepStarted": "2026-01-01T00:00:00Z"
+        });
+        o["status"]["epoch"] = json!(5);
+    });
+    h.pods.0.lock().expect("p").calls.clear();
+    let before = h.store.lock().expect("store").statuses.len();
+    h.cordon("node-2", false);
+    h.converge().await;
+    // The running one finished first (its verification told im-a, still believing it is
+    // active, that it is fenced), then the drain moved the role off the cordoned node.
+    assert_eq!(
+        calls(&h),
+        [
+            "promote im-b 5",
+            "demote im-a",
+            "demote im-b",
+            "promote im-a 6"
+        ]
+    );
+    let st = h.status();
+    assert_eq!(st.active_pod.as_deref(), Some("im-a"));
+    let lt = st.last_transition.expect("transition");
+    assert_eq!(
+        (
+            lt.from.as_str(),
+            lt.to.as_str(),
+            lt.reason.as_str(),
+            lt.epoch
+        ),
+        ("im-b", "im-a", "NodeDrain", 6)
+    );
+    // Every recorded intent: the NodeDrain one only after the first cutover ended.
+    let statuses = h.store.lock().expect("store").statuses.clone();
+    let reasons: Vec<&str> = statuses[before..]
+        .iter()
+        .filter_map(|s| s["cutover"]["reason"].as_str())
+        .collect();
+    let first_drain = reasons
+        .iter()
+        .position(|r| *r == "NodeDrain")
+        .expect("drain");
+    assert!(
+        first_drain > 0 && reasons[..first_drain].iter().all(|r| *r == "test"),
+        "{reasons:?}"
+    );
+    // ... and the first one had ended, im-b active, before the drain's intent was written.
+    let ended = statuses[before..]
+        .iter()
+        .position(|s| s["cutover"].is_null() && s["activePod"] == "im-b")
+        .expect("the first cutover ended");
+    let drain_at = statuses[before..]
+        .iter()
+        .position(|s| s["cutover"]["reason"] == "NodeDrain")
+        .expect("drain intent");
+    assert!(ended < drain_at, "{statuses:?}");
+    assert!(
+        reasons[first_drain..].iter().all(|r| *r == "NodeDrain"),
+        "{reasons:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_disruption_budget_covers_no_pod_before_a_promotion_then_follows_the_active() {
+    let h = Harness::new(true);
+    // Provisioning (the first reconcile adds the finalizer only): the budget exists and
+    // selects nothing, as no pod has an empty instance label.
+    h.reconcile().await;
+    h.reconcile().await;
+    assert_eq!(h.status().active_pod, None);
+    assert!(
+        h.get("pods", "im-a").is_some(),
+        "pods created, none promoted"
+    );
+    budget_names(&h, "");
+    let b = h.get("poddisruptionbudgets", "im").expect("budget");
+    assert_eq!(b["spec"]["maxUnavailable"], json!(0));
+    assert_eq!(
+        b["metadata"]["ownerReferences"][0]["kind"],
+        "IdentityMeshCluster"
+    );
+    h.kubelet();
+    h.converge().await;
+    budget_names(&h, "im-a");
+
+    // A switchover re-points it, in the swing, right after the Service.
+    h.take_writes();
+    request_switchover(&h);
+    h.converge().await;
+    assert_eq!(h.status().active_pod.as_deref(), Some("im-b"));
+    budget_names(&h, "im-b");
+    let writes = h.take_writes();
+    let at = |what: &str| {
+        writes
+            .iter()
+            .position(|w| w.starts_with("PATCH") && w.ends_with(what))
+            .unwrap_or_else(|| panic!("no write of {what}: {writes:?}"))
+    };
+    assert!(
+        at("/services/im") < at("/poddisruptionbudgets/im"),
+        "the Service first: {writes:?}"
+    );
+    assert_eq!(
+        writes
+            .iter()
+            .filter(|w| w.ends_with("/poddisruptionbudgets/im"))
+            .count(),
+        1,
+        "one write per swing: {writes:?}"
+    );
+
+    // An edited budget is put back.
+    {
+        let mut s = h.store.lock().expect("store");
+        let b = s
+            .objects
+            .get_mut(&("poddisruptionbudgets".into(), "prod".into(), "im".into()))
+            .expect("budget");
+        b["spec"]["selector"]["matchLabels"]["identitymesh.io/instance"] = json!("im-a");
+    }
+    h.reconcile().await;
+    budget_names(&h, "im-b");
 }

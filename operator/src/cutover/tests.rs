@@ -712,6 +712,152 @@ fn plan_standby_unhealthy_and_active_unhealthy() {
     );
 }
 
+/// What the planner starts for a steady pair whose nodes are (un)cordoned as given.
+fn plan_with_nodes(
+    active_cordoned: Option<bool>,
+    standby_cordoned: Option<bool>,
+    tweak: impl Fn(&mut PlanInput),
+) -> Plan {
+    let mut p = steady();
+    p.pods[0].node = Some("node-1".into());
+    p.pods[0].node_cordoned = active_cordoned;
+    p.pods[1].node = Some("node-2".into());
+    p.pods[1].node_cordoned = standby_cordoned;
+    tweak(&mut p);
+    plan(&p)
+}
+
+fn drain_switchover(pl: &Plan) -> Option<(&str, &str, i64)> {
+    match pl {
+        Plan::Start(c)
+            if c.kind == CutoverKind::Switchover
+                && c.step == CutoverStep::Demoting
+                && c.reason == drain::NODE_DRAIN_REASON =>
+        {
+            Some((c.from.as_str(), c.target.as_str(), c.epoch))
+        }
+        _ => None,
+    }
+}
+
+#[test]
+fn plan_node_drain_table() {
+    let (c, u) = (Some(true), Some(false));
+    let none = |_: &mut PlanInput| {};
+    let standby_unready = |p: &mut PlanInput| p.pods[1].pod_ready = false;
+    let manual = |p: &mut PlanInput| p.policy = FailoverPolicy::Manual;
+    // After a NodeDrain switchover: im-b active on node-2, im-a the standby on cordoned node-1.
+    let switched = |p: &mut PlanInput| {
+        p.active = Some("im-b".into());
+        p.epoch = 4;
+        p.pods[0].server = Some(ServerView {
+            role: Role::Standby,
+            epoch: 4,
+            version: None,
+        });
+        p.pods[1].server = Some(ServerView {
+            role: Role::Active,
+            epoch: 4,
+            version: None,
+        });
+    };
+    let rollout_pending = |p: &mut PlanInput| p.pods[0].up_to_date = false;
+    let both_out_of_date = |p: &mut PlanInput| {
+        p.pods[0].up_to_date = false;
+        p.pods[1].up_to_date = false;
+    };
+    #[allow(clippy::type_complexity)]
+    let table: [(
+        &str,
+        Option<bool>,
+        Option<bool>,
+        &dyn Fn(&mut PlanInput),
+        Option<(&str, &str, i64)>,
+    ); 12] = [
+        ("active cordoned", c, u, &none, Some(("im-a", "im-b", 4))),
+        ("nothing cordoned", u, u, &none, None),
+        ("nodes unread", None, None, &none, None),
+        ("standby cordoned", u, c, &none, None),
+        ("both cordoned", c, c, &none, None),
+        ("standby's node unread", c, None, &none, None),
+        ("standby not ready", c, u, &standby_unready, None),
+        (
+            "manual policy: still a planned switchover",
+            c,
+            u,
+            &manual,
+            Some(("im-a", "im-b", 4)),
+        ),
+        // im-a is the cordoned standby now; im-b's node is schedulable: never back.
+        ("after the switchover", c, u, &switched, None),
+        // ... and if im-b's node is cordoned too, still not back onto cordoned node-1.
+        ("after the switchover, both cordoned", c, c, &switched, None),
+        (
+            "before a rollout",
+            c,
+            u,
+            &rollout_pending,
+            Some(("im-a", "im-b", 4)),
+        ),
+        (
+            "before rolling an out-of-date standby",
+            c,
+            u,
+            &both_out_of_date,
+            Some(("im-a", "im-b", 4)),
+        ),
+    ];
+    // Column one is im-a's node, column two im-b's (whichever is active).
+    for (name, a, s, tweak, want) in table {
+        let got = plan_with_nodes(a, s, tweak);
+        assert_eq!(drain_switchover(&got), want, "{name}: {got:?}");
+        if want.is_none() {
+            assert!(
+                !matches!(got, Plan::Start(_)),
+                "{name}: nothing may start: {got:?}"
+            );
+        }
+    }
+    // Once im-a is on a schedulable node again (recreated), a cordon of im-b's node moves
+    // the role back: the rule follows the nodes, not the history.
+    let moved = plan_with_nodes(u, c, switched);
+    assert_eq!(drain_switchover(&moved), Some(("im-b", "im-a", 5)));
+}
+
+#[test]
+fn plan_node_drain_yields_to_requests_and_failures() {
+    let (c, u) = (Some(true), Some(false));
+    // An explicit request is what runs (its reason, not NodeDrain).
+    let req = plan_with_nodes(c, u, |p| p.switchover_request = Some("standby".into()));
+    match req {
+        Plan::Start(c) => assert!(c.reason.starts_with("requested by annotation"), "{c:?}"),
+        o => panic!("{o:?}"),
+    }
+    // An unhealthy active is the failover rules' business (failover past the threshold).
+    let failing = plan_with_nodes(c, u, |p| {
+        p.pods[0].pod_ready = false;
+        p.pods[0].not_ready_since = Some(ts(0));
+    });
+    assert!(
+        matches!(&failing, Plan::Start(c) if c.kind == CutoverKind::Failover),
+        "{failing:?}"
+    );
+    let within = plan_with_nodes(c, u, |p| {
+        p.pods[0].pod_ready = false;
+        p.pods[0].not_ready_since = Some(ts(99));
+    });
+    assert!(matches!(within, Plan::Wait { .. }), "{within:?}");
+    // A stray active standby is demoted first; the drain follows on the next plan.
+    let stray = plan_with_nodes(c, u, |p| {
+        p.pods[1].server = Some(ServerView {
+            role: Role::Active,
+            epoch: 2,
+            version: None,
+        })
+    });
+    assert_eq!(stray, Plan::DemoteStray { pod: "im-b".into() });
+}
+
 #[test]
 fn plan_upgrade_standby_first_then_switch_then_other() {
     let mut p = steady();
