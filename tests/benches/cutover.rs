@@ -13,70 +13,9 @@
 //! come from the bench's own profile dir (`cargo build --release --workspace --bins`) or from
 //! `IDENTITYMESH_BIN_DIR`, e.g. `IDENTITYMESH_BIN_DIR=$CARGO_TARGET_DIR/debug`.
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use identitymesh_tests::operator_env::*;
-
-const POLL: Duration = Duration::from_millis(50);
-
-#[derive(Clone, Debug)]
-struct Probe {
-    at: Instant,
-    ok: bool,
-    epoch: i64,
-}
-
-/// Polls the Service until dropped.
-struct Poller {
-    probes: Arc<Mutex<Vec<Probe>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Poller {
-    fn start(addr: std::net::SocketAddr, sni: String, ca: String) -> Poller {
-        let probes: Arc<Mutex<Vec<Probe>>> = Arc::default();
-        let p = probes.clone();
-        let task = tokio::spawn(async move {
-            let mut every = tokio::time::interval(POLL);
-            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                every.tick().await;
-                let at = Instant::now();
-                let r = https_get(addr, &sni, &ca, "/health/ready", Duration::from_secs(1)).await;
-                let (ok, epoch) = match r {
-                    Ok((200, body)) => {
-                        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-                        (v["role"] == "active", v["epoch"].as_i64().unwrap_or(-1))
-                    }
-                    _ => (false, -1),
-                };
-                p.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(Probe { at, ok, epoch });
-            }
-        });
-        Poller { probes, task }
-    }
-
-    /// Outage after `fault` until the new active (holding `epoch`) answered.
-    fn outage(&self, fault: Instant, epoch: i64) -> Option<Duration> {
-        let g = self.probes.lock().unwrap_or_else(|e| e.into_inner());
-        let after: Vec<&Probe> = g.iter().filter(|p| p.at >= fault).collect();
-        let recovered = after.iter().find(|p| p.ok && p.epoch == epoch)?;
-        let first_fail = after.iter().find(|p| !p.ok && p.at < recovered.at);
-        Some(match first_fail {
-            Some(f) => recovered.at - f.at,
-            None => Duration::ZERO,
-        })
-    }
-}
-
-impl Drop for Poller {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Kind {

@@ -22,8 +22,13 @@ pub fn build_disruption_budget(
     let mut pdb = PodDisruptionBudget {
         metadata: meta(imc, names, names.disruption_budget()),
         spec: Some(PodDisruptionBudgetSpec {
-            // One pod selected, none may be disrupted: every eviction of the active is refused.
-            max_unavailable: Some(IntOrString::Int(0)),
+            // One pod selected and one must stay: every eviction of the active is refused. An
+            // integer minAvailable, not maxUnavailable: the disruption controller computes the
+            // latter from the pods' controller's scale, which a custom resource does not have,
+            // and then never allows or counts anything.
+            min_available: Some(IntOrString::Int(1)),
+            // A broken active may be evicted (a drain must not wait on it): failover handles it.
+            unhealthy_pod_eviction_policy: Some("AlwaysAllow".into()),
             selector: Some(LabelSelector {
                 match_labels: Some(client_selector(names, active)),
                 match_expressions: None,
@@ -46,6 +51,7 @@ pub fn budget_matches(live: &PodDisruptionBudget, desired: &PodDisruptionBudget)
                 s.selector.clone(),
                 s.max_unavailable.clone(),
                 s.min_available.clone(),
+                s.unhealthy_pod_eviction_policy.clone(),
             )
         })
     };
@@ -80,8 +86,12 @@ mod tests {
                 "{active:?}"
             );
             let spec = pdb.spec.as_ref().expect("spec");
-            assert_eq!(spec.max_unavailable, Some(IntOrString::Int(0)));
-            assert_eq!(spec.min_available, None);
+            assert_eq!(spec.min_available, Some(IntOrString::Int(1)));
+            assert_eq!(spec.max_unavailable, None);
+            assert_eq!(
+                spec.unhealthy_pod_eviction_policy.as_deref(),
+                Some("AlwaysAllow")
+            );
         }
         let pdb = build_disruption_budget(&imc, &names, Some("im-b"));
         let sel = match_labels(&pdb);
@@ -129,7 +139,7 @@ mod tests {
         assert_eq!(a2, b);
         // An edit of the budget's limits is drift too.
         let mut edited = a.clone();
-        edited.spec.as_mut().expect("spec").max_unavailable = Some(IntOrString::Int(1));
+        edited.spec.as_mut().expect("spec").min_available = Some(IntOrString::Int(0));
         assert!(!budget_matches(&edited, &a));
     }
 }

@@ -1878,7 +1878,7 @@ async fn the_disruption_budget_covers_no_pod_before_a_promotion_then_follows_the
     );
     budget_names(&h, "");
     let b = h.get("poddisruptionbudgets", "im").expect("budget");
-    assert_eq!(b["spec"]["maxUnavailable"], json!(0));
+    assert_eq!(b["spec"]["minAvailable"], json!(1));
     assert_eq!(
         b["metadata"]["ownerReferences"][0]["kind"],
         "IdentityMeshCluster"

@@ -12,6 +12,8 @@ mod crd;
 mod env;
 mod https;
 mod operator;
+mod poller;
+mod relay;
 mod slices;
 mod sqlite;
 
@@ -19,6 +21,8 @@ pub use crd::*;
 pub use env::*;
 pub use https::*;
 pub use operator::*;
+pub use poller::*;
+pub use relay::*;
 pub use slices::*;
 pub use sqlite::*;
 

@@ -1,0 +1,98 @@
+//! A client polling the client Service, as users and scripts do, recording every answer.
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::*;
+
+/// How often the poller asks.
+pub const POLL: Duration = Duration::from_millis(50);
+
+/// One request: when it was sent, whether an *active* server answered 200, with which epoch.
+#[derive(Clone, Debug)]
+pub struct Probe {
+    pub at: Instant,
+    pub ok: bool,
+    pub epoch: i64,
+    /// What went wrong, for a failed request.
+    pub error: Option<String>,
+}
+
+/// Polls `GET /health/ready` through the Service every [`POLL`] until dropped. A request fails
+/// when it does not get 200 from an active server (connection refused or reset, TLS or HTTP
+/// error, timeout, or a demoted or standby server answering).
+pub struct Poller {
+    probes: Arc<Mutex<Vec<Probe>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Poller {
+    pub fn start(addr: std::net::SocketAddr, sni: String, ca: String) -> Poller {
+        let probes: Arc<Mutex<Vec<Probe>>> = Arc::default();
+        let p = probes.clone();
+        let task = tokio::spawn(async move {
+            let mut every = tokio::time::interval(POLL);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                let at = Instant::now();
+                let r = https_get(addr, &sni, &ca, "/health/ready", Duration::from_secs(1)).await;
+                let (ok, epoch, error) = match r {
+                    Ok((200, body)) => {
+                        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                        let active = v["role"] == "active";
+                        let err = (!active).then(|| format!("answered by a {}", v["role"]));
+                        (active, v["epoch"].as_i64().unwrap_or(-1), err)
+                    }
+                    Ok((code, body)) => (false, -1, Some(format!("{code}: {body}"))),
+                    Err(e) => (false, -1, Some(e)),
+                };
+                p.lock().unwrap_or_else(|e| e.into_inner()).push(Probe {
+                    at,
+                    ok,
+                    epoch,
+                    error,
+                });
+            }
+        });
+        Poller { probes, task }
+    }
+
+    /// The requests sent at or after `from`.
+    pub fn since(&self, from: Instant) -> Vec<Probe> {
+        let g = self.probes.lock().unwrap_or_else(|e| e.into_inner());
+        g.iter().filter(|p| p.at >= from).cloned().collect()
+    }
+
+    /// Outage after `fault` until the new active (holding `epoch`) answered: from the first
+    /// failed request to the first answer of the new active; zero when none failed. None when
+    /// the new active has not answered yet.
+    pub fn outage(&self, fault: Instant, epoch: i64) -> Option<Duration> {
+        let after = self.since(fault);
+        let recovered = after.iter().find(|p| p.ok && p.epoch == epoch)?;
+        let first_fail = after.iter().find(|p| !p.ok && p.at < recovered.at);
+        Some(match first_fail {
+            Some(f) => recovered.at - f.at,
+            None => Duration::ZERO,
+        })
+    }
+
+    /// Failed requests sent at or after `from`.
+    pub fn failures_since(&self, from: Instant) -> Vec<Probe> {
+        self.since(from).into_iter().filter(|p| !p.ok).collect()
+    }
+}
+
+impl Drop for Poller {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Env {
+    /// A [`Poller`] of this cluster's client Service, through the Service proxy.
+    pub async fn poll_service(&mut self) -> Poller {
+        let addr = self.proxy_addr().await;
+        let ca = self.ca_pem().await;
+        Poller::start(addr, self.service_dns(), ca)
+    }
+}
