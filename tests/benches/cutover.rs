@@ -1,5 +1,6 @@
-//! Cutover bench: how long requests through the client Service fail, for a planned switchover,
-//! a kill -9 of the active's process and the active node's heartbeat loss, on the real control
+//! Cutover bench: how many requests through the client Service fail, and for how long, for a
+//! planned switchover, a `kubectl drain` of the active's node, a kill -9 of the active's process
+//! and the active node's heartbeat loss, on the real control
 //! plane with the real server and operator (see tests/operator_e2e.rs for the setup).
 //!
 //! A client polls `GET /health/ready` through the harness's Service proxy every 50 ms; a request
@@ -9,7 +10,7 @@
 //! active; a cutover without a failing request counts as 0.
 //!
 //! `IM_BENCH_REPS` (default 20) repetitions per kind; `IM_BENCH_KINDS` (comma list of
-//! switchover,kill,heartbeat) to run fewer kinds. Needs what the e2e tests need. The binaries
+//! switchover,drain,kill,heartbeat) to run fewer kinds. Needs what the e2e tests need. The binaries
 //! come from the bench's own profile dir (`cargo build --release --workspace --bins`) or from
 //! `IDENTITYMESH_BIN_DIR`, e.g. `IDENTITYMESH_BIN_DIR=$CARGO_TARGET_DIR/debug`.
 
@@ -20,6 +21,7 @@ use identitymesh_tests::operator_env::*;
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Kind {
     Switchover,
+    Drain,
     Kill,
     Heartbeat,
 }
@@ -28,6 +30,7 @@ impl Kind {
     fn name(self) -> &'static str {
         match self {
             Kind::Switchover => "planned switchover",
+            Kind::Drain => "kubectl drain",
             Kind::Kill => "process kill -9",
             Kind::Heartbeat => "node heartbeat loss",
         }
@@ -43,7 +46,9 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.min(sorted.len()) - 1]
 }
 
-async fn one(env: &mut Env, poller: &Poller, kind: Kind) -> (f64, f64) {
+/// One cutover of `kind`: (failing-request window s, fault → new active reachable s, failed
+/// requests).
+async fn one(env: &mut Env, poller: &Poller, kind: Kind) -> (f64, f64, usize) {
     let st = env.wait_settled("settled before the fault").await;
     env.wait_service_active(st.epoch, WAIT).await;
     let (a, s, e) = (st.active.unwrap(), st.standby.unwrap(), st.epoch);
@@ -54,6 +59,19 @@ async fn one(env: &mut Env, poller: &Poller, kind: Kind) -> (f64, f64) {
     match kind {
         Kind::Switchover => {
             env.request_switchover().await;
+        }
+        Kind::Drain => {
+            // Completes once the old active, now the standby, is evicted.
+            env.cluster
+                .kubectl(&[
+                    "drain",
+                    &node,
+                    "--ignore-daemonsets",
+                    "--delete-emptydir-data",
+                    "--timeout=120s",
+                ])
+                .await
+                .unwrap_or_else(|e| env.fail(&format!("kubectl drain {node}: {e}")));
         }
         Kind::Kill => {
             env.cluster
@@ -80,13 +98,20 @@ async fn one(env: &mut Env, poller: &Poller, kind: Kind) -> (f64, f64) {
             .resume_node_heartbeat(&node)
             .expect("resume heartbeat");
     }
+    if kind == Kind::Drain {
+        env.wait_settled("a fresh standby after the drain").await;
+        env.cluster
+            .kubectl(&["uncordon", &node])
+            .await
+            .expect("uncordon the drained node");
+    }
     // Let the poller see the recovery.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let outage = poller
         .outage(fault, e + 1)
         .map(|d| d.as_secs_f64())
         .unwrap_or(f64::NAN);
-    (outage, recovered_after)
+    (outage, recovered_after, poller.failures_since(fault).len())
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 4)]
@@ -106,12 +131,13 @@ async fn main() {
             .split(',')
             .filter_map(|k| match k.trim() {
                 "switchover" => Some(Kind::Switchover),
+                "drain" => Some(Kind::Drain),
                 "kill" => Some(Kind::Kill),
                 "heartbeat" => Some(Kind::Heartbeat),
                 _ => None,
             })
             .collect(),
-        Err(_) => vec![Kind::Switchover, Kind::Kill, Kind::Heartbeat],
+        Err(_) => vec![Kind::Switchover, Kind::Drain, Kind::Kill, Kind::Heartbeat],
     };
     // kube-proxy's sync lag on a real cluster; IM_BENCH_PROXY_DELAY_MS=0 measures without it.
     let proxy_delay = Duration::from_millis(
@@ -142,40 +168,56 @@ async fn main() {
     for kind in kinds {
         let mut outages = Vec::new();
         let mut recoveries = Vec::new();
+        let mut failed = Vec::new();
         for i in 0..reps {
-            let (o, r) = one(&mut env, &poller, kind).await;
+            let (o, r, f) = one(&mut env, &poller, kind).await;
             println!(
-                "  {} #{:>2}: requests failed for {o:.3}s; new active reachable {r:.3}s after the fault",
+                "  {} #{:>2}: {f} requests failed, for {o:.3}s; new active reachable {r:.3}s after the fault",
                 kind.name(),
                 i + 1
             );
             outages.push(o);
             recoveries.push(r);
+            failed.push(f as f64);
         }
         outages.sort_by(f64::total_cmp);
         recoveries.sort_by(f64::total_cmp);
-        report.push((kind, outages, recoveries));
+        failed.sort_by(f64::total_cmp);
+        report.push((kind, outages, recoveries, failed));
     }
     env.slices.assert_never_two("the bench");
     println!();
     println!(
-        "{:<22} {:>4} {:>9} {:>9} {:>9}   {:>22}",
-        "failing-request window", "n", "p50 s", "p99 s", "max s", "fault→new active p50/max s"
+        "{:<20} {:>3} {:>20} {:>24}   {:>22}",
+        "cutover",
+        "n",
+        "failed req p50/p99/max",
+        "failing window p50/p99/max s",
+        "fault→new active p50/max s"
     );
-    for (kind, o, r) in &report {
+    for (kind, o, r, f) in &report {
         println!(
-            "{:<22} {:>4} {:>9.3} {:>9.3} {:>9.3}   {:>10.3} / {:.3}",
+            "{:<20} {:>3} {:>20} {:>24}   {:>10.3} / {:.3}",
             kind.name(),
             o.len(),
-            percentile(o, 50.0),
-            percentile(o, 99.0),
-            o.last().copied().unwrap_or(f64::NAN),
+            format!(
+                "{}/{}/{}",
+                percentile(f, 50.0),
+                percentile(f, 99.0),
+                f.last().copied().unwrap_or(f64::NAN)
+            ),
+            format!(
+                "{:.3}/{:.3}/{:.3}",
+                percentile(o, 50.0),
+                percentile(o, 99.0),
+                o.last().copied().unwrap_or(f64::NAN)
+            ),
             percentile(r, 50.0),
             r.last().copied().unwrap_or(f64::NAN),
         );
     }
     println!(
-        "targets: switchover p99 < 2 s; kill p99 < 5 s; heartbeat loss < grace ({}) + 3 s",
+        "targets: 0 failed requests at p99 for switchover and drain; kill -9 window p99 < unhealthyAfterSeconds ({UNHEALTHY_AFTER_SECONDS} s) + 2 s; heartbeat loss < node grace ({}) + 2 s",
         identitymesh_tests::controlplane::NODE_MONITOR_GRACE_PERIOD
     );
 }
