@@ -113,15 +113,23 @@ async fn wait_apiserver(kubeconfig: &Path, pids: &[(&str, u32)], timeout: Durati
 
 /// Builds a client from a kubeconfig file.
 pub async fn client_from_kubeconfig(path: &Path) -> Result<kube::Client> {
+    client_with_retries(path, true).await
+}
+
+/// A client for the kubeconfig at `path`; `retry: false` turns off kube's default retry of 429,
+/// 503 and 504 answers (up to 15 times, with backoff), for a test that wants the apiserver's
+/// answer itself, such as an eviction a PodDisruptionBudget refuses.
+pub async fn client_with_retries(path: &Path, retry: bool) -> Result<kube::Client> {
     // In a workspace build rustls may have both ring and aws-lc-rs enabled, and then has no
     // implicit process default; pick ring (a no-op when something already installed one).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let kc = kube::config::Kubeconfig::read_from(path)
         .map_err(|e| Error::Other(format!("read kubeconfig {}: {e}", path.display())))?;
-    let config =
+    let mut config =
         kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
             .await
             .map_err(|e| Error::Other(format!("load kubeconfig {}: {e}", path.display())))?;
+    config.default_retry = retry;
     Ok(kube::Client::try_from(config)?)
 }
 

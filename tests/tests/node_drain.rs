@@ -15,8 +15,13 @@ use kube::Api;
 async fn kubectl_drain_of_the_active_node_is_a_switchover_and_completes() {
     let _serial = SERIAL.lock().await;
     init_tracing();
+    let begun = Instant::now();
     let mut env = Env::start(EnvOptions::default()).await;
     let st = env.wait_settled("the first settled state").await;
+    println!(
+        "settled {:.1}s after the start",
+        begun.elapsed().as_secs_f64()
+    );
     let (a, s, e) = (st.active.unwrap(), st.standby.unwrap(), st.epoch);
     env.wait_service_active(e, WAIT).await;
     let node = env.pod_node(&a).await.expect("the active is scheduled");
@@ -56,7 +61,13 @@ async fn kubectl_drain_of_the_active_node_is_a_switchover_and_completes() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let uid = env.pod_uid(&a).await;
-    match env.pods.evict(&a, &EvictParams::default()).await {
+    // Without kube's retry of 429 answers, which would retry the refusal for minutes.
+    let once =
+        identitymesh_tests::controlplane::client_with_retries(env.cluster.kubeconfig_path(), false)
+            .await
+            .expect("a client without retries");
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(once, &env.ns);
+    match pods.evict(&a, &EvictParams::default()).await {
         Err(kube::Error::Api(r)) if r.code == 429 => {
             println!("eviction of the active refused: {}", r.message)
         }
