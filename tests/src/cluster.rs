@@ -33,6 +33,10 @@ pub struct ClusterOptions {
     /// How long after an EndpointSlice or Service change the Service proxy applies it (kube-proxy's
     /// sync lag on a real cluster, about 1 s); zero by default so tests settle quickly.
     pub proxy_delay: Duration,
+    /// emptyDir volumes of this name are a tmpfs of this many bytes, mounted before the pod's
+    /// containers start, so a test can fill it ([`Cluster::fill_pod_volume`]): the disk-full
+    /// fault on a pod's own directory.
+    pub tmpfs_volumes: HashMap<String, u64>,
 }
 
 impl ClusterOptions {
@@ -45,6 +49,11 @@ impl ClusterOptions {
 
     pub fn proxy_delay(mut self, delay: Duration) -> ClusterOptions {
         self.proxy_delay = delay;
+        self
+    }
+
+    pub fn tmpfs_volume(mut self, volume: &str, bytes: u64) -> ClusterOptions {
+        self.tmpfs_volumes.insert(volume.to_string(), bytes);
         self
     }
 
@@ -178,6 +187,7 @@ impl Cluster {
         let runtime = Arc::new(RuntimeCtx {
             client: client.clone(),
             dns,
+            tmpfs_volumes: opts.tmpfs_volumes.clone(),
             run_dir: run_dir.clone(),
             images: opts.images.clone(),
             table: teardown.table.clone(),
@@ -375,6 +385,36 @@ impl Cluster {
     pub fn pod_log(&self, ns: &str, pod: &str, container: &str) -> Option<String> {
         let shared = self.runtime.registry.get(ns, pod)?;
         std::fs::read_to_string(shared.dir.join(format!("{container}.log"))).ok()
+    }
+
+    /// Fills the tmpfs behind a pod's emptyDir `volume` ([`ClusterOptions::tmpfs_volume`]) until
+    /// writes fail with ENOSPC; returns the bytes the filler took.
+    pub fn fill_pod_volume(&self, ns: &str, pod: &str, volume: &str) -> Result<u64> {
+        self.with_pod_tmpfs(ns, pod, volume, |d| d.fill())
+    }
+
+    /// Frees what [`Cluster::fill_pod_volume`] took.
+    pub fn free_pod_volume(&self, ns: &str, pod: &str, volume: &str) -> Result<()> {
+        self.with_pod_tmpfs(ns, pod, volume, |d| d.free())
+    }
+
+    fn with_pod_tmpfs<T>(
+        &self,
+        ns: &str,
+        pod: &str,
+        volume: &str,
+        f: impl FnOnce(&crate::disk_full::FullDisk) -> Result<T>,
+    ) -> Result<T> {
+        let shared = self.runtime.registry.get(ns, pod).ok_or_else(|| {
+            Error::Other(format!("pod {ns}/{pod} is not running on a harness node"))
+        })?;
+        let disks = lock(&shared.tmpfs);
+        let disk = disks.get(volume).ok_or_else(|| {
+            Error::Other(format!(
+                "pod {ns}/{pod} has no tmpfs volume {volume:?} (ClusterOptions::tmpfs_volume)"
+            ))
+        })?;
+        f(disk)
     }
 
     /// (pod, log of `container`) for every pod of namespace `ns` that runs now.

@@ -16,6 +16,7 @@ pub mod chaos;
 pub mod cluster;
 pub mod cluster_dns;
 pub mod controlplane;
+pub mod disk_full;
 pub mod error;
 pub mod faults;
 pub mod netns;

@@ -2,7 +2,8 @@
 //! paths (the service-account token at /var/run/secrets/kubernetes.io/serviceaccount), in a
 //! mount namespace of its own; its hostname is its name; cluster DNS names of Services and of
 //! headless Services' pods resolve inside it; Service traffic and pod-to-pod traffic across nodes
-//! work from inside it; a node whose link is cut reaches nothing.
+//! work from inside it; a node whose link is cut reaches nothing; a tmpfs-backed emptyDir
+//! filled by the test fails the pod's writes with ENOSPC until it is freed.
 
 mod common;
 
@@ -21,7 +22,8 @@ async fn pods_resolve_and_reach_services_and_see_their_volumes_at_real_paths() {
         linux_nodes: 2,
         ..Default::default()
     }
-    .image("test/http", env!("CARGO_BIN_EXE_im-test-http"));
+    .image("test/http", env!("CARGO_BIN_EXE_im-test-http"))
+    .tmpfs_volume("scratch", 1 << 20);
     let cluster = Cluster::start(opts).await.expect("start harness");
     let manifest = fixtures().join("pod-network.yaml");
     cluster
@@ -72,6 +74,28 @@ async fn pods_resolve_and_reach_services_and_see_their_volumes_at_real_paths() {
         ask("/file?/etc/client-config/greeting".into()).await,
         (200, "hello-from-a-real-path".into())
     );
+
+    // The scratch volume is a tmpfs inside the pod; filled from outside, the pod's writes fail
+    // with ENOSPC; freed, they work again.
+    let (_, mounts) = ask("/file?/proc/self/mountinfo".into()).await;
+    assert!(
+        mounts
+            .lines()
+            .any(|l| l.split(' ').nth(4) == Some("/scratch") && l.contains(" - tmpfs ")),
+        "{mounts}"
+    );
+    assert_eq!(ask("/write?/scratch/a".into()).await.0, 200);
+    let filled = cluster
+        .fill_pod_volume("netcheck", "client", "scratch")
+        .expect("fill the scratch volume");
+    assert!(filled > 0 && filled <= 1 << 20, "{filled}");
+    let (code, err) = ask("/write?/scratch/b".into()).await;
+    assert_eq!(code, 507, "{err}");
+    assert!(err.contains("No space left"), "{err}");
+    cluster
+        .free_pod_volume("netcheck", "client", "scratch")
+        .expect("free the scratch volume");
+    assert_eq!(ask("/write?/scratch/b".into()).await.0, 200);
 
     // Cluster names resolve inside the pod, and the traffic arrives: a Service's ClusterIP on
     // another node, by its full and short names, and a headless Service's pod directly.

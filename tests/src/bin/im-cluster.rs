@@ -14,6 +14,7 @@ fn parse() -> anyhow::Result<ClusterOptions> {
         linux_nodes: 0,
         images: HashMap::new(),
         proxy_delay: Duration::ZERO,
+        tmpfs_volumes: HashMap::new(),
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {

@@ -5,6 +5,7 @@
 //! - `GET /readyz`  → 200, or 503 when `--ready-file` is given and that file is missing
 //! - `GET /env/NAME` → the value of env var NAME (404 if unset)
 //! - `GET /file?PATH` → contents of PATH
+//! - `GET /write?PATH` → appends 64 KiB of zeros to PATH: 200, or 507 with the error (ENOSPC)
 //! - `GET /hostname` → the kernel's hostname (the pod's UTS namespace)
 //! - `GET /fetch?HOST:PORT/PATH` → the body of `GET /PATH` over plain HTTP from HOST:PORT, the
 //!   name resolved here (the pod's /etc/hosts), 502 with the error when that fails
@@ -46,6 +47,20 @@ fn respond(req_line: &str, ready_file: &Option<String>) -> (u16, String) {
             Err(e) => (404, e.to_string()),
         },
         "/hostname" => (200, hostname()),
+        p if p.starts_with("/write?") => {
+            let write = || -> std::io::Result<()> {
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&p[7..])?;
+                f.write_all(&[0u8; 64 * 1024])?;
+                f.sync_all()
+            };
+            match write() {
+                Ok(()) => (200, "written".into()),
+                Err(e) => (507, e.to_string()),
+            }
+        }
         p if p.starts_with("/fetch?") => match fetch(&p[7..]) {
             Ok(v) => (200, v),
             Err(e) => (502, e),

@@ -27,7 +27,7 @@
 pub mod checker;
 pub mod db_stall;
 pub mod directory;
-pub mod disk_full;
+pub use crate::disk_full;
 pub mod history;
 pub mod relay;
 pub mod report;

@@ -35,6 +35,9 @@ pub struct EnvOptions {
     pub server_env: Vec<(String, String)>,
     /// The Service proxy's propagation lag ([`ClusterOptions::proxy_delay`]).
     pub proxy_delay: Duration,
+    /// Back the server pods' data directory (the emptyDir `data`) with a tmpfs of this many
+    /// bytes, for the disk-full fault ([`crate::Cluster::fill_pod_volume`]).
+    pub data_tmpfs: Option<u64>,
 }
 
 impl Default for EnvOptions {
@@ -46,6 +49,7 @@ impl Default for EnvOptions {
             operator_replicas: 1,
             server_env: Vec::new(),
             proxy_delay: Duration::ZERO,
+            data_tmpfs: None,
         }
     }
 }
@@ -55,6 +59,8 @@ pub const OPERATOR_NS: &str = "identitymesh-system";
 pub const RELEASE: &str = "identitymesh-operator";
 /// The chart's default image repository; the harness runs the operator binary for it.
 pub const OPERATOR_IMAGE: &str = "identitymesh/operator";
+/// The server pods' data directory volume (an emptyDir the operator's pod builder names).
+pub const DATA_VOLUME: &str = "data";
 /// The operator Deployment's container.
 pub const OPERATOR_CONTAINER: &str = "operator";
 
@@ -225,6 +231,9 @@ impl Env {
         let mut cluster_opts = ClusterOptions::windows(opts.windows_nodes)
             .proxy_delay(opts.proxy_delay)
             .image(SERVER_IMAGE, &server);
+        if let Some(bytes) = opts.data_tmpfs {
+            cluster_opts = cluster_opts.tmpfs_volume(DATA_VOLUME, bytes);
+        }
         if opts.helm {
             // One node more than replicas: a rolling update's surge pod needs a free node.
             cluster_opts.linux_nodes = opts.operator_replicas.max(1) + 1;

@@ -53,6 +53,8 @@ pub struct RuntimeCtx {
     pub shutdown: Arc<AtomicBool>,
     /// Cluster DNS names, written into each pod's /etc/hosts.
     pub dns: crate::cluster_dns::ClusterDns,
+    /// emptyDir volume name → size of the tmpfs behind it ([`crate::ClusterOptions`]).
+    pub tmpfs_volumes: HashMap<String, u64>,
 }
 
 impl RuntimeCtx {
@@ -104,6 +106,8 @@ pub struct PodShared {
     pub uid: String,
     pub dir: PathBuf,
     pub containers: Mutex<Vec<ContainerRun>>,
+    /// tmpfs-backed emptyDir volumes by name; unmounted when the pod's state goes.
+    pub tmpfs: Mutex<HashMap<String, crate::disk_full::FullDisk>>,
 }
 
 impl PodShared {
@@ -199,6 +203,7 @@ impl PodRunner {
             uid: uid.clone(),
             dir,
             containers: Mutex::new(containers),
+            tmpfs: Mutex::default(),
         });
         ctx.registry.insert(&ns, &name, shared.clone());
         let (stop, stop_rx) = watch::channel(Stop::No);
@@ -288,6 +293,7 @@ async fn run_pod(
     let mut container_tasks = Vec::new();
     let mut probe_tasks = Vec::new();
     if let Some(volumes) = &volumes {
+        mount_tmpfs_volumes(&ctx, &pod, volumes, &shared);
         let containers = pod
             .spec
             .as_ref()
@@ -380,7 +386,36 @@ async fn run_pod(
             }
         }
     }
+    // Its processes are gone: unmount its tmpfs volumes now, whoever still holds its state.
+    lock(&shared.tmpfs).clear();
     ctx.registry.remove(&ns, &name, &shared.uid);
+}
+
+/// emptyDir volumes the harness backs with a small tmpfs, mounted before any container starts
+/// (a container's mount namespace is a copy taken at its start).
+fn mount_tmpfs_volumes(
+    ctx: &RuntimeCtx,
+    pod: &Pod,
+    volumes: &HashMap<String, PathBuf>,
+    shared: &PodShared,
+) {
+    let specs = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.volumes.clone())
+        .unwrap_or_default();
+    for v in specs.iter().filter(|v| v.empty_dir.is_some()) {
+        let (Some(bytes), Some(dir)) = (ctx.tmpfs_volumes.get(&v.name), volumes.get(&v.name))
+        else {
+            continue;
+        };
+        match crate::disk_full::FullDisk::mount(dir, *bytes) {
+            Ok(d) => {
+                lock(&shared.tmpfs).insert(v.name.clone(), d);
+            }
+            Err(e) => tracing::warn!(volume = %v.name, "tmpfs volume: {e}"),
+        }
+    }
 }
 
 /// The pod's hostname: `spec.hostname`, else its name (as kubelet sets it).
