@@ -62,16 +62,7 @@ async fn one(env: &mut Env, poller: &Poller, kind: Kind) -> (f64, f64, usize) {
         }
         Kind::Drain => {
             // Completes once the old active, now the standby, is evicted.
-            env.cluster
-                .kubectl(&[
-                    "drain",
-                    &node,
-                    "--ignore-daemonsets",
-                    "--delete-emptydir-data",
-                    "--timeout=120s",
-                ])
-                .await
-                .unwrap_or_else(|e| env.fail(&format!("kubectl drain {node}: {e}")));
+            env.drain_node(&node).await;
         }
         Kind::Kill => {
             env.cluster

@@ -1118,7 +1118,7 @@ fn install_batch_log(db: &Path) {
 
 /// The relay: a credential from the Admin API, enrolled and run through the Service (its
 /// DNS name resolved to the Service proxy, trusting the cluster CA). Returns it and its id.
-async fn start_relay(env: &Env, api: &AdminApi) -> (RelayProcess, String) {
+async fn start_relay(env: &mut Env, api: &AdminApi) -> (RelayProcess, String) {
     let created = api
         .setup(
             "POST",
@@ -1129,51 +1129,17 @@ async fn start_relay(env: &Env, api: &AdminApi) -> (RelayProcess, String) {
         .await;
     let relay_id = created["id"].as_str().expect("relay id").to_string();
     let relay_token = created["token"].as_str().expect("relay token").to_string();
-    let relay_dir = env.dir.join("relay");
-    std::fs::create_dir_all(&relay_dir).expect("relay dir");
-    let ca_file = relay_dir.join("cluster-ca.pem");
-    std::fs::write(&ca_file, &api.ca).expect("write the cluster CA");
-    let host = env.service_dns();
-    let resolve = format!("{host}:{}:{}", api.addr.port(), api.addr.ip());
-    let relay_config = relay_dir.join("relay.toml");
-    let relay_bin = workspace_bin("identitymesh-relay");
-    let out = std::process::Command::new(&relay_bin)
-        .args([
-            "enroll",
-            "--server",
-            &format!("https://{host}:{}", api.addr.port()),
-            "--ca-file",
-        ])
-        .arg(&ca_file)
-        .arg("--config")
-        .arg(&relay_config)
-        .args(["--resolve", &resolve])
-        .env("IDENTITYMESH_RELAY_TOKEN", &relay_token)
-        .output()
-        .expect("run identitymesh-relay enroll");
-    assert!(
-        out.status.success(),
-        "enroll failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let relay_args: Vec<String> = vec![
-        "run".into(),
-        "--config".into(),
-        relay_config.display().to_string(),
-        "--resolve".into(),
-        resolve.clone(),
-    ];
-    let relay = RelayProcess::start(
-        &relay_bin,
-        &relay_args,
-        &[
-            ("RUST_LOG".into(), "info".into()),
-            ("NO_COLOR".into(), "1".into()),
-        ],
-        &relay_dir.join("relay.log"),
-    )
-    .expect("start identitymesh-relay run");
-    (relay, relay_id)
+    let relay = env
+        .enroll_relay(
+            &relay_id,
+            &relay_token,
+            &[
+                ("RUST_LOG".into(), "info".into()),
+                ("NO_COLOR".into(), "1".into()),
+            ],
+        )
+        .await;
+    (relay.process, relay_id)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1221,7 +1187,7 @@ async fn seeded_fault_campaign() {
         ca: env.ca_pem().await,
     };
 
-    let (relay, relay_id) = start_relay(&env, &api).await;
+    let (relay, relay_id) = start_relay(&mut env, &api).await;
     let mut c = Campaign { env, relay, slapd };
     wait_relay_on_active(&c.env, &api, &relay_id, "before the campaign").await;
 
@@ -1253,7 +1219,7 @@ async fn seeded_fault_campaign() {
         first.status,
         "succeeded",
         "the first full import through the relay: {first:?}\nrelay log:\n{}",
-        std::fs::read_to_string(c.env.dir.join("relay/relay.log")).unwrap_or_default()
+        std::fs::read_to_string(c.env.dir.join(format!("{relay_id}.log"))).unwrap_or_default()
     );
     for (mode, every) in [("delta", "10s"), ("full", "30s")] {
         api.setup(

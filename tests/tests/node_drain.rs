@@ -89,17 +89,7 @@ async fn kubectl_drain_of_the_active_node_is_a_switchover_and_completes() {
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let t0 = Instant::now();
-    let out = env
-        .cluster
-        .kubectl(&[
-            "drain",
-            &node,
-            "--ignore-daemonsets",
-            "--delete-emptydir-data",
-            "--timeout=120s",
-        ])
-        .await
-        .unwrap_or_else(|e| env.fail(&format!("kubectl drain {node}: {e}")));
+    let out = env.drain_node(&node).await;
     let drained = t0.elapsed();
     println!(
         "kubectl drain {node} completed in {:.1}s:\n{}",

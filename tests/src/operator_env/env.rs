@@ -585,6 +585,21 @@ impl Env {
         self.operator.as_ref().map(|o| o.pid())
     }
 
+    /// `kubectl drain` of `node`, as an administrator before patching it; returns its output.
+    /// Completes once every pod it evicts is gone (the old active only after its switchover).
+    pub async fn drain_node(&self, node: &str) -> String {
+        self.cluster
+            .kubectl(&[
+                "drain",
+                node,
+                "--ignore-daemonsets",
+                "--delete-emptydir-data",
+                "--timeout=120s",
+            ])
+            .await
+            .unwrap_or_else(|e| self.fail(&format!("kubectl drain {node}: {e}")))
+    }
+
     /// Requests a planned switchover to the standby, as a user would: by annotating the cluster.
     pub async fn request_switchover(&self) {
         let ns = self.ns.clone();
