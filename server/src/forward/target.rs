@@ -1,7 +1,6 @@
 //! Where a forwarded request goes: the fence holder's public URL, from the configured template.
 
-/// The placeholder for the active's instance name in `forwarding.peer_url_template`.
-pub const PLACEHOLDER: &str = "{instance}";
+pub use identitymesh_contract::forwarding::INSTANCE_PLACEHOLDER as PLACEHOLDER;
 
 /// A peer's address: what to resolve and connect to, and the name its certificate must carry.
 #[derive(Debug, Clone, PartialEq, Eq)]
