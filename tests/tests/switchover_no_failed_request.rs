@@ -208,7 +208,8 @@ async fn planned_switchovers_fail_no_client_request() {
     stop.store(true, Ordering::SeqCst);
     task.await.expect("the client task");
 
-    let h = history.lock().unwrap();
+    // The client has stopped: take its history out of the lock.
+    let h = std::mem::take(&mut *history.lock().unwrap());
     let during: Vec<&Call> = h.calls.iter().filter(|c| c.at >= t0).collect();
     let failed: Vec<&Call> = h.calls.iter().filter(|c| c.error.is_some()).collect();
     let slowest = h.calls.iter().map(|c| c.took).max().unwrap_or_default();
@@ -303,6 +304,5 @@ async fn planned_switchovers_fail_no_client_request() {
         "the demoted pods forwarded nothing: the test saw no lagging proxy"
     );
     env.slices.assert_never_two("the switchovers");
-    std::mem::drop(h);
     let _ = std::fs::remove_dir_all(&dir);
 }
