@@ -764,6 +764,10 @@ impl Config {
             message,
         };
         let f = &self.forwarding;
+        // Unused while forwarding is off, so checked only then.
+        if !f.enabled {
+            return Ok(());
+        }
         if f.hold_ms >= self.http.request_timeout_ms {
             return Err(key_err(
                 "forwarding.hold_ms",
@@ -773,9 +777,6 @@ impl Config {
                     self.http.request_timeout_ms
                 ),
             ));
-        }
-        if !f.enabled {
-            return Ok(());
         }
         let Some(template) = f
             .peer_url_template
@@ -1146,11 +1147,23 @@ mod tests {
             e.contains("forwarding.ca_file") && e.contains("cluster CA"),
             "{e}"
         );
-        let e = err(&[base, ("IM_FORWARDING__HOLD_MS", "200000")]);
+        let ca = ("IM_FORWARDING__CA_FILE", "/ca/ca.crt");
+        let e = err(&[base, on, tmpl, ca, ("IM_FORWARDING__HOLD_MS", "200000")]);
         assert!(
             e.contains("forwarding.hold_ms") && e.contains("request_timeout_ms"),
             "{e}"
         );
+        // Off, the hold is not used, so a short request bound elsewhere is no conflict.
+        load(
+            None,
+            env(&[
+                base,
+                ("IM_HTTP__REQUEST_TIMEOUT_MS", "700"),
+                ("IM_ENGINE__DRAIN_TIMEOUT_MS", "200"),
+            ]),
+            &FlagOverrides::default(),
+        )
+        .unwrap();
         let e = err(&[base, ("IM_FORWARDING__HOLD_MS", "soon")]);
         assert!(
             e.contains("forwarding.hold_ms") && e.contains("milliseconds"),
