@@ -108,12 +108,19 @@ pub async fn run(
         sync: Some(sync),
         sessions: Some(sessions),
     };
+    let mut public_routes = api::router(state.clone()).merge(hub_routes);
+    if let Some(fw) = forwarder(mode, &cfg, &engine)? {
+        public_routes = public_routes.layer(axum::middleware::from_fn_with_state(
+            fw,
+            crate::forward::layer,
+        ));
+    }
     let public = bind(cfg.listen).await?;
     tracing::info!(addr = %public.local_addr()?, tls = !matches!(transport, Transport::Plain), "Admin API listening");
     let mut servers = vec![tokio::spawn(serve(
         public,
         transport.clone(),
-        api::router(state.clone()).merge(hub_routes),
+        public_routes,
         stop_rx.clone(),
         SHUTDOWN_GRACE,
         cfg.http.clone(),
@@ -156,6 +163,40 @@ pub async fn run(
     let _ = retention_task.await;
     tracing::info!("shutdown complete");
     Ok(())
+}
+
+/// Forwarding to the active instance (managed mode, when enabled). A standalone server is
+/// always the active one, so there is nobody to forward to.
+fn forwarder(
+    mode: Mode,
+    cfg: &Config,
+    engine: &Arc<Engine>,
+) -> anyhow::Result<Option<Arc<crate::forward::Forwarder>>> {
+    if !cfg.forwarding.enabled {
+        return Ok(None);
+    }
+    if mode == Mode::Standalone {
+        bail!(
+            "forwarding.enabled is for managed mode: a standalone server is always the active \
+             instance and has no peer to forward to; remove the [forwarding] section \
+             (IM_FORWARDING__ENABLED)"
+        );
+    }
+    let ca = cfg
+        .forwarding_ca_file()
+        .context("forwarding.ca_file is required with forwarding.enabled")?;
+    let fw =
+        crate::forward::Forwarder::new(engine.clone(), &cfg.forwarding, ca, cfg.tls.insecure_http)?;
+    tracing::info!(
+        template = cfg
+            .forwarding
+            .peer_url_template
+            .as_deref()
+            .unwrap_or_default(),
+        hold_ms = cfg.forwarding.hold_ms,
+        "forwarding requests that reach this instance while it is not active"
+    );
+    Ok(Some(fw))
 }
 
 /// The configured database; a standalone install defaults to SQLite in its data directory.
@@ -408,6 +449,49 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         load(None, env, &FlagOverrides::default()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn forwarding_is_refused_standalone_and_checks_its_ca_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("im.db");
+        let store = crate::store::open(&Backend::Sqlite(db)).await.unwrap();
+        store.migrate().await.unwrap();
+        let engine = Engine::new(
+            store,
+            "im-a".into(),
+            "h".into(),
+            "v".into(),
+            Default::default(),
+        );
+        let ca = dir.path().join("ca.crt");
+        let ca_s = ca.display().to_string();
+        let on = [
+            ("IM_FORWARDING__ENABLED", "true"),
+            (
+                "IM_FORWARDING__PEER_URL_TEMPLATE",
+                "https://{instance}.im-pods.prod.svc:8443",
+            ),
+            ("IM_FORWARDING__CA_FILE", ca_s.as_str()),
+        ];
+        assert!(forwarder(Mode::Managed, &cfg(&[]), &engine)
+            .unwrap()
+            .is_none());
+        let e = forwarder(Mode::Standalone, &cfg(&on), &engine)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("managed mode"), "{e}");
+        let e = forwarder(Mode::Managed, &cfg(&on), &engine)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("forwarding.ca_file"), "{e}");
+        let test_ca = identitymesh_test_support::pki::TestCa::new("ca").unwrap();
+        std::fs::write(&ca, test_ca.cert_pem()).unwrap();
+        assert!(forwarder(Mode::Managed, &cfg(&on), &engine)
+            .unwrap()
+            .is_some());
     }
 
     #[test]

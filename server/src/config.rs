@@ -67,6 +67,45 @@ pub struct Config {
     pub http: HttpLimits,
     #[serde(default)]
     pub retention: RetentionConfig,
+    #[serde(default)]
+    pub forwarding: ForwardingConfig,
+}
+
+/// Requests that reach an instance which is not active (a demoted or standby pod the Service
+/// proxy still sends clients to) are forwarded to the fence holder, so a planned switchover
+/// fails no request. Managed mode only; off unless enabled.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardingConfig {
+    #[serde(default, deserialize_with = "flexible_bool")]
+    pub enabled: bool,
+    /// The active's public URL with `{instance}` for its instance name, e.g.
+    /// `https://{instance}.im-pods.prod.svc:8443` (its per-pod name through the headless Service).
+    #[serde(default)]
+    pub peer_url_template: Option<String>,
+    /// PEM CA certificates the peer's serving certificate must chain to (on Kubernetes the
+    /// cluster CA). Unset: tls.client_ca_file.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// How long a request waits for a new fence holder between a demotion and the promotion
+    /// that follows it, then is answered 503 with Retry-After.
+    #[serde(default = "default_hold", deserialize_with = "flexible_u64")]
+    pub hold_ms: u64,
+}
+
+impl Default for ForwardingConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            peer_url_template: None,
+            ca_file: None,
+            hold_ms: default_hold(),
+        }
+    }
+}
+
+fn default_hold() -> u64 {
+    5_000
 }
 
 /// How long the active keeps rows of the tables that grow with use, in days (0: for ever).
@@ -706,6 +745,7 @@ impl Config {
                 "must be longer than engine.drain_timeout_ms: a demotion request waits for the drain",
             ));
         }
+        self.validate_forwarding()?;
         if self.secret_provider.kind == SecretProviderKind::AzureKeyVault
             && self.secret_provider.vault_url.is_none()
         {
@@ -715,6 +755,61 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    fn validate_forwarding(&self) -> Result<(), ConfigError> {
+        let key_err = |key: &str, message: String| ConfigError::Key {
+            key: key.into(),
+            origin: String::new(),
+            message,
+        };
+        let f = &self.forwarding;
+        // Unused while forwarding is off, so checked only then.
+        if !f.enabled {
+            return Ok(());
+        }
+        if f.hold_ms >= self.http.request_timeout_ms {
+            return Err(key_err(
+                "forwarding.hold_ms",
+                format!(
+                    "must be shorter than http.request_timeout_ms ({} ms): a held request is \
+                     still answered within the request bound",
+                    self.http.request_timeout_ms
+                ),
+            ));
+        }
+        let Some(template) = f
+            .peer_url_template
+            .as_deref()
+            .filter(|t| !t.trim().is_empty())
+        else {
+            return Err(key_err(
+                "forwarding.peer_url_template",
+                "required with forwarding.enabled: the active's URL with {instance} for its name, \
+                 e.g. https://{instance}.im-pods.prod.svc:8443"
+                    .into(),
+            ));
+        };
+        if let Err(m) = crate::forward::target::check_template(template) {
+            return Err(key_err("forwarding.peer_url_template", m));
+        }
+        if f.ca_file.is_none() && self.tls.client_ca_file.is_none() {
+            return Err(key_err(
+                "forwarding.ca_file",
+                "required with forwarding.enabled (or tls.client_ca_file): the CA that signs the \
+                 peer's serving certificate, on Kubernetes the cluster CA"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The CA that verifies the peer a request is forwarded to.
+    pub fn forwarding_ca_file(&self) -> Option<&Path> {
+        self.forwarding
+            .ca_file
+            .as_deref()
+            .or(self.tls.client_ca_file.as_deref())
     }
 
     /// The registry name of this instance: configured, else the pod or host name.
@@ -1017,6 +1112,89 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(c.auth.oidc.unwrap().client_id.as_deref(), Some("im-ui"));
+    }
+
+    #[test]
+    fn forwarding_is_off_by_default_and_every_key_is_checked() {
+        let base = ("IM_DATA_DIR", "/d");
+        let c = load(None, env(&[base]), &FlagOverrides::default()).unwrap();
+        assert_eq!(c.forwarding, ForwardingConfig::default());
+        assert!(!c.forwarding.enabled);
+        assert_eq!(c.forwarding.hold_ms, 5_000);
+        let on = ("IM_FORWARDING__ENABLED", "true");
+        let tmpl = (
+            "IM_FORWARDING__PEER_URL_TEMPLATE",
+            "https://{instance}.im-pods.prod.svc:8443",
+        );
+        let err = |pairs: &[(&str, &str)]| {
+            load(None, env(pairs), &FlagOverrides::default())
+                .unwrap_err()
+                .to_string()
+        };
+        let e = err(&[base, on]);
+        assert!(
+            e.contains("forwarding.peer_url_template") && e.contains("{instance}"),
+            "{e}"
+        );
+        let e = err(&[
+            base,
+            on,
+            ("IM_FORWARDING__PEER_URL_TEMPLATE", "https://im:8443"),
+        ]);
+        assert!(e.contains("exactly once"), "{e}");
+        let e = err(&[base, on, tmpl]);
+        assert!(
+            e.contains("forwarding.ca_file") && e.contains("cluster CA"),
+            "{e}"
+        );
+        let ca = ("IM_FORWARDING__CA_FILE", "/ca/ca.crt");
+        let e = err(&[base, on, tmpl, ca, ("IM_FORWARDING__HOLD_MS", "200000")]);
+        assert!(
+            e.contains("forwarding.hold_ms") && e.contains("request_timeout_ms"),
+            "{e}"
+        );
+        // Off, the hold is not used, so a short request bound elsewhere is no conflict.
+        load(
+            None,
+            env(&[
+                base,
+                ("IM_HTTP__REQUEST_TIMEOUT_MS", "700"),
+                ("IM_ENGINE__DRAIN_TIMEOUT_MS", "200"),
+            ]),
+            &FlagOverrides::default(),
+        )
+        .unwrap();
+        let e = err(&[base, ("IM_FORWARDING__HOLD_MS", "soon")]);
+        assert!(
+            e.contains("forwarding.hold_ms") && e.contains("milliseconds"),
+            "{e}"
+        );
+        let e = err(&[base, ("IM_FORWARDING__PEERS", "x")]);
+        assert!(e.contains("peers"), "{e}");
+        // The CA defaults to the cluster CA the internal listener already trusts.
+        let c = load(
+            None,
+            env(&[base, on, tmpl, ("IM_TLS__CLIENT_CA_FILE", "/ca/ca.crt")]),
+            &FlagOverrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.forwarding_ca_file(), Some(Path::new("/ca/ca.crt")));
+        let c = load(
+            None,
+            env(&[
+                base,
+                on,
+                tmpl,
+                ("IM_TLS__CLIENT_CA_FILE", "/ca/ca.crt"),
+                ("IM_FORWARDING__CA_FILE", "/peer/ca.crt"),
+                ("IM_FORWARDING__HOLD_MS", "0"),
+            ]),
+            &FlagOverrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.forwarding_ca_file(), Some(Path::new("/peer/ca.crt")));
+        assert_eq!(c.forwarding.hold_ms, 0);
+        assert!(c.forwarding.enabled);
     }
 
     #[test]

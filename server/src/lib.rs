@@ -6,6 +6,7 @@ pub mod app;
 pub mod auth;
 pub mod config;
 pub mod engine;
+pub mod forward;
 pub mod fsutil;
 pub mod hub;
 pub mod licence;

@@ -6,8 +6,11 @@
 //! reaches no Service, as on a real cluster.
 //!
 //! Endpoints are chosen per connection (round robin over the ready ones, re-resolved on every
-//! new connection); forwarded connections whose endpoint leaves the ready set are closed, as
-//! conntrack flushing does for removed endpoints.
+//! new connection). A forwarded connection whose endpoint leaves the ready set is closed
+//! [`REMOVED_ENDPOINT_GRACE`] later: kube-proxy flushes the conntrack entries of a removed
+//! endpoint for UDP only (iptables and nftables modes; IPVS drains it gracefully), so a request
+//! in flight to a pod that still runs completes; the bound keeps a connection to an endpoint
+//! that will never answer from hanging a test.
 //!
 //! A change of Services or EndpointSlices reaches the listeners `delay` after the proxy saw it
 //! ([`ServiceProxy::start`]): on a real cluster kube-proxy programs its rules on a sync period
@@ -429,6 +432,9 @@ async fn serve(
     }
 }
 
+/// How long a connection may go on after its endpoint left the ready set (see the module doc).
+pub const REMOVED_ENDPOINT_GRACE: Duration = Duration::from_secs(5);
+
 async fn forward(
     mut client: TcpStream,
     mut upstream: TcpStream,
@@ -442,7 +448,8 @@ async fn forward(
             _ = &mut copy => return,
             r = endpoints.changed() => {
                 if r.is_err() || !endpoints.borrow().contains(&target) {
-                    // Endpoint removed: close both sides.
+                    // Endpoint removed: let what is in flight finish, then close both sides.
+                    let _ = tokio::time::timeout(REMOVED_ENDPOINT_GRACE, &mut copy).await;
                     return;
                 }
             }

@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use super::{meta, spec_hash, stamp_hash, Names, HTTPS_PORT, INTERNAL_PORT};
 use crate::crd::IdentityMeshCluster;
+use identitymesh_contract::forwarding::INSTANCE_PLACEHOLDER;
 
 #[derive(Serialize)]
 struct ServerToml {
@@ -17,6 +18,22 @@ struct ServerToml {
     engine: EngineToml,
     #[serde(skip_serializing_if = "Option::is_none")]
     http: Option<HttpToml>,
+    forwarding: ForwardingToml,
+}
+
+/// Requests the Service proxy still sends to a pod that is not active are forwarded to the
+/// active's per-pod name (its CA file is an IM_* path, set on the pod).
+#[derive(Serialize)]
+struct ForwardingToml {
+    enabled: bool,
+    peer_url_template: String,
+    hold_ms: u64,
+}
+
+/// A request held between the demotion and the promotion waits out the drain bound and the
+/// promotion's round trip, but never so long that a client's own 30 s timeout fires first.
+fn forwarding_hold_ms(drain_timeout_ms: u64) -> u64 {
+    (drain_timeout_ms + 5_000).min(25_000)
 }
 
 #[derive(Serialize)]
@@ -89,6 +106,14 @@ pub fn server_toml(imc: &IdentityMeshCluster) -> Result<String, toml::ser::Error
         },
         http: request_timeout_ms(drain_timeout_ms)
             .map(|request_timeout_ms| HttpToml { request_timeout_ms }),
+        forwarding: ForwardingToml {
+            enabled: true,
+            peer_url_template: format!(
+                "https://{}:{HTTPS_PORT}",
+                Names::of(imc).pod_dns_name(INSTANCE_PLACEHOLDER)
+            ),
+            hold_ms: forwarding_hold_ms(drain_timeout_ms),
+        },
     };
     toml::to_string(&cfg)
 }
@@ -183,6 +208,40 @@ mod tests {
                 "drain {drain_s} s: request timeout {request_ms} ms"
             );
         }
+    }
+
+    /// Both pods forward to the other's per-pod name through the headless Service, on the
+    /// public port; the hold outlasts the drain, within a client's usual 30 s.
+    #[test]
+    fn both_pods_forward_to_the_active_by_its_per_pod_name() {
+        let mut imc = cluster("im", "prod");
+        let v: toml::Value = toml::from_str(&server_toml(&imc).expect("toml")).expect("parses");
+        let f = &v["forwarding"];
+        assert_eq!(f["enabled"].as_bool(), Some(true));
+        let template = f["peer_url_template"].as_str().expect("template");
+        assert_eq!(template, "https://{instance}.im-pods.prod.svc:8443");
+        let names = Names::of(&imc);
+        for pod in names.pods() {
+            let url = template.replace(INSTANCE_PLACEHOLDER, &pod);
+            assert_eq!(
+                url,
+                format!("https://{}:{HTTPS_PORT}", names.pod_dns_name(&pod))
+            );
+            // A name the serving certificate carries.
+            let host = url
+                .trim_start_matches("https://")
+                .split(':')
+                .next()
+                .unwrap();
+            assert!(names.pod_dns_names().iter().any(|n| n == host), "{host}");
+        }
+        assert_eq!(f["hold_ms"].as_integer(), Some(15_000));
+        imc.spec.drain_timeout_seconds = 1;
+        let v: toml::Value = toml::from_str(&server_toml(&imc).expect("toml")).expect("parses");
+        assert_eq!(v["forwarding"]["hold_ms"].as_integer(), Some(6_000));
+        imc.spec.drain_timeout_seconds = 600;
+        let v: toml::Value = toml::from_str(&server_toml(&imc).expect("toml")).expect("parses");
+        assert_eq!(v["forwarding"]["hold_ms"].as_integer(), Some(25_000));
     }
 
     #[test]

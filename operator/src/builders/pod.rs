@@ -148,6 +148,8 @@ pub fn build_pod(imc: &IdentityMeshCluster, names: &Names, pod_name: &str) -> Po
         env("IM_TLS__CERT_FILE", &paths.cert_file),
         env("IM_TLS__KEY_FILE", &paths.key_file),
         env("IM_TLS__CLIENT_CA_FILE", &paths.ca_file),
+        // The peer a request is forwarded to serves a certificate from the cluster CA.
+        env("IM_FORWARDING__CA_FILE", &paths.ca_file),
         env("IM_LICENCE__FILE", &paths.licence_file),
         env("IM_KEYRING__FILE", &paths.keyring_file),
         env("IM_VERSION_LABEL", &spec.version),
@@ -559,6 +561,7 @@ mod tests {
             "IM_TLS__CERT_FILE",
             "IM_TLS__KEY_FILE",
             "IM_TLS__CLIENT_CA_FILE",
+            "IM_FORWARDING__CA_FILE",
             "IM_LICENCE__FILE",
             "IM_KEYRING__FILE",
             "IM_DATA_DIR",
@@ -569,6 +572,11 @@ mod tests {
                 "{var}={v} is not inside a mount {mounts:?}"
             );
         }
+        // Forwarded requests verify the peer against the cluster CA, the file the "ca" volume holds.
+        assert_eq!(
+            env_value(&p, "IM_FORWARDING__CA_FILE"),
+            env_value(&p, "IM_TLS__CLIENT_CA_FILE")
+        );
         let envs = container(&p).env.as_ref().expect("env");
         let inst = envs
             .iter()
@@ -601,6 +609,7 @@ mod tests {
             "IM_TLS__CERT_FILE",
             "IM_TLS__KEY_FILE",
             "IM_TLS__CLIENT_CA_FILE",
+            "IM_FORWARDING__CA_FILE",
             "IM_LICENCE__FILE",
             "IM_KEYRING__FILE",
             "IM_VERSION_LABEL",
