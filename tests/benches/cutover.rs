@@ -3,11 +3,12 @@
 //! and the active node's heartbeat loss, on the real control
 //! plane with the real server and operator (see tests/operator_e2e.rs for the setup).
 //!
-//! A client polls `GET /health/ready` through the harness's Service proxy every 50 ms; a request
-//! fails when it does not get 200 from an *active* server (connection refused or reset, TLS or
-//! HTTP error, timeout, or a demoted/standby server answering). The outage of one cutover is
-//! from the first failing request after the fault to the first request answered by the new
-//! active; a cutover without a failing request counts as 0.
+//! An Admin API client polls `GET /api/instances` through the harness's Service proxy every
+//! 50 ms; a request fails when it does not get 200 (connection refused or reset, TLS or HTTP
+//! error, a 20 s timeout, or an error answer); a request the demoted pod forwards to the new
+//! active is answered, not failed. The outage of one cutover is from the first failing request
+//! after the fault to the first answer showing the new active's epoch; a cutover without a
+//! failing request counts as 0.
 //!
 //! `IM_BENCH_REPS` (default 20) repetitions per kind; `IM_BENCH_KINDS` (comma list of
 //! switchover,drain,kill,heartbeat) to run fewer kinds. Needs what the e2e tests need. The binaries
@@ -17,6 +18,9 @@
 use std::time::{Duration, Instant};
 
 use identitymesh_tests::operator_env::*;
+
+/// The Admin API client's bearer token (the servers' bootstrap token).
+const TOKEN: &str = "imb_cutover-bench-token";
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Kind {
@@ -140,6 +144,7 @@ async fn main() {
     init_tracing();
     let mut env = Env::start(EnvOptions {
         proxy_delay,
+        admin_token: Some(TOKEN.into()),
         ..EnvOptions::default()
     })
     .await;
@@ -147,7 +152,7 @@ async fn main() {
     env.wait_service_active(st.epoch, WAIT).await;
     let addr = env.proxy_addr().await;
     let ca = env.ca_pem().await;
-    let poller = Poller::start(addr, env.service_dns(), ca);
+    let poller = Poller::start(addr, env.service_dns(), ca, Ask::Admin(TOKEN.into()));
 
     println!(
         "cutover bench: {reps} repetitions per kind; failover.unhealthyAfterSeconds {UNHEALTHY_AFTER_SECONDS}; node-monitor-grace-period {}; client polls every {} ms; Service proxy applies EndpointSlice changes {} ms after they happen",

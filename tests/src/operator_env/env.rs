@@ -38,6 +38,9 @@ pub struct EnvOptions {
     /// Back the server pods' data directory (the emptyDir `data`) with a tmpfs of this many
     /// bytes, for the disk-full fault ([`crate::Cluster::fill_pod_volume`]).
     pub data_tmpfs: Option<u64>,
+    /// An Admin API bearer token the servers accept (their bootstrap token file), for clients
+    /// of the Admin API through the Service.
+    pub admin_token: Option<String>,
 }
 
 impl Default for EnvOptions {
@@ -50,6 +53,7 @@ impl Default for EnvOptions {
             server_env: Vec::new(),
             proxy_delay: Duration::ZERO,
             data_tmpfs: None,
+            admin_token: None,
         }
     }
 }
@@ -225,8 +229,17 @@ impl Env {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("test dir");
         let mut server = workspace_bin("identitymesh-server");
-        if !opts.server_env.is_empty() {
-            server = server_wrapper(&dir, &server, &opts.server_env);
+        let mut server_env = opts.server_env.clone();
+        if let Some(token) = &opts.admin_token {
+            let file = dir.join("admin.token");
+            std::fs::write(&file, token).expect("write the bootstrap token");
+            server_env.push((
+                "IM_AUTH__BOOTSTRAP_TOKEN_FILE".into(),
+                file.display().to_string(),
+            ));
+        }
+        if !server_env.is_empty() {
+            server = server_wrapper(&dir, &server, &server_env);
         }
         let mut cluster_opts = ClusterOptions::windows(opts.windows_nodes)
             .proxy_delay(opts.proxy_delay)

@@ -17,16 +17,27 @@ pub struct Probe {
     pub error: Option<String>,
 }
 
-/// Polls `GET /health/ready` through the Service every [`POLL`] until dropped. A request fails
-/// when it does not get 200 from an active server (connection refused or reset, TLS or HTTP
-/// error, timeout, or a demoted or standby server answering).
+/// What the poller asks.
+#[derive(Clone, Debug)]
+pub enum Ask {
+    /// `GET /health/ready`, which each pod answers for itself: a request fails unless an
+    /// active server answered 200 (so a demoted pod's answer counts as failed).
+    Health,
+    /// `GET /api/instances` with this bearer token, as an Admin API client: a request fails
+    /// unless it got 200 (from whichever pod, forwarded or not); the epoch is the active row's.
+    Admin(String),
+}
+
+/// Polls through the Service every [`POLL`] until dropped, recording each answer. A request
+/// fails on connection refused or reset, a TLS or HTTP error, a timeout, or an answer [`Ask`]
+/// does not accept.
 pub struct Poller {
     probes: Arc<Mutex<Vec<Probe>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Poller {
-    pub fn start(addr: std::net::SocketAddr, sni: String, ca: String) -> Poller {
+    pub fn start(addr: std::net::SocketAddr, sni: String, ca: String, ask: Ask) -> Poller {
         let probes: Arc<Mutex<Vec<Probe>>> = Arc::default();
         let p = probes.clone();
         let task = tokio::spawn(async move {
@@ -35,16 +46,42 @@ impl Poller {
             loop {
                 every.tick().await;
                 let at = Instant::now();
-                let r = https_get(addr, &sni, &ca, "/health/ready", Duration::from_secs(1)).await;
-                let (ok, epoch, error) = match r {
-                    Ok((200, body)) => {
-                        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-                        let active = v["role"] == "active";
-                        let err = (!active).then(|| format!("answered by a {}", v["role"]));
-                        (active, v["epoch"].as_i64().unwrap_or(-1), err)
+                let (ok, epoch, error) = match &ask {
+                    Ask::Health => {
+                        let r = https_get(addr, &sni, &ca, "/health/ready", Duration::from_secs(1))
+                            .await;
+                        match r {
+                            Ok((200, body)) => {
+                                let v: serde_json::Value =
+                                    serde_json::from_str(&body).unwrap_or_default();
+                                let active = v["role"] == "active";
+                                let err = (!active).then(|| format!("answered by a {}", v["role"]));
+                                (active, v["epoch"].as_i64().unwrap_or(-1), err)
+                            }
+                            Ok((code, body)) => (false, -1, Some(format!("{code}: {body}"))),
+                            Err(e) => (false, -1, Some(e)),
+                        }
                     }
-                    Ok((code, body)) => (false, -1, Some(format!("{code}: {body}"))),
-                    Err(e) => (false, -1, Some(e)),
+                    Ask::Admin(token) => {
+                        // Longer than a request the demoted pod holds between demote and
+                        // promote: a held request is a slow answer, not a failure.
+                        let r = https_request(
+                            addr,
+                            &sni,
+                            &ca,
+                            "GET",
+                            "/api/instances",
+                            Some(token),
+                            None,
+                            Duration::from_secs(20),
+                        )
+                        .await;
+                        match r {
+                            Ok((200, body)) => (true, active_epoch(&body), None),
+                            Ok((code, body)) => (false, -1, Some(format!("{code}: {body}"))),
+                            Err(e) => (false, -1, Some(e)),
+                        }
+                    }
                 };
                 p.lock().unwrap_or_else(|e| e.into_inner()).push(Probe {
                     at,
@@ -82,6 +119,21 @@ impl Poller {
     }
 }
 
+/// The epoch of the active row of a `GET /api/instances` answer (-1 when none).
+fn active_epoch(body: &str) -> i64 {
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+    let rows = v
+        .as_array()
+        .or_else(|| v["instances"].as_array())
+        .cloned()
+        .unwrap_or_default();
+    rows.iter()
+        .filter(|r| r["role"] == "active")
+        .filter_map(|r| r["epoch"].as_i64())
+        .max()
+        .unwrap_or(-1)
+}
+
 impl Drop for Poller {
     fn drop(&mut self) {
         self.task.abort();
@@ -90,9 +142,9 @@ impl Drop for Poller {
 
 impl Env {
     /// A [`Poller`] of this cluster's client Service, through the Service proxy.
-    pub async fn poll_service(&mut self) -> Poller {
+    pub async fn poll_service(&mut self, ask: Ask) -> Poller {
         let addr = self.proxy_addr().await;
         let ca = self.ca_pem().await;
-        Poller::start(addr, self.service_dns(), ca)
+        Poller::start(addr, self.service_dns(), ca, ask)
     }
 }
