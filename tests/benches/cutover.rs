@@ -106,7 +106,15 @@ async fn one(env: &mut Env, poller: &Poller, kind: Kind) -> (f64, f64, usize) {
         .outage(fault, e + 1)
         .map(|d| d.as_secs_f64())
         .unwrap_or(f64::NAN);
-    (outage, recovered_after, poller.failures_since(fault).len())
+    let failed = poller.failures_since(fault);
+    if let Some(first) = failed.first() {
+        println!(
+            "    first failed request {:.3}s after the fault: {}",
+            (first.at - fault).as_secs_f64(),
+            first.error.as_deref().unwrap_or("?")
+        );
+    }
+    (outage, recovered_after, failed.len())
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 4)]

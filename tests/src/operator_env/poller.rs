@@ -100,17 +100,21 @@ impl Poller {
         g.iter().filter(|p| p.at >= from).cloned().collect()
     }
 
-    /// Outage after `fault` until the new active (holding `epoch`) answered: from the first
-    /// failed request to the first answer of the new active; zero when none failed. None when
-    /// the new active has not answered yet.
+    /// The failing window after `fault`: from the first failed request to the first answer
+    /// after the last failed one; zero when none failed. None until an answer showed the new
+    /// active's `epoch` (and, after failures, until one came after them). An answer with the new
+    /// epoch can come before failures (a fenced pod reads the new fence from the database while
+    /// the Service still sends it traffic), so the window spans every failure, not only those
+    /// before that first answer.
     pub fn outage(&self, fault: Instant, epoch: i64) -> Option<Duration> {
         let after = self.since(fault);
-        let recovered = after.iter().find(|p| p.ok && p.epoch == epoch)?;
-        let first_fail = after.iter().find(|p| !p.ok && p.at < recovered.at);
-        Some(match first_fail {
-            Some(f) => recovered.at - f.at,
-            None => Duration::ZERO,
-        })
+        after.iter().find(|p| p.ok && p.epoch == epoch)?;
+        let Some(first) = after.iter().find(|p| !p.ok) else {
+            return Some(Duration::ZERO);
+        };
+        let last = after.iter().rev().find(|p| !p.ok).unwrap_or(first);
+        let back = after.iter().find(|p| p.ok && p.at > last.at)?;
+        Some(back.at - first.at)
     }
 
     /// Failed requests sent at or after `from`.
