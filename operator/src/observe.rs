@@ -56,8 +56,18 @@ pub fn node_ready(node: &Node) -> (Option<bool>, Option<Timestamp>) {
 /// The taint `kubectl cordon` (and the node lifecycle controller) put on an unschedulable node.
 pub const UNSCHEDULABLE_TAINT: &str = "node.kubernetes.io/unschedulable";
 
-/// The node is cordoned: `spec.unschedulable`, or the unschedulable NoSchedule taint (what a
-/// cordon shows as where the taint is set, or the field not yet).
+/// NoSchedule taints that node autoscalers put on a node before they drain and remove it:
+/// the cluster autoscaler's and Karpenter's (v1). An eviction leaves nothing the operator could
+/// watch (the budget refuses it and nothing records the attempt), so the cordon or taint that
+/// every drain starts with is the signal to move the active.
+pub const DRAIN_TAINTS: [&str; 3] = [
+    UNSCHEDULABLE_TAINT,
+    "ToBeDeletedByClusterAutoscaler",
+    "karpenter.sh/disrupted",
+];
+
+/// The node is cordoned or about to be drained: `spec.unschedulable` (`kubectl cordon`, the
+/// first step of `kubectl drain`), or one of the [`DRAIN_TAINTS`] with effect NoSchedule.
 pub fn node_cordoned(node: &Node) -> bool {
     let Some(spec) = node.spec.as_ref() else {
         return false;
@@ -67,7 +77,7 @@ pub fn node_cordoned(node: &Node) -> bool {
             .taints
             .iter()
             .flatten()
-            .any(|t| t.key == UNSCHEDULABLE_TAINT && t.effect == "NoSchedule")
+            .any(|t| DRAIN_TAINTS.contains(&t.key.as_str()) && t.effect == "NoSchedule")
 }
 
 /// Pod has ended for good (evicted, or the process ran to completion): it must be recreated.
@@ -282,6 +292,20 @@ mod tests {
             None,
             vec![("node.kubernetes.io/not-ready", "NoSchedule")]
         )));
+        // Autoscalers about to drain and remove the node.
+        for key in ["ToBeDeletedByClusterAutoscaler", "karpenter.sh/disrupted"] {
+            assert!(
+                node_cordoned(&with(None, vec![(key, "NoSchedule")])),
+                "{key}"
+            );
+        }
+        assert!(
+            !node_cordoned(&with(
+                None,
+                vec![("DeletionCandidateOfClusterAutoscaler", "PreferNoSchedule")]
+            )),
+            "a candidate is not being drained yet"
+        );
     }
 
     #[test]
