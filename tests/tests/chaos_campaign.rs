@@ -143,34 +143,16 @@ const DATA_TMPFS: u64 = 64 << 20;
 
 /// What the client tasks need to reach the Admin API through the Service.
 #[derive(Clone)]
-struct AdminApi {
-    addr: SocketAddr,
-    sni: String,
-    ca: String,
+struct AdminApi(AdminClient);
+
+impl std::ops::Deref for AdminApi {
+    type Target = AdminClient;
+    fn deref(&self) -> &AdminClient {
+        &self.0
+    }
 }
 
 impl AdminApi {
-    async fn call(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<&Value>,
-    ) -> Result<(u16, Value), String> {
-        let body = body.map(Value::to_string);
-        let (code, text) = https_request(
-            self.addr,
-            &self.sni,
-            &self.ca,
-            method,
-            path,
-            Some(TOKEN),
-            body.as_deref(),
-            REQUEST_TIMEOUT,
-        )
-        .await?;
-        Ok((code, serde_json::from_str(&text).unwrap_or(Value::Null)))
-    }
-
     async fn get(&self, path: &str) -> Result<Value, String> {
         match self.call("GET", path, None).await? {
             (200, v) => Ok(v),
@@ -1181,11 +1163,7 @@ async fn seeded_fault_campaign() {
     install_commit_log(&env.db);
     install_batch_log(&env.db);
 
-    let api = AdminApi {
-        addr: env.proxy_addr().await,
-        sni: env.service_dns(),
-        ca: env.ca_pem().await,
-    };
+    let api = AdminApi(env.admin_client(TOKEN, REQUEST_TIMEOUT).await);
 
     let (relay, relay_id) = start_relay(&mut env, &api).await;
     let mut c = Campaign { env, relay, slapd };

@@ -5,13 +5,12 @@
 //! holds the fence), so no request fails and every acknowledged write is applied exactly once.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use identitymesh_tests::operator_env::*;
-use serde_json::{json, Value};
+use serde_json::json;
 
 const TOKEN: &str = "imb_switchover-no-failed-request-token";
 const PROXY_DELAY: Duration = Duration::from_secs(1);
@@ -19,36 +18,6 @@ const SWITCHOVERS: usize = 3;
 const EVERY: Duration = Duration::from_millis(50);
 /// Longer than the servers' hold bound: a held request is a slow answer, not a failure.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-
-#[derive(Clone)]
-struct Api {
-    addr: SocketAddr,
-    sni: String,
-    ca: String,
-}
-
-impl Api {
-    async fn call(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<&Value>,
-    ) -> Result<(u16, Value), String> {
-        let body = body.map(Value::to_string);
-        let (code, text) = https_request(
-            self.addr,
-            &self.sni,
-            &self.ca,
-            method,
-            path,
-            Some(TOKEN),
-            body.as_deref(),
-            REQUEST_TIMEOUT,
-        )
-        .await?;
-        Ok((code, serde_json::from_str(&text).unwrap_or(Value::Null)))
-    }
-}
 
 /// One client request and its outcome.
 #[derive(Debug, Clone)]
@@ -71,7 +40,7 @@ struct History {
 
 /// The client: a connector create, every fourth one a run start on it, and a read of it back,
 /// every [`EVERY`], until `stop`.
-async fn client(api: Api, folder: String, stop: Arc<AtomicBool>, h: Arc<Mutex<History>>) {
+async fn client(api: AdminClient, folder: String, stop: Arc<AtomicBool>, h: Arc<Mutex<History>>) {
     let mut every = tokio::time::interval(EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let record = |h: &Arc<Mutex<History>>, what, at: Instant, error| {
@@ -164,11 +133,7 @@ async fn planned_switchovers_fail_no_client_request() {
     .await;
     let st = env.wait_settled("the first settled state").await;
     env.wait_service_active(st.epoch, WAIT).await;
-    let api = Api {
-        addr: env.proxy_addr().await,
-        sni: env.service_dns(),
-        ca: env.ca_pem().await,
-    };
+    let api = env.admin_client(TOKEN, REQUEST_TIMEOUT).await;
 
     let history: Arc<Mutex<History>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));

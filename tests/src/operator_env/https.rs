@@ -128,3 +128,54 @@ pub async fn https_request(
         .await
         .map_err(|_| "timeout".to_string())?
 }
+
+/// An Admin API client of the client Service (through the Service proxy), with a bearer token.
+#[derive(Clone)]
+pub struct AdminClient {
+    pub addr: SocketAddr,
+    pub sni: String,
+    pub ca: String,
+    pub token: String,
+    pub timeout: Duration,
+}
+
+impl AdminClient {
+    /// One request; the answer's status and JSON body (null when it is not JSON).
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<(u16, serde_json::Value), String> {
+        let body = body.map(serde_json::Value::to_string);
+        let (code, text) = https_request(
+            self.addr,
+            &self.sni,
+            &self.ca,
+            method,
+            path,
+            Some(&self.token),
+            body.as_deref(),
+            self.timeout,
+        )
+        .await?;
+        Ok((
+            code,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+        ))
+    }
+}
+
+impl super::Env {
+    /// An [`AdminClient`] with `token` (give the servers it with `EnvOptions::admin_token` or a
+    /// bootstrap token file) and a per-request `timeout`.
+    pub async fn admin_client(&mut self, token: &str, timeout: Duration) -> AdminClient {
+        AdminClient {
+            addr: self.proxy_addr().await,
+            sni: self.service_dns(),
+            ca: self.ca_pem().await,
+            token: token.to_string(),
+            timeout,
+        }
+    }
+}
