@@ -160,7 +160,7 @@ async fn main() {
     env.wait_service_active(st.epoch, WAIT).await;
     let addr = env.proxy_addr().await;
     let ca = env.ca_pem().await;
-    let poller = Poller::start(addr, env.service_dns(), ca, Ask::Admin(TOKEN.into()));
+    let poller = Poller::start(addr, env.service_dns(), ca, TOKEN.into());
 
     println!(
         "cutover bench: {reps} repetitions per kind; failover.unhealthyAfterSeconds {UNHEALTHY_AFTER_SECONDS}; node-monitor-grace-period {}; client polls every {} ms; Service proxy applies EndpointSlice changes {} ms after they happen",

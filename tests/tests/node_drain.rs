@@ -92,7 +92,7 @@ async fn kubectl_drain_of_the_active_node_is_a_switchover_and_completes() {
     let relay = env.start_relay("drain-relay").await;
     env.wait_relay_on(&relay, &a, Instant::now(), "before the drain")
         .await;
-    let poller = env.poll_service(Ask::Admin(TOKEN.into())).await;
+    let poller = env.poll_service(TOKEN).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let t0 = Instant::now();

@@ -17,27 +17,17 @@ pub struct Probe {
     pub error: Option<String>,
 }
 
-/// What the poller asks.
-#[derive(Clone, Debug)]
-pub enum Ask {
-    /// `GET /health/ready`, which each pod answers for itself: a request fails unless an
-    /// active server answered 200 (so a demoted pod's answer counts as failed).
-    Health,
-    /// `GET /api/instances` with this bearer token, as an Admin API client: a request fails
-    /// unless it got 200 (from whichever pod, forwarded or not); the epoch is the active row's.
-    Admin(String),
-}
-
-/// Polls through the Service every [`POLL`] until dropped, recording each answer. A request
-/// fails on connection refused or reset, a TLS or HTTP error, a timeout, or an answer [`Ask`]
-/// does not accept.
+/// Polls `GET /api/instances` through the Service every [`POLL`] until dropped, as an Admin API
+/// client with a bearer token, recording each answer. A request fails unless it got 200 (from
+/// whichever pod, forwarded or not): connection refused or reset, a TLS or HTTP error, a
+/// timeout, or an error answer. The epoch recorded is the active row's.
 pub struct Poller {
     probes: Arc<Mutex<Vec<Probe>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Poller {
-    pub fn start(addr: std::net::SocketAddr, sni: String, ca: String, ask: Ask) -> Poller {
+    pub fn start(addr: std::net::SocketAddr, sni: String, ca: String, token: String) -> Poller {
         let probes: Arc<Mutex<Vec<Probe>>> = Arc::default();
         let p = probes.clone();
         let task = tokio::spawn(async move {
@@ -46,42 +36,23 @@ impl Poller {
             loop {
                 every.tick().await;
                 let at = Instant::now();
-                let (ok, epoch, error) = match &ask {
-                    Ask::Health => {
-                        let r = https_get(addr, &sni, &ca, "/health/ready", Duration::from_secs(1))
-                            .await;
-                        match r {
-                            Ok((200, body)) => {
-                                let v: serde_json::Value =
-                                    serde_json::from_str(&body).unwrap_or_default();
-                                let active = v["role"] == "active";
-                                let err = (!active).then(|| format!("answered by a {}", v["role"]));
-                                (active, v["epoch"].as_i64().unwrap_or(-1), err)
-                            }
-                            Ok((code, body)) => (false, -1, Some(format!("{code}: {body}"))),
-                            Err(e) => (false, -1, Some(e)),
-                        }
-                    }
-                    Ask::Admin(token) => {
-                        // Longer than a request the demoted pod holds between demote and
-                        // promote: a held request is a slow answer, not a failure.
-                        let r = https_request(
-                            addr,
-                            &sni,
-                            &ca,
-                            "GET",
-                            "/api/instances",
-                            Some(token),
-                            None,
-                            Duration::from_secs(20),
-                        )
-                        .await;
-                        match r {
-                            Ok((200, body)) => (true, active_epoch(&body), None),
-                            Ok((code, body)) => (false, -1, Some(format!("{code}: {body}"))),
-                            Err(e) => (false, -1, Some(e)),
-                        }
-                    }
+                // Longer than a request the demoted pod holds between demote and promote: a
+                // held request is a slow answer, not a failure.
+                let r = https_request(
+                    addr,
+                    &sni,
+                    &ca,
+                    "GET",
+                    "/api/instances",
+                    Some(&token),
+                    None,
+                    Duration::from_secs(20),
+                )
+                .await;
+                let (ok, epoch, error) = match r {
+                    Ok((200, body)) => (true, active_epoch(&body), None),
+                    Ok((code, body)) => (false, -1, Some(format!("{code}: {body}"))),
+                    Err(e) => (false, -1, Some(e)),
                 };
                 p.lock().unwrap_or_else(|e| e.into_inner()).push(Probe {
                     at,
@@ -145,10 +116,10 @@ impl Drop for Poller {
 }
 
 impl Env {
-    /// A [`Poller`] of this cluster's client Service, through the Service proxy.
-    pub async fn poll_service(&mut self, ask: Ask) -> Poller {
+    /// A [`Poller`] of this cluster's client Service, through the Service proxy, with `token`.
+    pub async fn poll_service(&mut self, token: &str) -> Poller {
         let addr = self.proxy_addr().await;
         let ca = self.ca_pem().await;
-        Poller::start(addr, self.service_dns(), ca, ask)
+        Poller::start(addr, self.service_dns(), ca, token.to_string())
     }
 }
