@@ -26,7 +26,8 @@ pub struct RoleStatus {
 pub struct DemoteOutcome {
     pub role: Role,
     pub epoch: i64,
-    /// False when the in-flight batch outlived the drain bound (the new epoch fences it anyway).
+    /// False when an in-flight request or batch outlived the drain bound (the new epoch fences
+    /// it anyway).
     pub drained: bool,
 }
 
@@ -44,11 +45,20 @@ pub struct Engine {
     transitions: Mutex<()>,
     /// In-flight batches hold a read guard; a drain waits for the write guard.
     work: Arc<RwLock<()>>,
+    /// Admin API and UI requests served as active hold a read guard (the forwarding layer takes
+    /// it); a planned demotion waits for them while still active, so a request that started on
+    /// the active finishes there, and those arriving meanwhile are held and then forwarded.
+    requests: Arc<RwLock<()>>,
 }
 
 /// Permission to write one batch: the fence token and a guard a drain waits for.
 pub struct BatchPermit {
     pub token: FenceToken,
+    _guard: OwnedRwLockReadGuard<()>,
+}
+
+/// Permission to serve one request as the active instance (see [`Engine::begin_request`]).
+pub struct RequestPermit {
     _guard: OwnedRwLockReadGuard<()>,
 }
 
@@ -75,6 +85,7 @@ impl Engine {
             status,
             transitions: Mutex::new(()),
             work: Arc::new(RwLock::new(())),
+            requests: Arc::new(RwLock::new(())),
         })
     }
 
@@ -119,20 +130,35 @@ impl Engine {
         Ok(st)
     }
 
-    /// Stops new work, waits up to the drain bound for the in-flight batch, then is standby.
+    /// A planned demotion: stops taking requests, lets those in flight finish as active, then
+    /// stops new work and waits for the in-flight batch, all within one drain bound; then standby.
     pub async fn demote(&self, actor: &str, reason: &str) -> DemoteOutcome {
+        self.demote_with(actor, reason, true).await
+    }
+
+    /// A fence error's demotion does not wait for requests: the epoch is lost, so they cannot
+    /// write anyway, and the request that saw the error may be one of them.
+    async fn demote_with(&self, actor: &str, reason: &str, finish_requests: bool) -> DemoteOutcome {
         let _t = self.transitions.lock().await;
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(self.cfg.drain_timeout_ms);
         let prev = self.status();
+        // Held until the role has flipped: no request starts as active in between.
+        let requests = if finish_requests && prev.role == Role::Active {
+            Some(tokio::time::timeout_at(deadline, self.requests.write()).await)
+        } else {
+            None
+        };
+        let requests_drained = !matches!(requests, Some(Err(_)));
         self.status.send_replace(RoleStatus {
             role: Role::Standby,
             epoch: prev.epoch,
         });
-        let drained = tokio::time::timeout(
-            Duration::from_millis(self.cfg.drain_timeout_ms),
-            self.work.write(),
-        )
-        .await
-        .is_ok();
+        drop(requests);
+        let drained = tokio::time::timeout_at(deadline, self.work.write())
+            .await
+            .is_ok()
+            && requests_drained;
         if prev.role == Role::Active {
             tracing::warn!(instance = %self.instance, epoch = prev.epoch, drained, actor, reason, "demoted to standby");
             self.audit(
@@ -149,6 +175,16 @@ impl Engine {
             epoch: prev.epoch,
             drained,
         }
+    }
+
+    /// A permit to serve one request as active, or None when not active or demoting.
+    pub fn begin_request(&self) -> Option<RequestPermit> {
+        if self.status().role != Role::Active {
+            return None;
+        }
+        // Fails once a demotion waits for the write guard.
+        let guard = self.requests.clone().try_read_owned().ok()?;
+        (self.status().role == Role::Active).then_some(RequestPermit { _guard: guard })
     }
 
     /// A permit for one engine write, or None when not active (standby, draining or fenced).
@@ -212,7 +248,7 @@ impl Engine {
                 "fenced: another instance holds a newer epoch; demoting to standby"
             );
             let reason = format!("fenced by epoch {stored} held by {holder}");
-            self.demote("engine", &reason).await;
+            self.demote_with("engine", &reason, false).await;
         }
     }
 
@@ -489,5 +525,64 @@ mod tests {
         let out = a.demote("test", "planned").await;
         assert!(!out.drained, "the bound is respected");
         assert_eq!(out.role, Role::Standby);
+    }
+
+    #[tokio::test]
+    async fn a_planned_demotion_lets_requests_in_flight_finish_as_active() {
+        let (_d, a, _b) = pair().await;
+        a.promote(1, "test").await.unwrap();
+        let request = a.begin_request().unwrap();
+        let a2 = a.clone();
+        let demotion = tokio::spawn(async move { a2.demote("test", "planned").await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The demotion waits for the request: still active, so its write goes through, and no
+        // new request starts as active meanwhile.
+        assert_eq!(a.status().role, Role::Active);
+        assert!(
+            a.begin_request().is_none(),
+            "demoting: new requests are held"
+        );
+        let wrote = a
+            .write(|t| {
+                let a = a.clone();
+                async move { a.store().engine_tick(&t, now_ms()).await }
+            })
+            .await;
+        assert!(
+            matches!(wrote, Some(Ok(_))),
+            "the request in flight still writes"
+        );
+        drop(request);
+        let out = demotion.await.unwrap();
+        assert!(out.drained);
+        assert_eq!(a.status().role, Role::Standby);
+        assert!(a.begin_request().is_none());
+
+        // A request that outlives the bound: the demotion goes on, and says it did not drain.
+        a.promote(2, "test").await.unwrap();
+        let _stuck = a.begin_request().unwrap();
+        let out = a.demote("test", "planned").await;
+        assert!(!out.drained);
+        assert_eq!(out.role, Role::Standby);
+    }
+
+    #[tokio::test]
+    async fn a_fenced_demotion_does_not_wait_for_requests() {
+        let (_d, a, b) = pair().await;
+        a.promote(1, "test").await.unwrap();
+        b.promote(2, "test").await.unwrap();
+        let _request = a.begin_request().unwrap();
+        let wrote = a
+            .write(|t| {
+                let a = a.clone();
+                async move { a.store().engine_tick(&t, now_ms()).await }
+            })
+            .await;
+        assert!(matches!(wrote, Some(Err(StoreError::Fenced { .. }))));
+        assert_eq!(a.status().role, Role::Standby);
+        // Waiting for the request still held would have run out the bound: drained false.
+        let demotes = demote_entries(&a).await;
+        assert_eq!(demotes.len(), 1, "{demotes:?}");
+        assert_eq!(demotes[0]["drained"], true, "{demotes:?}");
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method};
 
-use crate::store::{Fence, Role};
+use crate::store::Fence;
 
 /// Set on a request one instance forwards to another; an instance that is not active refuses a
 /// request carrying it, so a request is forwarded at most once and never loops.
@@ -38,8 +38,9 @@ pub fn forwards_path(path: &str) -> bool {
     })
 }
 
-pub fn action(path: &str, role: Role, forwarded: bool) -> Action {
-    if role == Role::Active || !forwards_path(path) {
+/// `serving`: this instance is active and not demoting (it got a request permit).
+pub fn action(path: &str, serving: bool, forwarded: bool) -> Action {
+    if serving || !forwards_path(path) {
         Action::Serve
     } else if forwarded {
         Action::Refuse
@@ -51,7 +52,7 @@ pub fn action(path: &str, role: Role, forwarded: bool) -> Action {
 /// One look at the fence by an instance holding a request it does not serve itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
-    /// This instance became active meanwhile.
+    /// This instance became active meanwhile (and got a request permit).
     Serve,
     /// Another instance holds the fence: forward to it.
     Forward { instance: String, epoch: i64 },
@@ -59,8 +60,9 @@ pub enum Step {
     Wait { why: String },
 }
 
-pub fn step(fence: &Fence, me: &str, role: Role) -> Step {
-    if role == Role::Active {
+/// `serving` as in [`action`]: an active instance that is demoting waits like a demoted one.
+pub fn step(fence: &Fence, me: &str, serving: bool) -> Step {
+    if serving {
         return Step::Serve;
     }
     if fence.epoch == 0 || fence.holder.is_empty() {
@@ -69,8 +71,8 @@ pub fn step(fence: &Fence, me: &str, role: Role) -> Step {
         };
     }
     if fence.holder == me {
-        // Demoted and not yet succeeded (or an older process under this name holds it):
-        // forwarding to this name would come back here.
+        // Demoting, or demoted and not yet succeeded (or an older process under this name
+        // holds it): forwarding to this name would come back here.
         return Step::Wait {
             why: format!(
                 "{me} was demoted at epoch {} and no instance has been promoted since",
@@ -236,20 +238,21 @@ mod tests {
     fn the_active_serves_everything_others_forward_once() {
         use Action::*;
         let cases = [
-            // (path, role, already forwarded) -> action
-            ("/api/connectors", Role::Active, false, Serve),
+            // (path, serving as active, already forwarded) -> action
+            ("/api/connectors", true, false, Serve),
             // The active is where forwarded requests land.
-            ("/api/connectors", Role::Active, true, Serve),
-            ("/api/connectors", Role::Standby, false, Forward),
-            ("/", Role::Standby, false, Forward),
+            ("/api/connectors", true, true, Serve),
+            // A standby, or an active finishing its requests before it demotes.
+            ("/api/connectors", false, false, Forward),
+            ("/", false, false, Forward),
             // Never forwarded twice: a loop is refused.
-            ("/api/connectors", Role::Standby, true, Refuse),
-            ("/health/ready", Role::Standby, false, Serve),
-            ("/health/ready", Role::Standby, true, Serve),
-            ("/hubs/relay", Role::Standby, false, Serve),
+            ("/api/connectors", false, true, Refuse),
+            ("/health/ready", false, false, Serve),
+            ("/health/ready", false, true, Serve),
+            ("/hubs/relay", false, false, Serve),
         ];
-        for (path, role, fwd, want) in cases {
-            assert_eq!(action(path, role, fwd), want, "{path} {role:?} {fwd}");
+        for (path, serving, fwd, want) in cases {
+            assert_eq!(action(path, serving, fwd), want, "{path} {serving} {fwd}");
         }
     }
 
@@ -257,31 +260,28 @@ mod tests {
     fn a_demoted_instance_waits_for_the_next_holder_then_forwards() {
         // Demoted im-a still holds epoch 7: nobody newer yet.
         assert!(matches!(
-            step(&fence(7, "im-a", "p1"), "im-a", Role::Standby),
+            step(&fence(7, "im-a", "p1"), "im-a", false),
             Step::Wait { why } if why.contains("demoted at epoch 7")
         ));
         // An older process under the same name holds it: still not someone to forward to.
         assert!(matches!(
-            step(&fence(7, "im-a", "old"), "im-a", Role::Standby),
+            step(&fence(7, "im-a", "old"), "im-a", false),
             Step::Wait { .. }
         ));
         assert!(matches!(
-            step(&fence(0, "", ""), "im-a", Role::Standby),
+            step(&fence(0, "", ""), "im-a", false),
             Step::Wait { why } if why.contains("no instance")
         ));
         // The promotion committed: forward to the new holder.
         assert_eq!(
-            step(&fence(8, "im-b", "p2"), "im-a", Role::Standby),
+            step(&fence(8, "im-b", "p2"), "im-a", false),
             Step::Forward {
                 instance: "im-b".into(),
                 epoch: 8
             }
         );
         // Promoted itself while holding: serve here.
-        assert_eq!(
-            step(&fence(9, "im-a", "p1"), "im-a", Role::Active),
-            Step::Serve
-        );
+        assert_eq!(step(&fence(9, "im-a", "p1"), "im-a", true), Step::Serve);
     }
 
     #[test]

@@ -134,17 +134,22 @@ impl Forwarder {
         let mut body = Some(body);
         let mut why;
         loop {
-            let role = self.engine.status().role;
-            let step = match self.engine.store().fence().await {
-                Ok(f) => decide::step(&f, me, role),
-                Err(e) => Step::Wait {
-                    why: format!("the fence cannot be read: {e}"),
+            let permit = self.engine.begin_request();
+            let step = match permit {
+                Some(_) => Step::Serve,
+                None => match self.engine.store().fence().await {
+                    Ok(f) => decide::step(&f, me, false),
+                    Err(e) => Step::Wait {
+                        why: format!("the fence cannot be read: {e}"),
+                    },
                 },
             };
             match step {
                 Step::Serve => {
                     let body = body.take().unwrap_or_else(Body::empty);
-                    return next.run(Request::from_parts(parts, body)).await;
+                    let res = next.run(Request::from_parts(parts, body)).await;
+                    drop(permit);
+                    return res;
                 }
                 Step::Forward { instance, epoch } => {
                     match self.attempt(&parts, &mut body, &instance).await {
@@ -293,8 +298,10 @@ impl Forwarder {
                 tokio::time::timeout(self.hold, roles.wait_for(|s| s.role == Role::Active))
                     .await
                     .is_ok_and(|r| r.is_ok());
-            if active {
-                return next.run(req).await;
+            if let Some(permit) = active.then(|| self.engine.begin_request()).flatten() {
+                let res = next.run(req).await;
+                drop(permit);
+                return res;
             }
         }
         tracing::warn!(
@@ -318,9 +325,16 @@ pub async fn layer(State(fw): State<Arc<Forwarder>>, req: Request, next: Next) -
         .headers()
         .get(FORWARDED_BY)
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-    let role = fw.engine.status().role;
-    match decide::action(req.uri().path(), role, by.is_some()) {
-        Action::Serve => next.run(req).await,
+    // Held while the request runs: a planned demotion waits for it (see Engine::begin_request).
+    let permit = decide::forwards_path(req.uri().path())
+        .then(|| fw.engine.begin_request())
+        .flatten();
+    match decide::action(req.uri().path(), permit.is_some(), by.is_some()) {
+        Action::Serve => {
+            let res = next.run(req).await;
+            drop(permit);
+            res
+        }
         Action::Forward => fw.forward(req, next).await,
         Action::Refuse => {
             fw.refuse(req, next, by.as_deref().unwrap_or_default())
