@@ -57,7 +57,11 @@ async fn promote(
         return Err(Problem::bad_request("epoch must be a positive integer"));
     }
     let actor = peer.map(|p| p.0 .0).unwrap_or_else(|| "internal".into());
-    match st.engine.promote(req.epoch, &actor).await {
+    // A role change runs to its end even if the caller goes away (see `transition`).
+    let engine = st.engine.clone();
+    let epoch = req.epoch;
+    let promoted = transition(async move { engine.promote(epoch, &actor).await }).await?;
+    match promoted {
         Ok(s) => Ok(Json(PromoteResponse {
             role: wire(s.role),
             epoch: s.epoch,
@@ -86,13 +90,25 @@ async fn demote(
     State(st): State<AppState>,
     peer: Option<axum::Extension<PeerName>>,
     JsonBody(req): JsonBody<DemoteRequest>,
-) -> Json<DemoteResponse> {
+) -> Result<Json<DemoteResponse>, Problem> {
     let actor = peer.map(|p| p.0 .0).unwrap_or_else(|| "internal".into());
     let reason = req.reason.unwrap_or_else(|| "requested".into());
-    let d = st.engine.demote(&actor, &reason).await;
-    Json(DemoteResponse {
+    let engine = st.engine.clone();
+    let d = transition(async move { engine.demote(&actor, &reason).await }).await?;
+    Ok(Json(DemoteResponse {
         role: wire(d.role),
         epoch: d.epoch,
         drained: d.drained,
-    })
+    }))
+}
+
+/// Runs a promotion or demotion in a task of its own. hyper drops a handler whose client
+/// disconnected (an operator killed mid-switchover); a transition cut there could leave the
+/// role, the fence and the registry disagreeing.
+async fn transition<T: Send + 'static>(
+    work: impl std::future::Future<Output = T> + Send + 'static,
+) -> Result<T, Problem> {
+    tokio::spawn(work)
+        .await
+        .map_err(|e| Problem::internal(format!("the role change did not complete: {e}")))
 }

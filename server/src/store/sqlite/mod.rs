@@ -141,7 +141,8 @@ impl SqliteStore {
     /// long as the guard lives (keep it alive until the commit).
     async fn begin_locked(&self) -> Result<(tokio::sync::MutexGuard<'_, ()>, Tx<'_>), StoreError> {
         let slot = self.writers.lock().await;
-        Ok((slot, self.pool.begin_with("BEGIN IMMEDIATE").await?))
+        let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        Ok((slot, tx))
     }
 }
 
@@ -600,5 +601,45 @@ mod upgrade_tests {
             store.promote(&claim).await.unwrap(),
             PromoteOutcome::Promoted
         );
+    }
+}
+
+#[cfg(test)]
+mod cancel_tests {
+    use super::*;
+    use sqlx::Connection;
+
+    /// A write abandoned while BEGIN IMMEDIATE waits for the lock (a client gone mid-request)
+    /// leaves no pooled connection holding the write lock against every other process (a guard:
+    /// the leak seen once in CI came from a demotion cut short, see `api::internal::transition`).
+    #[tokio::test]
+    async fn a_write_cancelled_while_waiting_for_the_lock_leaks_no_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("im.db");
+        let store = SqliteStore::open(&path).await.unwrap();
+        store.migrate().await.unwrap();
+        let other = SqliteStore::open(&path).await.unwrap();
+
+        // Another process holds the write lock.
+        let url = format!("sqlite://{}", path.display());
+        let mut holder = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut holder)
+            .await
+            .unwrap();
+        let entry = || AuditEntry::now("test", "probe", String::from("t"), String::from("{}"));
+        let cancelled =
+            tokio::time::timeout(Duration::from_millis(300), store.append_audit(&entry())).await;
+        assert!(cancelled.is_err(), "the write waited for the lock");
+        sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+        holder.close().await.unwrap();
+
+        // Both stores write again; the abandoned begin was rolled back, not left holding.
+        for s in [&store, &other, &store] {
+            tokio::time::timeout(Duration::from_secs(10), s.append_audit(&entry()))
+                .await
+                .expect("a write is blocked by a leaked transaction")
+                .unwrap();
+        }
     }
 }
