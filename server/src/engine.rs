@@ -372,6 +372,13 @@ mod tests {
         two(["a", "b"]).await
     }
 
+    /// One fenced write through the engine, as a request handler makes it.
+    async fn fenced_tick(e: &Arc<Engine>) -> Option<Result<(), StoreError>> {
+        let store = e.store().clone();
+        e.write(|t| async move { store.engine_tick(&t, now_ms()).await })
+            .await
+    }
+
     async fn demote_entries(e: &Engine) -> Vec<serde_json::Value> {
         let log = e
             .store()
@@ -542,12 +549,7 @@ mod tests {
             a.begin_request().is_none(),
             "demoting: new requests are held"
         );
-        let wrote = a
-            .write(|t| {
-                let a = a.clone();
-                async move { a.store().engine_tick(&t, now_ms()).await }
-            })
-            .await;
+        let wrote = fenced_tick(&a).await;
         assert!(
             matches!(wrote, Some(Ok(_))),
             "the request in flight still writes"
@@ -572,12 +574,7 @@ mod tests {
         a.promote(1, "test").await.unwrap();
         b.promote(2, "test").await.unwrap();
         let _request = a.begin_request().unwrap();
-        let wrote = a
-            .write(|t| {
-                let a = a.clone();
-                async move { a.store().engine_tick(&t, now_ms()).await }
-            })
-            .await;
+        let wrote = fenced_tick(&a).await;
         assert!(matches!(wrote, Some(Err(StoreError::Fenced { .. }))));
         assert_eq!(a.status().role, Role::Standby);
         // Waiting for the request still held would have run out the bound: drained false.

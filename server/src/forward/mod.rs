@@ -147,9 +147,8 @@ impl Forwarder {
             match step {
                 Step::Serve => {
                     let body = body.take().unwrap_or_else(Body::empty);
-                    let res = next.run(Request::from_parts(parts, body)).await;
-                    drop(permit);
-                    return res;
+                    // `permit` lives until the return: the request runs under it.
+                    return next.run(Request::from_parts(parts, body)).await;
                 }
                 Step::Forward { instance, epoch } => {
                     match self.attempt(&parts, &mut body, &instance).await {
@@ -298,10 +297,8 @@ impl Forwarder {
                 tokio::time::timeout(self.hold, roles.wait_for(|s| s.role == Role::Active))
                     .await
                     .is_ok_and(|r| r.is_ok());
-            if let Some(permit) = active.then(|| self.engine.begin_request()).flatten() {
-                let res = next.run(req).await;
-                drop(permit);
-                return res;
+            if let Some(_permit) = active.then(|| self.engine.begin_request()).flatten() {
+                return next.run(req).await;
             }
         }
         tracing::warn!(
@@ -325,16 +322,13 @@ pub async fn layer(State(fw): State<Arc<Forwarder>>, req: Request, next: Next) -
         .headers()
         .get(FORWARDED_BY)
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-    // Held while the request runs: a planned demotion waits for it (see Engine::begin_request).
+    // Held until the answer is returned: a planned demotion waits for it (see
+    // Engine::begin_request).
     let permit = decide::forwards_path(req.uri().path())
         .then(|| fw.engine.begin_request())
         .flatten();
     match decide::action(req.uri().path(), permit.is_some(), by.is_some()) {
-        Action::Serve => {
-            let res = next.run(req).await;
-            drop(permit);
-            res
-        }
+        Action::Serve => next.run(req).await,
         Action::Forward => fw.forward(req, next).await,
         Action::Refuse => {
             fw.refuse(req, next, by.as_deref().unwrap_or_default())

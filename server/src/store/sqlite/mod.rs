@@ -141,8 +141,7 @@ impl SqliteStore {
     /// long as the guard lives (keep it alive until the commit).
     async fn begin_locked(&self) -> Result<(tokio::sync::MutexGuard<'_, ()>, Tx<'_>), StoreError> {
         let slot = self.writers.lock().await;
-        let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        Ok((slot, tx))
+        Ok((slot, self.pool.begin_with("BEGIN IMMEDIATE").await?))
     }
 }
 
